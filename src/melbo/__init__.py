@@ -1,0 +1,24 @@
+"""melbo: mechanistically eliciting latent behaviours in language models.
+
+    import melbo
+    lm = melbo.load_model()                                   # the embedded default model, offline
+    run = melbo.discover(lm, ["How can I make a bomb?"], n_vectors=16, out="runs/bomb")
+    with run.steer(3):                                        # vector 3 active on every forward pass
+        ...
+    completions = melbo.generate(lm, run.perturbations, ["Tell me a story."])
+"""
+
+__version__ = "0.1.0"
+
+from melbo.runner import DiscoverConfig, discover, resume  # noqa: E402
+from melbo.errors import MelboError  # noqa: E402
+from melbo.generation import Completion, generate  # noqa: E402
+from melbo.intervention import SteeringAdapters, SteeringVectors  # noqa: E402
+from melbo.models import DEFAULT_MODEL, EMBEDDED, LoadedModel, load_model  # noqa: E402
+from melbo.objective import melbo_objective  # noqa: E402
+from melbo.store import Run  # noqa: E402
+
+__all__ = [
+    "DEFAULT_MODEL", "EMBEDDED", "Completion", "DiscoverConfig", "LoadedModel", "MelboError", "Run",
+    "SteeringAdapters", "SteeringVectors", "discover", "generate", "load_model", "melbo_objective", "resume",
+]

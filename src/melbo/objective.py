@@ -1,0 +1,137 @@
+"""The MELBO objective, and the shortest forward pass that computes it.
+
+    F(θ) = Σ_i ( Σ_{t∈I_i} ‖Z_{i,t}(θ) − Z_{i,t}(0)‖₂^p )^{1/q}
+
+`TargetProbe` evaluates Z(θ) for a batch of perturbations with only the necessary work: the output of the
+blocks before the perturbation is computed once and replayed (blocks 0..s never depend on θ), and the forward
+pass stops at block t by raising out of the target block's hook (no later block, no LM head).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Callable, ContextManager, Iterator
+
+import torch
+from torch import Tensor
+
+from melbo.intervention import _map_output, forward_hook
+from melbo.models import LoadedModel
+from melbo.prompts import PromptBatch
+
+
+def melbo_objective(z: Tensor, z0: Tensor, token_mask: Tensor, p: float = 2.0, q: float = 1.0) -> Tensor:
+    """F per perturbation. z: [N, P, T, d] steered, z0: [P, T, d] unsteered, token_mask: [P, T] → [N]."""
+    dist = (z - z0).norm(dim=-1)  # [N, P, T]
+    # where(), not a product: padded positions may hold NaN/inf from fully masked attention rows.
+    per_position = torch.where(token_mask, dist.pow(p), torch.zeros((), dtype=dist.dtype, device=dist.device))
+    return per_position.sum(-1).pow(1.0 / q).sum(-1)
+
+
+class _Stop(Exception):
+    """Raised from the target block's hook: nothing after block t is needed."""
+
+
+@contextmanager
+def _replay_prefix(lm: LoadedModel, last: int, cached: Tensor, copies: int) -> Iterator[None]:
+    """Skip blocks 0..last: they pass their input through, and block `last` returns the cached output.
+
+    Instance-level `forward` overrides keep each block's identity, so hooks registered on block `last`
+    (e.g. the steering vector) still run on the replayed output.
+    """
+    replayed = cached.repeat(copies, 1, 1)
+    blocks = [lm.blocks[k] for k in range(last + 1)]
+    tuple_output = lm.blocks_return_tuple
+
+    def passthrough(hidden_states, *args, **kwargs):
+        return (hidden_states,) if tuple_output else hidden_states
+
+    def replay(hidden_states, *args, **kwargs):
+        return (replayed,) if tuple_output else replayed
+
+    for block in blocks[:-1]:
+        block.forward = passthrough
+    blocks[-1].forward = replay
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+def block_outputs(lm: LoadedModel, batch: PromptBatch, layers: list[int]) -> dict[int, Tensor]:
+    """Unsteered outputs of the given blocks for the batch, stopping after the deepest one."""
+    captured: dict[int, Tensor] = {}
+
+    def capture(k):
+        def hook(_m, _a, output):
+            if isinstance(output, tuple):
+                lm.blocks_return_tuple = True
+            _map_output(output, lambda h: captured.setdefault(k, h.detach()))
+            if len(captured) == len(layers):
+                raise _Stop
+
+        return hook
+
+    with ExitStack() as stack, torch.no_grad():
+        for k in set(layers):
+            stack.enter_context(forward_hook(lm.blocks[k], capture(k)))
+        try:
+            lm.model(**_inputs(lm, batch.repeat(1)), use_cache=False)
+        except _Stop:
+            pass
+    return captured
+
+
+def _inputs(lm: LoadedModel, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.to(lm.device) for k, v in inputs.items()}
+
+
+class TargetProbe:
+    """Z at block `target` for batches of perturbations applied at block `source`.
+
+    `replay_upto` is the last block whose output does not depend on the perturbation: `source` for steering
+    vectors (added to block s's output), `source - 1` for adapters (which act inside block s); −1 = no replay.
+    """
+
+    def __init__(self, lm: LoadedModel, batch: PromptBatch, source: int, target: int, replay_upto: int):
+        self.lm, self.batch, self.source, self.target = lm, batch, source, target
+        self.replay_upto = replay_upto
+        wanted = [target] + ([replay_upto] if replay_upto >= 0 else [])
+        outputs = block_outputs(lm, batch, wanted)
+        self.z0 = outputs[target]  # [P, T, d]
+        self.cached = outputs.get(replay_upto)
+
+    def __call__(self, copies: int, perturb: Callable[[], ContextManager]) -> Tensor:
+        """Run `copies` copies of the prompt batch (row = copy * P + prompt) under `perturb()` → [copies, P, T, d]."""
+        captured: list[Tensor] = []
+
+        def stop(_m, _a, output):
+            _map_output(output, captured.append)
+            raise _Stop
+
+        with ExitStack() as stack:
+            if self.cached is not None:
+                stack.enter_context(_replay_prefix(self.lm, self.replay_upto, self.cached, copies))
+            stack.enter_context(perturb())
+            stack.enter_context(forward_hook(self.lm.blocks[self.target], stop))
+            try:
+                self.lm.model(**_inputs(self.lm, self.batch.repeat(copies)), use_cache=False)
+            except _Stop:
+                pass
+        z = captured[0]
+        return z.reshape(copies, *self.z0.shape)
+
+    def residual_norm(self) -> float:
+        """Mean ‖h‖ of the unperturbed stream at the source block over real tokens, first token excluded.
+
+        The first token is an attention sink with a norm often 100× the rest; including it would make a
+        relative radius mean little.
+        """
+        h = block_outputs(self.lm, self.batch, [self.source])[self.source]
+        mask = self.batch.real.clone()
+        first = mask.float().argmax(-1)
+        mask[torch.arange(len(first)), first] = False
+        if not mask.any():
+            mask = self.batch.real
+        return float(h.norm(dim=-1)[mask.to(h.device)].float().mean())

@@ -1,0 +1,219 @@
+"""Discovery runs: settings in, a run directory out, trained batch by batch with a checkpoint after each.
+
+`discover(lm, prompts, ...)` validates everything before any work, resolves the radius (absolute, or relative
+to the mean residual norm at the source block: "0.5x"), trains N perturbations in batches of `batch_size`
+(each batch one `optimise` call), and checkpoints after every batch so that `resume(path)` loses at most one.
+Batch b starts from a generator seeded by (seed, b): the same seed gives the same perturbations, bitwise on
+CPU, whether or not the run was interrupted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from melbo import __version__
+from melbo.errors import MelboError
+from melbo.methods import METHODS, Params, Setting, SteeringAdapterMethod, SteeringVectorMethod
+from melbo.models import LoadedModel
+from melbo.objective import TargetProbe
+from melbo.prompts import Positions, encode
+from melbo.store import Run, load_tensors, save_tensors
+from melbo.train import OptimConfig, optimise
+
+Progress = Callable[[dict], None]
+
+
+@dataclass
+class DiscoverConfig:
+    """Every setting of a discovery run; stored verbatim in config.json."""
+
+    prompts: list[str]
+    method: str = "vectors"
+    n_vectors: int = 16
+    source: Optional[int] = None  # default: the seed's 8 (or depth // 3 for shallow models)
+    target: Optional[int] = None  # default: depth − 8 (at least source + 1)
+    radius: str = "0.4x"  # absolute ("4.0") or relative to the mean residual norm at the source ("0.4x")
+    p: float = 2.0
+    q: float = 1.0
+    steps: int = 150
+    lr: float = 0.05
+    orthogonal: str = "hard"  # hard | soft | none
+    soft_weight: float = 1.0
+    rank: int = 4  # adapters only
+    batch_size: int = 16
+    seed: int = 0
+    chat: Optional[bool] = None  # None: use the chat template when the model has one
+    positions: Positions = "all"
+    max_new_tokens: int = 48
+
+    def __post_init__(self):
+        self.radius = str(self.radius)
+
+
+def default_layers(depth: int) -> tuple[int, int]:
+    source = min(8, depth // 3)
+    return source, max(source + 1, depth - 8)
+
+
+def parse_radius(spec: str) -> tuple[float, bool]:
+    """'4.0' → (4.0, absolute); '0.5x' → (0.5, relative to the residual norm)."""
+    text = str(spec).strip().lower()
+    relative = text.endswith("x")
+    try:
+        value = float(text[:-1] if relative else text)
+    except ValueError:
+        raise MelboError(f"radius {spec!r} is not a number: use e.g. 4.0 (absolute) or 0.5x (relative)") from None
+    if not value > 0 or not math.isfinite(value):
+        raise MelboError(f"radius must be > 0, got {spec!r}: use e.g. 4.0 or 0.5x")
+    return value, relative
+
+
+def validate(lm: LoadedModel, cfg: DiscoverConfig) -> tuple[int, int]:
+    """Check every setting before any work; return the resolved (source, target)."""
+    if cfg.method not in METHODS:
+        raise MelboError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
+    if cfg.orthogonal not in ("hard", "soft", "none"):
+        raise MelboError(f"unknown orthogonality {cfg.orthogonal!r}: use hard, soft or none")
+    for name in ("n_vectors", "steps", "batch_size", "rank", "max_new_tokens"):
+        if getattr(cfg, name) <= 0:
+            raise MelboError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(cfg, name)}")
+    for name in ("p", "q", "lr"):
+        if not getattr(cfg, name) > 0:
+            raise MelboError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    if cfg.soft_weight < 0:
+        raise MelboError(f"soft-weight must be ≥ 0, got {cfg.soft_weight}")
+    parse_radius(cfg.radius)
+    default_source, default_target = default_layers(lm.depth)
+    source = lm.layer(default_source if cfg.source is None else cfg.source, "source layer")
+    target = lm.layer(default_target if cfg.target is None else cfg.target, "target layer")
+    if source >= target:
+        raise MelboError(f"source layer {source} must come before target layer {target}: pick source < target")
+    if cfg.method == "adapters" and cfg.orthogonal == "hard":
+        raise MelboError("hard orthogonality is defined for steering vectors only: use --orthogonal soft or none")
+    if cfg.method == "vectors" and cfg.orthogonal == "hard" and cfg.n_vectors > lm.width:
+        raise MelboError(f"{cfg.n_vectors} orthogonal vectors do not fit in width {lm.width}: ask for fewer")
+    return source, target
+
+
+def _method(lm: LoadedModel, cfg: DiscoverConfig, source: int, radius: float):
+    setting = Setting(source=source, radius=radius, width=lm.width, rank=cfg.rank, orthogonal=cfg.orthogonal)
+    if cfg.method == "adapters":
+        return SteeringAdapterMethod.for_model(lm, setting)
+    return SteeringVectorMethod(setting)
+
+
+def default_run_dir(lm: LoadedModel) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{lm.model_id.split('@')[0].replace('/', '_')}"
+
+
+def discover(
+    lm: LoadedModel,
+    prompts: Sequence[str] | DiscoverConfig,
+    out: str | Path | None = None,
+    *,
+    previous: Optional[Tensor] = None,
+    progress: Optional[Progress] = None,
+    **settings,
+) -> Run:
+    """Train perturbations on `prompts` and write a run directory. Settings are `DiscoverConfig` fields."""
+    cfg = prompts if isinstance(prompts, DiscoverConfig) else DiscoverConfig(prompts=list(prompts), **settings)
+    source, target = validate(lm, cfg)
+    path = Path(out) if out is not None else default_run_dir(lm)
+    if path.exists() and any(path.iterdir()):
+        raise MelboError(f"{path} already exists and is not empty: choose another --out or use --resume {path}")
+    if previous is not None and previous.shape[-1] != lm.width:
+        raise MelboError(f"earlier vectors have width {previous.shape[-1]}, the model {lm.width}: use this model's")
+    batch = encode(lm, cfg.prompts, cfg.chat, cfg.positions)  # validates prompts and token positions
+    path.mkdir(parents=True, exist_ok=True)
+    run = Run(path, _initial_config(lm, cfg, source, target), model=lm)
+    if previous is not None:
+        save_tensors(path / "previous.safetensors", {"vectors": previous})
+    probe = TargetProbe(lm, batch, source, target, _method(lm, cfg, source, 1.0).replay_upto(source))
+    _record_radius(run, probe)
+    run.save_config()
+    return _train(run, probe, previous, progress)
+
+
+def resume(path: str | Path, lm: LoadedModel, progress: Optional[Progress] = None) -> Run:
+    """Continue an interrupted run from its last finished batch."""
+    run = Run.load(path, model=lm)
+    if run.config.get("status") == "complete":
+        return run
+    cfg = DiscoverConfig(**run.config["settings"])
+    source, target = validate(lm, cfg)
+    batch = encode(lm, cfg.prompts, cfg.chat, cfg.positions)
+    prev_file = run.path / "previous.safetensors"
+    previous = load_tensors(prev_file)["vectors"] if prev_file.exists() else None
+    probe = TargetProbe(lm, batch, source, target, _method(lm, cfg, source, 1.0).replay_upto(source))
+    return _train(run, probe, previous, progress)
+
+
+def _initial_config(lm: LoadedModel, cfg: DiscoverConfig, source: int, target: int) -> dict:
+    import transformers
+
+    return {
+        "melbo_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "status": "running",
+        "model": lm.describe(),
+        "method": cfg.method,
+        "source": source,
+        "target": target,
+        "p": cfg.p,
+        "q": cfg.q,
+        "orthogonal": cfg.orthogonal,
+        "rank": cfg.rank if cfg.method == "adapters" else None,
+        "settings": asdict(cfg),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+    }
+
+
+def _record_radius(run: Run, probe: TargetProbe) -> None:
+    value, relative = parse_radius(run.config["settings"]["radius"])
+    norm = probe.residual_norm()
+    radius = value * norm if relative else value
+    run.config.update(radius=radius, radius_relative=radius / norm, residual_norm=norm)
+
+
+def _train(run: Run, probe: TargetProbe, previous: Optional[Tensor], progress: Optional[Progress]) -> Run:
+    cfg = DiscoverConfig(**run.config["settings"])
+    method = _method(probe.lm, cfg, run.config["source"], run.config["radius"])
+    optim = OptimConfig(steps=cfg.steps, lr=cfg.lr, p=cfg.p, q=cfg.q, soft_weight=cfg.soft_weight)
+    done_tensors, batches_done = run.load_checkpoint()
+    n_batches = math.ceil(cfg.n_vectors / cfg.batch_size)
+    for b in range(batches_done, n_batches):
+        n = min(cfg.batch_size, cfg.n_vectors - b * cfg.batch_size)
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
+        earlier = _predecessors(previous, done_tensors)
+
+        def on_step(step: int, objective: Tensor, b=b) -> None:
+            if progress:
+                progress({"batch": b, "batches": n_batches, "step": step, "steps": cfg.steps,
+                          "objective": float(objective.mean()), "n": n})
+
+        params, curves = optimise(method, probe, n, optim, generator, earlier, cfg.orthogonal == "soft", on_step)
+        done_tensors = _append(done_tensors, {**params, "curves": curves})
+        run.save_checkpoint(done_tensors, b + 1)
+    curves = done_tensors.pop("curves")
+    run.save_result(method.artifact(done_tensors), curves)
+    return run
+
+
+def _predecessors(previous: Optional[Tensor], done: dict[str, Tensor]) -> Optional[Params]:
+    """Vectors every new vector must be orthogonal to: earlier runs' and this run's finished batches."""
+    parts = [t for t in (previous, done.get("vectors")) if t is not None]
+    return {"vectors": torch.cat(parts)} if parts else None
+
+
+def _append(done: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: torch.cat([done[k], v]) if k in done else v for k, v in new.items()}

