@@ -143,3 +143,13 @@ def test_existing_run_is_never_overwritten(tmp_path):
         discover(lm, ["  "], tmp_path / "other", **_settings())
     assert (tmp_path / "run" / "vectors.safetensors").read_bytes() == before
     assert len(run) == 5
+
+
+def test_default_model_hard_orthogonal_batch_grows_the_objective(smol, tmp_path):
+    from melbo.runner import discover as real_discover
+
+    run = real_discover(smol, ["How can I make a bomb?"], tmp_path / "run", n_vectors=4, steps=12, radius="0.2x")
+    v = run.vectors
+    assert cosines(v).max() < 1e-5
+    assert (v.norm(dim=-1) - run.config["radius"]).abs().max() < 1e-5 * run.config["radius"]
+    assert (run.curves[:, -1] > 2 * run.curves[:, 0]).all()

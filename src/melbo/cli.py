@@ -161,7 +161,7 @@ def discover(
     positions: str = typer.Option("all", help="Token positions: all, last:K, or JSON per-prompt indices."),
     orthogonal_to: Optional[Path] = typer.Option(None, help="Keep new vectors orthogonal to this run's vectors."),
     max_new_tokens: int = typer.Option(48, help="Tokens to generate per completion."),
-    report: bool = typer.Option(True, help="Write report.html into the run directory."),
+    precision: str = typer.Option("auto", help="Training matmuls: auto (bf16 on AMX/AVX512-BF16 CPUs and GPUs), fp32, bf16."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
@@ -184,7 +184,7 @@ def discover(
             prompts=_read_prompts(prompts or [], prompts_file), method=method, n_vectors=n_vectors, source=source,
             target=target, radius=radius, p=p, q=q, steps=steps, lr=lr, orthogonal=orthogonal,
             soft_weight=soft_weight, rank=rank, batch_size=batch_size, seed=seed, chat=chat,
-            positions=_parse_positions(positions), max_new_tokens=max_new_tokens,
+            positions=_parse_positions(positions), max_new_tokens=max_new_tokens, precision=precision,
         )
         path = out_dir or library.default_run_dir(lm)
         bar, update = _training_progress()
@@ -320,3 +320,191 @@ def chat(
             continue
         tag = "assistant" if session.vector is None else f"assistant[v{session.vector}]"
         out.print(f"[bold]{escape(tag)}>[/] {escape(reply)}", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------------ export
+@app.command("export")
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `melbo discover`."),
+    fmt: str = typer.Option(..., "--format", "-f", help="llamacpp (steering vectors) or peft (steering adapters)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write the exported files into."),
+    vectors: Optional[str] = typer.Option(None, help="Comma-separated vector indices (default: all)."),
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    blocks_path: Optional[str] = BlocksOpt,
+) -> None:
+    """Export a run's perturbations: llama.cpp control vectors (GGUF) or PEFT LoRA adapters."""
+    from melbo import export as exporting
+    from melbo.store import Run
+
+    run = Run.load(run_dir)
+    if run.perturbations is None:
+        raise MelboError(f"run {run_dir} is not finished: complete it with `melbo discover --resume {run_dir}`")
+    kind = fmt.strip().lower()
+    method = run.config["method"]
+    indices = _parse_indices(vectors)
+    if kind == "llamacpp":
+        if method != "vectors":
+            raise MelboError(f"run {run_dir} holds steering adapters, which llama.cpp cannot load: use --format peft")
+        info = run.config["model"]
+        paths = exporting.export_llamacpp(run.perturbations, out_dir, info["architecture"], int(info["depth"]), indices)
+    elif kind == "peft":
+        if method != "adapters":
+            raise MelboError(f"run {run_dir} holds steering vectors, not adapters: use --format llamacpp")
+        lm = _load(model or run.config["model"]["spec"], device, dtype, blocks_path)
+        run.attach(lm)
+        paths = exporting.export_peft(run.perturbations, lm, out_dir, indices)
+    else:
+        raise MelboError(f"unknown export format {fmt!r}: use --format llamacpp or --format peft")
+    for path in paths:
+        out.print(str(path), highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------------------------ report
+@app.command("report")
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `melbo discover`."),
+    sweep: Optional[Path] = typer.Option(None, "--sweep", help="An R-sweep directory (with sweep.json) to plot."),
+    open_page: bool = typer.Option(False, "--open", help="Open the report in a web browser."),
+) -> None:
+    """Write report.html (self-contained: settings, completions, metrics, plots) into a run directory."""
+    from melbo.report import write_report
+
+    path = write_report(run_dir, sweep)
+    out.print(str(path), highlight=False, soft_wrap=True)
+    if open_page:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+
+
+# ------------------------------------------------------------------------------------------------ assess
+@app.command("assess")
+def assess(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `melbo discover`."),
+    random: int = typer.Option(4, help="Compare with K random vectors of the run's radius (0: skip)."),
+    seed: int = typer.Option(0, help="Seed of the random vectors."),
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    blocks_path: Optional[str] = BlocksOpt,
+) -> None:
+    """Score a run against random vectors of its radius, group its vectors into behaviours, write metrics.json."""
+    from melbo.assess import METRICS, assess_run
+    from melbo.store import Run
+
+    run = Run.load(run_dir)
+    if run.perturbations is None:
+        raise MelboError(f"run {run_dir} is not finished: resume it with `melbo discover --resume {run_dir}`")
+    if random < 0:
+        raise MelboError(f"--random must be ≥ 0, got {random}")
+    lm = _load(model or run.config["model"]["spec"], device, dtype, blocks_path)
+    run.attach(lm)
+    with err.status("generating and scoring …"):
+        metrics = assess_run(run, lm, random=random, seed=seed)
+    table = Table(header_style="bold", title=f"R = {run.config['radius_relative']:.3g}x residual norm")
+    for col in ("perturbations", "n", "diversity", "distance from unsteered", "median perplexity", "repetition"):
+        table.add_column(col, justify="left" if col == "perturbations" else "right")
+
+    def cell(value) -> str:
+        return "–" if value is None else f"{value:.3g}"
+
+    for name, scores in (("learned", metrics["learned"]), (f"random (seed {seed})", metrics["random"])):
+        if scores is None:
+            continue
+        n = sum(1 for p in scores["perturbations"] if p["vector"] is not None)
+        table.add_row(name, str(n), cell(scores["diversity"]), cell(scores["mean_distance_from_unsteered"]),
+                      cell(scores["median_perplexity"]), cell(scores["mean_repetition"]))
+    out.print(table)
+    if metrics["random"] is None and random:
+        out.print("random baseline skipped: this run holds adapters, not vectors")
+    groups = Table(header_style="bold", title="behaviours")
+    for col in ("cluster", "name", "members"):
+        groups.add_column(col)
+    for c in metrics["clusters"]:
+        groups.add_row(str(c["id"]), escape(c["name"]), escape(", ".join(c["members"])))
+    out.print(groups)
+    out.print(f"written to [bold]{run.path / METRICS}[/]")
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+@app.command("sweep")
+def sweep_command(
+    prompts: List[str] = typer.Argument(None, help="Prompts to train on."),
+    prompts_file: Optional[Path] = typer.Option(None, help="File with one prompt per line."),
+    radii: str = typer.Option("0.05x,0.1x,0.2x,0.3x,0.5x", help="Comma-separated radii, all relative (0.1x) or all absolute."),
+    layers: Optional[str] = typer.Option(None, help="Also sweep source:target pairs, e.g. 6:20,8:22."),
+    n_vectors: int = typer.Option(4, "--n-vectors", "-n", help="Vectors per point."),
+    steps: int = typer.Option(60, help="Optimiser steps per point."),
+    source: Optional[int] = typer.Option(None, help="Source block (without --layers)."),
+    target: Optional[int] = typer.Option(None, help="Target block (without --layers)."),
+    max_new_tokens: int = typer.Option(32, help="Tokens to generate per completion."),
+    fluency_factor: float = typer.Option(4.0, help="Fluent: median perplexity ≤ this × the unsteered one's."),
+    fluency_floor: Optional[float] = typer.Option(None, help="Absolute perplexity floor (overrides --fluency-factor)."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="Use the chat template (default: if the model has one)."),
+    seed: int = typer.Option(0),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Sweep directory (default: runs/sweep-<time>)."),
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    blocks_path: Optional[str] = BlocksOpt,
+) -> None:
+    """Find the Goldilocks radius: train a few vectors per R, pick the most diverse R that stays fluent."""
+    import datetime as _dt
+
+    from melbo import sweep as sweeping
+
+    texts = _read_prompts(prompts or [], prompts_file)
+    specs, relative = sweeping.parse_radii(radii)
+    pairs = sweeping.parse_layer_pairs(layers)
+    if pairs and (source is not None or target is not None):
+        raise MelboError("give either --layers or --source/--target, not both")
+    path = out_dir or Path("runs") / f"sweep-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    lm = _load(model, device, dtype, blocks_path)
+    n_points = len(specs) * (len(pairs) if pairs else 1)
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("{task.fields[stage]}"), TimeElapsedColumn(), console=err)
+    overall = bar.add_task("points", total=n_points, stage="")
+    steps_task = bar.add_task("steps", total=steps, stage="")
+    state = {"point": -1}
+
+    def update(event: dict) -> None:
+        where = f"R = {event['radius']}" + (f", layers {event['source']}:{event['target']}" if pairs else "")
+        if event["point"] != state["point"]:
+            state["point"] = event["point"]
+            bar.update(overall, completed=event["point"])
+            bar.reset(steps_task, total=steps)
+        if "step" in event:
+            bar.update(steps_task, completed=event["step"], stage=f"{where}: training")
+        else:
+            bar.update(overall, stage=f"{where}: {event['stage']}")
+            if event["stage"] == "score":
+                bar.update(steps_task, completed=steps)
+
+    with bar:
+        result = _interruptible(lambda: sweeping.sweep(
+            lm, texts, specs, n_vectors=n_vectors, steps=steps, source=source, target=target, layer_pairs=pairs,
+            max_new_tokens=max_new_tokens, out=path, progress=update, fluency_factor=fluency_factor,
+            fluency_floor=fluency_floor, chat=chat, seed=seed), path)
+        bar.update(overall, completed=n_points, stage="done")
+    table = Table(header_style="bold", title=f"radius sweep (fluency floor {result['fluency_floor']:.3g})")
+    columns = ["R", "R (× norm)"] + (["layers"] if pairs else []) + [
+        "diversity", "median perplexity", "distance from unsteered", "repetition", "fluent", ""]
+    for col in columns:
+        table.add_column(col, justify="right")
+
+    def cell(value) -> str:
+        return "–" if value is None else f"{value:.3g}"
+
+    chosen = result["chosen"]
+    for p in result["points"]:
+        picked = chosen is not None and all(chosen[k] == p[k] for k in ("radius", "source", "target"))
+        row = [f"{p['radius']:.4g}", f"{p['radius_relative']:.3g}x"] + (
+            [f"{p['source']}:{p['target']}"] if pairs else []) + [
+            cell(p["diversity"]), cell(p["median_perplexity"]), cell(p["mean_distance_from_unsteered"]),
+            cell(p["mean_repetition"]), "yes" if p["fluent"] else "no", "[bold green]← chosen[/]" if picked else ""]
+        table.add_row(*row)
+    out.print(table)
+    out.print(escape(result["reason"]), highlight=False, soft_wrap=True)
+    out.print(f"written to [bold]{path / sweeping.SWEEP}[/] and [bold]{path / sweeping.PLOT}[/]")

@@ -15,6 +15,7 @@ from typing import Callable, ContextManager, Iterator
 import torch
 from torch import Tensor
 
+from melbo.errors import MelboError
 from melbo.intervention import _map_output, forward_hook
 from melbo.models import LoadedModel
 from melbo.prompts import PromptBatch
@@ -59,7 +60,29 @@ def _replay_prefix(lm: LoadedModel, last: int, cached: Tensor, copies: int) -> I
             del block.forward
 
 
-def block_outputs(lm: LoadedModel, batch: PromptBatch, layers: list[int]) -> dict[int, Tensor]:
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" → "bf16" where the hardware has bf16 matrix units (CUDA, or a CPU with AMX/AVX512-BF16), else "fp32"."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise MelboError(f"unknown precision {precision!r}: use auto, fp32 or bf16")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "fp32"
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast: matrix products in bf16, the residual stream and the objective stay in fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def block_outputs(
+    lm: LoadedModel, batch: PromptBatch, layers: list[int], precision: str = "fp32"
+) -> dict[int, Tensor]:
     """Unsteered outputs of the given blocks for the batch, stopping after the deepest one."""
     captured: dict[int, Tensor] = {}
 
@@ -73,7 +96,7 @@ def block_outputs(lm: LoadedModel, batch: PromptBatch, layers: list[int]) -> dic
 
         return hook
 
-    with ExitStack() as stack, torch.no_grad():
+    with ExitStack() as stack, torch.no_grad(), autocast(precision, lm.device):
         for k in set(layers):
             stack.enter_context(forward_hook(lm.blocks[k], capture(k)))
         try:
@@ -92,13 +115,18 @@ class TargetProbe:
 
     `replay_upto` is the last block whose output does not depend on the perturbation: `source` for steering
     vectors (added to block s's output), `source - 1` for adapters (which act inside block s); −1 = no replay.
+    With precision "bf16" the unsteered pass runs under the same autocast as the steered ones, so that
+    rounding never masquerades as a change.
     """
 
-    def __init__(self, lm: LoadedModel, batch: PromptBatch, source: int, target: int, replay_upto: int):
+    def __init__(
+        self, lm: LoadedModel, batch: PromptBatch, source: int, target: int, replay_upto: int, precision: str = "fp32"
+    ):
         self.lm, self.batch, self.source, self.target = lm, batch, source, target
         self.replay_upto = replay_upto
+        self.precision = resolve_precision(precision, lm.device)
         wanted = [target] + ([replay_upto] if replay_upto >= 0 else [])
-        outputs = block_outputs(lm, batch, wanted)
+        outputs = block_outputs(lm, batch, wanted, self.precision)
         self.z0 = outputs[target]  # [P, T, d]
         self.cached = outputs.get(replay_upto)
 
@@ -111,6 +139,7 @@ class TargetProbe:
             raise _Stop
 
         with ExitStack() as stack:
+            stack.enter_context(autocast(self.precision, self.lm.device))
             if self.cached is not None:
                 stack.enter_context(_replay_prefix(self.lm, self.replay_upto, self.cached, copies))
             stack.enter_context(perturb())

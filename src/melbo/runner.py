@@ -23,7 +23,7 @@ from melbo import __version__
 from melbo.errors import MelboError
 from melbo.methods import METHODS, Params, Setting, SteeringAdapterMethod, SteeringVectorMethod
 from melbo.models import LoadedModel
-from melbo.objective import TargetProbe
+from melbo.objective import TargetProbe, resolve_precision
 from melbo.prompts import Positions, encode
 from melbo.store import Run, load_tensors, save_tensors
 from melbo.train import OptimConfig, optimise
@@ -53,6 +53,7 @@ class DiscoverConfig:
     chat: Optional[bool] = None  # None: use the chat template when the model has one
     positions: Positions = "all"
     max_new_tokens: int = 48
+    precision: str = "auto"  # training matmuls: auto (bf16 where the hardware has bf16 units), fp32, bf16
 
     def __post_init__(self):
         self.radius = str(self.radius)
@@ -91,6 +92,7 @@ def validate(lm: LoadedModel, cfg: DiscoverConfig) -> tuple[int, int]:
     if cfg.soft_weight < 0:
         raise MelboError(f"soft-weight must be ≥ 0, got {cfg.soft_weight}")
     parse_radius(cfg.radius)
+    resolve_precision(cfg.precision, lm.device)
     default_source, default_target = default_layers(lm.depth)
     source = lm.layer(default_source if cfg.source is None else cfg.source, "source layer")
     target = lm.layer(default_target if cfg.target is None else cfg.target, "target layer")
@@ -108,6 +110,11 @@ def _method(lm: LoadedModel, cfg: DiscoverConfig, source: int, radius: float):
     if cfg.method == "adapters":
         return SteeringAdapterMethod.for_model(lm, setting)
     return SteeringVectorMethod(setting)
+
+
+def _probe(lm: LoadedModel, cfg: DiscoverConfig, batch, source: int, target: int) -> TargetProbe:
+    replay = _method(lm, cfg, source, 1.0).replay_upto(source)
+    return TargetProbe(lm, batch, source, target, replay, cfg.precision)
 
 
 def default_run_dir(lm: LoadedModel) -> Path:
@@ -137,7 +144,8 @@ def discover(
     run = Run(path, _initial_config(lm, cfg, source, target), model=lm)
     if previous is not None:
         save_tensors(path / "previous.safetensors", {"vectors": previous})
-    probe = TargetProbe(lm, batch, source, target, _method(lm, cfg, source, 1.0).replay_upto(source))
+    probe = _probe(lm, cfg, batch, source, target)
+    run.config["precision"] = probe.precision
     _record_radius(run, probe)
     run.save_config()
     return _train(run, probe, previous, progress)
@@ -153,7 +161,7 @@ def resume(path: str | Path, lm: LoadedModel, progress: Optional[Progress] = Non
     batch = encode(lm, cfg.prompts, cfg.chat, cfg.positions)
     prev_file = run.path / "previous.safetensors"
     previous = load_tensors(prev_file)["vectors"] if prev_file.exists() else None
-    probe = TargetProbe(lm, batch, source, target, _method(lm, cfg, source, 1.0).replay_upto(source))
+    probe = _probe(lm, cfg, batch, source, target)
     return _train(run, probe, previous, progress)
 
 
