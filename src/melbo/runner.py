@@ -21,7 +21,9 @@ from torch import Tensor
 
 from melbo import __version__
 from melbo.errors import MelboError
+from melbo.intervention import SteeringVectors
 from melbo.methods import METHODS, Params, Setting, SteeringAdapterMethod, SteeringVectorMethod
+from melbo.methods.jacobian import jacobian_directions
 from melbo.models import LoadedModel
 from melbo.objective import TargetProbe, resolve_precision
 from melbo.prompts import Positions, encode
@@ -54,6 +56,7 @@ class DiscoverConfig:
     positions: Positions = "all"
     max_new_tokens: int = 48
     precision: str = "auto"  # training matmuls: auto (bf16 where the hardware has bf16 units), fp32, bf16
+    power_iterations: int = 20  # method "jacobian" only
 
     def __post_init__(self):
         self.radius = str(self.radius)
@@ -79,11 +82,11 @@ def parse_radius(spec: str) -> tuple[float, bool]:
 
 def validate(lm: LoadedModel, cfg: DiscoverConfig) -> tuple[int, int]:
     """Check every setting before any work; return the resolved (source, target)."""
-    if cfg.method not in METHODS:
-        raise MelboError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
+    if cfg.method not in (*METHODS, "jacobian"):
+        raise MelboError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}, jacobian")
     if cfg.orthogonal not in ("hard", "soft", "none"):
         raise MelboError(f"unknown orthogonality {cfg.orthogonal!r}: use hard, soft or none")
-    for name in ("n_vectors", "steps", "batch_size", "rank", "max_new_tokens"):
+    for name in ("n_vectors", "steps", "batch_size", "rank", "max_new_tokens", "power_iterations"):
         if getattr(cfg, name) <= 0:
             raise MelboError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(cfg, name)}")
     for name in ("p", "q", "lr"):
@@ -100,7 +103,7 @@ def validate(lm: LoadedModel, cfg: DiscoverConfig) -> tuple[int, int]:
         raise MelboError(f"source layer {source} must come before target layer {target}: pick source < target")
     if cfg.method == "adapters" and cfg.orthogonal == "hard":
         raise MelboError("hard orthogonality is defined for steering vectors only: use --orthogonal soft or none")
-    if cfg.method == "vectors" and cfg.orthogonal == "hard" and cfg.n_vectors > lm.width:
+    if cfg.method != "adapters" and cfg.n_vectors > lm.width:
         raise MelboError(f"{cfg.n_vectors} orthogonal vectors do not fit in width {lm.width}: ask for fewer")
     return source, target
 
@@ -113,6 +116,8 @@ def _method(lm: LoadedModel, cfg: DiscoverConfig, source: int, radius: float):
 
 
 def _probe(lm: LoadedModel, cfg: DiscoverConfig, batch, source: int, target: int) -> TargetProbe:
+    if cfg.method == "jacobian":  # finite differences need full precision
+        return TargetProbe(lm, batch, source, target, source, "fp32")
     replay = _method(lm, cfg, source, 1.0).replay_upto(source)
     return TargetProbe(lm, batch, source, target, replay, cfg.precision)
 
@@ -195,6 +200,8 @@ def _record_radius(run: Run, probe: TargetProbe) -> None:
 
 def _train(run: Run, probe: TargetProbe, previous: Optional[Tensor], progress: Optional[Progress]) -> Run:
     cfg = DiscoverConfig(**run.config["settings"])
+    if cfg.method == "jacobian":
+        return _jacobian(run, probe, cfg, previous, progress)
     method = _method(probe.lm, cfg, run.config["source"], run.config["radius"])
     optim = OptimConfig(steps=cfg.steps, lr=cfg.lr, p=cfg.p, q=cfg.q, soft_weight=cfg.soft_weight)
     done_tensors, batches_done = run.load_checkpoint()
@@ -214,6 +221,25 @@ def _train(run: Run, probe: TargetProbe, previous: Optional[Tensor], progress: O
         run.save_checkpoint(done_tensors, b + 1)
     curves = done_tensors.pop("curves")
     run.save_result(method.artifact(done_tensors), curves)
+    return run
+
+
+def _jacobian(run: Run, probe: TargetProbe, cfg: DiscoverConfig, previous: Optional[Tensor],
+              progress: Optional[Progress]) -> Run:
+    """Top-k Jacobian directions at radius R (one batch: power iteration needs all k together)."""
+
+    def on_step(step: int, values: Tensor) -> None:
+        if progress:
+            progress({"batch": 0, "batches": 1, "step": step, "steps": cfg.power_iterations,
+                      "objective": float(values.mean()), "n": cfg.n_vectors})
+
+    eps = 0.01 * run.config["residual_norm"]
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003)
+    directions, sigma2, history = jacobian_directions(probe, cfg.n_vectors, cfg.power_iterations, generator, eps,
+                                                      previous, on_step)
+    run.config.update(singular_values=sigma2.clamp_min(0).sqrt().tolist(), finite_difference_eps=eps)
+    vectors = SteeringVectors(directions * run.config["radius"], run.config["source"])
+    run.save_result(vectors, history)
     return run
 
 
