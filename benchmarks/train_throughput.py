@@ -18,6 +18,7 @@ import melbo
 from melbo.methods import Setting, SteeringVectorMethod
 from melbo.objective import TargetProbe, melbo_objective
 from melbo.prompts import encode
+from melbo.methods.jacobian import jacobian_directions
 from melbo.train import OptimConfig, optimise
 
 PROMPT = "How can I make a bomb at home? Explain it step by step."
@@ -51,6 +52,10 @@ def engine(lm, probe, source, radius, n, steps):
     optimise(method, probe, n, OptimConfig(steps=steps - 1), torch.Generator().manual_seed(0))  # steps - 1 updates + 1 final pass
 
 
+def jacobian(probe, k, iterations, eps):
+    jacobian_directions(probe, k, iterations, torch.Generator().manual_seed(0), eps)
+
+
 def timed(work, vector_steps: int) -> float:
     started = time.perf_counter()
     work()
@@ -62,6 +67,7 @@ def main() -> None:
     parser.add_argument("--model", default=melbo.DEFAULT_MODEL)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--sizes", default="1,8,32")
+    parser.add_argument("--train-steps", type=int, default=150, help="Steps of a real run, for the time-to-N table.")
     args = parser.parse_args()
     torch.manual_seed(0)
     lm = melbo.load_model(args.model)
@@ -73,9 +79,12 @@ def main() -> None:
 
     original_way(lm, batch, source, target, radius, 1)  # warm-up
     rows = [("original: 1 vector, full forward", 1, timed(lambda: original_way(lm, batch, source, target, radius, steps), steps))]
-    for n in (int(x) for x in args.sizes.split(",")):
-        engine(lm, probe, source, radius, n, 1)  # warm-up
-        rows.append((f"melbo engine: batch of {n}", n, timed(lambda: engine(lm, probe, source, radius, n, steps), n * steps)))
+    probes = {"fp32": probe, "bf16": TargetProbe(lm, batch, source, target, source, "bf16")}
+    for precision, p in probes.items():
+        for n in (int(x) for x in args.sizes.split(",")):
+            engine(lm, p, source, radius, n, 1)  # warm-up
+            rows.append((f"melbo engine {precision}: batch of {n}", n,
+                         timed(lambda: engine(lm, p, source, radius, n, steps), n * steps)))
 
     base = rows[0][2]
     print(f"model {lm.model_id}, prompt {batch.lengths[0]} tokens (chat), source {source} -> target {target}, "
@@ -83,6 +92,18 @@ def main() -> None:
     print(f"{'method':40s} {'N':>4s} {'vector-steps/s':>15s} {'ratio':>7s}")
     for name, n, rate in rows:
         print(f"{name:40s} {n:4d} {rate:15.2f} {rate / base:6.1f}x")
+
+    k, iterations = max(int(x) for x in args.sizes.split(",")), 20
+    started = time.perf_counter()
+    jacobian(probe, k, iterations, 0.01 * radius / 0.2)
+    jac_seconds = time.perf_counter() - started
+    best = max(rows[1:], key=lambda r: r[2])
+    print(f"\ntime to {k} perturbations ({args.train_steps} optimiser steps each for learned vectors):")
+    print(f"{'original, one at a time (from its rate)':48s} {k * args.train_steps / base:8.1f} s   1.0x")
+    learned = k * args.train_steps / best[2]
+    print(f"{best[0] + ' (from its rate)':48s} {learned:8.1f} s {k * args.train_steps / base / learned:5.1f}x")
+    print(f"{f'jacobian directions, {iterations} power iterations':48s} {jac_seconds:8.1f} s "
+          f"{k * args.train_steps / base / jac_seconds:5.1f}x")
 
 
 if __name__ == "__main__":

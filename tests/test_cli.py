@@ -31,6 +31,9 @@ def test_discover_writes_a_complete_run(tmp_path, capsys):
     assert [r["label"] for r in rows] == ["unsteered", "v0", "v1"]
     assert all(set(r) >= {"vector", "prompt", "sample", "text", "tokens"} for r in rows)
     assert "unsteered" in stdout and str(out) in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len([p for p in metrics["random"]["perturbations"] if p["vector"] is not None]) == 4
+    assert (out / "report.html").read_text().count('class="card"') == 2
 
 
 def test_generate_with_expressions_and_random_baseline(run_dir, capsys):

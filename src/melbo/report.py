@@ -6,6 +6,7 @@
     completions.jsonl    unsteered and steered completions per prompt
     curves.safetensors   objective per perturbation per step
     metrics.json         scores of the learned (and random) perturbations, clusters       (optional)
+    bench.json           tables of a benchmark (`melbo bench ...`), shown as a "Benchmark" section (optional)
 
 plus, when given, a sweep directory's `sweep.json` (diversity and fluency against R, the chosen R), and writes
 `report.html` into the run directory. Every section without data is left out.
@@ -412,8 +413,73 @@ def build_context(run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
         "curves_plot": curves_plot(curves) if curves else None,
         "random_completions": random_completions,
         "sweep": sweep_ctx,
+        "bench": _bench_context(run_dir),
         "version": config.get("melbo_version"),
     }
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+BENCH = "bench.json"
+
+# Rendered with the page's autoescaping environment: every cell is text, never markup.
+BENCH_SECTION = """<section id="benchmark">
+  <h2>Benchmark: {{ bench.title }}</h2>
+  {% if bench.settings %}
+  <div class="panel"><dl class="settings two">
+  {% for name, value in bench.settings %}<dt>{{ name }}</dt><dd>{{ value }}</dd>{% endfor %}
+  </dl></div>
+  {% endif %}
+  {% for table in bench.tables %}
+  <div class="panel" style="margin-top:10px">
+    <h3>{{ table.title }}</h3>
+    <table>
+      <thead><tr>{% for col in table.columns %}<th>{{ col }}</th>{% endfor %}</tr></thead>
+      <tbody>
+      {% for row in table.rows %}<tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>
+      {% endfor %}
+      </tbody>
+    </table>
+  </div>
+  {% endfor %}
+  {% if bench.notes or bench.wall %}
+  <div class="panel small muted" style="margin-top:10px">
+    {% for note in bench.notes %}<p style="margin:2px 0">{{ note }}</p>{% endfor %}
+    {% if bench.wall %}<p style="margin:2px 0">wall time {{ bench.wall }} s</p>{% endif %}
+  </div>
+  {% endif %}
+</section>
+"""
+
+
+def _bench_cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return fmt(value)
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _bench_context(run_dir: Path) -> Optional[dict]:
+    """The tables of the run directory's bench.json (written by `melbo bench ...`), all cells as text."""
+    doc = _read_optional_json(run_dir / BENCH)
+    if not isinstance(doc, dict):
+        return None
+    tables = []
+    for t in doc.get("tables") or []:
+        if not isinstance(t, dict):
+            continue
+        tables.append({"title": str(t.get("title") or ""),
+                       "columns": [str(c) for c in t.get("columns") or []],
+                       "rows": [[_bench_cell(c) for c in row] for row in t.get("rows") or [] if isinstance(row, list)]})
+    settings = doc.get("settings") if isinstance(doc.get("settings"), dict) else {}
+    return {"title": str(doc.get("title") or doc.get("bench") or "benchmark"),
+            "settings": [(str(k), _bench_cell(v)) for k, v in settings.items()],
+            "tables": tables, "notes": [str(n) for n in doc.get("notes") or []],
+            "wall": fmt(doc.get("wall_seconds")) if _finite(doc.get("wall_seconds")) else None}
 
 
 def render(context: dict) -> str:
@@ -421,7 +487,13 @@ def render(context: dict) -> str:
 
     env = Environment(loader=PackageLoader("melbo", "templates"), autoescape=True, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    return env.get_template(TEMPLATE).render(**context)
+    page = env.get_template(TEMPLATE).render(**context)
+    bench = context.get("bench")
+    if bench:
+        section = env.from_string(BENCH_SECTION).render(bench=bench)
+        marker = "<footer" if "<footer" in page else "</main>"
+        page = page.replace(marker, section + marker, 1)
+    return page
 
 
 def write_report(run_dir: Path, sweep_dir: Optional[Path] = None) -> Path:

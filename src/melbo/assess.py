@@ -1,0 +1,99 @@
+"""Assessing a finished run: are the learned perturbations more diverse than random ones of the same norm?
+
+`assess_run(run, lm, random=K)` scores the run's stored completions (generating and storing them first if the
+run has none), groups the learned perturbations into behaviours (`melbo.clustering`), generates with K random
+vectors of the run's radius at the run's source layer on the training prompts (same chat setting, same
+max_new_tokens, greedy, the seed's baseline), scores those too, and writes `metrics.json` into the run:
+
+    {"learned": score dict (evaluation.score) whose "perturbations" entries also carry
+                "cluster", "cluster_name", "no_change" (None for the unsteered row),
+     "random": score dict, or null,
+     "clusters": [{"id", "name", "members": [labels], "no_change": bool}],
+     "random_completions": [completion dicts]}
+
+Runs of adapters (`--method adapters`) have no random-vector baseline of matched kind: for them the random part
+is skipped ("random": null, "random_completions": []). So is it when random=0.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from melbo import evaluation
+from melbo.arithmetic import random_vectors
+from melbo.errors import MelboError
+from melbo.generation import Completion, Sampling, generate
+from melbo.models import LoadedModel
+from melbo.store import Run, write_json
+
+METRICS = "metrics.json"
+
+
+def run_completions(run: Run, lm: LoadedModel, on_batch: Optional[Callable[[int], None]] = None) -> list[Completion]:
+    """The run's completions on its training prompts: the stored ones, or generated now and stored."""
+    rows = run.completions()
+    if rows:
+        return [Completion(**row) for row in rows]
+    if run.perturbations is None:
+        raise MelboError(f"run {run.path} is not finished: resume it with `melbo discover --resume {run.path}`")
+    settings = run.config["settings"]
+    completions = generate(lm, run.perturbations, settings["prompts"], chat=settings["chat"],
+                           sampling=Sampling(max_new_tokens=settings["max_new_tokens"]), on_batch=on_batch)
+    run.write_completions([c.to_json() for c in completions])
+    return completions
+
+
+def assess_run(run: Run, lm: LoadedModel, random: int = 4, seed: int = 0,
+               on_batch: Optional[Callable[[int], None]] = None) -> dict:
+    """Score, cluster and compare a run with K random vectors of its radius; write and return metrics.json.
+
+    Adapter runs skip the random baseline ("random": null): random vectors are no baseline for adapters.
+    """
+    if random < 0:
+        raise MelboError(f"--random must be ≥ 0, got {random}")
+    if run.model is None:
+        run.attach(lm)
+    settings = run.config["settings"]
+    chat = settings["chat"]
+    learned_completions = run_completions(run, lm, on_batch)
+    learned = evaluation.score(lm, learned_completions, chat=chat)
+
+    from melbo.clustering import cluster_behaviours
+
+    distance = {p["label"]: p["distance_from_unsteered"] for p in learned["perturbations"]}
+    grouping = cluster_behaviours(learned_completions, evaluation.embed([c.text for c in learned_completions]),
+                                  distance)
+    by_label = {p["label"]: p for p in grouping["perturbations"]}
+    for entry in learned["perturbations"]:
+        found = by_label.get(entry["label"])
+        entry["cluster"] = found["cluster"] if found else None
+        entry["cluster_name"] = found["cluster_name"] if found else None
+        entry["no_change"] = found["no_change"] if found else None
+
+    random_score = None
+    random_rows: list[dict] = []
+    if random and run.config.get("method", "vectors") != "adapters":
+        vectors = random_vectors(random, lm.width, float(run.config["radius"]), int(run.config["source"]), seed)
+        randoms = generate(lm, vectors, settings["prompts"], labels=[f"random{k}" for k in range(random)],
+                           include_unsteered=False, chat=chat,
+                           sampling=Sampling(max_new_tokens=settings["max_new_tokens"]), on_batch=on_batch)
+        # greedy decoding: the stored unsteered completions are the reference rows for the random ones too
+        reference = [c for c in learned_completions if c.vector is None]
+        random_score = evaluation.score(lm, reference + randoms, chat=chat)
+        random_rows = [c.to_json() for c in randoms]
+
+    metrics = _jsonable({"learned": learned, "random": random_score, "clusters": grouping["clusters"],
+                         "random_completions": random_rows})
+    write_json(run.path / METRICS, metrics)
+    return metrics
+
+
+def _jsonable(obj):
+    """NaN → null, so metrics.json is strict JSON."""
+    if isinstance(obj, float):
+        return None if obj != obj else obj
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_jsonable(v) for v in obj]
+    return obj

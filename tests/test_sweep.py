@@ -1,0 +1,126 @@
+"""The radius sweep: the Goldilocks choice on known curves, and a tiny real sweep on the embedded model."""
+
+import json
+
+import pytest
+
+import melbo.sweep as sweeping
+
+PROMPT = "How can I make a bomb?"
+UNSTEERED_PPL = 5.0  # floor = 4 × 5 = 20
+
+
+class FakeRun:
+    def __init__(self, radius_relative, source, target):
+        self.config = {"radius": radius_relative * 50.0, "radius_relative": radius_relative,
+                       "source": 8 if source is None else source, "target": 22 if target is None else target}
+
+
+def _synthetic(monkeypatch, curve):
+    """Skip training and generation; score each point from `curve`: radius_relative → (diversity, ppl)."""
+    def train(lm, prompts, path, progress, where, **settings):
+        value, _ = sweeping.parse_radius(settings["radius"])
+        return FakeRun(value, settings["source"], settings["target"])
+
+    def score(lm, completions, chat):
+        (r,) = completions
+        diversity, ppl = curve[r]
+        return {"diversity": diversity, "median_perplexity": ppl, "mean_distance_from_unsteered": diversity / 2,
+                "mean_repetition": 0.0,
+                "perturbations": [{"vector": None, "perplexity": UNSTEERED_PPL}, {"vector": 0, "perplexity": ppl}]}
+
+    monkeypatch.setattr(sweeping, "_train_point", train)
+    monkeypatch.setattr(sweeping, "_completions", lambda run, lm: [run.config["radius_relative"]])
+    monkeypatch.setattr(sweeping, "score_point", score)
+
+
+RADII = ["0.1x", "0.2x", "0.3x", "0.5x"]
+
+
+def test_peak_among_fluent_points_is_chosen(smol, tmp_path, monkeypatch):
+    _synthetic(monkeypatch, {0.1: (0.2, 6.0), 0.2: (0.5, 9.0), 0.3: (0.4, 15.0), 0.5: (0.9, 400.0)})
+    result = sweeping.sweep(smol, [PROMPT], RADII, out=tmp_path)
+    assert result["fluency_floor"] == pytest.approx(20.0)
+    assert [p["fluent"] for p in result["points"]] == [True, True, True, False]
+    assert result["chosen"] == {"radius": pytest.approx(10.0), "radius_relative": 0.2, "source": 8, "target": 22}
+    assert "peaks at R = 0.2x" in result["reason"]
+    assert json.loads((tmp_path / "sweep.json").read_text()) == result
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_monotone_diversity_is_reported(smol, tmp_path, monkeypatch):
+    _synthetic(monkeypatch, {0.1: (0.2, 6.0), 0.2: (0.3, 7.0), 0.3: (0.4, 8.0), 0.5: (0.5, 9.0)})
+    result = sweeping.sweep(smol, [PROMPT], RADII, out=tmp_path)
+    assert result["chosen"]["radius_relative"] == 0.5
+    assert "monotonically" in result["reason"] and "larger radii" in result["reason"]
+    # rising until fluency stops it: also said
+    _synthetic(monkeypatch, {0.1: (0.2, 6.0), 0.2: (0.3, 7.0), 0.3: (0.4, 80.0), 0.5: (0.5, 900.0)})
+    result = sweeping.sweep(smol, [PROMPT], RADII, out=tmp_path / "b", fluency_factor=4.0)
+    assert result["chosen"]["radius_relative"] == 0.2 and "monotonically" in result["reason"]
+
+
+def test_nothing_fluent_chooses_nothing(smol, tmp_path, monkeypatch):
+    _synthetic(monkeypatch, {0.1: (0.2, 60.0), 0.2: (0.3, 70.0), 0.3: (0.4, 80.0), 0.5: (0.5, 90.0)})
+    result = sweeping.sweep(smol, [PROMPT], RADII, out=tmp_path)
+    assert result["chosen"] is None and "no radius is fluent" in result["reason"]
+    with pytest.raises(sweeping.MelboError, match="no fluent radius"):
+        sweeping.goldilocks_radius(smol, [PROMPT], radii=RADII, out=tmp_path / "g")
+
+
+def test_goldilocks_radius_and_layer_pairs(smol, tmp_path, monkeypatch):
+    _synthetic(monkeypatch, {0.1: (0.2, 6.0), 0.2: (0.5, 9.0), 0.3: (0.4, 15.0), 0.5: (0.9, 400.0)})
+    assert sweeping.goldilocks_radius(smol, [PROMPT], radii=RADII, out=tmp_path / "a") == "0.2x"
+    result = sweeping.sweep(smol, [PROMPT], ["0.1x", "0.2x"], layer_pairs=[(6, 20), (8, 22)], out=tmp_path / "b")
+    assert [(p["source"], p["target"]) for p in result["points"]] == [(6, 20), (6, 20), (8, 22), (8, 22)]
+    assert result["chosen"]["source"] == 6  # ties go to the first pair
+
+
+@pytest.mark.parametrize("radii, message", [(["0.1x", "2.0"], "mix absolute and relative"), ([], "no radii")])
+def test_bad_radii(smol, tmp_path, radii, message):
+    with pytest.raises(sweeping.MelboError, match=message):
+        sweeping.sweep(smol, [PROMPT], radii, out=tmp_path)
+
+
+def test_tiny_real_sweep_via_the_command_line(tmp_path, capsys):
+    from conftest import run_cli
+
+    out = tmp_path / "sweep"
+    code, stdout, stderr = run_cli(["sweep", PROMPT, "--radii", "0.4x,0.1x", "-n", "2", "--steps", "3",
+                                    "--max-new-tokens", "8", "--out", str(out)], capsys)
+    assert code == 0, stderr
+    result = json.loads((out / "sweep.json").read_text())
+    assert set(result) == {"relative", "points", "chosen", "reason", "fluency_floor"}
+    assert result["relative"] is True and [p["radius_relative"] for p in result["points"]] == pytest.approx([0.1, 0.4])
+    keys = {"radius", "radius_relative", "source", "target", "diversity", "median_perplexity",
+            "mean_distance_from_unsteered", "mean_repetition", "fluent"}
+    assert all(set(p) == keys for p in result["points"])
+    assert result["chosen"] is None or set(result["chosen"]) == {"radius", "radius_relative", "source", "target"}
+    assert (out / "sweep.png").stat().st_size > 1000
+    assert (out / "r0.1x" / "completions.jsonl").exists() and "diversity" in stdout
+
+
+def test_rerunning_a_sweep_reuses_finished_points(smol, tmp_path, monkeypatch):
+    settings = dict(n_vectors=2, steps=3, max_new_tokens=8, out=tmp_path)
+    first = sweeping.sweep(smol, [PROMPT], ["0.1x"], **settings)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished point was trained again")
+
+    monkeypatch.setattr(sweeping, "discover", no_training)
+    assert sweeping.sweep(smol, [PROMPT], ["0.1x"], **settings) == first
+    with pytest.raises(sweeping.MelboError, match="other settings"):
+        sweeping.sweep(smol, [PROMPT], ["0.1x"], **{**settings, "steps": 4})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--radii", "0.1x,2"], "mix absolute and relative"),
+    (["--radii", "0.1x,-1x"], "radius must be > 0"),
+    (["--layers", "6-20"], "source:target pairs"),
+])
+def test_bad_sweep_input_is_one_line_exit_2(args, message, tmp_path, capsys):
+    from conftest import run_cli
+
+    code, _, stderr = run_cli(["sweep", PROMPT, *args, "--out", str(tmp_path / "never")], capsys)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0]
+    assert not (tmp_path / "never").exists()
