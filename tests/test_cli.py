@@ -30,7 +30,8 @@ def test_discover_writes_a_complete_run(tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert [r["label"] for r in rows] == ["unsteered", "v0", "v1"]
     assert all(set(r) >= {"vector", "prompt", "sample", "text", "tokens"} for r in rows)
-    assert "unsteered" in stdout and str(out) in stdout
+    assert str(out) in stdout
+    assert [line.split()[1] for line in stdout.splitlines() if line.startswith("│")][:3] == ["unsteered", "v0", "v1"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert len([p for p in metrics["random"]["perturbations"] if p["vector"] is not None]) == 4
     assert (out / "report.html").read_text().count('class="card"') == 2

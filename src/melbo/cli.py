@@ -106,10 +106,11 @@ def _generation_progress(total: int) -> tuple[Progress, Callable[[int], None]]:
 
 def _print_completions(completions, width: int = 100) -> None:
     table = Table(show_lines=False, header_style="bold")
-    table.add_column("vector")
+    # The label column never shrinks: on a narrow terminal the completion gets cut instead.
+    table.add_column("vector", no_wrap=True, min_width=max(len(c.label) for c in completions))
     if len({c.prompt_index for c in completions}) > 1:
-        table.add_column("prompt")
-    table.add_column("completion (start)", overflow="ellipsis", no_wrap=True, max_width=width)
+        table.add_column("prompt", no_wrap=True)
+    table.add_column("completion (start)", overflow="ellipsis", no_wrap=True, max_width=width, ratio=1)
     multi = len(table.columns) == 3
     for c in completions:
         text = " ".join(c.text.split())
@@ -631,7 +632,7 @@ def bench_refusal(
     n_vectors: int = typer.Option(16, "--n-vectors", "-n", help="Vectors to learn."),
     random: int = typer.Option(8, help="Random vectors of the same norm (baseline)."),
     steps: int = typer.Option(150, help="Optimiser steps per batch."),
-    radius: str = typer.Option("0.2x", help="R: absolute (4.0) or relative to the source residual norm (0.2x)."),
+    radius: str = typer.Option("4.0", help="R: absolute (4.0) or relative to the source residual norm (0.2x)."),
     requests: Optional[int] = typer.Option(None, help="Use only the first K shipped harmful and innocuous requests."),
     max_new_tokens: int = typer.Option(48, help="Tokens to generate per completion."),
     source: Optional[int] = typer.Option(None, help="Source block."),
