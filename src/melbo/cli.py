@@ -105,12 +105,12 @@ def _generation_progress(total: int) -> tuple[Progress, Callable[[int], None]]:
 
 
 def _print_completions(completions, width: int = 100) -> None:
-    table = Table(show_lines=False, header_style="bold")
+    table = Table(show_lines=False, header_style="bold", expand=True)
     # The label column never shrinks: on a narrow terminal the completion gets cut instead.
     table.add_column("vector", no_wrap=True, min_width=max(len(c.label) for c in completions))
     if len({c.prompt_index for c in completions}) > 1:
         table.add_column("prompt", no_wrap=True)
-    table.add_column("completion (start)", overflow="ellipsis", no_wrap=True, max_width=width, ratio=1)
+    table.add_column("completion (start)", overflow="ellipsis", no_wrap=True, ratio=1)
     multi = len(table.columns) == 3
     for c in completions:
         text = " ".join(c.text.split())
