@@ -584,6 +584,16 @@ def _handover(training, generating, advance: Callable[[int], None]) -> Callable[
     return on_batch
 
 
+def _run_bench(path: Path, generations: int, work: Callable) -> None:
+    """Run a bench with training bars, then generation bars, then print its tables last."""
+    bar, update = _training_progress()
+    gen_bar, advance = _generation_progress(generations)
+    with bar:
+        result = _interruptible(lambda: work(update, _handover(bar, gen_bar, advance)), path)
+    gen_bar.stop()
+    _bench_finish(result, path)
+
+
 def _bench_path(out_dir: Optional[Path], name: str) -> Path:
     import datetime as _dt
 
@@ -614,15 +624,10 @@ def bench_arithmetic(
 
     path = _bench_path(out_dir, "arithmetic")
     lm = _load(model or bench.DEFAULT_MODEL, device, dtype, blocks_path)
-    bar, update = _training_progress()
-    gen_bar, advance = _generation_progress((n_vectors + 1) * (pairs + 1))
-    with bar:
-        result = _interruptible(lambda: bench.run_bench(
-            lm, path, n_vectors=n_vectors, steps=steps, radius=radius, pairs=pairs, digits=digits,
-            max_new_tokens=max_new_tokens, chat=chat, seed=seed, batch_size=batch_size, source=source,
-            target=target, progress=update, on_batch=_handover(bar, gen_bar, advance)), path)
-    gen_bar.stop()
-    _bench_finish(result, path)
+    _run_bench(path, (n_vectors + 1) * (pairs + 1), lambda progress, on_batch: bench.run_bench(
+        lm, path, n_vectors=n_vectors, steps=steps, radius=radius, pairs=pairs, digits=digits,
+        max_new_tokens=max_new_tokens, chat=chat, seed=seed, batch_size=batch_size, source=source,
+        target=target, progress=progress, on_batch=on_batch))
 
 
 @bench_app.command("refusal")
@@ -651,15 +656,10 @@ def bench_refusal(
     lm = _load(model or bench.DEFAULT_MODEL, device, dtype, blocks_path)
     k = requests if requests is not None else max(len(bench.shipped_prompts("harmful")),
                                                   len(bench.shipped_prompts("innocuous")))
-    bar, update = _training_progress()
-    gen_bar, advance = _generation_progress(n_vectors + random + 1 + 2 * 3 * k)
-    with bar:
-        result = _interruptible(lambda: bench.run_bench(
-            lm, path, prompt=prompt, n_vectors=n_vectors, n_random=random, steps=steps, radius=radius,
-            requests=requests, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, source=source,
-            target=target, progress=update, on_batch=_handover(bar, gen_bar, advance)), path)
-    gen_bar.stop()
-    _bench_finish(result, path)
+    _run_bench(path, n_vectors + random + 1 + 2 * 3 * k, lambda progress, on_batch: bench.run_bench(
+        lm, path, prompt=prompt, n_vectors=n_vectors, n_random=random, steps=steps, radius=radius,
+        requests=requests, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, source=source,
+        target=target, progress=progress, on_batch=on_batch))
 
 
 # ------------------------------------------------------------------------------------------------ testbed
@@ -758,13 +758,7 @@ def bench_backdoor_command(
     with planting:
         spec, record = bench.resolve_model(model, progress=plant_update)
     lm = _load(spec, device, dtype, None)
-    bar, update = _training_progress()
-    gen_bar, advance = _generation_progress(n_vectors + n_random + 1)
-    with bar:
-        result = _interruptible(lambda: bench.bench_backdoor(
-            lm, path, testbed=record, detectors=detectors, prompt=prompt, n_vectors=n_vectors, n_random=n_random,
-            steps=steps, radius=radius, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-            source=source, target=target, report=False, progress=update,
-            on_batch=_handover(bar, gen_bar, advance)), path)
-    gen_bar.stop()
-    _bench_finish(result, path)
+    _run_bench(path, n_vectors + n_random + 1, lambda progress, on_batch: bench.bench_backdoor(
+        lm, path, testbed=record, detectors=detectors, prompt=prompt, n_vectors=n_vectors, n_random=n_random,
+        steps=steps, radius=radius, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+        source=source, target=target, report=False, progress=progress, on_batch=on_batch))
