@@ -249,21 +249,14 @@ def _interruptible(work: Callable, path: Path):
 
 
 def _complete_run(run, lm):
-    """Generate on the training prompts and store the completions (done once per run)."""
-    from melbo.generation import Sampling, generate
+    """Completions on the training prompts: generated and stored once per run, then reused."""
+    from melbo.assess import run_completions
 
-    settings = run.config["settings"]
-    existing = run.completions()
-    if existing:
-        from melbo.generation import Completion
-
-        return [Completion(**row) for row in existing]
-    bar, advance = _generation_progress((len(run) + 1) * len(settings["prompts"]))
+    if run.completions():
+        return run_completions(run, lm)
+    bar, advance = _generation_progress((len(run) + 1) * len(run.config["settings"]["prompts"]))
     with bar:
-        completions = generate(lm, run.perturbations, settings["prompts"], chat=settings["chat"],
-                               sampling=Sampling(max_new_tokens=settings["max_new_tokens"]), on_batch=advance)
-    run.write_completions([c.to_json() for c in completions])
-    return completions
+        return run_completions(run, lm, on_batch=advance)
 
 
 # ------------------------------------------------------------------------------------------------ generate
