@@ -70,6 +70,8 @@ def default_layers(depth: int) -> tuple[int, int]:
 def parse_radius(spec: str) -> tuple[float, bool]:
     """'4.0' → (4.0, absolute); '0.5x' → (0.5, relative to the residual norm)."""
     text = str(spec).strip().lower()
+    if text == "auto":
+        raise MelboError("radius 'auto' needs a sweep: pass melbo.sweep.goldilocks_radius(lm, prompts) as radius")
     relative = text.endswith("x")
     try:
         value = float(text[:-1] if relative else text)
