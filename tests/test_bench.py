@@ -184,3 +184,12 @@ def test_report_benchmark_section_is_escaped(tmp_path):
     assert "<script>" not in page and "<img src=x" not in page
     assert page.count("&lt;script&gt;") >= 5
     assert page.index('id="benchmark"') < page.index("<footer")
+
+
+def test_more_held_out_pairs_than_exist_is_refused():
+    from melbo.bench.arithmetic import held_out_pairs
+    from melbo.errors import MelboError
+
+    with pytest.raises(MelboError, match="distinct 2x1 pairs"):
+        held_out_pairs(700, "2x1")
+    assert len(set(held_out_pairs(50, "2x1"))) == 50

@@ -153,3 +153,35 @@ def test_default_model_hard_orthogonal_batch_grows_the_objective(smol, tmp_path)
     assert cosines(v).max() < 1e-5
     assert (v.norm(dim=-1) - run.config["radius"]).abs().max() < 1e-5 * run.config["radius"]
     assert (run.curves[:, -1] > 2 * run.curves[:, 0]).all()
+
+
+def test_earlier_plus_new_vectors_must_fit_the_width(tmp_path):
+    lm = tiny_lm()
+    earlier = torch.randn(62, 64)
+    with pytest.raises(MelboError, match="62 earlier \\+ 5 new"):
+        discover(lm, ["abcdef"], tmp_path / "run", previous=earlier, **_settings())
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_steer_applies_one_vector_to_every_row(tmp_path):
+    from melbo.intervention import add_to_block_output
+
+    lm = tiny_lm()
+    run = discover(lm, ["abcdef"], tmp_path / "run", **_settings())
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with run.steer(2):
+        steered = lm.model(ids).logits
+    with add_to_block_output(lm, 1, run.vectors[2]):
+        expected = lm.model(ids).logits
+    assert torch.equal(steered, expected) and not torch.equal(steered, lm.model(ids).logits)
+    with pytest.raises(MelboError, match="out of range"):
+        with run.steer(5):
+            pass
+
+
+def test_corrupt_completions_file_is_one_line(tmp_path):
+    lm = tiny_lm()
+    run = discover(lm, ["abcdef"], tmp_path / "run", **_settings())
+    (tmp_path / "run" / "completions.jsonl").write_text("{not json\n")
+    with pytest.raises(MelboError, match="corrupt"):
+        run.completions()

@@ -174,6 +174,10 @@ def discover(
     from melbo.store import Run
 
     started = time.perf_counter()
+    if random < 0:
+        raise MelboError(f"--random must be ≥ 0, got {random}")
+    if radius.strip().lower() == "auto" and method != "vectors":
+        raise MelboError("--radius auto sweeps steering vectors: give --radius explicitly for adapters or jacobian")
     if resume_dir is not None:
         config = Run.load(resume_dir).config
         lm = _load(model or config["model"]["spec"], device, dtype, blocks_path)
@@ -214,9 +218,16 @@ def _auto_radius(lm, settings, path: Path) -> Path:
     sweep_dir = path.with_name(path.name + "-sweep")
     with err.status(f"radius auto: sweeping R into {sweep_dir} …"):
         settings.radius = goldilocks_radius(lm, settings.prompts, out=sweep_dir, source=settings.source,
-                                            target=settings.target, chat=settings.chat, seed=settings.seed)
+                                            target=settings.target, chat=settings.chat, seed=settings.seed,
+                                            **_sweep_passthrough(settings))
     err.print(f"radius auto: chose R = {settings.radius} (details in {sweep_dir})")
     return sweep_dir
+
+
+def _sweep_passthrough(settings) -> dict:
+    """The discover settings the radius sweep trains with too, so that the chosen R fits this run."""
+    wanted = ("p", "q", "lr", "orthogonal", "soft_weight", "positions", "precision")
+    return {k: getattr(settings, k) for k in wanted}
 
 
 def _assess_and_report(run, lm, random: int) -> None:
@@ -224,8 +235,6 @@ def _assess_and_report(run, lm, random: int) -> None:
     from melbo.assess import assess_run
     from melbo.report import write_report
 
-    if random < 0:
-        raise MelboError(f"--random must be ≥ 0, got {random}")
     if random:
         with err.status("assessing: random baseline, diversity, fluency, clusters …"):
             metrics = assess_run(run, lm, random=random)
@@ -297,7 +306,10 @@ def generate(
         completions = generation.generate(lm, perturbations, texts, labels=labels, scale=scale,
                                           chat=run.config["settings"]["chat"], sampling=sampling, on_batch=advance)
     if out_file is not None:
-        out_file.write_text("".join(json.dumps(c.to_json()) + "\n" for c in completions))
+        from melbo.store import atomic_write
+
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_file, "".join(json.dumps(c.to_json()) + "\n" for c in completions).encode())
     _print_completions(completions)
 
 

@@ -283,7 +283,10 @@ def _from_pretrained(directory: str, spec: str, device: str, dtype: torch.dtype)
     if device != "auto":
         model.to(device)
     model.eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, TypeError) as exc:
+        raise MelboError(f"cannot load the tokenizer of {spec!r} ({_first_line(exc)}): add its tokenizer files") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -341,7 +344,10 @@ def file_sha256(path: Path) -> str:
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     memo_file = cache_dir() / "hashes.json"
-    memo = json.loads(memo_file.read_text()) if memo_file.exists() else {}
+    try:
+        memo = json.loads(memo_file.read_text()) if memo_file.exists() else {}
+    except json.JSONDecodeError:
+        memo = {}  # only a memo: recompute
     if key not in memo:
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -349,7 +355,9 @@ def file_sha256(path: Path) -> str:
                 h.update(chunk)
         memo[key] = h.hexdigest()
         memo_file.parent.mkdir(parents=True, exist_ok=True)
-        memo_file.write_text(json.dumps(memo, indent=1))
+        tmp = memo_file.with_name(f"hashes.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo, indent=1))
+        os.replace(tmp, memo_file)
     return memo[key]
 
 

@@ -50,14 +50,19 @@ def _replay_prefix(lm: LoadedModel, last: int, cached: Tensor, copies: int) -> I
     def replay(hidden_states, *args, **kwargs):
         return (replayed,) if tuple_output else replayed
 
+    # accelerate (device_map="auto") installs its own instance-level forward: keep it to restore it.
+    saved = [block.__dict__.get("forward") for block in blocks]
     for block in blocks[:-1]:
         block.forward = passthrough
     blocks[-1].forward = replay
     try:
         yield
     finally:
-        for block in blocks:
-            del block.forward
+        for block, original in zip(blocks, saved):
+            if original is None:
+                del block.forward
+            else:
+                block.forward = original
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -91,7 +96,7 @@ def block_outputs(
             if isinstance(output, tuple):
                 lm.blocks_return_tuple = True
             _map_output(output, lambda h: captured.setdefault(k, h.detach()))
-            if len(captured) == len(layers):
+            if len(captured) == len(set(layers)):
                 raise _Stop
 
         return hook

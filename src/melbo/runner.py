@@ -146,9 +146,13 @@ def discover(
         raise MelboError(f"{path} already exists and is not empty: choose another --out or use --resume {path}")
     if previous is not None and previous.shape[-1] != lm.width:
         raise MelboError(f"earlier vectors have width {previous.shape[-1]}, the model {lm.width}: use this model's")
+    if previous is not None and cfg.method != "adapters" and len(previous) + cfg.n_vectors > lm.width:
+        raise MelboError(f"{len(previous)} earlier + {cfg.n_vectors} new orthogonal vectors do not fit in width "
+                         f"{lm.width}: ask for fewer")
     batch = encode(lm, cfg.prompts, cfg.chat, cfg.positions)  # validates prompts and token positions
     path.mkdir(parents=True, exist_ok=True)
     run = Run(path, _initial_config(lm, cfg, source, target), model=lm)
+    run.save_config()  # first, so that an interruption from here on leaves a resumable run
     if previous is not None:
         save_tensors(path / "previous.safetensors", {"vectors": previous})
     probe = _probe(lm, cfg, batch, source, target)
@@ -168,7 +172,11 @@ def resume(path: str | Path, lm: LoadedModel, progress: Optional[Progress] = Non
     batch = encode(lm, cfg.prompts, cfg.chat, cfg.positions)
     prev_file = run.path / "previous.safetensors"
     previous = load_tensors(prev_file)["vectors"] if prev_file.exists() else None
+    cfg.precision = run.config.get("precision", cfg.precision)  # the precision earlier batches trained at
     probe = _probe(lm, cfg, batch, source, target)
+    if "radius" not in run.config:  # interrupted before the radius was recorded
+        _record_radius(run, probe)
+        run.save_config()
     return _train(run, probe, previous, progress)
 
 

@@ -128,7 +128,10 @@ class Run:
         file = self.path / COMPLETIONS
         if not file.exists():
             return []
-        return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        try:
+            return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise MelboError(f"{file} is corrupt ({exc.msg}): delete it and it will be generated again") from exc
 
     # ---- steering
     @contextmanager
@@ -140,8 +143,8 @@ class Run:
             raise MelboError(f"run {self.path} is not finished: resume it first")
         if not 0 <= index < len(self.perturbations):
             raise MelboError(f"vector index {index} is out of range: this run has 0..{len(self.perturbations) - 1}")
-        one = self.perturbations.select([index])
-        with _broadcast_apply(self.model, one, scale):
+        # One row of perturbation broadcasts over whatever batch the model sees.
+        with self.perturbations.select([index]).apply(self.model, [0], scale):
             yield
 
     # ---- writing
@@ -180,18 +183,3 @@ class Run:
 def _artifact_metadata(config: dict) -> dict:
     keys = ("method", "source", "target", "radius", "radius_relative", "p", "q", "orthogonal", "rank")
     return {"model": config["model"]["id"], **{k: config.get(k) for k in keys}}
-
-
-@contextmanager
-def _broadcast_apply(lm: LoadedModel, one: Perturbations, scale: float) -> Iterator[None]:
-    """Apply a single perturbation to whatever batch size the model sees (for interactive use)."""
-    from melbo.intervention import add_lora, add_to_block_output
-
-    if isinstance(one, SteeringVectors):
-        with add_to_block_output(lm, one.layer, (one.vectors[0] * scale).to(lm.device, lm.dtype)):
-            yield
-    else:
-        a = one.a.to(lm.device, lm.dtype)
-        b = one.b.to(lm.device, lm.dtype)
-        with add_lora(lm, one.layer, a, b, one.radius * scale):
-            yield

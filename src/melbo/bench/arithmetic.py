@@ -52,6 +52,9 @@ def held_out_pairs(n: int, digits: str = "2x1", seed: int = 0) -> list[tuple[int
         raise MelboError(f"unknown --digits {digits!r}: use 2x1 or 2x2")
     rng = random.Random(1_234 + seed)
     excluded = {EXAMPLE[digits], TRAIN_PAIR[digits]}
+    available = 89 * (7 if digits == "2x1" else 89) - len(excluded)
+    if n > available:
+        raise MelboError(f"--pairs {n} is more than the {available} distinct {digits} pairs: ask for fewer")
     pairs: list[tuple[int, int]] = []
     while len(pairs) < n:
         pair = (rng.randint(11, 99), rng.randint(3, 9) if digits == "2x1" else rng.randint(11, 99))
