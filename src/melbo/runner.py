@@ -139,6 +139,8 @@ def discover(
     **settings,
 ) -> Run:
     """Train perturbations on `prompts` and write a run directory. Settings are `DiscoverConfig` fields."""
+    if isinstance(prompts, DiscoverConfig) and settings:
+        raise MelboError(f"pass settings either in the DiscoverConfig or as keywords, not both ({', '.join(settings)})")
     cfg = prompts if isinstance(prompts, DiscoverConfig) else DiscoverConfig(prompts=list(prompts), **settings)
     source, target = validate(lm, cfg)
     path = Path(out) if out is not None else default_run_dir(lm)
