@@ -24,9 +24,8 @@ from melbo.arithmetic import random_vectors
 from melbo.errors import MelboError
 from melbo.generation import Completion, Sampling, generate
 from melbo.models import LoadedModel
-from melbo.store import Run, write_json
+from melbo.store import METRICS, Run, write_json
 
-METRICS = "metrics.json"
 
 
 def run_completions(run: Run, lm: LoadedModel, on_batch: Optional[Callable[[int], None]] = None) -> list[Completion]:

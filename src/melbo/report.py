@@ -26,11 +26,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from melbo.errors import MelboError
-from melbo.store import CONFIG, COMPLETIONS, CURVES, atomic_write, load_tensors, read_json
+from melbo.store import BENCH, COMPLETIONS, CONFIG, CURVES, METRICS, SWEEP, atomic_write, load_tensors, read_json
 
 REPORT = "report.html"
-METRICS = "metrics.json"
-SWEEP = "sweep.json"
 TEMPLATE = "report.html.j2"
 
 LEARNED_COLOUR = "#2563eb"
@@ -419,7 +417,6 @@ def build_context(run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ benchmark
-BENCH = "bench.json"
 
 # Rendered with the page's autoescaping environment: every cell is text, never markup.
 BENCH_SECTION = """<section id="benchmark">

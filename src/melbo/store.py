@@ -29,6 +29,9 @@ CONFIG = "config.json"
 CHECKPOINT = "checkpoint.safetensors"
 CURVES = "curves.safetensors"
 COMPLETIONS = "completions.jsonl"
+METRICS = "metrics.json"  # written by melbo.assess
+SWEEP = "sweep.json"  # in a sweep directory, written by melbo.sweep
+BENCH = "bench.json"  # written by melbo.bench
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -28,9 +28,8 @@ from melbo.errors import MelboError
 from melbo.generation import Completion
 from melbo.models import LoadedModel
 from melbo.runner import DiscoverConfig, discover, parse_radius, resume, validate
-from melbo.store import Run, write_json
+from melbo.store import SWEEP, Run, write_json
 
-SWEEP = "sweep.json"
 PLOT = "sweep.png"
 DEFAULT_RADII = ("0.05x", "0.1x", "0.2x", "0.3x", "0.5x")
 

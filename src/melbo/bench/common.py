@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from melbo.errors import MelboError
-from melbo.store import read_json, write_json
+from melbo.store import BENCH, read_json, write_json
 
-BENCH = "bench.json"
 
 
 @dataclass
@@ -102,7 +101,7 @@ def print_result(result: BenchResult, console=None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(stderr=True)  # the library never writes to stdout; the CLI passes its console
     for t in result.tables:
         table = Table(title=escape(t.title), header_style="bold", title_justify="left")
         for col in t.columns:
