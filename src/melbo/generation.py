@@ -52,15 +52,21 @@ class Sampling:
             raise MelboError("temperature must be ≥ 0 and top-p in (0, 1]")
 
 
+def end_of_turn_markers(lm: LoadedModel) -> list[str]:
+    """The END_OF_TURN markers the model's chat template uses and its vocabulary has, in END_OF_TURN order."""
+    template = lm.chat_template or ""
+    vocab = lm.tokenizer.get_vocab()
+    return [m for m in END_OF_TURN if m in template and m in vocab]
+
+
 def stop_token_ids(lm: LoadedModel) -> list[int]:
     ids: set[int] = set()
     eos = lm.model.generation_config.eos_token_id
     ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if lm.tokenizer.eos_token_id is not None:
         ids.add(lm.tokenizer.eos_token_id)
-    template = lm.chat_template or ""
     vocab = lm.tokenizer.get_vocab()
-    ids.update(vocab[m] for m in END_OF_TURN if m in vocab and m in template)
+    ids.update(vocab[m] for m in end_of_turn_markers(lm))
     return sorted(ids)
 
 

@@ -224,15 +224,10 @@ def is_correct(text: str, a: int, op: str, b: int) -> bool:
 
 # --------------------------------------------------------------------------------------------------- training
 def _end_of_turn(lm: LoadedModel, templated: bool) -> str:
-    from melbo.generation import END_OF_TURN
+    from melbo.generation import end_of_turn_markers
 
-    template = lm.chat_template or ""
-    vocab = lm.tokenizer.get_vocab()
-    if templated:
-        for marker in END_OF_TURN:
-            if marker in template and marker in vocab:
-                return marker
-    return lm.tokenizer.eos_token or ""
+    markers = end_of_turn_markers(lm) if templated else []
+    return markers[0] if markers else lm.tokenizer.eos_token or ""
 
 
 def _encode_examples(lm: LoadedModel, examples: list[Example], templated: bool) -> list[tuple[list[int], int]]:
