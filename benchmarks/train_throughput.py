@@ -16,7 +16,7 @@ import torch
 
 import melbo
 from melbo.methods import Setting, SteeringVectorMethod
-from melbo.objective import TargetProbe, melbo_objective
+from melbo.objective import MelboObjective, TargetProbe, melbo_objective
 from melbo.prompts import encode
 from melbo.methods.jacobian import jacobian_directions
 from melbo.train import OptimConfig, optimise
@@ -49,7 +49,7 @@ def original_way(lm, batch, source, target, radius, steps):
 
 def engine(lm, probe, source, radius, n, steps):
     method = SteeringVectorMethod(Setting(source=source, radius=radius, width=lm.width, orthogonal="hard"))
-    optimise(method, probe, n, OptimConfig(steps=steps - 1), torch.Generator().manual_seed(0))  # steps - 1 updates + 1 final pass
+    optimise(method, MelboObjective(probe), n, OptimConfig(steps=steps - 1), torch.Generator().manual_seed(0))  # steps - 1 updates + 1 final pass
 
 
 def jacobian(probe, k, iterations, eps):

@@ -9,7 +9,7 @@ from conftest import tiny_lm
 from melbo.runner import DiscoverConfig, discover, resume
 from melbo.errors import MelboError
 from melbo.methods import Setting, SteeringVectorMethod
-from melbo.objective import TargetProbe
+from melbo.objective import MelboObjective, TargetProbe
 from melbo.prompts import batch_from_ids
 from melbo.store import Run
 from melbo.train import OptimConfig, optimise
@@ -20,7 +20,7 @@ IDS = [[5, 17, 33, 9, 80, 41], [7, 99, 23, 12]]
 def train(lm, orthogonal, n=6, steps=30, previous=None, seed=0):
     method = SteeringVectorMethod(Setting(source=1, radius=4.0, width=lm.width, orthogonal=orthogonal))
     probe = TargetProbe(lm, batch_from_ids(IDS), 1, 3, 1)
-    return optimise(method, probe, n, OptimConfig(steps=steps, lr=0.1), torch.Generator().manual_seed(seed),
+    return optimise(method, MelboObjective(probe), n, OptimConfig(steps=steps, lr=0.1), torch.Generator().manual_seed(seed),
                     previous, orthogonal == "soft")
 
 

@@ -10,7 +10,8 @@ pass stops at block t by raising out of the target block's hook (no later block,
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from typing import Callable, ContextManager, Iterator
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterator, Protocol
 
 import torch
 from torch import Tensor
@@ -23,10 +24,49 @@ from melbo.prompts import PromptBatch
 
 def melbo_objective(z: Tensor, z0: Tensor, token_mask: Tensor, p: float = 2.0, q: float = 1.0) -> Tensor:
     """F per perturbation. z: [N, P, T, d] steered, z0: [P, T, d] unsteered, token_mask: [P, T] → [N]."""
-    dist = (z - z0).norm(dim=-1)  # [N, P, T]
+    return change_objective(z - z0, token_mask, p, q)
+
+
+def change_objective(change: Tensor, token_mask: Tensor, p: float = 2.0, q: float = 1.0) -> Tensor:
+    """Σ_i (Σ_{t∈I_i} ‖change_{i,t}‖^p)^{1/q} per perturbation. change: [N, P, T, d], token_mask: [P, T] → [N]."""
+    dist = change.norm(dim=-1)  # [N, P, T]
     # where(), not a product: padded positions may hold NaN/inf from fully masked attention rows.
     per_position = torch.where(token_mask, dist.pow(p), torch.zeros((), dtype=dist.dtype, device=dist.device))
     return per_position.sum(-1).pow(1.0 / q).sum(-1)
+
+
+Perturb = Callable[[LoadedModel], ContextManager]  # applies a batch of perturbations to the model it is given
+
+
+@dataclass
+class Measured:
+    """One evaluation of an objective for n perturbations."""
+
+    value: Tensor  # the objective per perturbation [n], to maximise
+    change: Tensor  # the change it is built from [n, P, T, ·], for the soft-orthogonality penalty
+
+
+class Objective(Protocol):
+    """What the optimiser maximises: `objective(n, perturb)` runs n perturbations as one batch."""
+
+    lm: LoadedModel  # the model whose residual norm sets a relative radius
+    batch: PromptBatch
+    precision: str  # what training runs at: "fp32" or "bf16"
+
+    def __call__(self, n: int, perturb: Perturb) -> Measured: ...
+
+
+class MelboObjective:
+    """The seed's objective F(θ) on one model (module docstring)."""
+
+    def __init__(self, probe: "TargetProbe", p: float = 2.0, q: float = 1.0):
+        self.probe, self.p, self.q = probe, p, q
+        self.lm, self.batch, self.precision = probe.lm, probe.batch, probe.precision
+        self.mask = probe.batch.token_mask.to(probe.z0.device)
+
+    def __call__(self, n: int, perturb: Perturb) -> Measured:
+        change = self.probe(n, lambda: perturb(self.lm)).float() - self.probe.z0.float()
+        return Measured(change_objective(change, self.mask, self.p, self.q), change)
 
 
 class _Stop(Exception):
@@ -157,15 +197,43 @@ class TargetProbe:
         return z.reshape(copies, *self.z0.shape)
 
     def residual_norm(self) -> float:
-        """Mean ‖h‖ of the unperturbed stream at the source block over real tokens, first token excluded.
+        return residual_norm(self.lm, self.batch, self.source)
 
-        The first token is an attention sink with a norm often 100× the rest; including it would make a
-        relative radius mean little.
-        """
-        h = block_outputs(self.lm, self.batch, [self.source])[self.source]
-        mask = self.batch.real.clone()
-        first = mask.float().argmax(-1)
-        mask[torch.arange(len(first)), first] = False
-        if not mask.any():
-            mask = self.batch.real
-        return float(h.norm(dim=-1)[mask.to(h.device)].float().mean())
+
+def residual_norm(lm: LoadedModel, batch: PromptBatch, source: int) -> float:
+    """Mean ‖h‖ of the unperturbed stream at the source block over real tokens, first token excluded.
+
+    The first token is an attention sink with a norm often 100× the rest; including it would make a
+    relative radius mean little.
+    """
+    h = block_outputs(lm, batch, [source])[source]
+    mask = batch.real.clone()
+    first = mask.float().argmax(-1)
+    mask[torch.arange(len(first)), first] = False
+    if not mask.any():
+        mask = batch.real
+    return float(h.norm(dim=-1)[mask.to(h.device)].float().mean())
+
+
+class OutputProbe:
+    """Next-token log-probabilities [copies, P, T, vocab] for batches of perturbations: the whole model runs.
+
+    The same replay of the unperturbed prefix as `TargetProbe`; used where an objective compares output
+    distributions (the contrastive "kl" form) rather than a target block's states.
+    """
+
+    def __init__(self, lm: LoadedModel, batch: PromptBatch, replay_upto: int, precision: str = "fp32"):
+        self.lm, self.batch, self.replay_upto = lm, batch, replay_upto
+        self.precision = resolve_precision(precision, lm.device)
+        self.cached = block_outputs(lm, batch, [replay_upto], self.precision)[replay_upto] if replay_upto >= 0 else None
+        with torch.no_grad():
+            self.z0 = self(1, ExitStack)[0]  # [P, T, vocab]
+
+    def __call__(self, copies: int, perturb: Callable[[], ContextManager]) -> Tensor:
+        with ExitStack() as stack:
+            stack.enter_context(autocast(self.precision, self.lm.device))
+            if self.cached is not None:
+                stack.enter_context(_replay_prefix(self.lm, self.replay_upto, self.cached, copies))
+            stack.enter_context(perturb())
+            logits = self.lm.model(**_inputs(self.lm, self.batch.repeat(copies)), use_cache=False).logits
+        return logits.float().log_softmax(-1).reshape(copies, *self.batch.input_ids.shape, -1)

@@ -25,7 +25,8 @@ from melbo.intervention import SteeringVectors
 from melbo.methods import METHODS, Params, Setting, SteeringAdapterMethod, SteeringVectorMethod
 from melbo.methods.jacobian import jacobian_directions
 from melbo.models import LoadedModel
-from melbo.objective import TargetProbe, resolve_precision
+from melbo.contrastive import DEFAULT_FORM, FORMS, ContrastiveObjective, check_pair
+from melbo.objective import MelboObjective, Objective, TargetProbe, residual_norm, resolve_precision
 from melbo.prompts import Positions, encode
 from melbo.store import Run, load_tensors, save_tensors
 from melbo.train import OptimConfig, optimise
@@ -57,6 +58,8 @@ class DiscoverConfig:
     max_new_tokens: int = 48
     precision: str = "auto"  # training matmuls: auto (bf16 where the hardware has bf16 units), fp32, bf16
     power_iterations: int = 20  # method "jacobian" only
+    contrast: Optional[str] = None  # None: plain discovery; else a contrastive form against a reference model
+    contrast_weight: float = 1.0  # λ of the "penalised" contrastive form
 
     def __post_init__(self):
         self.radius = str(self.radius)
@@ -96,6 +99,8 @@ def validate(lm: LoadedModel, cfg: DiscoverConfig) -> tuple[int, int]:
             raise MelboError(f"{name} must be > 0, got {getattr(cfg, name)}")
     if cfg.soft_weight < 0:
         raise MelboError(f"soft-weight must be ≥ 0, got {cfg.soft_weight}")
+    if cfg.contrast is not None:
+        _validate_contrast(cfg)
     parse_radius(cfg.radius)
     resolve_precision(cfg.precision, lm.device)
     default_source, default_target = default_layers(lm.depth)
@@ -110,6 +115,15 @@ def validate(lm: LoadedModel, cfg: DiscoverConfig) -> tuple[int, int]:
     return source, target
 
 
+def _validate_contrast(cfg: DiscoverConfig) -> None:
+    if cfg.contrast not in FORMS:
+        raise MelboError(f"unknown contrast {cfg.contrast!r}: use one of {', '.join(FORMS)}")
+    if cfg.method == "jacobian":
+        raise MelboError("contrastive discovery trains vectors or adapters: use --method vectors or adapters")
+    if not cfg.contrast_weight >= 0 or not math.isfinite(cfg.contrast_weight):
+        raise MelboError(f"contrast-weight must be a finite number ≥ 0, got {cfg.contrast_weight}")
+
+
 def _method(lm: LoadedModel, cfg: DiscoverConfig, source: int, radius: float):
     setting = Setting(source=source, radius=radius, width=lm.width, rank=cfg.rank, orthogonal=cfg.orthogonal)
     if cfg.method == "adapters":
@@ -117,11 +131,29 @@ def _method(lm: LoadedModel, cfg: DiscoverConfig, source: int, radius: float):
     return SteeringVectorMethod(setting)
 
 
-def _probe(lm: LoadedModel, cfg: DiscoverConfig, batch, source: int, target: int) -> TargetProbe:
+def _objective(lm: LoadedModel, cfg: DiscoverConfig, batch, source: int, target: int,
+               reference: Optional[LoadedModel]) -> Objective | TargetProbe:
+    """What training maximises: a TargetProbe for jacobian, else the MELBO or a contrastive objective."""
     if cfg.method == "jacobian":  # finite differences need full precision
         return TargetProbe(lm, batch, source, target, source, "fp32")
     replay = _method(lm, cfg, source, 1.0).replay_upto(source)
-    return TargetProbe(lm, batch, source, target, replay, cfg.precision)
+    if cfg.contrast is not None:
+        return ContrastiveObjective(lm, reference, batch, source, target, replay, cfg.contrast, cfg.p, cfg.q,
+                                    cfg.contrast_weight, cfg.precision)
+    return MelboObjective(TargetProbe(lm, batch, source, target, replay, cfg.precision), cfg.p, cfg.q)
+
+
+def _reference(cfg: DiscoverConfig, lm: LoadedModel, reference: Optional[LoadedModel]) -> Optional[LoadedModel]:
+    """The reference model of a contrastive run, checked against the audited one (None for plain discovery)."""
+    if reference is not None and cfg.contrast is None:
+        cfg.contrast = DEFAULT_FORM
+    if cfg.contrast is None:
+        return None
+    if reference is None:
+        raise MelboError(f"contrast {cfg.contrast!r} compares two models: give the reference model "
+                         "(--reference, or reference= in the API)")
+    check_pair(lm, reference)
+    return reference
 
 
 def default_run_dir(lm: LoadedModel) -> Path:
@@ -135,13 +167,19 @@ def discover(
     out: str | Path | None = None,
     *,
     previous: Optional[Tensor] = None,
+    reference: Optional[LoadedModel] = None,
     progress: Optional[Progress] = None,
     **settings,
 ) -> Run:
-    """Train perturbations on `prompts` and write a run directory. Settings are `DiscoverConfig` fields."""
+    """Train perturbations on `prompts` and write a run directory. Settings are `DiscoverConfig` fields.
+
+    With a `reference` model the run is contrastive (`melbo.contrastive`): the objective rewards changes the
+    audited model `lm` makes and the reference does not (`contrast` picks the form; default "difference").
+    """
     if isinstance(prompts, DiscoverConfig) and settings:
         raise MelboError(f"pass settings either in the DiscoverConfig or as keywords, not both ({', '.join(settings)})")
     cfg = prompts if isinstance(prompts, DiscoverConfig) else DiscoverConfig(prompts=list(prompts), **settings)
+    reference = _reference(cfg, lm, reference)
     source, target = validate(lm, cfg)
     path = Path(out) if out is not None else default_run_dir(lm)
     if path.exists() and any(path.iterdir()):
@@ -153,39 +191,53 @@ def discover(
                          f"{lm.width}: ask for fewer")
     batch = encode(lm, cfg.prompts, cfg.chat, cfg.positions)  # validates prompts and token positions
     path.mkdir(parents=True, exist_ok=True)
-    run = Run(path, _initial_config(lm, cfg, source, target), model=lm)
+    run = Run(path, _initial_config(lm, cfg, source, target, reference), model=lm)
     run.save_config()  # first, so that an interruption from here on leaves a resumable run
     if previous is not None:
         save_tensors(path / "previous.safetensors", {"vectors": previous})
-    probe = _probe(lm, cfg, batch, source, target)
-    run.config["precision"] = probe.precision
-    _record_radius(run, probe)
+    objective = _objective(lm, cfg, batch, source, target, reference)
+    run.config["precision"] = objective.precision
+    _record_radius(run, objective)
     run.save_config()
-    return _train(run, probe, previous, progress)
+    return _train(run, objective, previous, progress)
 
 
-def resume(path: str | Path, lm: LoadedModel, progress: Optional[Progress] = None) -> Run:
-    """Continue an interrupted run from its last finished batch."""
+def resume(path: str | Path, lm: LoadedModel, progress: Optional[Progress] = None,
+           reference: Optional[LoadedModel] = None) -> Run:
+    """Continue an interrupted run from its last finished batch (a contrastive run needs its reference model)."""
     run = Run.load(path, model=lm)
     if run.config.get("status") == "complete":
         return run
     cfg = DiscoverConfig(**run.config["settings"])
+    if cfg.contrast is not None:
+        reference = _reference(cfg, lm, reference)
+        _check_recorded_reference(run, reference)
     source, target = validate(lm, cfg)
     batch = encode(lm, cfg.prompts, cfg.chat, cfg.positions)
     prev_file = run.path / "previous.safetensors"
     previous = load_tensors(prev_file)["vectors"] if prev_file.exists() else None
     cfg.precision = run.config.get("precision", cfg.precision)  # the precision earlier batches trained at
-    probe = _probe(lm, cfg, batch, source, target)
+    objective = _objective(lm, cfg, batch, source, target, reference)
     if "radius" not in run.config:  # interrupted before the radius was recorded
-        _record_radius(run, probe)
+        _record_radius(run, objective)
         run.save_config()
-    return _train(run, probe, previous, progress)
+    return _train(run, objective, previous, progress)
 
 
-def _initial_config(lm: LoadedModel, cfg: DiscoverConfig, source: int, target: int) -> dict:
+def _check_recorded_reference(run: Run, reference: LoadedModel) -> None:
+    expected = run.config["reference"]["id"]
+    if reference.model_id != expected:
+        raise MelboError(f"run {run.path} was contrasted with reference {expected}, not {reference.model_id}: "
+                         f"give that reference (--reference {run.config['reference']['spec']})")
+
+
+def _initial_config(lm: LoadedModel, cfg: DiscoverConfig, source: int, target: int,
+                    reference: Optional[LoadedModel] = None) -> dict:
     import transformers
 
     return {
+        "reference": reference.describe() if reference is not None else None,
+        "contrast": cfg.contrast,
         "melbo_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "status": "running",
@@ -203,19 +255,20 @@ def _initial_config(lm: LoadedModel, cfg: DiscoverConfig, source: int, target: i
     }
 
 
-def _record_radius(run: Run, probe: TargetProbe) -> None:
+def _record_radius(run: Run, objective: Objective | TargetProbe) -> None:
     value, relative = parse_radius(run.config["settings"]["radius"])
-    norm = probe.residual_norm()
+    norm = residual_norm(objective.lm, objective.batch, run.config["source"])
     radius = value * norm if relative else value
     run.config.update(radius=radius, radius_relative=radius / norm, residual_norm=norm)
 
 
-def _train(run: Run, probe: TargetProbe, previous: Optional[Tensor], progress: Optional[Progress]) -> Run:
+def _train(run: Run, objective: Objective | TargetProbe, previous: Optional[Tensor],
+           progress: Optional[Progress]) -> Run:
     cfg = DiscoverConfig(**run.config["settings"])
     if cfg.method == "jacobian":
-        return _jacobian(run, probe, cfg, previous, progress)
-    method = _method(probe.lm, cfg, run.config["source"], run.config["radius"])
-    optim = OptimConfig(steps=cfg.steps, lr=cfg.lr, p=cfg.p, q=cfg.q, soft_weight=cfg.soft_weight)
+        return _jacobian(run, objective, cfg, previous, progress)
+    method = _method(objective.lm, cfg, run.config["source"], run.config["radius"])
+    optim = OptimConfig(steps=cfg.steps, lr=cfg.lr, soft_weight=cfg.soft_weight)
     done_tensors, batches_done = run.load_checkpoint()
     n_batches = math.ceil(cfg.n_vectors / cfg.batch_size)
     for b in range(batches_done, n_batches):
@@ -228,7 +281,7 @@ def _train(run: Run, probe: TargetProbe, previous: Optional[Tensor], progress: O
                 progress({"batch": b, "batches": n_batches, "step": step, "steps": cfg.steps,
                           "objective": float(objective.mean()), "n": n})
 
-        params, curves = optimise(method, probe, n, optim, generator, earlier, cfg.orthogonal == "soft", on_step)
+        params, curves = optimise(method, objective, n, optim, generator, earlier, cfg.orthogonal == "soft", on_step)
         done_tensors = _append(done_tensors, {**params, "curves": curves})
         run.save_checkpoint(done_tensors, b + 1)
     curves = done_tensors.pop("curves")

@@ -1,0 +1,169 @@
+"""Audit mode: contrastive discovery against a reference model, then ranking by behavioural divergence.
+
+`diff(audited, reference, prompts, out)` trains perturbations with a contrastive objective
+(`melbo.contrastive`), generates with every perturbation on *both* models, and ranks the perturbations by how
+differently the two models behave under the same perturbation:
+
+- **kl**: the mean KL(p_aud ‖ p_ref) of the two steered models' next-token distributions over the first
+  `KL_TOKENS` tokens of the audited model's completion (teacher-forced: both models read the same tokens).
+  It is the ranking key: it is continuous, needs no embedding model, and is large exactly when the reference
+  finds the audited model's steered answer unlikely.
+- **distance**: 1 − cosine of the sentence embeddings of the paired completions (all-MiniLM-L6-v2).
+
+Random vectors of the run's norm go through the same path, so their divergences are the baseline. The result is
+`divergence.json` in the run directory, read by the report:
+
+    {"kl_tokens": K, "unsteered": {...}, "rows": [{"label", "vector", "kind": "learned"|"random",
+      "prompt_index", "audited", "reference", "kl", "distance", "rank"}, ...]}   (rows sorted by kl, descending)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from melbo.arithmetic import random_vectors
+from melbo.contrastive import kl_divergence
+from melbo.errors import MelboError
+from melbo.generation import Completion, Sampling, generate
+from melbo.intervention import Perturbations, SteeringVectors
+from melbo.models import LoadedModel
+from melbo.prompts import format_prompt, tokenize, uses_chat
+from melbo.runner import Progress, discover
+from melbo.store import Run, write_json
+
+DIVERGENCE = "divergence.json"
+KL_TOKENS = 16  # teacher-forced positions the KL is averaged over: the start of the answer, where behaviours begin
+
+
+def diff(
+    audited: LoadedModel,
+    reference: LoadedModel,
+    prompts: Sequence[str],
+    out: str | Path | None = None,
+    *,
+    random: int = 8,
+    progress: Optional[Progress] = None,
+    on_batch: Optional[Callable[[int], None]] = None,
+    **settings,
+) -> Run:
+    """Contrastive discovery on `prompts`, then paired generation and the divergence ranking (module docstring).
+
+    Settings are `DiscoverConfig` fields (`contrast` picks the form, default "difference"); `random` random
+    vectors of the run's norm are ranked beside the learned ones (0: none; adapter runs have none).
+    """
+    if not isinstance(random, int) or random < 0:
+        raise MelboError(f"random must be an integer ≥ 0, got {random!r}")
+    run = discover(audited, prompts, out, reference=reference, progress=progress, **settings)
+    rank_run(run, audited, reference, random=random, on_batch=on_batch)
+    return run
+
+
+def rank_run(run: Run, audited: LoadedModel, reference: LoadedModel, random: int = 8,
+             on_batch: Optional[Callable[[int], None]] = None) -> dict:
+    """Generate with the run's perturbations (and `random` random vectors) on both models; write divergence.json."""
+    settings = run.config["settings"]
+    perturbations, labels, kinds = _with_random(run, audited, random)
+    sampling = Sampling(max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"])
+    result = rank_perturbations(audited, reference, perturbations, settings["prompts"], labels, kinds,
+                                chat=settings["chat"], sampling=sampling, on_batch=on_batch)
+    run.write_completions([row for row in _audited_rows(result) if row["kind"] == "learned"])
+    write_json(run.path / DIVERGENCE, result)
+    return result
+
+
+def _with_random(run: Run, lm: LoadedModel, random: int) -> tuple[Perturbations, list[str], list[str]]:
+    learned = run.perturbations
+    labels = [f"v{i}" for i in range(len(learned))]
+    if not random or not isinstance(learned, SteeringVectors):
+        return learned, labels, ["learned"] * len(labels)
+    baseline = random_vectors(random, lm.width, float(run.config["radius"]), int(run.config["source"]),
+                              run.config["settings"]["seed"])
+    both = SteeringVectors(torch.cat([learned.vectors, baseline.vectors]), learned.layer)
+    return both, labels + [f"random{k}" for k in range(random)], ["learned"] * len(labels) + ["random"] * random
+
+
+def rank_perturbations(
+    audited: LoadedModel,
+    reference: LoadedModel,
+    perturbations: Perturbations,
+    prompts: Sequence[str],
+    labels: Sequence[str],
+    kinds: Sequence[str],
+    *,
+    chat: Optional[bool] = None,
+    sampling: Sampling = Sampling(),
+    on_batch: Optional[Callable[[int], None]] = None,
+) -> dict:
+    """Paired completions, KL and embedding distance per (perturbation, prompt); rows sorted by KL (descending)."""
+    from melbo.evaluation import embed
+
+    templated = uses_chat(audited, chat)
+    pair = [generate(lm, perturbations, prompts, labels=labels, chat=templated, sampling=sampling,
+                     on_batch=on_batch) for lm in (audited, reference)]
+    kl = np.concatenate([
+        paired_kl(audited, reference, perturbations, _prompt_ids(audited, prompt, templated),
+                  [c for c in pair[0] if c.prompt_index == i], sampling.batch_size)
+        for i, prompt in enumerate(prompts)])
+    vectors = embed([c.text for c in pair[0]] + [c.text for c in pair[1]])
+    n = len(pair[0])
+    distance = 1.0 - (vectors[:n] * vectors[n:]).sum(-1)
+    rows = [_row(a, r, float(k), float(d), kinds) for a, r, k, d in zip(*pair, kl, distance)]
+    unsteered = [row for row in rows if row["vector"] is None]
+    ranked = sorted((row for row in rows if row["vector"] is not None), key=lambda row: -row["kl"])
+    for position, row in enumerate(ranked):
+        row["rank"] = position + 1
+    return {"kl_tokens": KL_TOKENS, "unsteered": unsteered, "rows": ranked}
+
+
+def _row(audited: Completion, reference: Completion, kl: float, distance: float, kinds: Sequence[str]) -> dict:
+    kind = "unsteered" if audited.vector is None else kinds[audited.vector]
+    return {"label": audited.label, "vector": audited.vector, "kind": kind, "prompt_index": audited.prompt_index,
+            "prompt": audited.prompt, "audited": audited.text, "reference": reference.text,
+            "tokens": audited.tokens, "kl": kl, "distance": distance}
+
+
+def _audited_rows(result: dict) -> list[dict]:
+    """The audited model's completions as completions.jsonl rows (unsteered first), for the run's other tools."""
+    rows = result["unsteered"] + sorted(result["rows"], key=lambda r: (r["vector"], r["prompt_index"]))
+    return [{"vector": r["vector"], "label": r["label"], "prompt_index": r["prompt_index"], "prompt": r["prompt"],
+             "sample": 0, "text": r["audited"], "tokens": r["tokens"]} for r in rows]
+
+
+def _prompt_ids(lm: LoadedModel, prompt: str, templated: bool) -> list[int]:
+    return tokenize(lm, format_prompt(lm, prompt, templated), templated)
+
+
+def paired_kl(audited: LoadedModel, reference: LoadedModel, perturbations: Perturbations, prompt_ids: list[int],
+              completions: Sequence[Completion], batch_size: int = 16) -> np.ndarray:
+    """Mean KL(p_aud ‖ p_ref) over the first KL_TOKENS answer positions of each completion, both steered alike.
+
+    Row k reads the prompt plus the audited completion's first tokens; position len(prompt) − 1 predicts the
+    first answer token, so even an empty answer has one position.
+    """
+    values = []
+    for start in range(0, len(completions), batch_size):
+        chunk = completions[start:start + batch_size]
+        answers = [audited.tokenizer(c.text, add_special_tokens=False)["input_ids"][:KL_TOKENS - 1] for c in chunk]
+        rows = [c.vector for c in chunk]
+        logp = [_answer_logprobs(lm, perturbations, rows, prompt_ids, answers) for lm in (audited, reference)]
+        kl = kl_divergence(*logp)  # [rows, T]
+        counts = torch.tensor([len(a) + 1 for a in answers])
+        mask = torch.arange(kl.shape[1])[None] < counts[:, None]
+        values.append(((kl * mask).sum(-1) / counts).numpy())
+    return np.concatenate(values) if values else np.zeros(0)
+
+
+def _answer_logprobs(lm: LoadedModel, perturbations: Perturbations, rows, prompt_ids: list[int],
+                     answers: list[list[int]]) -> torch.Tensor:
+    """Log-probabilities at the answer positions [rows, 1 + longest answer, vocab] (right-padded: causal)."""
+    longest = max(len(a) for a in answers)
+    pad = lm.tokenizer.pad_token_id or 0
+    ids = torch.tensor([prompt_ids + a + [pad] * (longest - len(a)) for a in answers], device=lm.device)
+    with perturbations.apply(lm, rows), torch.no_grad():
+        logits = lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    first = len(prompt_ids) - 1
+    return logits[:, first:first + longest + 1].float().log_softmax(-1).cpu()
