@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from contextlib import contextmanager
@@ -34,17 +35,82 @@ SWEEP = "sweep.json"  # in a sweep directory, written by melbo.sweep
 BENCH = "bench.json"  # written by melbo.bench
 
 
+def check_output_file(path: Path) -> None:
+    """Refuse an output file path that is not a new path or a regular file: a write renames over what is there."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise MelboError(f"{path} is not a regular file (a directory, link or device): give a new file path")
+    _check_ancestors(path.parent)
+
+
+def check_output_dir(path: Path) -> None:
+    """Refuse an output directory path that is, or lies under, something other than a directory."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MelboError(f"{path} is a file, not a directory: choose another --out")
+    _check_ancestors(path)
+
+
+def _check_ancestors(path: Path) -> None:
+    # The nearest existing ancestor must be a directory, or mkdir fails halfway.
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise MelboError(f"{folder} is a file, not a directory: choose another --out")
+            return
+
+
+def make_output_dir(path: Path) -> None:
+    check_output_dir(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MelboError(f"cannot create {path} ({exc.strerror}): choose another --out") from exc
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path`, renamed over it on success and removed on any failure."""
+    check_output_file(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, SafetensorError)):
+            raise _write_error(path, exc) from exc
+        raise
+
+
+def _write_error(path: Path, exc: BaseException) -> MelboError:
+    reason = getattr(exc, "strerror", None) or str(exc)
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "StorageFull" in reason
+    fix = f"free space on {path.parent.resolve()}" if full else "choose another --out"
+    return MelboError(f"cannot write {path} ({reason}): {fix}")
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write via a temporary file and rename, so an interruption never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with replacing(Path(path)) as tmp:
+        tmp.write_bytes(data)
 
 
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: Optional[dict[str, str]] = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with replacing(Path(path)) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def read_text(path: Path, what: str = "file", fix: str = "save it as UTF-8") -> str:
+    """A UTF-8 text file's contents; a missing, unreadable or non-UTF-8 file is a one-line error."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MelboError(f"{what} {path} is not UTF-8 text (byte {exc.start}): {fix}") from exc
+    except FileNotFoundError as exc:
+        raise MelboError(f"{what} {path} does not exist: check the path") from exc
+    except OSError as exc:
+        raise MelboError(f"cannot read {what} {path} ({exc.strerror}): give a readable text file") from exc
 
 
 def load_tensors(path: Path) -> dict[str, Tensor]:
@@ -61,10 +127,10 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
+    if not path.exists():
+        raise MelboError(f"{path.parent} is not a melbo run (no {path.name}): give a run directory")
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise MelboError(f"{path.parent} is not a melbo run (no {path.name}): give a run directory") from exc
+        return json.loads(read_text(path, path.name, "restore or delete the run"))
     except json.JSONDecodeError as exc:
         raise MelboError(f"{path} is corrupt ({exc.msg}): restore or delete the run") from exc
 
@@ -92,6 +158,7 @@ class Run:
         if not path.is_dir():
             raise MelboError(f"run directory {path} does not exist: give the directory `melbo discover` wrote")
         config = read_json(path / CONFIG)
+        _check_run_config(path / CONFIG, config)
         run = cls(path, config)
         if (path / CURVES).exists():
             run.curves = load_tensors(path / CURVES)["curves"]
@@ -103,10 +170,14 @@ class Run:
 
     def _load_perturbations(self) -> Perturbations:
         source = int(self.config["source"])
+        name = "adapters.safetensors" if self.config["method"] == "adapters" else "vectors.safetensors"
+        if not (self.path / name).exists():  # --resume would find the run complete and stop: no loop
+            raise MelboError(f"run {self.path} is complete but its result {name} is missing: "
+                             "run `melbo discover` again into a new --out")
+        t = load_tensors(self.path / name)
         if self.config["method"] == "adapters":
-            t = load_tensors(self.path / "adapters.safetensors")
             return SteeringAdapters(t["a"], t["b"], float(self.config["radius"]), source)
-        return SteeringVectors(load_tensors(self.path / "vectors.safetensors")["vectors"], source)
+        return SteeringVectors(t["vectors"], source)
 
     def attach(self, model: LoadedModel) -> None:
         """Bind a loaded model to this run, refusing a model other than the one it was trained on."""
@@ -117,6 +188,15 @@ class Run:
                 f"(--model {self.config['model']['spec']})"
             )
         self.model = model
+
+    @property
+    def settings(self) -> dict:
+        """The discover settings the run was made with (resuming and completing a run need them)."""
+        settings = self.config.get("settings")
+        if not isinstance(settings, dict) or "prompts" not in settings:
+            raise MelboError(f"{self.path / CONFIG} is not a melbo run config (no settings): "
+                             "give a run directory `melbo discover` wrote")
+        return settings
 
     @property
     def vectors(self) -> Tensor:
@@ -132,7 +212,8 @@ class Run:
         if not file.exists():
             return []
         try:
-            return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+            text = read_text(file, "completions file", "delete it and it will be generated again")
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as exc:
             raise MelboError(f"{file} is corrupt ({exc.msg}): delete it and it will be generated again") from exc
 
@@ -181,6 +262,18 @@ class Run:
 
     def write_completions(self, rows: list[dict]) -> None:
         atomic_write(self.path / COMPLETIONS, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def _check_run_config(file: Path, config: Any) -> None:
+    """A config.json that parses but is not a run's (a list, no model or settings) is a one-line error."""
+    required = ("model", "method", "source")
+    missing = [k for k in required if k not in config] if isinstance(config, dict) else list(required)
+    if not missing:
+        model = config["model"]
+        missing = [f"model.{k}" for k in ("id", "spec") if not isinstance(model, dict) or k not in model]
+    if missing:
+        raise MelboError(f"{file} is not a melbo run config (no {', '.join(missing)}): "
+                         "give a run directory `melbo discover` wrote")
 
 
 def _artifact_metadata(config: dict) -> dict:
