@@ -7,6 +7,7 @@ Expressions are parsed (never evaluated) with `ast`: numbers, `v<index>`, + − 
 from __future__ import annotations
 
 import ast
+import math
 
 import torch
 from torch import Tensor
@@ -15,20 +16,44 @@ from melbo.errors import MelboError
 from melbo.intervention import SteeringVectors
 
 
+MAX_NODES = 256  # numbers, vectors and operators in one expression: bounds the parser's and _eval's recursion
+
+
 def evaluate(expr: str, vectors: Tensor) -> Tensor:
     """The vector an expression over `vectors` ([N, d]) denotes."""
-    try:
-        tree = ast.parse(expr.strip(), mode="eval")
-    except SyntaxError:
-        raise MelboError(f"malformed expression {expr!r}: use e.g. \"v9 - 0.5*v22\"") from None
+    tree = _parse(expr)
     value = _eval(tree.body, vectors, expr)
     if not isinstance(value, Tensor):
         raise MelboError(f"expression {expr!r} names no vector: use e.g. \"2*v3\"")
+    if not torch.isfinite(value).all():
+        raise MelboError(f"expression {_short(expr)} overflows to a non-finite vector: use smaller coefficients")
     return value
+
+
+def _parse(expr: str) -> ast.Expression:
+    too_long = MelboError(f"expression {_short(expr)} is too long: use at most {MAX_NODES} numbers, vectors "
+                          "and operators")
+    if len(expr) > 16 * MAX_NODES:  # checked before parsing: CPython's parser itself recurses
+        raise too_long
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except SyntaxError:
+        raise MelboError(f"malformed expression {_short(expr)}: use e.g. \"v9 - 0.5*v22\"") from None
+    except (RecursionError, MemoryError):
+        raise too_long from None
+    if sum(isinstance(node, ast.expr) for node in ast.walk(tree)) > MAX_NODES:
+        raise too_long
+    return tree
+
+
+def _short(expr: str) -> str:
+    return repr(expr) if len(expr) <= 80 else repr(expr[:77] + "...")
 
 
 def _eval(node: ast.AST, vectors: Tensor, expr: str):
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        if not math.isfinite(node.value):  # 1e400 parses as inf
+            raise MelboError(f"a number in {_short(expr)} is too large for a float: use a smaller coefficient")
         return float(node.value)
     if isinstance(node, ast.Name) and node.id[:1] == "v" and node.id[1:].isdigit():
         index = int(node.id[1:])

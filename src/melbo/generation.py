@@ -13,10 +13,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from melbo.checks import check_fields, check_finite
 from melbo.errors import MelboError
 from melbo.intervention import Perturbations
 from melbo.models import LoadedModel
-from melbo.prompts import format_prompt, tokenize, uses_chat
+from melbo.prompts import check_context, check_prompt_list, format_prompt, tokenize, uses_chat
 
 # End-of-turn markers of common chat templates; used when the template mentions them.
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
@@ -46,6 +47,7 @@ class Sampling:
     batch_size: int = 16
 
     def __post_init__(self):
+        check_fields(self)  # whole numbers, finite temperature and top-p
         if self.max_new_tokens <= 0 or self.samples <= 0 or self.batch_size <= 0:
             raise MelboError("max-new-tokens, samples and batch size must be ≥ 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -83,6 +85,7 @@ def generate_rows(
 
     Returns (text, number of generated tokens) per row.
     """
+    check_finite("scale", scale)
     stops = stop_token_ids(lm)
     out: list[tuple[str, int]] = []
     for start in range(0, len(rows), sampling.batch_size):
@@ -92,11 +95,10 @@ def generate_rows(
         )
         input_ids = torch.tensor([prompt_ids] * len(chunk), device=lm.device)
         if sampling.temperature > 0:
-            torch.manual_seed(sampling.seed + start)
             mode = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
         else:
             mode = {"do_sample": False}
-        with steer, torch.no_grad():
+        with steer, torch.no_grad(), _seeded(lm, sampling.seed + start):
             generated = lm.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -114,6 +116,17 @@ def generate_rows(
     return out
 
 
+@contextlib.contextmanager
+def _seeded(lm: LoadedModel, seed: int):
+    """Seed sampling without touching the caller's RNG: `model.generate` takes no generator, so it samples from
+    the global one, which is forked here (saved, seeded, restored on exit) on the CPU and the model's GPU."""
+    # device_map="auto" may sample on any GPU: fork them all (a model on the CPU forks none).
+    gpus = list(range(torch.cuda.device_count())) if lm.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.manual_seed(seed)
+        yield
+
+
 def generate(
     lm: LoadedModel,
     perturbations: Optional[Perturbations],
@@ -128,6 +141,8 @@ def generate(
     on_batch: Optional[Callable[[int], None]] = None,
 ) -> list[Completion]:
     """Completions for every (perturbation, prompt, sample), unsteered first, in batches across perturbations."""
+    prompts = check_prompt_list(prompts)
+    check_finite("scale", scale)
     if perturbations is not None:
         perturbations.check(lm)
     count = len(perturbations) if perturbations is not None else 0
@@ -140,9 +155,11 @@ def generate(
     samples = sampling.samples if sampling.temperature > 0 else 1  # greedy samples would be identical
     vectors: list[Optional[int]] = ([None] if include_unsteered else []) + chosen
     row_labels = (["unsteered"] if include_unsteered else []) + names
+    encoded = [tokenize(lm, format_prompt(lm, prompt, templated), templated) for prompt in prompts]
+    for p_index, ids in enumerate(encoded):  # every prompt fits, or nothing is generated
+        check_context(lm, p_index, len(ids), sampling.max_new_tokens)
     completions: list[Completion] = []
-    for p_index, prompt in enumerate(prompts):
-        ids = tokenize(lm, format_prompt(lm, prompt, templated), templated)
+    for p_index, (prompt, ids) in enumerate(zip(prompts, encoded)):
         rows = [v for v in vectors for _ in range(samples)]
         texts = generate_rows(lm, perturbations, ids, rows, sampling, scale, on_batch)
         for k, (text, n) in enumerate(texts):

@@ -79,15 +79,47 @@ def batch_from_ids(ids: Sequence[Sequence[int]], pad: int = 0, texts: Sequence[s
     return PromptBatch(texts, input_ids, mask, position_ids, mask.bool(), [len(x) for x in ids])
 
 
+def check_prompt_list(prompts: Sequence[str]) -> list[str]:
+    """A list of prompt strings; a bare string would silently become one prompt per character."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise MelboError(f"prompts must be a list of strings, got {type(prompts).__name__}: pass [{prompts!r:.40}]")
+    if not prompts:
+        raise MelboError("no prompts given: pass at least one prompt")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise MelboError(f"prompt {i} is {type(prompt).__name__}, not text: pass strings only")
+    return list(prompts)
+
+
+def context_length(lm: LoadedModel) -> int | None:
+    """The most tokens the model attends to: its config's max_position_embeddings, else a sane tokenizer limit."""
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        # Tokenizers without a limit report a huge sentinel (1e30): not a real context length.
+        limit = getattr(lm.tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10_000_000 else None
+
+
+def check_context(lm: LoadedModel, index: int, n_tokens: int, extra: int = 0) -> None:
+    """Refuse a prompt (plus `extra` tokens to generate) longer than the model's context, before any work."""
+    limit = context_length(lm)
+    if limit is not None and n_tokens + extra > limit:
+        plus = f" + {extra} to generate" if extra else ""
+        raise MelboError(f"prompt {index} has {n_tokens} tokens{plus}, more than {lm.model_id}'s context of "
+                         f"{limit}: shorten it")
+
+
 def encode(
     lm: LoadedModel, prompts: Sequence[str], chat: bool | None = None, positions: Positions = "all"
 ) -> PromptBatch:
     """Format, tokenize and left-pad prompts; mark the objective's token positions."""
-    if not prompts:
-        raise MelboError("no prompts given: pass at least one prompt")
+    prompts = check_prompt_list(prompts)
+    _positions_per_prompt(positions, len(prompts))  # a malformed spec fails before tokenizing
     templated = uses_chat(lm, chat)
     texts = [format_prompt(lm, p, templated) for p in prompts]
     ids = [tokenize(lm, t, templated) for t in texts]
+    for i, x in enumerate(ids):
+        check_context(lm, i, len(x))
     batch = batch_from_ids(ids, lm.tokenizer.pad_token_id or 0, texts)
     batch.token_mask = token_mask(batch, positions)
     return batch
@@ -119,9 +151,22 @@ def _positions_per_prompt(positions: Positions, n: int):
             k = int(spec[5:])
             return [lambda length: range(max(0, length - k), length)] * n
         raise MelboError(f"unknown token positions {positions!r}: use 'all', 'last:K' or explicit indices")
+    _check_index_lists(positions)
     if len(positions) != n:
         raise MelboError(f"got token indices for {len(positions)} prompts but {n} prompts: give one list per prompt")
+    return [lambda length, idx=list(idx): idx for idx in positions]
+
+
+def _check_index_lists(positions) -> None:
+    """Explicit positions are one non-empty list of whole numbers per prompt (JSON gives floats, strings, …)."""
+    example = "use e.g. [[-1, -2], [-1]]"
+    if not isinstance(positions, Sequence):
+        raise MelboError(f"token positions {positions!r} are not a list per prompt: {example}")
     for i, indices in enumerate(positions):
+        if isinstance(indices, str) or not isinstance(indices, Sequence):
+            raise MelboError(f"token indices for prompt {i} ({indices!r}) are not a list: {example}")
         if not indices:
             raise MelboError(f"empty token index list for prompt {i}: give at least one index")
-    return [lambda length, idx=list(idx): idx for idx in positions]
+        for index in indices:
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise MelboError(f"token index {index!r} for prompt {i} is not a whole number: {example}")

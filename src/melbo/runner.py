@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from melbo import __version__
+from melbo.checks import check_fields
 from melbo.errors import MelboError
 from melbo.intervention import SteeringVectors
 from melbo.methods import METHODS, Params, Setting, SteeringAdapterMethod, SteeringVectorMethod
@@ -27,8 +28,8 @@ from melbo.methods.jacobian import jacobian_directions
 from melbo.models import LoadedModel
 from melbo.contrastive import DEFAULT_FORM, FORMS, ContrastiveObjective, check_pair
 from melbo.objective import MelboObjective, Objective, TargetProbe, residual_norm, resolve_precision
-from melbo.prompts import Positions, encode
-from melbo.store import Run, load_tensors, save_tensors
+from melbo.prompts import Positions, check_prompt_list, encode
+from melbo.store import Run, check_output_dir, load_tensors, save_tensors
 from melbo.train import OptimConfig, optimise
 
 Progress = Callable[[dict], None]
@@ -87,6 +88,8 @@ def parse_radius(spec: str) -> tuple[float, bool]:
 
 def validate(lm: LoadedModel, cfg: DiscoverConfig) -> tuple[int, int]:
     """Check every setting before any work; return the resolved (source, target)."""
+    check_fields(cfg)  # types first: n_vectors=2.5 or p=nan would fail mid-run, leaving a "running" directory
+    check_prompt_list(cfg.prompts)
     if cfg.method not in (*METHODS, "jacobian"):
         raise MelboError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}, jacobian")
     if cfg.orthogonal not in ("hard", "soft", "none"):
@@ -178,10 +181,13 @@ def discover(
     """
     if isinstance(prompts, DiscoverConfig) and settings:
         raise MelboError(f"pass settings either in the DiscoverConfig or as keywords, not both ({', '.join(settings)})")
-    cfg = prompts if isinstance(prompts, DiscoverConfig) else DiscoverConfig(prompts=list(prompts), **settings)
+    if not isinstance(prompts, DiscoverConfig):  # a bare string would train on one prompt per character
+        prompts = DiscoverConfig(prompts=check_prompt_list(prompts), **settings)
+    cfg = prompts
     reference = _reference(cfg, lm, reference)
     source, target = validate(lm, cfg)
     path = Path(out) if out is not None else default_run_dir(lm)
+    check_output_dir(path)
     if path.exists() and any(path.iterdir()):
         raise MelboError(f"{path} already exists and is not empty: choose another --out or use --resume {path}")
     if previous is not None and previous.shape[-1] != lm.width:
@@ -208,7 +214,7 @@ def resume(path: str | Path, lm: LoadedModel, progress: Optional[Progress] = Non
     run = Run.load(path, model=lm)
     if run.config.get("status") == "complete":
         return run
-    cfg = DiscoverConfig(**run.config["settings"])
+    cfg = DiscoverConfig(**run.settings)
     if cfg.contrast is not None:
         reference = _reference(cfg, lm, reference)
         _check_recorded_reference(run, reference)

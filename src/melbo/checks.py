@@ -1,0 +1,67 @@
+"""Type and range checks shared by the library's entry points: wrong types fail as one line, before any work.
+
+The API takes plain Python values, so `n_vectors=2.5` or `scale=float("nan")` arrive unchecked by any parser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from melbo.errors import MelboError
+
+
+def option(name: str) -> str:
+    """A setting's name as the command line spells it (n_vectors → n-vectors)."""
+    return name.replace("_", "-")
+
+
+def is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_finite(name: str, value: Any) -> float:
+    """`value` as a float, refusing non-numbers, NaN and ±inf (they steer or sample into NaN logits)."""
+    if not is_real(value) or not math.isfinite(value):
+        raise MelboError(f"{option(name)} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_whole(name: str, value: Any) -> int:
+    if not is_whole(value):
+        raise MelboError(f"{option(name)} must be a whole number, got {value!r}")
+    return value
+
+
+# The annotation of a settings field (as a string, under `from __future__ import annotations`) → its check.
+_CHECKS = {
+    "int": lambda name, v: check_whole(name, v),
+    "Optional[int]": lambda name, v: v is None or check_whole(name, v),
+    "float": lambda name, v: check_finite(name, v),
+    "Optional[float]": lambda name, v: v is None or check_finite(name, v),
+    "str": lambda name, v: _check_type(name, v, str, "text"),
+    "Optional[str]": lambda name, v: v is None or _check_type(name, v, str, "text"),
+    "bool": lambda name, v: _check_type(name, v, bool, "true or false"),
+    "Optional[bool]": lambda name, v: v is None or _check_type(name, v, bool, "true, false or None"),
+}
+
+
+def _check_type(name: str, value: Any, kind: type, words: str) -> None:
+    if not isinstance(value, kind):
+        raise MelboError(f"{option(name)} must be {words}, got {value!r}")
+
+
+def check_fields(record: Any) -> None:
+    """Check every field of a settings dataclass against its annotation (int, float, str, bool, Optional[...]).
+
+    Fields of other annotations (prompts, positions) are checked where they are used.
+    """
+    for f in dataclasses.fields(record):
+        check = _CHECKS.get(str(f.type).replace(" ", ""))
+        if check is not None:
+            check(f.name, getattr(record, f.name))
