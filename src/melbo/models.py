@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from melbo.errors import MelboError
@@ -206,10 +207,12 @@ def load_model(
     blocks_path: str | None = None,
 ) -> LoadedModel:
     """Load any causal LM by spec (see module docstring). `device="auto"` spreads a model over all GPUs."""
-    if dtype not in DTYPES:
+    if not isinstance(spec, str):
+        raise MelboError(f"model spec must be text, got {spec!r}: give an embedded name ({', '.join(EMBEDDED)}), "
+                         "a directory, a .gguf file or a hub id")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise MelboError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MelboError(f"device {device!r} asked for but no CUDA GPU is visible: use --device cpu")
+    _check_device(device)
     spec = spec.strip()
     if not spec:
         raise MelboError(f"empty model spec: give an embedded name ({', '.join(EMBEDDED)}), a directory or a .gguf")
@@ -217,6 +220,19 @@ def load_model(
     model, tokenizer = _from_pretrained(directory, spec, device, DTYPES[dtype])
     path, blocks = find_blocks(model, blocks_path)
     return LoadedModel(model, tokenizer, blocks, path, model_id, spec, source_hash)
+
+
+def _check_device(device: str) -> None:
+    if device == "auto":
+        return
+    try:
+        kind = torch.device(device).type if isinstance(device, str) else None
+    except RuntimeError:
+        kind = None
+    if kind is None:
+        raise MelboError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MelboError(f"device {device!r} asked for but no CUDA GPU is visible: use --device cpu")
 
 
 def _resolve(spec: str) -> tuple[str, str, str | None]:
@@ -278,8 +294,9 @@ def _from_pretrained(directory: str, spec: str, device: str, dtype: torch.dtype)
         raise MelboError(
             f"{spec!r} is not a causal language model melbo can load ({_first_line(exc)}): give a causal LM"
         ) from exc
-    except OSError as exc:
-        raise MelboError(f"cannot load weights of {spec!r} ({_first_line(exc)}): check the files") from exc
+    except (OSError, SafetensorError) as exc:  # a truncated or damaged weights file
+        raise MelboError(f"cannot load weights of {spec!r} ({_first_line(exc)}): re-download or replace the weight "
+                         "files") from exc
     if device != "auto":
         model.to(device)
     model.eval().requires_grad_(False)
@@ -303,6 +320,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _dequantised(gguf: Path) -> tuple[str, str]:
+    _check_gguf_header(gguf)  # before hashing: the hash memo records only files that look like GGUF
     digest = file_sha256(gguf)
     target = cache_dir() / "models" / digest[:16]
     if not (target / "config.json").exists():
@@ -315,7 +333,6 @@ def _dequantise_into(gguf: Path, target: Path) -> None:
 
     _quiet_transformers()
     try:
-        _check_gguf_header(gguf)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except MelboError:
