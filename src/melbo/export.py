@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +22,7 @@ from melbo.errors import MelboError
 from melbo.intervention import SteeringAdapters, SteeringVectors
 from melbo.layers import find_mlp_out
 from melbo.models import LoadedModel
-from melbo.store import save_tensors, write_json
+from melbo.store import check_output_file, make_output_dir, replacing, save_tensors, write_json
 
 
 def _select(n: int, indices: Sequence[int] | None) -> list[int]:
@@ -47,8 +46,6 @@ def export_llamacpp(
     indices: list[int] | None = None,
 ) -> list[Path]:
     """Write one llama.cpp control-vector GGUF per selected vector (`out_dir/v{index}.gguf`); return the paths."""
-    import gguf
-
     layer = int(vectors.layer)
     if layer < 1:
         raise MelboError(
@@ -60,22 +57,27 @@ def export_llamacpp(
                          "give the run's own model depth")
     chosen = _select(len(vectors), indices)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in chosen:
-        path = out_dir / f"v{i}.gguf"
-        tmp = path.with_name(path.name + ".tmp")
+    make_output_dir(out_dir)
+    paths = [out_dir / f"v{i}.gguf" for i in chosen]
+    for path in paths:
+        check_output_file(path)  # all before the first write
+    for i, path in zip(chosen, paths):
+        _write_control_vector(path, vectors.vectors[i], layer, model_hint, layer_count)
+    return paths
+
+
+def _write_control_vector(path: Path, vector: torch.Tensor, layer: int, model_hint: str, layer_count: int) -> None:
+    import gguf
+
+    with replacing(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "controlvector")  # also writes general.architecture
         writer.add_string("controlvector.model_hint", str(model_hint))
         writer.add_uint32("controlvector.layer_count", int(layer_count))
-        writer.add_tensor(f"direction.{layer}", vectors.vectors[i].detach().to("cpu", torch.float32).numpy())
+        writer.add_tensor(f"direction.{layer}", vector.detach().to("cpu", torch.float32).numpy())
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths
 
 
 # ------------------------------------------------------------------------------------------------ PEFT
@@ -136,10 +138,11 @@ def export_peft(
         "modules_to_save": None,
     }
     out_dir = Path(out_dir)
+    make_output_dir(out_dir)
     paths = []
     for i in chosen:
         directory = out_dir / f"v{i}"
-        directory.mkdir(parents=True, exist_ok=True)
+        make_output_dir(directory)
         tensors = {
             f"{prefix}.lora_A.weight": adapters.a[i].detach().to("cpu", torch.float32).T.contiguous(),
             f"{prefix}.lora_B.weight": (adapters.b[i].detach().to("cpu", torch.float32) * adapters.radius).contiguous(),

@@ -28,7 +28,7 @@ from melbo.errors import MelboError
 from melbo.generation import Completion
 from melbo.models import LoadedModel
 from melbo.runner import DiscoverConfig, discover, parse_radius, resume, validate
-from melbo.store import SWEEP, Run, write_json
+from melbo.store import SWEEP, Run, check_output_dir, make_output_dir, write_json
 
 PLOT = "sweep.png"
 DEFAULT_RADII = ("0.05x", "0.1x", "0.2x", "0.3x", "0.5x")
@@ -96,12 +96,13 @@ def sweep(
         raise MelboError(f"fluency factor must be > 0, got {fluency_factor}")
     pairs = [tuple(p) for p in layer_pairs] if layer_pairs else [(source, target)]
     out = Path(out)
+    check_output_dir(out)
     grid = [(spec, s, t) for s, t in pairs for spec in specs]
     for spec, s, t in grid:  # check every setting before any training
         lm_check = DiscoverConfig(prompts=list(prompts), n_vectors=n_vectors, steps=steps, source=s, target=t,
                                   radius=spec, chat=chat, seed=seed, max_new_tokens=max_new_tokens, **settings)
         validate(lm, lm_check)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
 
     points: list[dict] = []
     unsteered_ppl: list[float] = []

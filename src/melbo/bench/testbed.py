@@ -38,6 +38,7 @@ import torch
 
 from melbo.errors import MelboError
 from melbo.models import DEFAULT_MODEL, LoadedModel, cache_dir, load_model
+from melbo.store import check_output_dir
 
 RECIPE_VERSION = 1  # bump when the data or training recipe changes: it is part of the cache key
 TESTBED = "testbed.json"
@@ -416,6 +417,7 @@ def plant_backdoor(
     cfg.validate()
     key = testbed_key(cfg, _base_identity(cfg.base_spec))
     path = Path(out) if out is not None else testbed_path(cfg, root)
+    check_output_dir(path)
     if (path / TESTBED).exists() and (path / "merged" / "config.json").exists():
         record = json.loads((path / TESTBED).read_text())
         if not force and record.get("key") == key:
