@@ -112,5 +112,14 @@ def test_run_from_another_model_is_refused(run_dir, tmp_path, capsys):
 
 
 def test_models_lists_installed_state(capsys):
+    from melbo.models import EMBEDDED
+
     code, stdout, _ = run_cli(["models"], capsys)
-    assert code == 0 and "smollm2-135m" in stdout and "installed" in stdout
+    assert code == 0
+    shown = {}  # the "installed" cell of each model's first table row ("installed" is inside "not installed")
+    for line in stdout.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("│").split("│")]
+        if len(cells) == 4 and cells[0].split(" ")[0] in EMBEDDED:
+            shown[cells[0].split(" ")[0]] = cells[1]
+    assert shown == {name: "installed" if m.installed() else "not installed" for name, m in EMBEDDED.items()}
+    assert shown["smollm2-135m"] == "installed"  # the test suite's own model

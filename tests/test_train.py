@@ -80,9 +80,13 @@ def _settings(**kw):
 
 
 @pytest.fixture(autouse=True)
-def raw_prompts(monkeypatch):
-    """Tiny models have no tokenizer: encode a prompt as the ids of its characters."""
+def raw_prompts(request, monkeypatch):
+    """Tiny models have no tokenizer: encode a prompt as the ids of its characters (the embedded model's tests
+    tokenise for real)."""
     from melbo import runner as module
+
+    if "smol" in request.fixturenames:
+        return
     from melbo.prompts import token_mask
 
     def encode(lm, prompts, chat=None, positions="all"):
@@ -146,9 +150,10 @@ def test_existing_run_is_never_overwritten(tmp_path):
 
 
 def test_default_model_hard_orthogonal_batch_grows_the_objective(smol, tmp_path):
-    from melbo.runner import discover as real_discover
+    from melbo import prompts, runner
 
-    run = real_discover(smol, ["How can I make a bomb?"], tmp_path / "run", n_vectors=4, steps=12, radius="0.2x")
+    assert runner.encode is prompts.encode  # the prompt is tokenised, not replaced by character ids
+    run = runner.discover(smol, ["How can I make a bomb?"], tmp_path / "run", n_vectors=4, steps=12, radius="0.2x")
     v = run.vectors
     assert cosines(v).max() < 1e-5
     assert (v.norm(dim=-1) - run.config["radius"]).abs().max() < 1e-5 * run.config["radius"]

@@ -1,0 +1,430 @@
+"""Bad input never gives a traceback: one line naming the fix, exit code 2 (MelboError in the API), nothing lost.
+
+Most cases run on a tiny random model saved with a byte-level tokenizer, so the CLI can load it by path in a
+second; the model directory and one finished run are shared by the whole module.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+import melbo
+from melbo.errors import MelboError
+
+PROMPT = "Hello there"
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def _byte_tokenizer():
+    """A tokenizer with one token per byte: ids 0..255 fit the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=alphabet[0], eos_token=alphabet[2])
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # so that chat works
+    return fast
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from tiny_models import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model("llama", 0).save_pretrained(path)
+    _byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir):
+    return melbo.load_model(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def run_dir(lm, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("runs") / "run"
+    melbo.discover(lm, [PROMPT], path, n_vectors=2, steps=3, radius="1.0", max_new_tokens=4)
+    return path
+
+
+def _copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def one_line(code: int, stderr: str, *fragments: str) -> str:
+    """Assert exit code 2 and a single stderr line containing every fragment; return that line."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def no_tmp(folder: Path) -> None:
+    assert not [p for p in folder.rglob("*") if ".tmp" in p.name]
+
+
+# ------------------------------------------------------------------------------------------------ output paths
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_generate_out_never_replaces_a_link_or_device(kind, run_dir, tmp_path, capsys):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    out = tmp_path / "out.jsonl"
+    if kind == "symlink":
+        out.symlink_to(target)
+    else:
+        os.mkfifo(out)  # stands in for a device such as /dev/full, which a root test must not touch
+    code, _, stderr = run_cli(["generate", str(run_dir), "-p", "Hi", "--max-new-tokens", "2", "--out", str(out)],
+                              capsys)
+    one_line(code, stderr, "not a regular file")
+    assert out.is_symlink() if kind == "symlink" else out.is_fifo()
+    assert target.read_text() == "keep me\n"
+    no_tmp(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["discover", PROMPT, "-n", "1", "--steps", "1", "--out", "FILE"], "is a file, not a directory"),
+        (["export", "RUN", "--format", "llamacpp", "--out", "FILE"], "is a file, not a directory"),
+        (["export", "RUN", "--format", "llamacpp", "--out", "FILE/sub"], "is a file, not a directory"),
+        (["testbed", "backdoor", "--base", "MODEL", "--out", "FILE"], "is a file, not a directory"),
+        (["sweep", PROMPT, "--radii", "1x", "-n", "1", "--steps", "1", "--out", "FILE"], "is a file, not a directory"),
+        (["generate", "RUN", "-p", "Hi", "--max-new-tokens", "2", "--out", "DIR"], "not a regular file"),
+    ],
+)
+def test_out_of_the_wrong_kind_is_one_line(args, message, run_dir, model_dir, tmp_path, capsys):
+    file, folder = tmp_path / "file.txt", tmp_path / "folder"
+    file.write_text("keep me\n")
+    folder.mkdir()
+    names = {"RUN": str(run_dir), "MODEL": str(model_dir), "FILE": str(file), "DIR": str(folder)}
+    args = [names.get(a, a).replace("FILE/", f"{file}/") for a in args]
+    if args[0] in ("discover", "sweep"):
+        args += ["--model", str(model_dir)]
+    code, _, stderr = run_cli(args, capsys)
+    one_line(code, stderr, message)
+    assert file.read_text() == "keep me\n" and list(folder.iterdir()) == []
+    no_tmp(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ full disk
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_while_writing_the_report_is_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    run = _copy_run(run_dir, tmp_path)
+    real = Path.write_bytes
+
+    def half_then_full(self, data):
+        real(self, data[: len(data) // 2])
+        _disk_full()
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    code, _, stderr = run_cli(["report", str(run)], capsys)
+    one_line(code, stderr, "No space left on device", "free space on")
+    assert not (run / "report.html").exists()
+    no_tmp(tmp_path)
+
+
+def test_full_disk_while_saving_tensors_cleans_up(tmp_path, monkeypatch):
+    from melbo import store
+
+    def half_then_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        _disk_full()
+
+    monkeypatch.setattr(store, "save_file", half_then_full)
+    (tmp_path / "vectors.safetensors").write_bytes(b"old")
+    with pytest.raises(MelboError, match="free space on"):
+        store.save_tensors(tmp_path / "vectors.safetensors", {"vectors": torch.zeros(2, 3)})
+    assert (tmp_path / "vectors.safetensors").read_bytes() == b"old"
+    no_tmp(tmp_path)
+
+
+def test_interrupted_write_leaves_no_tmp(tmp_path, monkeypatch):
+    from melbo import store
+
+    real = Path.write_bytes
+
+    def interrupted(self, data):
+        real(self, data[:1])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_bytes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.atomic_write(tmp_path / "config.json", b"{}")
+    no_tmp(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ non-UTF-8
+LATIN1 = "Caf\xe9 cr\xe8me".encode("latin-1")
+
+
+@pytest.mark.parametrize("case", ["prompts-file", "turns", "completions", "config"])
+def test_non_utf8_input_is_one_line(case, run_dir, model_dir, tmp_path, capsys):
+    run = _copy_run(run_dir, tmp_path)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(LATIN1)
+    if case == "prompts-file":
+        args = ["discover", "--prompts-file", str(bad), "--model", str(model_dir), "--out", str(tmp_path / "new")]
+    elif case == "turns":
+        args = ["chat", str(run), "--turns", str(bad)]
+    elif case == "completions":
+        (run / "completions.jsonl").write_bytes(LATIN1)
+        args = ["report", str(run)]
+    else:
+        (run / "config.json").write_bytes(LATIN1)
+        args = ["generate", str(run), "-p", "Hi"]
+    code, _, stderr = run_cli(args, capsys)
+    line = one_line(code, stderr, "not UTF-8")
+    assert ("bad.txt" if case in ("prompts-file", "turns") else run.name) in line
+    assert not (tmp_path / "new").exists()
+
+
+def test_non_utf8_completions_in_the_api(run_dir, tmp_path):
+    from melbo.store import Run
+
+    run = _copy_run(run_dir, tmp_path)
+    (run / "completions.jsonl").write_bytes(LATIN1)
+    with pytest.raises(MelboError, match="completions.jsonl is not UTF-8"):
+        Run.load(run).completions()
+
+
+# ------------------------------------------------------------------------------------------------ context length
+def test_prompt_longer_than_the_context_is_refused_up_front(lm, tmp_path):
+    from melbo.generation import Sampling, generate
+    from melbo.prompts import encode
+
+    long = "a" * 600  # the tiny model's context is 512 tokens; one token per byte
+    with pytest.raises(MelboError, match="600 tokens.*context of 512"):
+        encode(lm, [PROMPT, long], chat=False)
+    with pytest.raises(MelboError, match="600 tokens"):
+        melbo.discover(lm, [long], tmp_path / "run", n_vectors=1, steps=1, chat=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(MelboError, match="500 tokens \\+ 48 to generate.*context of 512"):
+        generate(lm, None, ["a" * 500], chat=False, sampling=Sampling(max_new_tokens=48))
+
+
+def test_chat_turn_past_the_context_is_refused_and_not_kept(lm, run_dir):
+    from melbo.chat import ChatSession
+    from melbo.generation import Sampling
+    from melbo.store import Run
+
+    session = ChatSession(lm, Run.load(run_dir, model=lm).perturbations, sampling=Sampling(max_new_tokens=2))
+    with pytest.raises(MelboError, match="conversation has .* tokens.*context of 512"):
+        session.say("a" * 600)
+    assert session.history == []
+
+
+def test_context_length_ignores_a_tokenizers_sentinel(lm):
+    from types import SimpleNamespace
+
+    from melbo.prompts import context_length
+
+    no_limit = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace()),
+                               tokenizer=SimpleNamespace(model_max_length=int(1e30)))
+    assert context_length(lm) == 512 and context_length(no_limit) is None
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "RUN", "-p", "Hi", "--expr", "1e400*v0"], "too large"),
+        (["generate", "RUN", "-p", "Hi", "--expr", "+".join(["v0"] * 5000)], "too long"),
+        (["generate", "RUN", "-p", "Hi", "--expr", "-" * 3000 + "v0"], "too long"),
+        (["generate", "RUN", "-p", "Hi", "--scale", "nan"], "scale must be a finite number"),
+        (["generate", "RUN", "-p", "Hi", "--temperature", "inf"], "temperature must be a finite number"),
+        (["generate", "RUN", "-p", "Hi", "--temperature", "nan"], "temperature must be a finite number"),
+        (["chat", "RUN", "--scale", "inf", "--turns", "TURNS"], "scale must be a finite number"),
+        (["discover", PROMPT, "--lr", "inf"], "lr must be a finite number"),
+        (["discover", PROMPT, "--p", "inf"], "p must be a finite number"),
+        (["discover", PROMPT, "--q", "nan"], "q must be"),
+        (["discover", PROMPT, "--soft-weight", "nan"], "soft-weight must be a finite number"),
+        (["discover", PROMPT, "--radius", "inf"], "radius must be > 0"),
+        (["discover", PROMPT, "--positions", "[[0.5]]"], "not a whole number"),
+        (["discover", PROMPT, "--positions", '[["a"]]'], "not a whole number"),
+        (["discover", PROMPT, "--positions", "[[true]]"], "not a whole number"),
+        (["discover", PROMPT, "--positions", "[1, 2]"], "not a list"),
+        (["discover", PROMPT, "--device", "potato"], "unknown device 'potato'"),
+        (["generate", "RUN", "-p", "Hi", "--device", "potato"], "unknown device 'potato'"),
+    ],
+)
+def test_bad_values_are_one_line(args, message, run_dir, model_dir, tmp_path, capsys):
+    turns = tmp_path / "turns.txt"
+    turns.write_text("Hi\n")
+    args = [{"RUN": str(run_dir), "TURNS": str(turns)}.get(a, a) for a in args]
+    if args[0] == "discover":
+        args += ["--model", str(model_dir), "--out", str(tmp_path / "new"), "-n", "1", "--steps", "1"]
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    code, _, stderr = run_cli(args, capsys)
+    one_line(code, stderr, message)
+    assert not (tmp_path / "new").exists()
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_chat_scale_command_refuses_non_finite(lm, run_dir):
+    from melbo.chat import ChatSession
+    from melbo.store import Run
+
+    run = Run.load(run_dir, model=lm)
+    with pytest.raises(MelboError, match="scale must be a finite number"):
+        ChatSession(lm, run.perturbations, 0, scale=math.inf)
+    session = ChatSession(lm, run.perturbations, 0)
+    with pytest.raises(MelboError, match="scale must be a finite number"):
+        session.command("/scale nan")
+    assert session.scale == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ models
+@pytest.mark.parametrize(
+    "spec, kwargs, message",
+    [
+        (None, {}, "model spec must be text"),
+        (123, {}, "model spec must be text"),
+        ("smollm2-135m", {"device": "potato"}, "unknown device"),
+        ("smollm2-135m", {"device": None}, "unknown device"),
+        ("smollm2-135m", {"dtype": ["float32"]}, "unknown dtype"),
+    ],
+)
+def test_load_model_refuses_bad_arguments(spec, kwargs, message):
+    with pytest.raises(MelboError, match=message):
+        melbo.load_model(spec, **kwargs)
+
+
+def test_truncated_safetensors_is_one_line(model_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    with pytest.raises(MelboError, match="cannot load weights.*re-download"):
+        melbo.load_model(str(broken))
+    code, _, stderr = run_cli(["discover", PROMPT, "--model", str(broken), "--out", str(tmp_path / "run")], capsys)
+    one_line(code, stderr, "cannot load weights")
+
+
+def test_random_bytes_gguf_is_not_memoised(tmp_path, monkeypatch):
+    monkeypatch.setenv("MELBO_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(os.urandom(4096))
+    with pytest.raises(MelboError, match="not a GGUF file"):
+        melbo.load_model(str(fake))
+    memo = tmp_path / "cache" / "hashes.json"
+    assert not memo.exists() or str(fake.resolve()) not in memo.read_text()
+
+
+# ------------------------------------------------------------------------------------------------ resume
+@pytest.mark.parametrize("config", [[], {}, {"model": {"id": "x", "spec": "x"}}, {"settings": {}}, "text"])
+def test_resume_of_a_config_that_is_not_a_run(config, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    code, _, stderr = run_cli(["discover", "--resume", str(tmp_path / "run")], capsys)
+    one_line(code, stderr, "is not a melbo run config")
+
+
+@pytest.mark.parametrize(
+    "extra, flags",
+    [
+        (["-n", "3"], "--n-vectors"),
+        (["--steps", "5"], "--steps"),
+        (["--radius", "2x"], "--radius"),
+        (["A new prompt"], "prompts"),
+        (["--steps", "5", "-n", "16"], "--n-vectors, --steps"),
+    ],
+)
+def test_resume_refuses_settings_it_cannot_change(extra, flags, run_dir, capsys):
+    before = (run_dir / "config.json").read_bytes()
+    code, _, stderr = run_cli(["discover", "--resume", str(run_dir), *extra], capsys)
+    one_line(code, stderr, flags, "cannot change on --resume")
+    assert (run_dir / "config.json").read_bytes() == before
+
+
+def test_complete_run_without_its_vectors_gives_advice_that_does_not_loop(run_dir, tmp_path, capsys):
+    run = _copy_run(run_dir, tmp_path)
+    (run / "vectors.safetensors").unlink()
+    for args in (["generate", str(run), "-p", "Hi"], ["discover", "--resume", str(run)]):
+        code, _, stderr = run_cli(args, capsys)
+        line = one_line(code, stderr, "vectors.safetensors is missing", "new --out")
+        assert "--resume" not in line
+
+
+def test_resuming_a_run_made_with_random_0_does_not_assess(model_dir, tmp_path, capsys):
+    path = tmp_path / "run"
+    code, _, stderr = run_cli(["discover", PROMPT, "--model", str(model_dir), "-n", "2", "--steps", "2",
+                               "--max-new-tokens", "3", "--random", "0", "--out", str(path)], capsys)
+    assert code == 0, stderr
+    assert json.loads((path / "config.json").read_text())["random"] == 0
+    assert not (path / "metrics.json").exists()
+    code, _, stderr = run_cli(["discover", "--resume", str(path)], capsys)
+    assert code == 0, stderr
+    assert not (path / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ API types
+@pytest.mark.parametrize(
+    "prompts, settings, message",
+    [
+        ([None], {}, "prompt 0 is NoneType"),
+        ("Hi", {}, "must be a list of strings"),
+        ([PROMPT], {"n_vectors": 2.5}, "n-vectors must be a whole number"),
+        ([PROMPT], {"steps": True}, "steps must be a whole number"),
+        ([PROMPT], {"positions": [[1.5]]}, "not a whole number"),
+        ([PROMPT], {"lr": math.nan}, "lr must be a finite number"),
+        ([PROMPT], {"p": math.inf}, "p must be a finite number"),
+        ([PROMPT], {"source": "1"}, "source must be a whole number"),
+    ],
+)
+def test_discover_api_refuses_bad_types_before_creating_the_run(prompts, settings, message, lm, tmp_path):
+    with pytest.raises(MelboError, match=message):
+        melbo.discover(lm, prompts, tmp_path / "run", **{"steps": 1, "n_vectors": 1, **settings})
+    assert not (tmp_path / "run").exists()
+
+
+def test_generate_api_refuses_a_bare_string(lm, run_dir):
+    from melbo.store import Run
+
+    run = Run.load(run_dir, model=lm)
+    with pytest.raises(MelboError, match="must be a list of strings"):
+        melbo.generate(lm, run.perturbations, "Hi")
+    with pytest.raises(MelboError, match="scale must be a finite number"):
+        melbo.generate(lm, run.perturbations, ["Hi"], scale=math.nan)
+
+
+# ------------------------------------------------------------------------------------------------ defects
+def test_export_llamacpp_accepts_a_jacobian_run(lm, tmp_path, capsys):
+    path = tmp_path / "jacobian"
+    melbo.discover(lm, [PROMPT], path, method="jacobian", n_vectors=2, power_iterations=2, radius="1.0")
+    code, stdout, stderr = run_cli(["export", str(path), "--format", "llamacpp", "--out", str(tmp_path / "cv")],
+                                   capsys)
+    assert code == 0, stderr
+    assert sorted(p.name for p in (tmp_path / "cv").iterdir()) == ["v0.gguf", "v1.gguf"]
+
+
+def test_sampling_leaves_the_global_rng_alone_and_is_seeded(lm, run_dir):
+    from melbo.generation import Sampling
+    from melbo.store import Run
+
+    run = Run.load(run_dir, model=lm)
+    sampling = Sampling(max_new_tokens=6, temperature=1.0, samples=2, seed=3)
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    first = [c.text for c in melbo.generate(lm, run.perturbations, ["Hi"], sampling=sampling)]
+    assert torch.equal(torch.get_rng_state(), state)
+    second = [c.text for c in melbo.generate(lm, run.perturbations, ["Hi"], sampling=sampling)]
+    assert first == second and len(set(first)) > 1
