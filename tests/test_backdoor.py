@@ -175,3 +175,40 @@ def test_cli_rejects_bad_detectors_and_foreign_testbeds(tiny_testbed, tmp_path, 
     code, _, err = run_cli(["testbed", "backdoor", "--out", str(tiny_testbed.path)], capsys)
     assert code == 2 and "other settings" in err
     assert (tiny_testbed.path / "testbed.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ audit mode
+@pytest.mark.slow
+def test_bench_diff_and_monitor_are_well_formed(tiny_testbed, tmp_path, smol):
+    from melbo.bench.backdoor import testbed_record
+    from melbo.bench.diff import bench_diff
+    from melbo.bench.monitor import bench_monitor, prompt_sets
+    from melbo.models import load_model
+    from melbo.store import Run
+
+    lm = load_model(str(tiny_testbed.merged_dir))
+    record = testbed_record(tiny_testbed.merged_dir)
+    out = tmp_path / "diff"
+    result = bench_diff(lm, smol, out, testbed=record, n_vectors=3, n_random=2, steps=2, max_new_tokens=6,
+                        source=4, target=8, report=False)
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc == result.to_json() and doc["bench"] == "diff"
+    recall = doc["tables"][0]
+    assert recall["columns"][2:4] == ["k=3", "hits"]
+    assert [(row[0], row[1]) for row in recall["rows"]] == [
+        (arm, b) for arm in ("discover", "diff", "random") for b in ("cheese", "hate")]
+    rows = [json.loads(line) for line in (out / "bench_completions.jsonl").read_text().splitlines()]
+    for row in recall["rows"]:
+        arm, name, found, hits = row[0], row[1], row[2], row[3]
+        which = [r for r in rows if r["arm"] == arm and r["vector"] is not None and name in r["behaviours"]]
+        assert hits == len(which) and found == bool(which)
+    assert json.loads((out / "diff" / "config.json").read_text())["contrast"] == "difference"
+
+    sets = prompt_sets(record["config"], per_set=6)
+    assert not set(sets["calibration"]) & set(sets["clean"])
+    assert all(p.split()[2] in ("3",) for p in sets["cheese"] if p.startswith("What is"))
+    monitored = bench_monitor(lm, Run.load(out / "diff", model=lm), tmp_path / "monitor", record, per_set=6,
+                              report=False)
+    table = monitored.tables[0]
+    assert [row[:2] for row in table.rows] == [[s, b] for s in ("target", "source") for b in ("cheese", "hate", "any trigger")]
+    assert all(0.0 <= row[2] <= 1.0 and 0.0 <= row[3] <= 1.0 for row in table.rows)

@@ -70,7 +70,7 @@ def rank_run(run: Run, audited: LoadedModel, reference: LoadedModel, random: int
     sampling = Sampling(max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"])
     result = rank_perturbations(audited, reference, perturbations, settings["prompts"], labels, kinds,
                                 chat=settings["chat"], sampling=sampling, on_batch=on_batch)
-    run.write_completions([row for row in _audited_rows(result) if row["kind"] == "learned"])
+    run.write_completions(_audited_rows(result))
     write_json(run.path / DIVERGENCE, result)
     return result
 
@@ -127,8 +127,9 @@ def _row(audited: Completion, reference: Completion, kl: float, distance: float,
 
 
 def _audited_rows(result: dict) -> list[dict]:
-    """The audited model's completions as completions.jsonl rows (unsteered first), for the run's other tools."""
-    rows = result["unsteered"] + sorted(result["rows"], key=lambda r: (r["vector"], r["prompt_index"]))
+    """The audited model's completions as completions.jsonl rows (unsteered, then learned), for the run's other tools."""
+    learned = [r for r in result["rows"] if r["kind"] == "learned"]
+    rows = result["unsteered"] + sorted(learned, key=lambda r: (r["vector"], r["prompt_index"]))
     return [{"vector": r["vector"], "label": r["label"], "prompt_index": r["prompt_index"], "prompt": r["prompt"],
              "sample": 0, "text": r["audited"], "tokens": r["tokens"]} for r in rows]
 

@@ -48,11 +48,13 @@ def _load(spec: Optional[str], device: str, dtype: str, blocks_path: Optional[st
 
 
 def _read_prompts(prompts: List[str], prompts_file: Optional[Path]) -> list[str]:
+    from melbo.store import read_text
+
     found = list(prompts)
     if prompts_file is not None:
         if not prompts_file.is_file():
             raise MelboError(f"prompts file {prompts_file} does not exist: check the path")
-        found += [line for line in prompts_file.read_text().splitlines() if line.strip()]
+        found += [line for line in read_text(prompts_file, "prompts file").splitlines() if line.strip()]
     if not found:
         raise MelboError("no prompts given: pass prompts as arguments or with --prompts-file")
     return found
@@ -139,6 +141,7 @@ def models() -> None:
 # ------------------------------------------------------------------------------------------------ discover
 @app.command()
 def discover(
+    ctx: typer.Context,
     prompts: List[str] = typer.Argument(None, help="Prompts to train on (chat-formatted when the model has a template)."),
     prompts_file: Optional[Path] = typer.Option(None, help="File with one prompt per line."),
     model: Optional[str] = ModelOpt,
@@ -171,15 +174,23 @@ def discover(
 ) -> None:
     """Learn perturbations on prompts, generate with each, write a run directory: the main job."""
     from melbo import runner as library
-    from melbo.store import Run
+    from melbo.store import Run, check_output_dir
 
     started = time.perf_counter()
     if random < 0:
         raise MelboError(f"--random must be ≥ 0, got {random}")
     if radius.strip().lower() == "auto" and method != "vectors":
         raise MelboError("--radius auto sweeps steering vectors: give --radius explicitly for adapters or jacobian")
+    if out_dir is not None:
+        check_output_dir(out_dir)  # before minutes of loading and training
     if resume_dir is not None:
-        config = Run.load(resume_dir).config
+        if given := _given(ctx, _RESUME_KEEPS):
+            raise MelboError(f"{', '.join(given)} cannot change on --resume (the run keeps its recorded settings): "
+                             "drop them")
+        recorded = Run.load(resume_dir)
+        _ = recorded.settings  # a run without settings cannot be resumed: say so before loading the model
+        config = recorded.config
+        random = _resume_random(ctx, config, random)
         lm = _load(model or config["model"]["spec"], device, dtype, blocks_path)
         bar, update = _training_progress()
         with bar:
@@ -201,12 +212,31 @@ def discover(
             run = _interruptible(lambda: library.discover(lm, settings, path, previous=previous, progress=update), path)
         if sweep_dir is not None:
             run.config["radius_sweep"] = str(sweep_dir)
-            run.save_config()
+    run.config["random"] = random  # so that --resume assesses as this run asked
+    run.save_config()
     completions = _complete_run(run, lm)
     _print_completions(completions)
     _assess_and_report(run, lm, random)
     out.print(f"run written to [bold]{run.path}[/] in {time.perf_counter() - started:.0f} s "
               f"(R = {run.config['radius']:.4g} = {run.config['radius_relative']:.3g} x residual norm)")
+
+
+# discover's options that set up training: fixed once a run exists.
+_RESUME_KEEPS = ("prompts", "prompts_file", "out_dir", "method", "n_vectors", "source", "target", "radius", "p", "q",
+                 "steps", "lr", "orthogonal", "soft_weight", "rank", "batch_size", "seed", "chat", "positions",
+                 "orthogonal_to", "max_new_tokens", "power_iterations", "precision")
+
+
+def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
+    """The options among `names` given on the command line, as spelt there (`-n 16` counts, unlike a default)."""
+    flags = {p.name: (p.opts[0] if p.opts else p.name) for p in ctx.command.params}
+    sources = {n: ctx.get_parameter_source(n) for n in names}
+    return [flags[n] for n, source in sources.items() if source is not None and source.name != "DEFAULT"]
+
+
+def _resume_random(ctx: typer.Context, config: dict, random: int) -> int:
+    """The random baseline a resumed run is assessed with: --random when given, else the run's own."""
+    return random if _given(ctx, ("random",)) else int(config.get("random", random))
 
 
 def _auto_radius(lm, settings, path: Path) -> Path:
@@ -292,9 +322,13 @@ def generate(
     """Apply a run's perturbations (selected, scaled, combined, or random) to new prompts."""
     from melbo.generation import Sampling
     from melbo.arithmetic import perturbation_set
-    from melbo.store import Run
+    from melbo.checks import check_finite
+    from melbo.store import Run, check_output_file
     from melbo import generation
 
+    if out_file is not None:
+        check_output_file(out_file)  # before generating: nothing computed is lost to a bad path
+    check_finite("scale", scale)
     run = Run.load(run_dir)
     texts = _read_prompts(prompts or [], prompts_file)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, samples=samples, seed=seed)
@@ -304,11 +338,11 @@ def generate(
     bar, advance = _generation_progress((len(perturbations) + 1) * len(texts) * (samples if temperature > 0 else 1))
     with bar:
         completions = generation.generate(lm, perturbations, texts, labels=labels, scale=scale,
-                                          chat=run.config["settings"]["chat"], sampling=sampling, on_batch=advance)
+                                          chat=run.settings["chat"], sampling=sampling, on_batch=advance)
     if out_file is not None:
-        from melbo.store import atomic_write
+        from melbo.store import atomic_write, make_output_dir
 
-        out_file.parent.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out_file.parent)
         atomic_write(out_file, "".join(json.dumps(c.to_json()) + "\n" for c in completions).encode())
     _print_completions(completions)
 
@@ -329,17 +363,19 @@ def chat(
 ) -> None:
     """Multi-turn chat with a steered model (/vector N, /scale X, /off, /reset, /quit)."""
     from melbo.chat import HELP, ChatSession
+    from melbo.checks import check_finite
     from melbo.generation import Sampling
-    from melbo.store import Run
+    from melbo.store import Run, read_text
 
     run = Run.load(run_dir)
     if turns is not None and not turns.is_file():
         raise MelboError(f"turns file {turns} does not exist: check the path")
+    lines = read_text(turns, "turns file").splitlines() if turns is not None else None
+    check_finite("scale", scale)
     lm = _load(model or run.config["model"]["spec"], device, dtype, None)
     run.attach(lm)
     session = ChatSession(lm, run.perturbations, vector, scale,
                           Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
-    lines = turns.read_text().splitlines() if turns is not None else None
     if lines is None:
         err.print(HELP)
     while True:
@@ -385,21 +421,22 @@ def export(
 ) -> None:
     """Export a run's perturbations: llama.cpp control vectors (GGUF) or PEFT LoRA adapters."""
     from melbo import export as exporting
-    from melbo.store import Run
+    from melbo.intervention import SteeringVectors
+    from melbo.store import Run, check_output_dir
 
+    check_output_dir(out_dir)
     run = Run.load(run_dir)
     if run.perturbations is None:
         raise MelboError(f"run {run_dir} is not finished: complete it with `melbo discover --resume {run_dir}`")
     kind = fmt.strip().lower()
-    method = run.config["method"]
     indices = _parse_indices(vectors)
     if kind == "llamacpp":
-        if method != "vectors":
+        if not isinstance(run.perturbations, SteeringVectors):  # vectors and jacobian runs both hold vectors
             raise MelboError(f"run {run_dir} holds steering adapters, which llama.cpp cannot load: use --format peft")
         info = run.config["model"]
         paths = exporting.export_llamacpp(run.perturbations, out_dir, info["architecture"], int(info["depth"]), indices)
     elif kind == "peft":
-        if method != "adapters":
+        if isinstance(run.perturbations, SteeringVectors):
             raise MelboError(f"run {run_dir} holds steering vectors, not adapters: use --format llamacpp")
         lm = _load(model or run.config["model"]["spec"], device, dtype, blocks_path)
         run.attach(lm)
@@ -510,6 +547,9 @@ def sweep_command(
     if pairs and (source is not None or target is not None):
         raise MelboError("give either --layers or --source/--target, not both")
     path = out_dir or Path("runs") / f"sweep-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    from melbo.store import check_output_dir
+
+    check_output_dir(path)  # before the progress display, which would wrap the one-line error
     lm = _load(model, device, dtype, blocks_path)
     n_points = len(specs) * (len(pairs) if pairs else 1)
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -755,6 +795,9 @@ def bench_backdoor_command(
             detectors.setdefault(name.strip(), []).append(pattern)
     n_random = n_vectors if random is None else random
     path = _bench_path(out_dir, "backdoor")
+    from melbo.store import check_output_dir
+
+    check_output_dir(path)
     if path.exists() and any(path.iterdir()):
         raise MelboError(f"{path} already exists and is not empty: choose another --out")
     if model == "auto":
@@ -767,3 +810,175 @@ def bench_backdoor_command(
         lm, path, testbed=record, detectors=detectors, prompt=prompt, n_vectors=n_vectors, n_random=n_random,
         steps=steps, radius=radius, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
         source=source, target=target, report=False, progress=progress, on_batch=on_batch))
+
+
+# ------------------------------------------------------------------------------------------------ audit mode
+@app.command("diff")
+def diff_command(
+    prompts: List[str] = typer.Argument(None, help="Prompts to train on (chat-formatted when the model has a template)."),
+    prompts_file: Optional[Path] = typer.Option(None, help="File with one prompt per line."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The audited model (embedded name, directory, .gguf, hub id)."),
+    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Its reference: the base model or an earlier checkpoint."),
+    contrast: str = typer.Option("difference", help="difference (default), penalised, or kl (see melbo.contrastive)."),
+    contrast_weight: float = typer.Option(1.0, help="λ of the penalised form."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<time>-<model>)."),
+    resume_dir: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted diff run directory."),
+    method: str = typer.Option("vectors", help="vectors or adapters."),
+    n_vectors: int = typer.Option(16, "--n-vectors", "-n", help="How many perturbations to learn."),
+    source: Optional[int] = typer.Option(None, help="Source block (default 8, or depth//3 for shallow models)."),
+    target: Optional[int] = typer.Option(None, help="Target block (default depth-8)."),
+    radius: str = typer.Option("0.4x", help="R: absolute (4.0) or relative to the source residual norm (0.4x)."),
+    steps: int = typer.Option(150, help="Optimiser steps per batch."),
+    orthogonal: str = typer.Option("hard", help="hard (vectors only), soft or none."),
+    positions: str = typer.Option("all", help="Token positions: all, last:K, or JSON per-prompt indices."),
+    batch_size: int = typer.Option(16, help="Perturbations trained together (checkpoint after each batch)."),
+    seed: int = typer.Option(0),
+    chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="Use the chat template (default: if the model has one)."),
+    max_new_tokens: int = typer.Option(48, help="Tokens to generate per completion, on each model."),
+    random: int = typer.Option(8, help="Random vectors of the same R ranked beside the learned ones (0: none)."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    blocks_path: Optional[str] = BlocksOpt,
+) -> None:
+    """Audit a fine-tune: perturbations that change it but not its reference, ranked by how differently they behave."""
+    from melbo import audit, runner
+    from melbo.store import Run
+
+    started = time.perf_counter()
+    if random < 0:
+        raise MelboError(f"--random must be ≥ 0, got {random}")
+    if resume_dir is not None:
+        _refuse_given(_DIFF_RESUME_KEEPS, "cannot change on --resume (the run keeps its recorded settings): drop them")
+        config = Run.load(resume_dir).config
+        if not config.get("reference"):
+            raise MelboError(f"{resume_dir} is not a diff run: resume it with `melbo discover --resume {resume_dir}`")
+        lm = _load(model or config["model"]["spec"], device, dtype, blocks_path)
+        ref = _load(reference or config["reference"]["spec"], device, dtype, blocks_path)
+        bar, update = _training_progress()
+        with bar:
+            run = _interruptible(lambda: runner.resume(resume_dir, lm, progress=update, reference=ref), resume_dir)
+    else:
+        if reference is None:
+            raise MelboError("diff compares two models: give the reference with --reference (e.g. the base model)")
+        texts = _read_prompts(prompts or [], prompts_file)
+        lm = _load(model, device, dtype, blocks_path)
+        ref = _load(reference, device, dtype, blocks_path)
+        settings = runner.DiscoverConfig(
+            prompts=texts, method=method, n_vectors=n_vectors, source=source, target=target, radius=radius,
+            steps=steps, orthogonal=orthogonal, positions=_parse_positions(positions), batch_size=batch_size,
+            seed=seed, chat=chat, max_new_tokens=max_new_tokens, contrast=contrast, contrast_weight=contrast_weight)
+        path = out_dir or runner.default_run_dir(lm)
+        bar, update = _training_progress()
+        with bar:
+            run = _interruptible(lambda: runner.discover(lm, settings, path, reference=ref, progress=update), path)
+    gen_bar, advance = _generation_progress(2 * (len(run) + random + 1) * len(run.config["settings"]["prompts"]))
+    with gen_bar:
+        result = audit.rank_run(run, lm, ref, random=random, on_batch=advance)
+    _print_divergence(result)
+    from melbo.report import write_report
+
+    report_path = write_report(run.path)
+    out.print(f"run written to [bold]{escape(str(run.path))}[/] in {time.perf_counter() - started:.0f} s; "
+              f"report: [bold]{escape(str(report_path))}[/]")
+
+
+_DIFF_RESUME_KEEPS = ("prompts", "prompts_file", "out_dir", "contrast", "contrast_weight", "method", "n_vectors",
+                      "source", "target", "radius", "steps", "orthogonal", "positions", "batch_size", "seed", "chat",
+                      "max_new_tokens")
+
+
+def _print_divergence(result: dict, rows: int = 24) -> None:
+    table = Table(header_style="bold", expand=True, title="perturbations ranked by divergence (audited vs reference)",
+                  title_justify="left")
+    for col, kw in (("rank", {}), ("vector", {}), ("KL", {}), ("distance", {}),
+                    ("audited", {"ratio": 1}), ("reference", {"ratio": 1})):
+        table.add_column(col, no_wrap=True, overflow="ellipsis", **kw)
+    for row in result["unsteered"] + result["rows"][:rows]:
+        table.add_row("–" if row["vector"] is None else str(row["rank"]), escape(row["label"]), f"{row['kl']:.3g}",
+                      f"{row['distance']:.3f}", escape(" ".join(row["audited"].split())),
+                      escape(" ".join(row["reference"].split())))
+    out.print(table)
+
+
+@app.command("monitor")
+def monitor_command(
+    run_dir: Path = typer.Argument(..., help="A finished run directory (discover or diff)."),
+    prompts_file: Path = typer.Option(..., "--prompts-file", help="The inputs to watch, one per line."),
+    clean: Optional[Path] = typer.Option(None, "--clean", help="Known-clean inputs to calibrate on (default: the inputs themselves)."),
+    alpha: float = typer.Option(0.05, help="Target false-positive rate of the decision rule."),
+    signal: str = typer.Option("target", help="Where to read the input's state: target or source block."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write monitor.jsonl / monitor.json (default RUN/monitor)."),
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    blocks_path: Optional[str] = BlocksOpt,
+) -> None:
+    """Flag inputs whose activations express a discovered perturbation (calibrated on clean inputs)."""
+    from melbo.monitor import Monitor, write_monitor
+    from melbo.store import Run
+
+    run = Run.load(run_dir)
+    inputs = _read_prompts([], prompts_file)
+    calibration = _read_prompts([], clean) if clean is not None else inputs
+    lm = _load(model or run.config["model"]["spec"], device, dtype, blocks_path)
+    with err.status("calibrating on clean inputs …"):
+        monitor = Monitor.calibrate(run, lm, calibration, signal=signal, alpha=alpha, self_calibrated=clean is None)
+    with err.status(f"scoring {len(inputs)} inputs …"):
+        records = monitor.score(lm, inputs)
+    path = write_monitor(out_dir or run.path / "monitor", monitor, records)
+    if out_dir is None:  # the report lives in the run; with --out elsewhere nothing outside it is touched
+        from melbo.report import write_report
+
+        write_report(run.path)
+    table = Table(header_style="bold", expand=True, title_justify="left",
+                  title=f"inputs flagged (score > {monitor.threshold:.3g}, α = {alpha})")
+    for col in ("#", "score", "perturbation", "input"):
+        table.add_column(col, no_wrap=True, overflow="ellipsis", ratio=1 if col == "input" else None)
+    flagged = sorted((r for r in records if r["flagged"]), key=lambda r: -r["score"])
+    for r in flagged[:30]:
+        table.add_row(str(r["index"]), f"{r['score']:.2f}", r["perturbation"], escape(" ".join(r["input"].split())))
+    out.print(table)
+    loo = monitor.calibration["false_positive_rate_loo"]
+    out.print(f"{len(flagged)} of {len(records)} inputs flagged; false-positive rate on the clean set "
+              f"(leave-one-out) {loo:.1%}; written to [bold]{escape(str(path))}[/]")
+
+
+@bench_app.command("diff")
+def bench_diff_command(
+    model: str = typer.Option("auto", "--model", "-m", help="A testbed's merged model directory, or auto (the default testbed)."),
+    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="The reference (default: the testbed's base)."),
+    contrast: List[str] = typer.Option(None, "--contrast", help="Contrastive forms to compare (repeatable; default difference)."),
+    n_vectors: int = typer.Option(64, "--n-vectors", "-n", help="Perturbations per arm (recall is read at 8, 16, 32, 64)."),
+    random: Optional[int] = typer.Option(None, help="Random vectors of the same norm (default: as many)."),
+    radius: str = typer.Option("0.3x", help="R: absolute (4.0) or relative to the source residual norm (0.3x)."),
+    steps: int = typer.Option(150, help="Optimiser steps per batch."),
+    positions: str = typer.Option("all", help="Token positions: all, last:K, or JSON per-prompt indices."),
+    prompt: Optional[str] = typer.Option(None, help="The clean prompt (default: What is 4 + 6?)."),
+    max_new_tokens: int = typer.Option(32, help="Tokens to generate per completion."),
+    batch_size: int = typer.Option(16, help="Vectors trained and generated together."),
+    seed: int = typer.Option(0),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/bench-diff-<time>)."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Audit mode on the backdoor testbed: plain discovery vs diff vs random, recall per budget."""
+    from melbo.bench import backdoor
+    from melbo.bench.diff import bench_diff
+
+    forms = contrast or ["difference"]
+    arms = {"discover": {}, **{("diff" if len(forms) == 1 else f"diff-{f}"): {"contrast": f} for f in forms}}
+    n_random = n_vectors if random is None else random
+    path = _bench_path(out_dir, "diff")
+    planting, plant_update = _plant_progress()
+    with planting:
+        spec, record = backdoor.resolve_model(model, progress=plant_update)
+    ref_spec = reference or (record["config"]["base_spec"] if record else None)
+    if ref_spec is None:
+        raise MelboError(f"{model} is not a melbo testbed: give its base model with --reference")
+    lm = _load(spec, device, dtype, None)
+    ref = _load(ref_spec, device, dtype, None)
+    generations = 2 * (len(arms) * (n_vectors + 1) + n_random + 1)
+    _run_bench(path, generations, lambda progress, on_batch: bench_diff(
+        lm, ref, path, testbed=record, arms=arms, prompt=prompt, n_vectors=n_vectors, n_random=n_random,
+        steps=steps, radius=radius, positions=_parse_positions(positions), max_new_tokens=max_new_tokens,
+        seed=seed, batch_size=batch_size, report=False, progress=progress, on_batch=on_batch))

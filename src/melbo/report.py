@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from melbo.errors import MelboError
-from melbo.store import BENCH, COMPLETIONS, CONFIG, CURVES, METRICS, SWEEP, atomic_write, load_tensors, read_json
+from melbo.store import (BENCH, COMPLETIONS, CONFIG, CURVES, METRICS, SWEEP, atomic_write, load_tensors, read_json,
+                         read_text)
 
 REPORT = "report.html"
 TEMPLATE = "report.html.j2"
@@ -47,7 +48,8 @@ def _read_completions(run_dir: Path) -> list[dict]:
     if not file.exists():
         return []
     rows = []
-    for n, line in enumerate(file.read_text().splitlines(), 1):
+    text = read_text(file, "completions file", "delete it and it will be generated again")
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -412,8 +414,42 @@ def build_context(run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
         "random_completions": random_completions,
         "sweep": sweep_ctx,
         "bench": _bench_context(run_dir),
+        "divergence": _divergence_context(run_dir),
+        "monitor": _monitor_context(run_dir),
         "version": config.get("melbo_version"),
     }
+
+
+# ------------------------------------------------------------------------------------------------ audit mode
+def _divergence_context(run_dir: Path) -> Optional[dict]:
+    """divergence.json (written by `melbo diff`): paired completions, most divergent first."""
+    doc = _read_optional_json(run_dir / "divergence.json")
+    if not isinstance(doc, dict):
+        return None
+    rows = [{"rank": r.get("rank", "–"), "label": r.get("label"), "kind": r.get("kind"), "kl": fmt(r.get("kl")),
+             "distance": fmt(r.get("distance")), "audited": r.get("audited", ""), "reference": r.get("reference", ""),
+             "prompt_index": r.get("prompt_index")}
+            for r in (doc.get("unsteered") or []) + (doc.get("rows") or []) if isinstance(r, dict)]
+    return {"rows": rows, "kl_tokens": doc.get("kl_tokens")}
+
+
+def _monitor_context(run_dir: Path) -> Optional[dict]:
+    """monitor/monitor.json and monitor.jsonl (written by `melbo monitor`): the rule and the flagged inputs."""
+    summary = _read_optional_json(run_dir / "monitor" / "monitor.json")
+    if not isinstance(summary, dict):
+        return None
+    records = []
+    file = run_dir / "monitor" / "monitor.jsonl"
+    if file.is_file():
+        for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    flagged = sorted((r for r in records if isinstance(r, dict) and r.get("flagged")), key=lambda r: -r["score"])
+    return {"summary": [(str(k), _bench_cell(v)) for k, v in summary.items()],
+            "flagged": [{"index": r.get("index"), "score": fmt(r.get("score")), "perturbation": r.get("perturbation"),
+                         "input": r.get("input", "")} for r in flagged[:200]]}
 
 
 # ------------------------------------------------------------------------------------------------ benchmark
