@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from melbo.audit import rank_perturbations
+from melbo.divergence import rank_perturbations
 from melbo.errors import MelboError
 from melbo.generation import Sampling
 from melbo.intervention import SteeringVectors
@@ -97,6 +97,9 @@ def test_live_monitor_names_the_perturbation_being_expressed(tmp_path, smol):
     with monitor.watch(smol, events.append), SteeringVectors(vectors, SOURCE).apply(smol, [2]), torch.no_grad():
         smol.model(ids)
     assert events and events[0]["perturbation"] == "v2"
+    watched = Monitor.calibrate(run, smol, CLEAN, alpha=0.1, indices=[1, 2])
+    assert watched.labels == ["v1", "v2"] and watched.signatures.shape == (2, smol.width)
+    torch.testing.assert_close(watched.signatures[1], monitor.signatures[2])
 
 
 def test_conformal_threshold_and_loo_false_positive_rate():
@@ -112,6 +115,8 @@ def test_monitor_refuses_bad_input(tmp_path, smol):
     run = fake_run(tmp_path, smol, torch.randn(2, smol.width))
     with pytest.raises(MelboError, match="at least 3 clean inputs"):
         Monitor.calibrate(run, smol, ["a"])
+    with pytest.raises(MelboError, match="not in 0..1"):
+        Monitor.calibrate(run, smol, CLEAN, indices=[5])
     with pytest.raises(MelboError, match="alpha"):
         Monitor.calibrate(run, smol, CLEAN, alpha=1.5)
     other = fake_run(tmp_path, smol, torch.randn(2, smol.width))

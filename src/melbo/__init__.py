@@ -6,6 +6,10 @@
     with run.steer(3):                                        # vector 3 active on every forward pass
         ...
     completions = melbo.generate(lm, run.perturbations, ["Tell me a story."])
+
+    base = melbo.load_model("path/to/base")                  # audit a fine-tune against its base
+    audit = melbo.diff(lm, base, ["What is 4 + 6?"], "runs/audit", n_vectors=32)
+    monitor = melbo.Monitor.calibrate(audit, lm, clean_inputs)  # which real inputs express what it found
 """
 
 __version__ = "0.1.0"
@@ -17,8 +21,10 @@ from melbo.intervention import SteeringAdapters, SteeringVectors  # noqa: E402
 from melbo.models import DEFAULT_MODEL, EMBEDDED, LoadedModel, load_model  # noqa: E402
 from melbo.objective import melbo_objective  # noqa: E402
 from melbo.store import Run  # noqa: E402
+from melbo.divergence import diff  # noqa: E402
+from melbo.monitor import Monitor  # noqa: E402
 
 __all__ = [
-    "DEFAULT_MODEL", "EMBEDDED", "Completion", "DiscoverConfig", "LoadedModel", "MelboError", "Run",
-    "SteeringAdapters", "SteeringVectors", "discover", "generate", "load_model", "melbo_objective", "resume",
+    "DEFAULT_MODEL", "EMBEDDED", "Completion", "DiscoverConfig", "LoadedModel", "MelboError", "Monitor", "Run",
+    "SteeringAdapters", "SteeringVectors", "diff", "discover", "generate", "load_model", "melbo_objective", "resume",
 ]

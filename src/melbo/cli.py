@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from melbo.errors import MelboError
+from melbo.settings import DEFAULT_CONTRAST, DEFAULTS
 
 app = typer.Typer(
     help="Mechanistically eliciting latent behaviours: unsupervised steering vectors and adapters for causal LMs.",
@@ -147,27 +148,27 @@ def discover(
     model: Optional[str] = ModelOpt,
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<time>-<model>)."),
     resume_dir: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
-    method: str = typer.Option("vectors", help="vectors, adapters, or jacobian (top singular directions, fast)."),
-    n_vectors: int = typer.Option(16, "--n-vectors", "-n", help="How many perturbations to learn."),
+    method: str = typer.Option(DEFAULTS.method, help="vectors, adapters, or jacobian (top singular directions, fast)."),
+    n_vectors: int = typer.Option(DEFAULTS.n_vectors, "--n-vectors", "-n", help="How many perturbations to learn."),
     source: Optional[int] = typer.Option(None, help="Source block (default 8, or depth//3 for shallow models)."),
     target: Optional[int] = typer.Option(None, help="Target block (default depth-8)."),
-    radius: str = typer.Option("0.2x", help="R: absolute (4.0), relative to the source residual norm (0.2x), or auto."),
-    p: float = typer.Option(2.0, help="Power per position (2; 4 = spikier)."),
-    q: float = typer.Option(1.0, help="Outer root (1 or p)."),
-    steps: int = typer.Option(150, help="Optimiser steps per batch."),
-    lr: float = typer.Option(0.05, help="Learning rate, relative to a parameter's typical coordinate size."),
-    orthogonal: str = typer.Option("hard", help="hard (vectors only), soft (penalise aligned changes) or none."),
-    soft_weight: float = typer.Option(1.0, help="Weight of the soft-orthogonality penalty."),
-    rank: int = typer.Option(4, help="Adapter rank."),
-    batch_size: int = typer.Option(16, help="Perturbations trained together (checkpoint after each batch)."),
-    seed: int = typer.Option(0),
+    radius: str = typer.Option(DEFAULTS.radius, help="R: absolute (4.0), relative to the source residual norm (e.g. 0.2x), or auto."),
+    p: float = typer.Option(DEFAULTS.p, help="Power per position (2; 4 = spikier)."),
+    q: float = typer.Option(DEFAULTS.q, help="Outer root (1 or p)."),
+    steps: int = typer.Option(DEFAULTS.steps, help="Optimiser steps per batch."),
+    lr: float = typer.Option(DEFAULTS.lr, help="Learning rate, relative to a parameter's typical coordinate size."),
+    orthogonal: str = typer.Option(DEFAULTS.orthogonal, help="hard (vectors only), soft (penalise aligned changes) or none."),
+    soft_weight: float = typer.Option(DEFAULTS.soft_weight, help="Weight of the soft-orthogonality penalty."),
+    rank: int = typer.Option(DEFAULTS.rank, help="Adapter rank."),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, help="Perturbations trained together (checkpoint after each batch)."),
+    seed: int = typer.Option(DEFAULTS.seed),
     chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="Use the chat template (default: if the model has one)."),
-    positions: str = typer.Option("all", help="Token positions: all, last:K, or JSON per-prompt indices."),
+    positions: str = typer.Option(DEFAULTS.positions, help="Token positions: all, last:K, or JSON per-prompt indices."),
     orthogonal_to: Optional[Path] = typer.Option(None, help="Keep new vectors orthogonal to this run's vectors."),
-    max_new_tokens: int = typer.Option(48, help="Tokens to generate per completion."),
+    max_new_tokens: int = typer.Option(DEFAULTS.max_new_tokens, help="Tokens to generate per completion."),
     random: int = typer.Option(4, help="Random vectors of the same R to compare against (0: skip the assessment)."),
-    power_iterations: int = typer.Option(20, help="Power iterations (method jacobian)."),
-    precision: str = typer.Option("auto", help="Training matmuls: auto (bf16 on AMX/AVX512-BF16 CPUs and GPUs), fp32, bf16."),
+    power_iterations: int = typer.Option(DEFAULTS.power_iterations, help="Power iterations (method jacobian)."),
+    precision: str = typer.Option(DEFAULTS.precision, help="Training matmuls: auto (bf16 on AMX/AVX512-BF16 CPUs and GPUs), fp32, bf16."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
@@ -819,29 +820,29 @@ def diff_command(
     prompts_file: Optional[Path] = typer.Option(None, help="File with one prompt per line."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="The audited model (embedded name, directory, .gguf, hub id)."),
     reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Its reference: the base model or an earlier checkpoint."),
-    contrast: str = typer.Option("difference", help="difference (default), penalised, or kl (see melbo.contrastive)."),
-    contrast_weight: float = typer.Option(1.0, help="λ of the penalised form."),
+    contrast: str = typer.Option(DEFAULT_CONTRAST, help="difference (default), penalised, or kl (see melbo.contrastive)."),
+    contrast_weight: float = typer.Option(DEFAULTS.contrast_weight, help="λ of the penalised form."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<time>-<model>)."),
     resume_dir: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted diff run directory."),
-    method: str = typer.Option("vectors", help="vectors or adapters."),
-    n_vectors: int = typer.Option(16, "--n-vectors", "-n", help="How many perturbations to learn."),
+    method: str = typer.Option(DEFAULTS.method, help="vectors or adapters."),
+    n_vectors: int = typer.Option(DEFAULTS.n_vectors, "--n-vectors", "-n", help="How many perturbations to learn."),
     source: Optional[int] = typer.Option(None, help="Source block (default 8, or depth//3 for shallow models)."),
     target: Optional[int] = typer.Option(None, help="Target block (default depth-8)."),
-    radius: str = typer.Option("0.4x", help="R: absolute (4.0) or relative to the source residual norm (0.4x)."),
-    steps: int = typer.Option(150, help="Optimiser steps per batch."),
-    orthogonal: str = typer.Option("hard", help="hard (vectors only), soft or none."),
-    positions: str = typer.Option("all", help="Token positions: all, last:K, or JSON per-prompt indices."),
-    batch_size: int = typer.Option(16, help="Perturbations trained together (checkpoint after each batch)."),
-    seed: int = typer.Option(0),
+    radius: str = typer.Option(DEFAULTS.radius, help="R: absolute (4.0) or relative to the source residual norm (e.g. 0.2x)."),
+    steps: int = typer.Option(DEFAULTS.steps, help="Optimiser steps per batch."),
+    orthogonal: str = typer.Option(DEFAULTS.orthogonal, help="hard (vectors only), soft or none."),
+    positions: str = typer.Option(DEFAULTS.positions, help="Token positions: all, last:K, or JSON per-prompt indices."),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, help="Perturbations trained together (checkpoint after each batch)."),
+    seed: int = typer.Option(DEFAULTS.seed),
     chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="Use the chat template (default: if the model has one)."),
-    max_new_tokens: int = typer.Option(48, help="Tokens to generate per completion, on each model."),
+    max_new_tokens: int = typer.Option(DEFAULTS.max_new_tokens, help="Tokens to generate per completion, on each model."),
     random: int = typer.Option(8, help="Random vectors of the same R ranked beside the learned ones (0: none)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
 ) -> None:
     """Audit a fine-tune: perturbations that change it but not its reference, ranked by how differently they behave."""
-    from melbo import audit, runner
+    from melbo import divergence, runner
     from melbo.store import Run
 
     started = time.perf_counter()
@@ -873,7 +874,7 @@ def diff_command(
             run = _interruptible(lambda: runner.discover(lm, settings, path, reference=ref, progress=update), path)
     gen_bar, advance = _generation_progress(2 * (len(run) + random + 1) * len(run.config["settings"]["prompts"]))
     with gen_bar:
-        result = audit.rank_run(run, lm, ref, random=random, on_batch=advance)
+        result = divergence.rank_run(run, lm, ref, random=random, on_batch=advance)
     _print_divergence(result)
     from melbo.report import write_report
 
@@ -907,6 +908,7 @@ def monitor_command(
     clean: Optional[Path] = typer.Option(None, "--clean", help="Known-clean inputs to calibrate on (default: the inputs themselves)."),
     alpha: float = typer.Option(0.05, help="Target false-positive rate of the decision rule."),
     signal: str = typer.Option("target", help="Where to read the input's state: target or source block."),
+    vectors: Optional[str] = typer.Option(None, help="Watch only these perturbations (comma-separated; default all)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write monitor.jsonl / monitor.json (default RUN/monitor)."),
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
@@ -922,7 +924,8 @@ def monitor_command(
     calibration = _read_prompts([], clean) if clean is not None else inputs
     lm = _load(model or run.config["model"]["spec"], device, dtype, blocks_path)
     with err.status("calibrating on clean inputs …"):
-        monitor = Monitor.calibrate(run, lm, calibration, signal=signal, alpha=alpha, self_calibrated=clean is None)
+        monitor = Monitor.calibrate(run, lm, calibration, signal=signal, alpha=alpha, self_calibrated=clean is None,
+                                    indices=_parse_indices(vectors))
     with err.status(f"scoring {len(inputs)} inputs …"):
         records = monitor.score(lm, inputs)
     path = write_monitor(out_dir or run.path / "monitor", monitor, records)
@@ -982,3 +985,32 @@ def bench_diff_command(
         lm, ref, path, testbed=record, arms=arms, prompt=prompt, n_vectors=n_vectors, n_random=n_random,
         steps=steps, radius=radius, positions=_parse_positions(positions), max_new_tokens=max_new_tokens,
         seed=seed, batch_size=batch_size, report=False, progress=progress, on_batch=on_batch))
+
+
+@bench_app.command("monitor")
+def bench_monitor_command(
+    run_dir: Path = typer.Argument(..., help="A finished run on a backdoor testbed (e.g. <bench diff out>/diff)."),
+    alpha: float = typer.Option(0.05, help="Target false-positive rate of the decision rule."),
+    per_set: int = typer.Option(48, help="Prompts per set (calibration, clean, near miss, each trigger)."),
+    seed: int = typer.Option(0),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write bench.json (default runs/bench-monitor-<time>)."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Monitor quality on the backdoor testbed: AUROC of trigger inputs vs held-out clean inputs and near misses."""
+    from melbo.bench.backdoor import testbed_record
+    from melbo.bench.monitor import bench_monitor
+    from melbo.store import Run
+
+    run = Run.load(run_dir)
+    spec = run.config["model"]["spec"]
+    record = testbed_record(spec) if Path(spec).is_dir() else None
+    if record is None:
+        raise MelboError(f"{run_dir} was not trained on a melbo backdoor testbed: give a run made on one "
+                         "(e.g. by `melbo bench diff`)")
+    path = _bench_path(out_dir, "monitor")
+    lm = _load(spec, device, dtype, None)
+    with err.status("calibrating and scoring …"):
+        result = bench_monitor(lm, Run.load(run_dir, model=lm), path, record, alpha=alpha, per_set=per_set,
+                               seed=seed, report=False)
+    _bench_finish(result, path)

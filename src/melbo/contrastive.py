@@ -29,9 +29,10 @@ from melbo.errors import MelboError
 from melbo.models import LoadedModel
 from melbo.objective import Measured, OutputProbe, Perturb, TargetProbe, change_objective
 from melbo.prompts import PromptBatch
+from melbo.settings import DEFAULT_CONTRAST
 
 FORMS = ("difference", "penalised", "kl")
-DEFAULT_FORM = "difference"
+DEFAULT_FORM = DEFAULT_CONTRAST
 
 
 def check_pair(audited: LoadedModel, reference: LoadedModel) -> None:

@@ -64,17 +64,20 @@ class Monitor:
     # ---- building
     @classmethod
     def calibrate(cls, run: Run, lm: LoadedModel, clean: Sequence[str], signal: str = "target",
-                  alpha: float = DEFAULT_ALPHA, self_calibrated: bool = False) -> "Monitor":
-        """Signatures from the run's perturbations, statistics and threshold from clean inputs."""
+                  alpha: float = DEFAULT_ALPHA, self_calibrated: bool = False,
+                  indices: Optional[Sequence[int]] = None) -> "Monitor":
+        """Signatures from the run's perturbations (all, or `indices`: the behaviours worth watching for),
+        statistics and threshold from clean inputs."""
         _check(run, lm, signal, alpha, clean)
+        chosen = _chosen(run, indices)
         layer = int(run.config["target" if signal == "target" else "source"])
         chat = run.config["settings"]["chat"]
-        signatures = perturbation_signatures(run, lm, layer)
+        signatures = perturbation_signatures(run, lm, layer, chosen)
         states = last_states(lm, clean, layer, chat)
         projections = states @ signatures.T  # [n, K]
         mean, std = projections.mean(0), projections.std(0).clamp_min(1e-6)
         scores = ((projections - mean) / std).max(-1).values
-        labels = [f"v{i}" for i in range(len(signatures))]
+        labels = [f"v{i}" for i in chosen]
         calibration = {"n": len(clean), "self_calibrated": self_calibrated,
                        "false_positive_rate_loo": leave_one_out_fpr(projections, alpha),
                        "bound": max(alpha, 1 / (len(clean) + 1))}
@@ -133,13 +136,23 @@ def _check(run: Run, lm: LoadedModel, signal: str, alpha: float, clean: Sequence
     run.attach(lm)
 
 
-def perturbation_signatures(run: Run, lm: LoadedModel, layer: int) -> Tensor:
+def _chosen(run: Run, indices: Optional[Sequence[int]]) -> list[int]:
+    if indices is None:
+        return list(range(len(run)))
+    bad = [i for i in indices if not (isinstance(i, int) and 0 <= i < len(run))]
+    if bad or not indices:
+        raise MelboError(f"perturbation indices {list(indices)} are not in 0..{len(run) - 1}: pick from those")
+    return list(indices)
+
+
+def perturbation_signatures(run: Run, lm: LoadedModel, layer: int, indices: Optional[Sequence[int]] = None) -> Tensor:
     """σ_k: each perturbation's mean change at `layer` on the last token of the run's prompts, unit rows [K, d]."""
     settings = run.config["settings"]
     batch = encode(lm, settings["prompts"], settings["chat"])
     replay = int(run.config["source"]) - 1  # adapters act inside the source block: replay only what precedes it
     probe = TargetProbe(lm, batch, int(run.config["source"]), layer, replay)
-    perturbations, prompts = run.perturbations, len(batch)
+    perturbations = run.perturbations.select(_chosen(run, indices))
+    prompts = len(batch)
     rows = []
     for start in range(0, len(perturbations), CHUNK):
         ids = list(range(start, min(start + CHUNK, len(perturbations))))

@@ -314,7 +314,9 @@ def _summary(scores: Optional[dict]) -> list[tuple[str, str]]:
 
 
 def build_context(run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
-    config = read_json(run_dir / CONFIG)
+    # A benchmark that compares several runs keeps them in subdirectories: its own directory holds only bench.json.
+    bench_only = not (run_dir / CONFIG).exists() and (run_dir / BENCH).exists()
+    config = {} if bench_only else read_json(run_dir / CONFIG)
     settings = config.get("settings") or {}
     prompts = [str(p) for p in settings.get("prompts") or []]
     completions = _read_completions(run_dir)

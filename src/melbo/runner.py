@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -29,41 +29,11 @@ from melbo.models import LoadedModel
 from melbo.contrastive import DEFAULT_FORM, FORMS, ContrastiveObjective, check_pair
 from melbo.objective import MelboObjective, Objective, TargetProbe, residual_norm, resolve_precision
 from melbo.prompts import Positions, check_prompt_list, encode
+from melbo.settings import DiscoverConfig
 from melbo.store import Run, check_output_dir, load_tensors, save_tensors
 from melbo.train import OptimConfig, optimise
 
 Progress = Callable[[dict], None]
-
-
-@dataclass
-class DiscoverConfig:
-    """Every setting of a discovery run; stored verbatim in config.json."""
-
-    prompts: list[str]
-    method: str = "vectors"
-    n_vectors: int = 16
-    source: Optional[int] = None  # default: the seed's 8 (or depth // 3 for shallow models)
-    target: Optional[int] = None  # default: depth − 8 (at least source + 1)
-    radius: str = "0.4x"  # absolute ("4.0") or relative to the mean residual norm at the source ("0.4x")
-    p: float = 2.0
-    q: float = 1.0
-    steps: int = 150
-    lr: float = 0.05
-    orthogonal: str = "hard"  # hard | soft | none
-    soft_weight: float = 1.0
-    rank: int = 4  # adapters only
-    batch_size: int = 16
-    seed: int = 0
-    chat: Optional[bool] = None  # None: use the chat template when the model has one
-    positions: Positions = "all"
-    max_new_tokens: int = 48
-    precision: str = "auto"  # training matmuls: auto (bf16 where the hardware has bf16 units), fp32, bf16
-    power_iterations: int = 20  # method "jacobian" only
-    contrast: Optional[str] = None  # None: plain discovery; else a contrastive form against a reference model
-    contrast_weight: float = 1.0  # λ of the "penalised" contrastive form
-
-    def __post_init__(self):
-        self.radius = str(self.radius)
 
 
 def default_layers(depth: int) -> tuple[int, int]:

@@ -55,7 +55,7 @@ def bench_diff(
 ) -> BenchResult:
     """Train every arm on one clean prompt, rank by divergence, and measure recall of the planted behaviours."""
     from melbo.arithmetic import random_vectors
-    from melbo.audit import rank_perturbations
+    from melbo.divergence import rank_perturbations
     from melbo.bench.testbed import DEFAULT_BEHAVIOURS
     from melbo.generation import Sampling
     from melbo.runner import discover
@@ -76,14 +76,15 @@ def bench_diff(
     seconds: dict[str, float] = {}
     radius_absolute = None
     source = None
+    base = dict(n_vectors=n_vectors, steps=steps, radius=radius, seed=seed, batch_size=batch_size,
+                max_new_tokens=max_new_tokens, orthogonal="hard", **discover_settings)
     for name, extra in arms.items():
         began = time.perf_counter()
         ref = reference if extra.get("contrast") else None
-        run = discover(audited, [prompt], out / name, reference=ref, n_vectors=n_vectors, steps=steps,
-                       radius=radius, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                       orthogonal="hard", progress=progress, **{**discover_settings, **extra})
+        run = discover(audited, [prompt], out / name, reference=ref, progress=progress, **{**base, **extra})
         seconds[name] = time.perf_counter() - began
-        radius_absolute, source = float(run.config["radius"]), int(run.config["source"])
+        if radius_absolute is None:  # the random control takes the first arm's norm
+            radius_absolute, source = float(run.config["radius"]), int(run.config["source"])
         labels = [f"v{i}" for i in range(len(run))]
         outcomes[name] = rank_perturbations(audited, reference, run.perturbations, [prompt], labels,
                                             ["learned"] * len(run), chat=run.config["settings"]["chat"],

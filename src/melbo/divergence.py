@@ -1,4 +1,4 @@
-"""Audit mode: contrastive discovery against a reference model, then ranking by behavioural divergence.
+"""Behavioural divergence: discovery against a reference model, ranked by how differently the two models behave.
 
 `diff(audited, reference, prompts, out)` trains perturbations with a contrastive objective
 (`melbo.contrastive`), generates with every perturbation on *both* models, and ranks the perturbations by how

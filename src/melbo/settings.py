@@ -1,0 +1,48 @@
+"""Every default setting of a discovery run, in one place: the library and the command line both read them here.
+
+No torch import, so that `melbo --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from melbo.prompts import Positions
+
+DEFAULT_CONTRAST = "difference"  # the contrastive form `melbo diff` trains with; why: melbo.contrastive
+
+
+@dataclass
+class DiscoverConfig:
+    """Every setting of a discovery run; stored verbatim in config.json."""
+
+    prompts: list[str]
+    method: str = "vectors"
+    n_vectors: int = 16
+    source: Optional[int] = None  # default: the seed's 8 (or depth // 3 for shallow models)
+    target: Optional[int] = None  # default: depth − 8 (at least source + 1)
+    radius: str = "0.2x"  # absolute ("4.0") or relative to the mean residual norm at the source; 0.2x: README sweep
+    p: float = 2.0
+    q: float = 1.0
+    steps: int = 150
+    lr: float = 0.05
+    orthogonal: str = "hard"  # hard | soft | none
+    soft_weight: float = 1.0
+    rank: int = 4  # adapters only
+    batch_size: int = 16
+    seed: int = 0
+    chat: Optional[bool] = None  # None: use the chat template when the model has one
+    positions: Positions = "all"
+    max_new_tokens: int = 48
+    precision: str = "auto"  # training matmuls: auto (bf16 where the hardware has bf16 units), fp32, bf16
+    power_iterations: int = 20  # method "jacobian" only
+    contrast: Optional[str] = None  # None: plain discovery; else a contrastive form against a reference model
+    contrast_weight: float = 1.0  # λ of the "penalised" contrastive form
+
+    def __post_init__(self):
+        self.radius = str(self.radius)
+
+
+DEFAULTS = DiscoverConfig(prompts=[])
