@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
+from tiny_models import save_tiny_model
 
 import melbo
 from melbo.errors import MelboError
@@ -24,28 +25,9 @@ PROMPT = "Hello there"
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-def _byte_tokenizer():
-    """A tokenizer with one token per byte: ids 0..255 fit the tiny models' vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=alphabet[0], eos_token=alphabet[2])
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # so that chat works
-    return fast
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from tiny_models import tiny_model
-
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model("llama", 0).save_pretrained(path)
-    _byte_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -143,22 +125,22 @@ def test_full_disk_while_writing_the_report_is_one_line(run_dir, tmp_path, monke
 
 
 def test_full_disk_while_saving_tensors_cleans_up(tmp_path, monkeypatch):
-    from melbo import store
+    from melbo import files
 
     def half_then_full(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
         _disk_full()
 
-    monkeypatch.setattr(store, "save_file", half_then_full)
+    monkeypatch.setattr(files, "save_file", half_then_full)
     (tmp_path / "vectors.safetensors").write_bytes(b"old")
     with pytest.raises(MelboError, match="free space on"):
-        store.save_tensors(tmp_path / "vectors.safetensors", {"vectors": torch.zeros(2, 3)})
+        files.save_tensors(tmp_path / "vectors.safetensors", {"vectors": torch.zeros(2, 3)})
     assert (tmp_path / "vectors.safetensors").read_bytes() == b"old"
     no_tmp(tmp_path)
 
 
 def test_interrupted_write_leaves_no_tmp(tmp_path, monkeypatch):
-    from melbo import store
+    from melbo import files
 
     real = Path.write_bytes
 
@@ -168,7 +150,7 @@ def test_interrupted_write_leaves_no_tmp(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "write_bytes", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        store.atomic_write(tmp_path / "config.json", b"{}")
+        files.atomic_write(tmp_path / "config.json", b"{}")
     no_tmp(tmp_path)
 
 

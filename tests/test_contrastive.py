@@ -100,7 +100,7 @@ def test_identical_models_give_zero(form):
 def test_adapters_go_through_the_difference_form():
     aud, ref = tiny_lm("llama", seed=0), tiny_lm("llama", seed=1)
     batch = batch_from_ids(prompts_ids())
-    method = SteeringAdapterMethod.for_model(aud, Setting(source=S, radius=2.0, width=aud.width, rank=2,
+    method = SteeringAdapterMethod.create(aud, Setting(source=S, radius=2.0, width=aud.width, rank=2,
                                                           orthogonal="none"))
     params = method.init(2, torch.Generator().manual_seed(0), None)
     objective = ContrastiveObjective(aud, ref, batch, S, T, method.replay_upto(S), "difference")

@@ -71,7 +71,7 @@ def test_fast_adapter_objective_equals_full_forward(arch):
     lm = tiny_lm(arch)
     ids = prompts_ids()
     batch = batch_from_ids(ids)
-    method = SteeringAdapterMethod.for_model(lm, Setting(source=S, radius=2.0, width=lm.width, rank=2,
+    method = SteeringAdapterMethod.create(lm, Setting(source=S, radius=2.0, width=lm.width, rank=2,
                                                           orthogonal="none"))
     params = method.init(2, torch.Generator().manual_seed(0), None)
     probe = TargetProbe(lm, batch, S, T, method.replay_upto(S))

@@ -180,3 +180,24 @@ def tiny_model(arch: str, seed: int = 0) -> transformers.PreTrainedModel:
     model = model.to(torch.float32)
     model.eval()
     return model
+
+
+def byte_tokenizer():
+    """A tokenizer with one token per byte: ids 0..255 fit the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=alphabet[0], eos_token=alphabet[2])
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # so that chat works
+    return fast
+
+
+def save_tiny_model(path, arch: str = "llama", seed: int = 0):
+    """A tiny random model with a byte tokenizer, saved where `melbo.load_model(path)` loads it in a second."""
+    tiny_model(arch, seed).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path

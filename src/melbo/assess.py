@@ -11,7 +11,7 @@ max_new_tokens, greedy, the seed's baseline), scores those too, and writes `metr
      "clusters": [{"id", "name", "members": [labels], "no_change": bool}],
      "random_completions": [completion dicts]}
 
-Runs of adapters (`--method adapters`) have no random-vector baseline of matched kind: for them the random part
+Runs whose result is adapters (`--method adapters`) have no random-vector baseline of matched kind: for them the random part
 is skipped ("random": null, "random_completions": []). So is it when random=0.
 """
 
@@ -23,6 +23,7 @@ from melbo import evaluation
 from melbo.arithmetic import random_vectors
 from melbo.errors import MelboError
 from melbo.generation import Completion, Sampling, generate
+from melbo.intervention import SteeringVectors
 from melbo.models import LoadedModel
 from melbo.store import METRICS, Run, write_json
 
@@ -71,7 +72,7 @@ def assess_run(run: Run, lm: LoadedModel, random: int = 4, seed: int = 0,
 
     random_score = None
     random_rows: list[dict] = []
-    if random and run.config.get("method", "vectors") != "adapters":
+    if random and isinstance(run.perturbations, SteeringVectors):
         vectors = random_vectors(random, lm.width, float(run.config["radius"]), int(run.config["source"]), seed)
         randoms = generate(lm, vectors, settings["prompts"], labels=[f"random{k}" for k in range(random)],
                            include_unsteered=False, chat=chat,

@@ -11,14 +11,17 @@ Every hook is *batched*: batch row b gets its own perturbation, so N perturbatio
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from pathlib import Path
+from typing import ClassVar, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from melbo.errors import MelboError
+from melbo.files import load_metadata, load_tensors, save_tensors
 from melbo.layers import find_mlp_out
 from melbo.models import LoadedModel
 
@@ -82,12 +85,18 @@ class SteeringVectors:
     vectors: Tensor
     layer: int
 
+    FILE: ClassVar[str] = "vectors.safetensors"  # its name in a run directory
+
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
 
-    @property
-    def radius(self) -> Tensor:
-        return self.vectors.norm(dim=-1)
+    def save(self, path: str | Path, metadata: Optional[dict] = None) -> None:
+        _save(path, {"vectors": self.vectors}, {**(metadata or {}), "layer": self.layer})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SteeringVectors":
+        tensors, meta = _load(path, ("vectors",))
+        return cls(tensors["vectors"], _layer(path, meta))
 
     def check(self, lm: LoadedModel) -> None:
         lm.layer(self.layer, "source layer")
@@ -121,8 +130,20 @@ class SteeringAdapters:
     radius: float
     layer: int
 
+    FILE: ClassVar[str] = "adapters.safetensors"  # its name in a run directory
+
     def __len__(self) -> int:
         return int(self.a.shape[0])
+
+    def save(self, path: str | Path, metadata: Optional[dict] = None) -> None:
+        _save(path, {"a": self.a, "b": self.b}, {**(metadata or {}), "layer": self.layer, "radius": self.radius})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SteeringAdapters":
+        tensors, meta = _load(path, ("a", "b"))
+        if not isinstance(meta.get("radius"), (int, float)):
+            raise MelboError(f"{path} records no radius: it was not written by melbo; re-run the discovery")
+        return cls(tensors["a"], tensors["b"], float(meta["radius"]), _layer(path, meta))
 
     def check(self, lm: LoadedModel) -> None:
         lm.layer(self.layer, "source layer")
@@ -148,3 +169,29 @@ class SteeringAdapters:
 
 
 Perturbations = Union[SteeringVectors, SteeringAdapters]
+
+
+# ---- the artefacts' file format: safetensors, with what rebuilding them needs as JSON under the key "melbo"
+def _save(path: str | Path, tensors: dict[str, Tensor], metadata: dict) -> None:
+    save_tensors(Path(path), tensors, {"melbo": json.dumps(metadata)})
+
+
+def _load(path: str | Path, names: tuple[str, ...]) -> tuple[dict[str, Tensor], dict]:
+    path = Path(path)
+    tensors = load_tensors(path)
+    try:
+        meta = json.loads(load_metadata(path).get("melbo", "{}"))
+    except json.JSONDecodeError as exc:
+        raise MelboError(f"{path} has corrupt metadata ({exc.msg}): re-run the discovery") from exc
+    missing = [n for n in names if n not in tensors]
+    if missing or not isinstance(meta, dict):
+        raise MelboError(f"{path} is not a melbo artefact (no {', '.join(missing) or 'metadata'}): "
+                         "give the file a discovery wrote")
+    return tensors, meta
+
+
+def _layer(path: str | Path, meta: dict) -> int:
+    layer = meta.get("layer", meta.get("source"))  # runs before the artefacts owned their format said "source"
+    if not isinstance(layer, int):
+        raise MelboError(f"{path} records no layer: it was not written by melbo; re-run the discovery")
+    return layer

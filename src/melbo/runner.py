@@ -22,18 +22,18 @@ from torch import Tensor
 from melbo import __version__
 from melbo.checks import check_fields
 from melbo.errors import MelboError
-from melbo.intervention import SteeringVectors
-from melbo.methods import METHODS, Params, Setting, SteeringAdapterMethod, SteeringVectorMethod
-from melbo.methods.jacobian import jacobian_directions
+from melbo.intervention import SteeringAdapters
+from melbo.methods import METHODS, Method, Params, Setting, method_class
 from melbo.models import LoadedModel
-from melbo.contrastive import DEFAULT_FORM, FORMS, ContrastiveObjective, check_pair
-from melbo.objective import MelboObjective, Objective, TargetProbe, residual_norm, resolve_precision
-from melbo.prompts import Positions, check_prompt_list, encode
+from melbo.contrastive import DEFAULT_FORM, FORMS, check_pair
+from melbo.objective import residual_norm, resolve_precision
+from melbo.prompts import PromptBatch, check_prompt_list, encode
 from melbo.settings import DiscoverConfig
 from melbo.store import Run, check_output_dir, load_tensors, save_tensors
 from melbo.train import OptimConfig, optimise
 
 Progress = Callable[[dict], None]
+PREVIOUS = "previous.safetensors"  # in a run directory: the --orthogonal-to vectors, for resume
 
 
 def default_layers(depth: int) -> tuple[int, int]:
@@ -56,12 +56,14 @@ def parse_radius(spec: str) -> tuple[float, bool]:
     return value, relative
 
 
-def validate(lm: LoadedModel, cfg: DiscoverConfig) -> tuple[int, int]:
-    """Check every setting before any work; return the resolved (source, target)."""
+def validate(lm: LoadedModel, cfg: DiscoverConfig, earlier: int = 0) -> tuple[int, int]:
+    """Check every setting before any work; return the resolved (source, target).
+
+    `earlier`: how many vectors from earlier runs the new ones must stay orthogonal to.
+    """
     check_fields(cfg)  # types first: n_vectors=2.5 or p=nan would fail mid-run, leaving a "running" directory
     check_prompt_list(cfg.prompts)
-    if cfg.method not in (*METHODS, "jacobian"):
-        raise MelboError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}, jacobian")
+    method = method_class(cfg.method)
     if cfg.orthogonal not in ("hard", "soft", "none"):
         raise MelboError(f"unknown orthogonality {cfg.orthogonal!r}: use hard, soft or none")
     for name in ("n_vectors", "steps", "batch_size", "rank", "max_new_tokens", "power_iterations"):
@@ -73,7 +75,7 @@ def validate(lm: LoadedModel, cfg: DiscoverConfig) -> tuple[int, int]:
     if cfg.soft_weight < 0:
         raise MelboError(f"soft-weight must be ≥ 0, got {cfg.soft_weight}")
     if cfg.contrast is not None:
-        _validate_contrast(cfg)
+        _validate_contrast(cfg, method)
     parse_radius(cfg.radius)
     resolve_precision(cfg.precision, lm.device)
     default_source, default_target = default_layers(lm.depth)
@@ -81,39 +83,18 @@ def validate(lm: LoadedModel, cfg: DiscoverConfig) -> tuple[int, int]:
     target = lm.layer(default_target if cfg.target is None else cfg.target, "target layer")
     if source >= target:
         raise MelboError(f"source layer {source} must come before target layer {target}: pick source < target")
-    if cfg.method == "adapters" and cfg.orthogonal == "hard":
-        raise MelboError("hard orthogonality is defined for steering vectors only: use --orthogonal soft or none")
-    if cfg.method != "adapters" and cfg.n_vectors > lm.width:
-        raise MelboError(f"{cfg.n_vectors} orthogonal vectors do not fit in width {lm.width}: ask for fewer")
+    method.check(cfg, lm, earlier)
     return source, target
 
 
-def _validate_contrast(cfg: DiscoverConfig) -> None:
+def _validate_contrast(cfg: DiscoverConfig, method: type[Method]) -> None:
     if cfg.contrast not in FORMS:
         raise MelboError(f"unknown contrast {cfg.contrast!r}: use one of {', '.join(FORMS)}")
-    if cfg.method == "jacobian":
-        raise MelboError("contrastive discovery trains vectors or adapters: use --method vectors or adapters")
+    if not method.supports_contrast:
+        able = " or ".join(name for name, m in METHODS.items() if m.supports_contrast)
+        raise MelboError(f"contrastive discovery cannot use method {cfg.method!r}: use --method {able}")
     if not cfg.contrast_weight >= 0 or not math.isfinite(cfg.contrast_weight):
         raise MelboError(f"contrast-weight must be a finite number ≥ 0, got {cfg.contrast_weight}")
-
-
-def _method(lm: LoadedModel, cfg: DiscoverConfig, source: int, radius: float):
-    setting = Setting(source=source, radius=radius, width=lm.width, rank=cfg.rank, orthogonal=cfg.orthogonal)
-    if cfg.method == "adapters":
-        return SteeringAdapterMethod.for_model(lm, setting)
-    return SteeringVectorMethod(setting)
-
-
-def _objective(lm: LoadedModel, cfg: DiscoverConfig, batch, source: int, target: int,
-               reference: Optional[LoadedModel]) -> Objective | TargetProbe:
-    """What training maximises: a TargetProbe for jacobian, else the MELBO or a contrastive objective."""
-    if cfg.method == "jacobian":  # finite differences need full precision
-        return TargetProbe(lm, batch, source, target, source, "fp32")
-    replay = _method(lm, cfg, source, 1.0).replay_upto(source)
-    if cfg.contrast is not None:
-        return ContrastiveObjective(lm, reference, batch, source, target, replay, cfg.contrast, cfg.p, cfg.q,
-                                    cfg.contrast_weight, cfg.precision)
-    return MelboObjective(TargetProbe(lm, batch, source, target, replay, cfg.precision), cfg.p, cfg.q)
 
 
 def _reference(cfg: DiscoverConfig, lm: LoadedModel, reference: Optional[LoadedModel]) -> Optional[LoadedModel]:
@@ -155,27 +136,20 @@ def discover(
         prompts = DiscoverConfig(prompts=check_prompt_list(prompts), **settings)
     cfg = prompts
     reference = _reference(cfg, lm, reference)
-    source, target = validate(lm, cfg)
+    source, target = validate(lm, cfg, len(previous) if previous is not None else 0)
     path = Path(out) if out is not None else default_run_dir(lm)
     check_output_dir(path)
     if path.exists() and any(path.iterdir()):
         raise MelboError(f"{path} already exists and is not empty: choose another --out or use --resume {path}")
     if previous is not None and previous.shape[-1] != lm.width:
         raise MelboError(f"earlier vectors have width {previous.shape[-1]}, the model {lm.width}: use this model's")
-    if previous is not None and cfg.method != "adapters" and len(previous) + cfg.n_vectors > lm.width:
-        raise MelboError(f"{len(previous)} earlier + {cfg.n_vectors} new orthogonal vectors do not fit in width "
-                         f"{lm.width}: ask for fewer")
     batch = encode(lm, cfg.prompts, cfg.chat, cfg.positions)  # validates prompts and token positions
     path.mkdir(parents=True, exist_ok=True)
     run = Run(path, _initial_config(lm, cfg, source, target, reference), model=lm)
     run.save_config()  # first, so that an interruption from here on leaves a resumable run
     if previous is not None:
-        save_tensors(path / "previous.safetensors", {"vectors": previous})
-    objective = _objective(lm, cfg, batch, source, target, reference)
-    run.config["precision"] = objective.precision
-    _record_radius(run, objective)
-    run.save_config()
-    return _train(run, objective, previous, progress)
+        save_tensors(path / PREVIOUS, {"vectors": previous})
+    return _train(run, lm, batch, reference, previous, progress)
 
 
 def resume(path: str | Path, lm: LoadedModel, progress: Optional[Progress] = None,
@@ -188,16 +162,11 @@ def resume(path: str | Path, lm: LoadedModel, progress: Optional[Progress] = Non
     if cfg.contrast is not None:
         reference = _reference(cfg, lm, reference)
         _check_recorded_reference(run, reference)
-    source, target = validate(lm, cfg)
-    batch = encode(lm, cfg.prompts, cfg.chat, cfg.positions)
-    prev_file = run.path / "previous.safetensors"
+    prev_file = run.path / PREVIOUS
     previous = load_tensors(prev_file)["vectors"] if prev_file.exists() else None
-    cfg.precision = run.config.get("precision", cfg.precision)  # the precision earlier batches trained at
-    objective = _objective(lm, cfg, batch, source, target, reference)
-    if "radius" not in run.config:  # interrupted before the radius was recorded
-        _record_radius(run, objective)
-        run.save_config()
-    return _train(run, objective, previous, progress)
+    validate(lm, cfg, len(previous) if previous is not None else 0)
+    batch = encode(lm, cfg.prompts, cfg.chat, cfg.positions)
+    return _train(run, lm, batch, reference, previous, progress)
 
 
 def _check_recorded_reference(run: Run, reference: LoadedModel) -> None:
@@ -224,64 +193,53 @@ def _initial_config(lm: LoadedModel, cfg: DiscoverConfig, source: int, target: i
         "p": cfg.p,
         "q": cfg.q,
         "orthogonal": cfg.orthogonal,
-        "rank": cfg.rank if cfg.method == "adapters" else None,
+        "rank": cfg.rank if method_class(cfg.method).artifact_kind is SteeringAdapters else None,
         "settings": asdict(cfg),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     }
 
 
-def _record_radius(run: Run, objective: Objective | TargetProbe) -> None:
+def _record_radius(run: Run, lm: LoadedModel, batch: PromptBatch) -> None:
     value, relative = parse_radius(run.config["settings"]["radius"])
-    norm = residual_norm(objective.lm, objective.batch, run.config["source"])
+    norm = residual_norm(lm, batch, run.config["source"])
     radius = value * norm if relative else value
     run.config.update(radius=radius, radius_relative=radius / norm, residual_norm=norm)
 
 
-def _train(run: Run, objective: Objective | TargetProbe, previous: Optional[Tensor],
-           progress: Optional[Progress]) -> Run:
+def _train(run: Run, lm: LoadedModel, batch: PromptBatch, reference: Optional[LoadedModel],
+           previous: Optional[Tensor], progress: Optional[Progress]) -> Run:
+    """Fit the run's perturbations batch by batch, checkpointing after each, from wherever the run stopped."""
     cfg = DiscoverConfig(**run.config["settings"])
-    if cfg.method == "jacobian":
-        return _jacobian(run, objective, cfg, previous, progress)
-    method = _method(objective.lm, cfg, run.config["source"], run.config["radius"])
-    optim = OptimConfig(steps=cfg.steps, lr=cfg.lr, soft_weight=cfg.soft_weight)
-    done_tensors, batches_done = run.load_checkpoint()
-    n_batches = math.ceil(cfg.n_vectors / cfg.batch_size)
+    cfg.precision = run.config.get("precision", cfg.precision)  # a resumed run keeps the precision it began at
+    if "radius" not in run.config:  # a new run, or one interrupted before the radius was recorded
+        _record_radius(run, lm, batch)
+    setting = Setting.of(cfg, run.config["source"], run.config["radius"], lm.width, run.config["residual_norm"])
+    method = method_class(cfg.method).create(lm, setting)
+    objective = method.objective(lm, batch, run.config["target"], cfg, reference)
+    run.config["precision"] = objective.precision
+    run.save_config()
+    done, batches_done = run.load_checkpoint()
+    size = cfg.batch_size if method.batched else cfg.n_vectors
+    n_batches = math.ceil(cfg.n_vectors / size)
     for b in range(batches_done, n_batches):
-        n = min(cfg.batch_size, cfg.n_vectors - b * cfg.batch_size)
+        n = min(size, cfg.n_vectors - b * size)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
-        earlier = _predecessors(previous, done_tensors)
-
-        def on_step(step: int, objective: Tensor, b=b) -> None:
-            if progress:
-                progress({"batch": b, "batches": n_batches, "step": step, "steps": cfg.steps,
-                          "objective": float(objective.mean()), "n": n})
-
-        params, curves = optimise(method, objective, n, optim, generator, earlier, cfg.orthogonal == "soft", on_step)
-        done_tensors = _append(done_tensors, {**params, "curves": curves})
-        run.save_checkpoint(done_tensors, b + 1)
-    curves = done_tensors.pop("curves")
-    run.save_result(method.artifact(done_tensors), curves)
+        on_step = _step_progress(progress, b, n_batches, method.steps, n)
+        fit = method.fit(objective, n, _predecessors(previous, done), generator, on_step)
+        run.config.update(fit.record)
+        done = _append(done, {**fit.params, "curves": fit.curves})
+        run.save_checkpoint(done, b + 1)
+    curves = done.pop("curves")
+    run.save_result(method.artifact(done), curves)
     return run
 
 
-def _jacobian(run: Run, probe: TargetProbe, cfg: DiscoverConfig, previous: Optional[Tensor],
-              progress: Optional[Progress]) -> Run:
-    """Top-k Jacobian directions at radius R (one batch: power iteration needs all k together)."""
-
-    def on_step(step: int, values: Tensor) -> None:
-        if progress:
-            progress({"batch": 0, "batches": 1, "step": step, "steps": cfg.power_iterations,
-                      "objective": float(values.mean()), "n": cfg.n_vectors})
-
-    eps = 0.01 * run.config["residual_norm"]
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003)
-    directions, sigma2, history = jacobian_directions(probe, cfg.n_vectors, cfg.power_iterations, generator, eps,
-                                                      previous, on_step)
-    run.config.update(singular_values=sigma2.clamp_min(0).sqrt().tolist(), finite_difference_eps=eps)
-    vectors = SteeringVectors(directions * run.config["radius"], run.config["source"])
-    run.save_result(vectors, history)
-    return run
+def _step_progress(progress: Optional[Progress], batch: int, batches: int, steps: int, n: int):
+    if progress is None:
+        return None
+    return lambda step, values: progress({"batch": batch, "batches": batches, "step": step, "steps": steps,
+                                          "objective": float(values.mean()), "n": n})
 
 
 def _predecessors(previous: Optional[Tensor], done: dict[str, Tensor]) -> Optional[Params]:

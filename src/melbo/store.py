@@ -1,7 +1,7 @@
 """The run directory: everything a discovery produced, reloadable and resumable.
 
     config.json          settings, model identity, radius (absolute and relative), versions
-    vectors.safetensors  [N, d] steering vectors     (or adapters.safetensors: a [N, h, r], b [N, d, r])
+    <artefact file>      the result, in its artefact's own format (`SteeringVectors.FILE`, `SteeringAdapters.FILE`)
     curves.safetensors   objective per perturbation per step [N, steps + 1]
     checkpoint.safetensors  finished batches of an unfinished run (removed when the run completes)
     completions.jsonl    one line per (perturbation, prompt, sample)
@@ -9,21 +9,19 @@
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from melbo.errors import MelboError
-from melbo.intervention import Perturbations, SteeringAdapters, SteeringVectors
+from melbo.files import (  # noqa: F401  (re-exported: the file helpers used to live here)
+    atomic_write, check_output_dir, check_output_file, load_metadata, load_tensors, make_output_dir, read_json,
+    read_text, replacing, save_tensors, write_json)
+from melbo.intervention import Perturbations, SteeringVectors
 from melbo.models import LoadedModel
 
 CONFIG = "config.json"
@@ -33,112 +31,6 @@ COMPLETIONS = "completions.jsonl"
 METRICS = "metrics.json"  # written by melbo.assess
 SWEEP = "sweep.json"  # in a sweep directory, written by melbo.sweep
 BENCH = "bench.json"  # written by melbo.bench
-
-
-def check_output_file(path: Path) -> None:
-    """Refuse an output file path that is not a new path or a regular file: a write renames over what is there."""
-    path = Path(path)
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise MelboError(f"{path} is not a regular file (a directory, link or device): give a new file path")
-    _check_ancestors(path.parent)
-
-
-def check_output_dir(path: Path) -> None:
-    """Refuse an output directory path that is, or lies under, something other than a directory."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise MelboError(f"{path} is a file, not a directory: choose another --out")
-    _check_ancestors(path)
-
-
-def _check_ancestors(path: Path) -> None:
-    # The nearest existing ancestor must be a directory, or mkdir fails halfway.
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise MelboError(f"{folder} is a file, not a directory: choose another --out")
-            return
-
-
-def make_output_dir(path: Path) -> None:
-    check_output_dir(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MelboError(f"cannot create {path} ({exc.strerror}): choose another --out") from exc
-
-
-@contextmanager
-def replacing(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path`, renamed over it on success and removed on any failure."""
-    check_output_file(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, (OSError, SafetensorError)):
-            raise _write_error(path, exc) from exc
-        raise
-
-
-def _write_error(path: Path, exc: BaseException) -> MelboError:
-    reason = getattr(exc, "strerror", None) or str(exc)
-    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "StorageFull" in reason
-    fix = f"free space on {path.parent.resolve()}" if full else "choose another --out"
-    return MelboError(f"cannot write {path} ({reason}): {fix}")
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so an interruption never leaves a half-written file."""
-    with replacing(Path(path)) as tmp:
-        tmp.write_bytes(data)
-
-
-def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: Optional[dict[str, str]] = None) -> None:
-    with replacing(Path(path)) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
-def read_text(path: Path, what: str = "file", fix: str = "save it as UTF-8") -> str:
-    """A UTF-8 text file's contents; a missing, unreadable or non-UTF-8 file is a one-line error."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise MelboError(f"{what} {path} is not UTF-8 text (byte {exc.start}): {fix}") from exc
-    except FileNotFoundError as exc:
-        raise MelboError(f"{what} {path} does not exist: check the path") from exc
-    except OSError as exc:
-        raise MelboError(f"cannot read {what} {path} ({exc.strerror}): give a readable text file") from exc
-
-
-def load_tensors(path: Path) -> dict[str, Tensor]:
-    if not path.exists():
-        raise MelboError(f"{path} is missing: the run is incomplete; re-run or --resume it")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise MelboError(f"{path} is corrupt ({exc}): delete it and re-run (or --resume) this run") from exc
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def read_json(path: Path) -> Any:
-    if not path.exists():
-        raise MelboError(f"{path.parent} is not a melbo run (no {path.name}): give a run directory")
-    try:
-        return json.loads(read_text(path, path.name, "restore or delete the run"))
-    except json.JSONDecodeError as exc:
-        raise MelboError(f"{path} is corrupt ({exc.msg}): restore or delete the run") from exc
-
-
-def artifact_tensors(perturbations: Perturbations) -> tuple[str, dict[str, Tensor]]:
-    if isinstance(perturbations, SteeringVectors):
-        return "vectors.safetensors", {"vectors": perturbations.vectors}
-    return "adapters.safetensors", {"a": perturbations.a, "b": perturbations.b}
 
 
 @dataclass
@@ -169,15 +61,13 @@ class Run:
         return run
 
     def _load_perturbations(self) -> Perturbations:
-        source = int(self.config["source"])
-        name = "adapters.safetensors" if self.config["method"] == "adapters" else "vectors.safetensors"
-        if not (self.path / name).exists():  # --resume would find the run complete and stop: no loop
-            raise MelboError(f"run {self.path} is complete but its result {name} is missing: "
+        from melbo.methods import method_class
+
+        kind = method_class(self.config["method"]).artifact_kind
+        if not (self.path / kind.FILE).exists():  # --resume would find the run complete and stop: no loop
+            raise MelboError(f"run {self.path} is complete but its result {kind.FILE} is missing: "
                              "run `melbo discover` again into a new --out")
-        t = load_tensors(self.path / name)
-        if self.config["method"] == "adapters":
-            return SteeringAdapters(t["a"], t["b"], float(self.config["radius"]), source)
-        return SteeringVectors(t["vectors"], source)
+        return kind.load(self.path / kind.FILE)
 
     def attach(self, model: LoadedModel) -> None:
         """Bind a loaded model to this run, refusing a model other than the one it was trained on."""
@@ -236,8 +126,7 @@ class Run:
         write_json(self.path / CONFIG, self.config)
 
     def save_result(self, perturbations: Perturbations, curves: Tensor) -> None:
-        name, tensors = artifact_tensors(perturbations)
-        save_tensors(self.path / name, tensors, {"melbo": json.dumps(_artifact_metadata(self.config))})
+        perturbations.save(self.path / perturbations.FILE, _artifact_metadata(self.config))
         save_tensors(self.path / CURVES, {"curves": curves})
         self.perturbations, self.curves = perturbations, curves
         self.config["status"] = "complete"
@@ -251,13 +140,11 @@ class Run:
         file = self.path / CHECKPOINT
         if not file.exists():
             return {}, 0
-        from safetensors import safe_open
-
+        fix = "delete it to restart this run from scratch"
         try:
-            with safe_open(str(file), "pt") as f:
-                done = int(f.metadata()["batches_done"])
-        except (SafetensorError, OSError, KeyError, ValueError) as exc:
-            raise MelboError(f"{file} is corrupt ({exc}): delete it to restart this run from scratch") from exc
+            done = int(load_metadata(file, fix)["batches_done"])
+        except (KeyError, ValueError) as exc:
+            raise MelboError(f"{file} is corrupt ({exc}): {fix}") from exc
         return load_tensors(file), done
 
     def write_completions(self, rows: list[dict]) -> None:

@@ -10,15 +10,13 @@ One step, for a batch of n perturbations (shapes: N = n, P prompts, T tokens, d 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from melbo.methods.base import Method, Params
+from melbo.methods.base import GradientMethod, Params, StepCallback
 from melbo.objective import Objective
-
-StepCallback = Callable[[int, Tensor], None]  # (step, objective per perturbation [n])
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ def soft_orthogonality_penalty(change: Tensor, token_mask: Tensor, objective: Te
 
 
 def optimise(
-    method: Method,
+    method: GradientMethod,
     objective: Objective,
     n: int,
     config: OptimConfig,

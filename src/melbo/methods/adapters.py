@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 import torch
 
 from melbo.errors import MelboError
 from melbo.intervention import SteeringAdapters, add_lora
 from melbo.layers import find_mlp_out
-from melbo.methods.base import Params, Setting
+from melbo.methods.base import GradientMethod, Params, Setting
 from melbo.models import LoadedModel
+
+if TYPE_CHECKING:
+    from melbo.settings import DiscoverConfig
 
 
 def _mlp_hidden_width(lm: LoadedModel, source: int) -> int:
@@ -26,21 +30,27 @@ def _mlp_hidden_width(lm: LoadedModel, source: int) -> int:
     return int(weight.shape[1] if weight.shape[0] == lm.width else weight.shape[0])
 
 
-class SteeringAdapterMethod:
+def _check_orthogonality(orthogonal: str) -> None:
+    if orthogonal == "hard":
+        raise MelboError("hard orthogonality is defined for steering vectors only: use --orthogonal soft or none")
+
+
+class SteeringAdapterMethod(GradientMethod):
     name = "adapters"
+    artifact_kind = SteeringAdapters
 
     def __init__(self, setting: Setting, hidden: int):
-        if setting.orthogonal == "hard":
-            raise MelboError("hard orthogonality is defined for steering vectors only: use --orthogonal soft or none")
-        self.s = setting
+        _check_orthogonality(setting.orthogonal)
+        super().__init__(setting)
         self.hidden = hidden
 
     @classmethod
-    def for_model(cls, lm: LoadedModel, setting: Setting) -> "SteeringAdapterMethod":
-        return cls(setting, _mlp_hidden_width(lm, setting.source))
+    def check(cls, cfg: "DiscoverConfig", lm: LoadedModel, earlier: int) -> None:
+        _check_orthogonality(cfg.orthogonal)
 
-    def replay_upto(self, source: int) -> int:
-        return source - 1
+    @classmethod
+    def create(cls, lm: LoadedModel, setting: Setting) -> "SteeringAdapterMethod":
+        return cls(setting, _mlp_hidden_width(lm, setting.source))
 
     def init(self, n: int, generator: torch.Generator, previous: Params | None) -> Params:
         r = self.s.rank

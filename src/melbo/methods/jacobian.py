@@ -15,13 +15,19 @@ These directions are linear-regime perturbations; learned vectors at the Goldilo
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import Tensor
 
-from melbo.intervention import add_to_block_output
+from melbo.intervention import SteeringVectors, add_to_block_output
+from melbo.methods.base import Fit, Params, Setting, StepCallback, check_orthogonal_fit
+from melbo.models import LoadedModel
 from melbo.objective import TargetProbe
+from melbo.prompts import PromptBatch
+
+if TYPE_CHECKING:
+    from melbo.settings import DiscoverConfig
 
 
 def _jvp(probe: TargetProbe, v: Tensor, eps: float) -> Tensor:
@@ -82,3 +88,44 @@ def jacobian_directions(
     order = values.argsort(descending=True)
     directions = vectors[:, order].T @ v
     return directions / directions.norm(dim=-1, keepdim=True), values[order], history
+
+
+class JacobianMethod:
+    """Top-k Jacobian directions at radius R: one fit for all k (power iteration needs them together)."""
+
+    name = "jacobian"
+    artifact_kind = SteeringVectors
+    supports_contrast = False  # a reference model has no place in J's power iteration
+    batched = False
+
+    def __init__(self, setting: Setting):
+        self.s = setting
+        self.steps = setting.power_iterations
+
+    @classmethod
+    def check(cls, cfg: "DiscoverConfig", lm: LoadedModel, earlier: int) -> None:
+        check_orthogonal_fit(cfg, lm, earlier)
+
+    @classmethod
+    def create(cls, lm: LoadedModel, setting: Setting) -> "JacobianMethod":
+        return cls(setting)
+
+    def replay_upto(self, source: int) -> int:
+        return source
+
+    def objective(self, lm: LoadedModel, batch: PromptBatch, target: int, cfg: "DiscoverConfig",
+                  reference: Optional[LoadedModel]) -> TargetProbe:
+        # Finite differences need full precision, whatever --precision says.
+        return TargetProbe(lm, batch, self.s.source, target, self.replay_upto(self.s.source), "fp32")
+
+    def fit(self, objective: TargetProbe, n: int, previous: Optional[Params], generator: torch.Generator,
+            on_step: Optional[StepCallback] = None) -> Fit:
+        eps = 0.01 * self.s.residual_norm
+        earlier = previous["vectors"] if previous is not None else None
+        directions, sigma2, history = jacobian_directions(objective, n, self.s.power_iterations, generator, eps,
+                                                          earlier, on_step)
+        record = {"singular_values": sigma2.clamp_min(0).sqrt().tolist(), "finite_difference_eps": eps}
+        return Fit({"vectors": directions * self.s.radius}, history, record)
+
+    def artifact(self, params: Params) -> SteeringVectors:
+        return SteeringVectors(params["vectors"].clone(), self.s.source)

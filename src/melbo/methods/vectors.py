@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from melbo.intervention import SteeringVectors, add_to_block_output
-from melbo.methods.base import Params, Setting
+from melbo.methods.base import GradientMethod, Params, check_orthogonal_fit
 from melbo.models import LoadedModel
+
+if TYPE_CHECKING:
+    from melbo.settings import DiscoverConfig
 
 
 def orthonormalise(x: Tensor, basis: Tensor | None = None) -> Tensor:
@@ -47,14 +51,16 @@ def _unit(previous: Params | None) -> Tensor | None:
     return orthonormalise(previous["vectors"])
 
 
-class SteeringVectorMethod:
+class SteeringVectorMethod(GradientMethod):
     name = "vectors"
+    artifact_kind = SteeringVectors
 
-    def __init__(self, setting: Setting):
-        self.s = setting
+    @classmethod
+    def check(cls, cfg: "DiscoverConfig", lm: LoadedModel, earlier: int) -> None:
+        check_orthogonal_fit(cfg, lm, earlier)
 
     def replay_upto(self, source: int) -> int:
-        return source
+        return source  # added to block s's output: blocks 0..s never see it
 
     def init(self, n: int, generator: torch.Generator, previous: Params | None) -> Params:
         x = torch.randn(n, self.s.width, generator=generator)  # Gaussian → uniform direction on the sphere

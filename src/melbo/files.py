@@ -1,0 +1,131 @@
+"""Writing and reading files safely: output paths checked before work, writes atomic, one-line errors.
+
+Every file melbo writes goes through `replacing` (a temporary beside the path, renamed over it on success and
+removed on any failure), so an interruption or a full disk never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from melbo.errors import MelboError
+
+
+def check_output_file(path: Path) -> None:
+    """Refuse an output file path that is not a new path or a regular file: a write renames over what is there."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise MelboError(f"{path} is not a regular file (a directory, link or device): give a new file path")
+    _check_ancestors(path.parent)
+
+
+def check_output_dir(path: Path) -> None:
+    """Refuse an output directory path that is, or lies under, something other than a directory."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MelboError(f"{path} is a file, not a directory: choose another --out")
+    _check_ancestors(path)
+
+
+def _check_ancestors(path: Path) -> None:
+    # The nearest existing ancestor must be a directory, or mkdir fails halfway.
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise MelboError(f"{folder} is a file, not a directory: choose another --out")
+            return
+
+
+def make_output_dir(path: Path) -> None:
+    check_output_dir(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MelboError(f"cannot create {path} ({exc.strerror}): choose another --out") from exc
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path`, renamed over it on success and removed on any failure."""
+    check_output_file(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, SafetensorError)):
+            raise _write_error(path, exc) from exc
+        raise
+
+
+def _write_error(path: Path, exc: BaseException) -> MelboError:
+    reason = getattr(exc, "strerror", None) or str(exc)
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "StorageFull" in reason
+    fix = f"free space on {path.parent.resolve()}" if full else "choose another --out"
+    return MelboError(f"cannot write {path} ({reason}): {fix}")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temporary file and rename, so an interruption never leaves a half-written file."""
+    with replacing(Path(path)) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: Optional[dict[str, str]] = None) -> None:
+    with replacing(Path(path)) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def read_text(path: Path, what: str = "file", fix: str = "save it as UTF-8") -> str:
+    """A UTF-8 text file's contents; a missing, unreadable or non-UTF-8 file is a one-line error."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MelboError(f"{what} {path} is not UTF-8 text (byte {exc.start}): {fix}") from exc
+    except FileNotFoundError as exc:
+        raise MelboError(f"{what} {path} does not exist: check the path") from exc
+    except OSError as exc:
+        raise MelboError(f"cannot read {what} {path} ({exc.strerror}): give a readable text file") from exc
+
+
+def load_tensors(path: Path) -> dict[str, Tensor]:
+    if not path.exists():
+        raise MelboError(f"{path} is missing: the run is incomplete; re-run or --resume it")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise MelboError(f"{path} is corrupt ({exc}): delete it and re-run (or --resume) this run") from exc
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    if not path.exists():
+        raise MelboError(f"{path.parent} is not a melbo run (no {path.name}): give a run directory")
+    try:
+        return json.loads(read_text(path, path.name, "restore or delete the run"))
+    except json.JSONDecodeError as exc:
+        raise MelboError(f"{path} is corrupt ({exc.msg}): restore or delete the run") from exc
+
+
+def load_metadata(path: Path, fix: str = "delete it and re-run (or --resume) this run") -> dict[str, str]:
+    """The string metadata a safetensors file carries (empty when it has none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise MelboError(f"{path} is corrupt ({exc}): {fix}") from exc
