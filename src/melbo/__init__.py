@@ -2,7 +2,8 @@
 
     import melbo
     lm = melbo.load_model()                                   # the embedded default model, offline
-    run = melbo.discover(lm, ["How can I make a bomb?"], n_vectors=16, out="runs/bomb")
+    run = melbo.elicit(lm, ["How can I make a bomb?"], "runs/bomb", n_vectors=16)  # the whole job (as the CLI)
+    run = melbo.discover(lm, ["How can I make a bomb?"], "runs/bomb-vectors", n_vectors=16)  # training alone
     with run.steer(3):                                        # vector 3 active on every forward pass
         ...
     completions = melbo.generate(lm, run.perturbations, ["Tell me a story."])
@@ -15,6 +16,7 @@
 __version__ = "0.1.0"
 
 from melbo.runner import DiscoverConfig, discover, resume  # noqa: E402
+from melbo.job import elicit  # noqa: E402
 from melbo.errors import MelboError  # noqa: E402
 from melbo.generation import Completion, generate  # noqa: E402
 from melbo.intervention import SteeringAdapters, SteeringVectors  # noqa: E402
@@ -26,5 +28,5 @@ from melbo.monitor import Monitor  # noqa: E402
 
 __all__ = [
     "DEFAULT_MODEL", "EMBEDDED", "Completion", "DiscoverConfig", "LoadedModel", "MelboError", "Monitor", "Run",
-    "SteeringAdapters", "SteeringVectors", "diff", "discover", "generate", "load_model", "melbo_objective", "resume",
+    "SteeringAdapters", "SteeringVectors", "diff", "discover", "elicit", "generate", "load_model", "melbo_objective", "resume",
 ]

@@ -43,6 +43,24 @@ def run_completions(run: Run, lm: LoadedModel, on_batch: Optional[Callable[[int]
     return completions
 
 
+def learned_and_random(run: Run, lm: LoadedModel, random: int, seed: int = 0,
+                       on_batch: Optional[Callable[[int], None]] = None) -> tuple[list[Completion], list[Completion]]:
+    """The run's completions on its training prompts, and those of `random` random vectors of its radius.
+
+    The random rows (labels random0, random1, …) have no unsteered row of their own: with greedy decoding it
+    would repeat the learned list's. Runs whose result is not vectors get no random rows.
+    """
+    learned = run_completions(run, lm, on_batch)
+    if not random or not isinstance(run.perturbations, SteeringVectors):
+        return learned, []
+    settings = run.settings
+    vectors = random_vectors(random, lm.width, float(run.config["radius"]), int(run.config["source"]), seed)
+    randoms = generate(lm, vectors, settings["prompts"], labels=[f"random{k}" for k in range(random)],
+                       include_unsteered=False, chat=settings["chat"],
+                       sampling=Sampling(max_new_tokens=settings["max_new_tokens"]), on_batch=on_batch)
+    return learned, randoms
+
+
 def assess_run(run: Run, lm: LoadedModel, random: int = 4, seed: int = 0,
                on_batch: Optional[Callable[[int], None]] = None) -> dict:
     """Score, cluster and compare a run with K random vectors of its radius; write and return metrics.json.
@@ -55,7 +73,7 @@ def assess_run(run: Run, lm: LoadedModel, random: int = 4, seed: int = 0,
         run.attach(lm)
     settings = run.config["settings"]
     chat = settings["chat"]
-    learned_completions = run_completions(run, lm, on_batch)
+    learned_completions, randoms = learned_and_random(run, lm, random, seed, on_batch)
     learned = evaluation.score(lm, learned_completions, chat=chat)
 
     from melbo.clustering import cluster_behaviours
@@ -71,19 +89,13 @@ def assess_run(run: Run, lm: LoadedModel, random: int = 4, seed: int = 0,
         entry["no_change"] = found["no_change"] if found else None
 
     random_score = None
-    random_rows: list[dict] = []
-    if random and isinstance(run.perturbations, SteeringVectors):
-        vectors = random_vectors(random, lm.width, float(run.config["radius"]), int(run.config["source"]), seed)
-        randoms = generate(lm, vectors, settings["prompts"], labels=[f"random{k}" for k in range(random)],
-                           include_unsteered=False, chat=chat,
-                           sampling=Sampling(max_new_tokens=settings["max_new_tokens"]), on_batch=on_batch)
+    if randoms:
         # greedy decoding: the stored unsteered completions are the reference rows for the random ones too
         reference = [c for c in learned_completions if c.vector is None]
         random_score = evaluation.score(lm, reference + randoms, chat=chat)
-        random_rows = [c.to_json() for c in randoms]
 
     metrics = _jsonable({"learned": learned, "random": random_score, "clusters": grouping["clusters"],
-                         "random_completions": random_rows})
+                         "random_completions": [c.to_json() for c in randoms]})
     write_json(run.path / METRICS, metrics)
     return metrics
 

@@ -174,52 +174,116 @@ def discover(
     blocks_path: Optional[str] = BlocksOpt,
 ) -> None:
     """Learn perturbations on prompts, generate with each, write a run directory: the main job."""
-    from melbo import runner as library
+    from melbo import job
+    from melbo.generation import Completion
     from melbo.store import Run, check_output_dir
 
     started = time.perf_counter()
-    if random < 0:
-        raise MelboError(f"--random must be ≥ 0, got {random}")
-    if radius.strip().lower() == "auto" and method != "vectors":
-        raise MelboError("--radius auto sweeps steering vectors: give --radius explicitly for adapters or jacobian")
+    job.check_random(random)
     if out_dir is not None:
         check_output_dir(out_dir)  # before minutes of loading and training
+    display = _JobDisplay()
     if resume_dir is not None:
         if given := _given(ctx, _RESUME_KEEPS):
             raise MelboError(f"{', '.join(given)} cannot change on --resume (the run keeps its recorded settings): "
                              "drop them")
         recorded = Run.load(resume_dir)
         _ = recorded.settings  # a run without settings cannot be resumed: say so before loading the model
-        config = recorded.config
-        random = _resume_random(ctx, config, random)
-        lm = _load(model or config["model"]["spec"], device, dtype, blocks_path)
-        bar, update = _training_progress()
-        with bar:
-            run = _interruptible(lambda: library.resume(resume_dir, lm, progress=update), resume_dir)
+        lm = _load(model or recorded.config["model"]["spec"], device, dtype, blocks_path)
+        chosen = random if _given(ctx, ("random",)) else None  # else the run's own baseline
+        with display:
+            run = _interruptible(lambda: job.resume_job(resume_dir, lm, random=chosen, progress=display.event,
+                                                        on_batch=display.advance), resume_dir)
     else:
+        texts = _read_prompts(prompts or [], prompts_file)
         lm = _load(model, device, dtype, blocks_path)
         previous = Run.load(orthogonal_to).vectors if orthogonal_to is not None else None
-        settings = library.DiscoverConfig(
-            prompts=_read_prompts(prompts or [], prompts_file), method=method, n_vectors=n_vectors, source=source,
-            target=target, radius=radius, p=p, q=q, steps=steps, lr=lr, orthogonal=orthogonal,
-            soft_weight=soft_weight, rank=rank, batch_size=batch_size, seed=seed, chat=chat,
-            positions=_parse_positions(positions), max_new_tokens=max_new_tokens, precision=precision,
-            power_iterations=power_iterations,
-        )
-        path = out_dir or library.default_run_dir(lm)
-        sweep_dir = _auto_radius(lm, settings, path) if radius.strip().lower() == "auto" else None
-        bar, update = _training_progress()
-        with bar:
-            run = _interruptible(lambda: library.discover(lm, settings, path, previous=previous, progress=update), path)
-        if sweep_dir is not None:
-            run.config["radius_sweep"] = str(sweep_dir)
-    run.config["random"] = random  # so that --resume assesses as this run asked
-    run.save_config()
-    completions = _complete_run(run, lm)
-    _print_completions(completions)
-    _assess_and_report(run, lm, random)
-    out.print(f"run written to [bold]{run.path}[/] in {time.perf_counter() - started:.0f} s "
+        path = out_dir or job.default_run_dir(lm)
+        with display:
+            run = _interruptible(lambda: job.elicit(
+                lm, texts, path, random=random, previous=previous, progress=display.event,
+                on_batch=display.advance, method=method, n_vectors=n_vectors, source=source, target=target,
+                radius=radius, p=p, q=q, steps=steps, lr=lr, orthogonal=orthogonal, soft_weight=soft_weight,
+                rank=rank, batch_size=batch_size, seed=seed, chat=chat, positions=_parse_positions(positions),
+                max_new_tokens=max_new_tokens, precision=precision, power_iterations=power_iterations), path)
+    _print_completions([Completion(**row) for row in run.completions()])
+    _print_assessment(run)
+    out.print(f"report: [bold]{escape(str(run.path / 'report.html'))}[/]")
+    out.print(f"run written to [bold]{escape(str(run.path))}[/] in {time.perf_counter() - started:.0f} s "
               f"(R = {run.config['radius']:.4g} = {run.config['radius_relative']:.3g} x residual norm)")
+
+
+class _JobDisplay:
+    """One live display at a time for a job's stages: a spinner, the training bars, the generation bar.
+
+    `event` takes `melbo.elicit`'s progress events, `advance` its generation counts. A bench passes the total
+    of all its generations, which go on after the job's own: the generation bar then stays up to the end.
+    """
+
+    def __init__(self, generations: Optional[int] = None):
+        self.generations = generations
+        self.live = None
+        self.training: Optional[Callable[[dict], None]] = None
+        self.generated: Optional[Callable[[int], None]] = None
+
+    def __enter__(self) -> "_JobDisplay":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._show(None)
+
+    def _show(self, live) -> None:
+        if self.live is not None:
+            self.live.stop()
+        self.live = live
+        if live is not None:
+            live.start()
+
+    def event(self, event: dict) -> None:
+        stage = event.get("stage")
+        if stage is None:
+            self._train(event)
+        elif stage == "sweep":
+            self._show(err.status(f"radius auto: sweeping R into {escape(event['out'])} …"))
+        elif stage == "radius":
+            self._show(None)
+            err.print(f"radius auto: chose R = {event['radius']} (details in {escape(event['out'])})")
+        elif stage == "generate":
+            self._generation_bar(event["total"])
+        elif stage == "assess":
+            self._show(err.status("assessing: random baseline, diversity, fluency, clusters …"))
+        elif stage == "report" and self.generations is None:
+            self._show(None)
+
+    def advance(self, n: int) -> None:
+        self._generation_bar(0)
+        self.generated(n)
+
+    def _train(self, event: dict) -> None:
+        if self.training is None:
+            bar, self.training = _training_progress()
+            self._show(bar)
+        self.training(event)
+
+    def _generation_bar(self, total: int) -> None:
+        if self.generated is None:
+            bar, self.generated = _generation_progress(self.generations or total)
+            self._show(bar)
+
+
+def _print_assessment(run) -> None:
+    """One line of the assessment in metrics.json (none when the job skipped it)."""
+    from melbo.store import METRICS
+
+    if not (run.path / METRICS).exists() or not run.config.get("random"):
+        return
+    metrics = json.loads((run.path / METRICS).read_text(encoding="utf-8"))
+    learned, baseline = metrics["learned"], metrics["random"]
+    line = f"diversity {learned['diversity']:.3f} learned"
+    if baseline is not None:
+        line += f" vs {baseline['diversity']:.3f} random; distance from unsteered " \
+                f"{learned['mean_distance_from_unsteered']:.3f} vs {baseline['mean_distance_from_unsteered']:.3f}"
+    out.print(line + f"; {len(metrics['clusters'])} behaviour clusters")
 
 
 # discover's options that set up training: fixed once a run exists.
@@ -235,68 +299,12 @@ def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
     return [flags[n] for n, source in sources.items() if source is not None and source.name != "DEFAULT"]
 
 
-def _resume_random(ctx: typer.Context, config: dict, random: int) -> int:
-    """The random baseline a resumed run is assessed with: --random when given, else the run's own."""
-    return random if _given(ctx, ("random",)) else int(config.get("random", random))
-
-
-def _auto_radius(lm, settings, path: Path) -> Path:
-    """--radius auto: a small sweep beside the run picks the Goldilocks R, which the run then uses."""
-    from melbo import runner
-    from melbo.sweep import goldilocks_radius
-
-    runner.validate(lm, runner.DiscoverConfig(**{**settings.__dict__, "radius": "1x"}))  # fail before the sweep
-    sweep_dir = path.with_name(path.name + "-sweep")
-    with err.status(f"radius auto: sweeping R into {sweep_dir} …"):
-        settings.radius = goldilocks_radius(lm, settings.prompts, out=sweep_dir, source=settings.source,
-                                            target=settings.target, chat=settings.chat, seed=settings.seed,
-                                            **_sweep_passthrough(settings))
-    err.print(f"radius auto: chose R = {settings.radius} (details in {sweep_dir})")
-    return sweep_dir
-
-
-def _sweep_passthrough(settings) -> dict:
-    """The discover settings the radius sweep trains with too, so that the chosen R fits this run."""
-    wanted = ("p", "q", "lr", "orthogonal", "soft_weight", "positions", "precision")
-    return {k: getattr(settings, k) for k in wanted}
-
-
-def _assess_and_report(run, lm, random: int) -> None:
-    """Learned vs random metrics, behaviour clusters, and report.html, all in the run directory."""
-    from melbo.assess import assess_run
-    from melbo.report import write_report
-
-    if random:
-        with err.status("assessing: random baseline, diversity, fluency, clusters …"):
-            metrics = assess_run(run, lm, random=random)
-        learned, baseline = metrics["learned"], metrics["random"]
-        line = f"diversity {learned['diversity']:.3f} learned"
-        if baseline is not None:
-            line += f" vs {baseline['diversity']:.3f} random; distance from unsteered " \
-                    f"{learned['mean_distance_from_unsteered']:.3f} vs {baseline['mean_distance_from_unsteered']:.3f}"
-        out.print(line + f"; {len(metrics['clusters'])} behaviour clusters")
-    sweep = run.config.get("radius_sweep")
-    report = write_report(run.path, Path(sweep) if sweep else None)
-    out.print(f"report: [bold]{report}[/]")
-
-
 def _interruptible(work: Callable, path: Path):
     try:
         return work()
     except KeyboardInterrupt:
         err.print(f"interrupted: finished batches are saved; continue with `melbo discover --resume {path}`")
         raise typer.Exit(130) from None
-
-
-def _complete_run(run, lm):
-    """Completions on the training prompts: generated and stored once per run, then reused."""
-    from melbo.assess import run_completions
-
-    if run.completions():
-        return run_completions(run, lm)
-    bar, advance = _generation_progress((len(run) + 1) * len(run.config["settings"]["prompts"]))
-    with bar:
-        return run_completions(run, lm, on_batch=advance)
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -619,24 +627,11 @@ def _bench_finish(result, path: Path) -> None:
     print_result(result, out)
 
 
-def _handover(training, generating, advance: Callable[[int], None]) -> Callable[[int], None]:
-    """Generation progress that replaces the training bars once generation starts (one live display at a time)."""
-
-    def on_batch(n: int) -> None:
-        training.stop()
-        generating.start()
-        advance(n)
-
-    return on_batch
-
-
 def _run_bench(path: Path, generations: int, work: Callable) -> None:
     """Run a bench with training bars, then generation bars, then print its tables last."""
-    bar, update = _training_progress()
-    gen_bar, advance = _generation_progress(generations)
-    with bar:
-        result = _interruptible(lambda: work(update, _handover(bar, gen_bar, advance)), path)
-    gen_bar.stop()
+    display = _JobDisplay(generations)
+    with display:
+        result = _interruptible(lambda: work(display.event, display.advance), path)
     _bench_finish(result, path)
 
 

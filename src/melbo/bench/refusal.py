@@ -88,10 +88,11 @@ def run_bench(
 ) -> BenchResult:
     """Train on `prompt`, compare learned and random vectors, test the best one on the shipped sets."""
     from melbo.arithmetic import random_vectors
+    from melbo.assess import learned_and_random
     from melbo.evaluation import perplexities, repetition
     from melbo.intervention import SteeringVectors
+    from melbo.job import elicit
     from melbo.prompts import format_prompt, uses_chat
-    from melbo.runner import discover
 
     if n_random < 1:
         raise MelboError(f"--random must be ≥ 1, got {n_random}")
@@ -99,17 +100,17 @@ def run_bench(
         raise MelboError(f"--requests must be ≥ 1, got {requests}")
     started = time.perf_counter()
     harmful, innocuous = shipped_prompts("harmful")[:requests], shipped_prompts("innocuous")[:requests]
-    run = discover(lm, [prompt], out, n_vectors=n_vectors, steps=steps, radius=radius, seed=seed,
-                   batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, **discover_settings)
+    run = elicit(lm, [prompt], out, random=0, n_vectors=n_vectors, steps=steps, radius=radius, seed=seed,
+                 batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, on_batch=on_batch,
+                 **discover_settings)
     templated = uses_chat(lm, run.config["settings"]["chat"])
     sampling = Sampling(max_new_tokens=max_new_tokens, batch_size=generation_batch)
+    learned_rows, random_rows = learned_and_random(run, lm, n_random, seed, on_batch)
+    training = learned_rows + random_rows
     learned = run.vectors
-    radius_abs, source = float(run.config["radius"]), run.config["source"]
-    randoms = random_vectors(n_random, learned.shape[1], radius_abs, source, seed).vectors
-    both = SteeringVectors(torch.cat([learned, randoms]), run.config["source"])
-    names = [f"v{i}" for i in range(len(learned))] + [f"random{k}" for k in range(n_random)]
-    training = generate(lm, both, [prompt], labels=names, chat=templated, sampling=sampling, on_batch=on_batch)
-    run.write_completions([c.to_json() for c in training if c.label.startswith(("v", "unsteered"))])
+    randoms = random_vectors(n_random, learned.shape[1], float(run.config["radius"]), run.config["source"],
+                             seed).vectors  # the same as learned_and_random's: the generalisation test reuses one
+    names = [c.label for c in training if c.vector is not None]
     ppl = perplexities(lm, format_prompt(lm, prompt, templated), [c.text for c in training], templated)
 
     per = {c.label: {"text": c.text, "refusal": refusal(c.text), "ppl": p, "rep": repetition(c.text)}

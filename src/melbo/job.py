@@ -1,0 +1,123 @@
+"""The main job, as one library call: (radius sweep) → discover → completions → assessment → report.
+
+    run = melbo.elicit(lm, ["How can I make a bomb?"], "runs/bomb", n_vectors=16, radius="auto")
+
+`melbo.discover` is the training step alone; `elicit` is what `melbo discover` on the command line does. The
+run directory ends up with completions.jsonl, metrics.json (learned against `random` random vectors of the
+same radius; none with random=0) and report.html.
+
+`progress` receives discover's training events ({"batch", "batches", "step", "steps", "objective", "n"}) and
+stage events ({"stage": "sweep" | "radius" | "train" | "generate" | "assess" | "report", ...}) announcing each
+step of the job; `on_batch(n)` is called as completions are generated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from torch import Tensor
+
+from melbo.errors import MelboError
+from melbo.models import LoadedModel
+from melbo.prompts import check_prompt_list
+from melbo.runner import Progress, default_run_dir, discover, resume, validate
+from melbo.settings import DEFAULTS, DiscoverConfig
+from melbo.store import Run, check_output_dir
+
+DEFAULT_RANDOM = 4  # random vectors of the run's radius that the assessment compares the learned ones with
+SWEEP_SETTINGS = ("p", "q", "lr", "orthogonal", "soft_weight", "positions", "precision")  # the sweep trains with these
+
+
+def elicit(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    out: str | Path | None = None,
+    *,
+    random: int = DEFAULT_RANDOM,
+    previous: Optional[Tensor] = None,
+    progress: Optional[Progress] = None,
+    on_batch: Optional[Callable[[int], None]] = None,
+    **settings,
+) -> Run:
+    """Train perturbations on `prompts`, generate with each, assess them against random ones, write the report.
+
+    Settings are `DiscoverConfig` fields; `radius="auto"` first sweeps R beside the run (`<out>-sweep`) and
+    trains at the Goldilocks radius. `previous`: vectors the new ones stay orthogonal to.
+    """
+    check_random(random)
+    cfg = DiscoverConfig(prompts=check_prompt_list(prompts), **settings)
+    path = Path(out) if out is not None else default_run_dir(lm)
+    check_output_dir(path)  # before minutes of sweeping
+    sweep_dir = _auto_radius(lm, cfg, path, previous, progress) if _is_auto(cfg.radius) else None
+    _announce(progress, "train", out=str(path))
+    run = discover(lm, cfg, path, previous=previous, progress=progress)
+    if sweep_dir is not None:
+        run.config["radius_sweep"] = str(sweep_dir)
+    return finish(run, lm, random=random, progress=progress, on_batch=on_batch)
+
+
+def resume_job(path: str | Path, lm: LoadedModel, *, random: Optional[int] = None,
+               progress: Optional[Progress] = None, on_batch: Optional[Callable[[int], None]] = None) -> Run:
+    """Continue an interrupted `elicit` (training, then whatever of the rest is missing).
+
+    `random=None` assesses with the run's own recorded baseline size.
+    """
+    if random is not None:
+        check_random(random)
+    _announce(progress, "train", out=str(path))
+    run = resume(path, lm, progress=progress)
+    return finish(run, lm, random=run.config.get("random", DEFAULT_RANDOM) if random is None else random,
+                  progress=progress, on_batch=on_batch)
+
+
+def finish(run: Run, lm: LoadedModel, *, random: int = DEFAULT_RANDOM, progress: Optional[Progress] = None,
+           on_batch: Optional[Callable[[int], None]] = None) -> Run:
+    """The steps after training: completions on the training prompts, the assessment, report.html."""
+    from melbo.assess import assess_run, run_completions
+    from melbo.report import write_report
+
+    run.config["random"] = random  # so that a resumed job assesses as this one asked
+    run.save_config()
+    if not run.completions():
+        _announce(progress, "generate", total=(len(run) + 1) * len(run.settings["prompts"]))
+    run_completions(run, lm, on_batch=on_batch)
+    if random:
+        _announce(progress, "assess", random=random)
+        assess_run(run, lm, random=random)
+    _announce(progress, "report")
+    sweep = run.config.get("radius_sweep")
+    write_report(run.path, Path(sweep) if sweep else None)
+    return run
+
+
+def _auto_radius(lm: LoadedModel, cfg: DiscoverConfig, path: Path, previous: Optional[Tensor],
+                 progress: Optional[Progress]) -> Path:
+    """radius "auto": a small sweep beside the run picks the Goldilocks R, which the run then uses."""
+    from melbo.sweep import goldilocks_radius
+
+    if cfg.method != DEFAULTS.method:
+        raise MelboError(f"--radius auto sweeps steering vectors: give --radius explicitly for method {cfg.method}")
+    earlier = len(previous) if previous is not None else 0
+    validate(lm, DiscoverConfig(**{**cfg.__dict__, "radius": "1x"}), earlier)  # fail before the sweep
+    sweep_dir = path.with_name(path.name + "-sweep")
+    _announce(progress, "sweep", out=str(sweep_dir))
+    cfg.radius = goldilocks_radius(lm, cfg.prompts, out=sweep_dir, source=cfg.source, target=cfg.target,
+                                   chat=cfg.chat, seed=cfg.seed, **{k: getattr(cfg, k) for k in SWEEP_SETTINGS})
+    _announce(progress, "radius", radius=cfg.radius, out=str(sweep_dir))
+    return sweep_dir
+
+
+def _is_auto(radius: str) -> bool:
+    return str(radius).strip().lower() == "auto"
+
+
+def check_random(random: int) -> None:
+    """The size of the random baseline: a whole number ≥ 0."""
+    if isinstance(random, bool) or not isinstance(random, int) or random < 0:
+        raise MelboError(f"--random must be a whole number ≥ 0, got {random!r}")
+
+
+def _announce(progress: Optional[Progress], stage: str, **detail) -> None:
+    if progress is not None:
+        progress({"stage": stage, **detail})
