@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli, tiny_lm
-from tiny_models import INTERMEDIATE_SIZE, tiny_model
+from tiny_models import INTERMEDIATE_SIZE, save_tiny_model, tiny_model
 
 from melbo.errors import MelboError
 from melbo.export import export_llamacpp, export_peft
@@ -79,8 +79,7 @@ def test_peft_adapter_reproduces_melbo_logits(tmp_path, arch):
     assert config["fan_in_fan_out"] is (arch == "gpt2")
 
 
-def _hand_run(path, perturbations, method):
-    lm = tiny_lm()
+def _hand_run(path, perturbations, method, lm):
     run = Run(path, {"status": "running", "method": method, "source": perturbations.layer, "target": 3,
                      "radius": 2.5, "rank": 3 if method == "adapters" else None, "model": lm.describe()})
     path.mkdir(parents=True)
@@ -88,16 +87,15 @@ def _hand_run(path, perturbations, method):
     return path
 
 
-def test_cli_export_both_formats_and_wrong_format_errors(tmp_path, capsys, monkeypatch):
+def test_cli_export_both_formats_and_wrong_format_errors(tmp_path, capsys):
     import gguf
 
-    from melbo import cli
+    import melbo
 
-    lm = tiny_lm()
+    lm = melbo.load_model(str(save_tiny_model(tmp_path / "model")))  # export --format peft loads it by its spec
     vectors = SteeringVectors(torch.randn(3, 64), layer=1)
-    vec_run = _hand_run(tmp_path / "vec", vectors, "vectors")
-    ada_run = _hand_run(tmp_path / "ada", _random_adapters(lm), "adapters")
-    monkeypatch.setattr(cli, "_load", lambda *args, **kw: tiny_lm())
+    vec_run = _hand_run(tmp_path / "vec", vectors, "vectors", lm)
+    ada_run = _hand_run(tmp_path / "ada", _random_adapters(lm), "adapters", lm)
 
     code, stdout, stderr = run_cli(["export", str(vec_run), "--format", "llamacpp", "--out", str(tmp_path / "g"),
                                     "--vectors", "0,2"], capsys)

@@ -1,0 +1,95 @@
+"""The `melbo` application: the typer app, its consoles, the options and input parsing every command shares.
+
+Errors a user can fix are `MelboError`s: `main` prints them as one line and exits with code 2. The commands
+live one group per module (`melbo.cli.discover`, `.generate`, `.chat`, `.export`, `.report`, `.assess`, `.sweep`,
+`.audit`, `.bench`); importing `melbo.cli` registers them all. Each is a thin layer over one library call.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from melbo.errors import MelboError
+
+app = typer.Typer(
+    help="Mechanistically eliciting latent behaviours: unsupervised steering vectors and adapters for causal LMs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Embedded name, local HF directory, .gguf file or hub id.")
+DeviceOpt = typer.Option("cpu", help="cpu, cuda, cuda:N, or auto (spread over all GPUs).")
+DtypeOpt = typer.Option("float32", help="float32, bfloat16 or float16.")
+BlocksOpt = typer.Option(None, "--blocks-path", help="Dotted path of the decoder block list, for unknown architectures.")
+
+
+def main() -> None:
+    try:
+        app()
+    except MelboError as exc:
+        err.print(f"[bold red]melbo: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+def load(spec: Optional[str], device: str, dtype: str, blocks_path: Optional[str]):
+    from melbo.models import DEFAULT_MODEL, load_model
+
+    spec = spec or DEFAULT_MODEL
+    with err.status(f"loading {spec} …"):
+        return load_model(spec, device=device, dtype=dtype, blocks_path=blocks_path)
+
+
+def read_prompts(prompts: List[str], prompts_file: Optional[Path]) -> list[str]:
+    from melbo.store import read_text
+
+    found = list(prompts)
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise MelboError(f"prompts file {prompts_file} does not exist: check the path")
+        found += [line for line in read_text(prompts_file, "prompts file").splitlines() if line.strip()]
+    if not found:
+        raise MelboError("no prompts given: pass prompts as arguments or with --prompts-file")
+    return found
+
+
+def parse_indices(text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MelboError(f"--vectors {text!r} is not a comma-separated list of indices: use e.g. 2,5,9") from None
+
+
+def parse_positions(text: str):
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise MelboError(f"--positions {text!r} is not valid JSON: use e.g. '[[-1,-2],[-1]]'") from None
+    return text
+
+
+def given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
+    """The options among `names` given on the command line, as spelt there (`-n 16` counts, unlike a default)."""
+    flags = {p.name: (p.opts[0] if p.opts else p.name) for p in ctx.command.params}
+    sources = {n: ctx.get_parameter_source(n) for n in names}
+    return [flags[n] for n, source in sources.items() if source is not None and source.name != "DEFAULT"]
+
+
+def interruptible(work: Callable, path: Path):
+    try:
+        return work()
+    except KeyboardInterrupt:
+        err.print(f"interrupted: finished batches are saved; continue with `melbo discover --resume {path}`")
+        raise typer.Exit(130) from None

@@ -1,0 +1,141 @@
+"""Audit mode: `melbo diff` (a fine-tune against its reference) and `melbo monitor` (which inputs express it)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from melbo.cli.app import (
+    BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, given, interruptible, load, out, parse_indices,
+    parse_positions, read_prompts)
+from melbo.cli.progress import generation_progress, training_progress
+from melbo.cli.tables import print_divergence
+from melbo.errors import MelboError
+from melbo.settings import DEFAULT_CONTRAST, DEFAULTS
+
+
+@app.command("diff")
+def diff_command(
+    ctx: typer.Context,
+    prompts: List[str] = typer.Argument(None, help="Prompts to train on (chat-formatted when the model has a template)."),
+    prompts_file: Optional[Path] = typer.Option(None, help="File with one prompt per line."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The audited model (embedded name, directory, .gguf, hub id)."),
+    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Its reference: the base model or an earlier checkpoint."),
+    contrast: str = typer.Option(DEFAULT_CONTRAST, help="difference (default), penalised, or kl (see melbo.contrastive)."),
+    contrast_weight: float = typer.Option(DEFAULTS.contrast_weight, help="λ of the penalised form."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<time>-<model>)."),
+    resume_dir: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted diff run directory."),
+    method: str = typer.Option(DEFAULTS.method, help="vectors or adapters."),
+    n_vectors: int = typer.Option(DEFAULTS.n_vectors, "--n-vectors", "-n", help="How many perturbations to learn."),
+    source: Optional[int] = typer.Option(None, help="Source block (default 8, or depth//3 for shallow models)."),
+    target: Optional[int] = typer.Option(None, help="Target block (default depth-8)."),
+    radius: str = typer.Option(DEFAULTS.radius, help="R: absolute (4.0) or relative to the source residual norm (e.g. 0.2x)."),
+    steps: int = typer.Option(DEFAULTS.steps, help="Optimiser steps per batch."),
+    orthogonal: str = typer.Option(DEFAULTS.orthogonal, help="hard (vectors only), soft or none."),
+    positions: str = typer.Option(DEFAULTS.positions, help="Token positions: all, last:K, or JSON per-prompt indices."),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, help="Perturbations trained together (checkpoint after each batch)."),
+    seed: int = typer.Option(DEFAULTS.seed),
+    chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="Use the chat template (default: if the model has one)."),
+    max_new_tokens: int = typer.Option(DEFAULTS.max_new_tokens, help="Tokens to generate per completion, on each model."),
+    random: int = typer.Option(8, help="Random vectors of the same R ranked beside the learned ones (0: none)."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    blocks_path: Optional[str] = BlocksOpt,
+) -> None:
+    """Audit a fine-tune: perturbations that change it but not its reference, ranked by how differently they behave."""
+    from melbo import divergence, runner
+    from melbo.store import Run
+
+    started = time.perf_counter()
+    if random < 0:
+        raise MelboError(f"--random must be ≥ 0, got {random}")
+    if resume_dir is not None:
+        if fixed := given(ctx, _DIFF_RESUME_KEEPS):
+            raise MelboError(f"{', '.join(fixed)} cannot change on --resume (the run keeps its recorded settings): "
+                             "drop them")
+        config = Run.load(resume_dir).config
+        if not config.get("reference"):
+            raise MelboError(f"{resume_dir} is not a diff run: resume it with `melbo discover --resume {resume_dir}`")
+        lm = load(model or config["model"]["spec"], device, dtype, blocks_path)
+        ref = load(reference or config["reference"]["spec"], device, dtype, blocks_path)
+        bar, update = training_progress()
+        with bar:
+            run = interruptible(lambda: runner.resume(resume_dir, lm, progress=update, reference=ref), resume_dir)
+    else:
+        if reference is None:
+            raise MelboError("diff compares two models: give the reference with --reference (e.g. the base model)")
+        texts = read_prompts(prompts or [], prompts_file)
+        lm = load(model, device, dtype, blocks_path)
+        ref = load(reference, device, dtype, blocks_path)
+        settings = runner.DiscoverConfig(
+            prompts=texts, method=method, n_vectors=n_vectors, source=source, target=target, radius=radius,
+            steps=steps, orthogonal=orthogonal, positions=parse_positions(positions), batch_size=batch_size,
+            seed=seed, chat=chat, max_new_tokens=max_new_tokens, contrast=contrast, contrast_weight=contrast_weight)
+        path = out_dir or runner.default_run_dir(lm)
+        bar, update = training_progress()
+        with bar:
+            run = interruptible(lambda: runner.discover(lm, settings, path, reference=ref, progress=update), path)
+    gen_bar, advance = generation_progress(2 * (len(run) + random + 1) * len(run.config["settings"]["prompts"]))
+    with gen_bar:
+        result = divergence.rank_run(run, lm, ref, random=random, on_batch=advance)
+    print_divergence(result)
+    from melbo.report import write_report
+
+    report_path = write_report(run.path)
+    out.print(f"run written to [bold]{escape(str(run.path))}[/] in {time.perf_counter() - started:.0f} s; "
+              f"report: [bold]{escape(str(report_path))}[/]")
+
+
+_DIFF_RESUME_KEEPS = ("prompts", "prompts_file", "out_dir", "contrast", "contrast_weight", "method", "n_vectors",
+                      "source", "target", "radius", "steps", "orthogonal", "positions", "batch_size", "seed", "chat",
+                      "max_new_tokens")
+
+
+@app.command("monitor")
+def monitor_command(
+    run_dir: Path = typer.Argument(..., help="A finished run directory (discover or diff)."),
+    prompts_file: Path = typer.Option(..., "--prompts-file", help="The inputs to watch, one per line."),
+    clean: Optional[Path] = typer.Option(None, "--clean", help="Known-clean inputs to calibrate on (default: the inputs themselves)."),
+    alpha: float = typer.Option(0.05, help="Target false-positive rate of the decision rule."),
+    signal: str = typer.Option("target", help="Where to read the input's state: target or source block."),
+    vectors: Optional[str] = typer.Option(None, help="Watch only these perturbations (comma-separated; default all)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write monitor.jsonl / monitor.json (default RUN/monitor)."),
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    blocks_path: Optional[str] = BlocksOpt,
+) -> None:
+    """Flag inputs whose activations express a discovered perturbation (calibrated on clean inputs)."""
+    from melbo.monitor import Monitor, write_monitor
+    from melbo.store import Run
+
+    run = Run.load(run_dir)
+    inputs = read_prompts([], prompts_file)
+    calibration = read_prompts([], clean) if clean is not None else inputs
+    lm = load(model or run.config["model"]["spec"], device, dtype, blocks_path)
+    with err.status("calibrating on clean inputs …"):
+        monitor = Monitor.calibrate(run, lm, calibration, signal=signal, alpha=alpha, self_calibrated=clean is None,
+                                    indices=parse_indices(vectors))
+    with err.status(f"scoring {len(inputs)} inputs …"):
+        records = monitor.score(lm, inputs)
+    path = write_monitor(out_dir or run.path / "monitor", monitor, records)
+    if out_dir is None:  # the report lives in the run; with --out elsewhere nothing outside it is touched
+        from melbo.report import write_report
+
+        write_report(run.path)
+    table = Table(header_style="bold", expand=True, title_justify="left",
+                  title=f"inputs flagged (score > {monitor.threshold:.3g}, α = {alpha})")
+    for col in ("#", "score", "perturbation", "input"):
+        table.add_column(col, no_wrap=True, overflow="ellipsis", ratio=1 if col == "input" else None)
+    flagged = sorted((r for r in records if r["flagged"]), key=lambda r: -r["score"])
+    for r in flagged[:30]:
+        table.add_row(str(r["index"]), f"{r['score']:.2f}", r["perturbation"], escape(" ".join(r["input"].split())))
+    out.print(table)
+    loo = monitor.calibration["false_positive_rate_loo"]
+    out.print(f"{len(flagged)} of {len(records)} inputs flagged; false-positive rate on the clean set "
+              f"(leave-one-out) {loo:.1%}; written to [bold]{escape(str(path))}[/]")

@@ -1,0 +1,71 @@
+"""`melbo chat`: multi-turn chat with a steered model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from melbo.cli.app import DeviceOpt, DtypeOpt, ModelOpt, app, err, load, out
+from melbo.errors import MelboError
+
+
+@app.command()
+def chat(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `melbo discover`."),
+    vector: Optional[int] = typer.Option(None, help="Perturbation to activate (default: none)."),
+    scale: float = typer.Option(1.0),
+    turns: Optional[Path] = typer.Option(None, help="Non-interactive: read user turns (one per line) from this file."),
+    max_new_tokens: int = typer.Option(128),
+    temperature: float = typer.Option(0.0),
+    seed: int = typer.Option(0),
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Multi-turn chat with a steered model (/vector N, /scale X, /off, /reset, /quit)."""
+    from melbo.chat import HELP, ChatSession
+    from melbo.checks import check_finite
+    from melbo.generation import Sampling
+    from melbo.store import Run, read_text
+
+    run = Run.load(run_dir)
+    if turns is not None and not turns.is_file():
+        raise MelboError(f"turns file {turns} does not exist: check the path")
+    lines = read_text(turns, "turns file").splitlines() if turns is not None else None
+    check_finite("scale", scale)
+    lm = load(model or run.config["model"]["spec"], device, dtype, None)
+    run.attach(lm)
+    session = ChatSession(lm, run.perturbations, vector, scale,
+                          Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
+    if lines is None:
+        err.print(HELP)
+    while True:
+        if lines is not None:
+            if not lines:
+                break
+            line = lines.pop(0)
+            if not line.strip():
+                continue
+            out.print(f"[bold]user>[/] {escape(line)}", highlight=False)
+        else:
+            try:
+                line = input("user> ")
+            except EOFError:
+                break
+        if line.strip() in ("/quit", "/exit"):
+            break
+        try:
+            if line.startswith("/"):
+                out.print(escape(session.command(line)), highlight=False)
+                continue
+            reply = session.say(line)
+        except MelboError as exc:
+            if lines is not None:
+                raise
+            err.print(f"[red]{escape(str(exc))}[/]")
+            continue
+        tag = "assistant" if session.vector is None else f"assistant[v{session.vector}]"
+        out.print(f"[bold]{escape(tag)}>[/] {escape(reply)}", highlight=False)

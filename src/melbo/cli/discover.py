@@ -1,0 +1,96 @@
+"""`melbo discover`: the main job (`melbo.elicit`), or `--resume` of an interrupted one."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+
+from melbo.cli.app import (
+    BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, app, given, interruptible, load, out, parse_positions, read_prompts)
+from melbo.cli.progress import JobDisplay
+from melbo.cli.tables import print_assessment, print_completions
+from melbo.errors import MelboError
+from melbo.settings import DEFAULTS
+
+
+@app.command()
+def discover(
+    ctx: typer.Context,
+    prompts: List[str] = typer.Argument(None, help="Prompts to train on (chat-formatted when the model has a template)."),
+    prompts_file: Optional[Path] = typer.Option(None, help="File with one prompt per line."),
+    model: Optional[str] = ModelOpt,
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<time>-<model>)."),
+    resume_dir: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
+    method: str = typer.Option(DEFAULTS.method, help="vectors, adapters, or jacobian (top singular directions, fast)."),
+    n_vectors: int = typer.Option(DEFAULTS.n_vectors, "--n-vectors", "-n", help="How many perturbations to learn."),
+    source: Optional[int] = typer.Option(None, help="Source block (default 8, or depth//3 for shallow models)."),
+    target: Optional[int] = typer.Option(None, help="Target block (default depth-8)."),
+    radius: str = typer.Option(DEFAULTS.radius, help="R: absolute (4.0), relative to the source residual norm (e.g. 0.2x), or auto."),
+    p: float = typer.Option(DEFAULTS.p, help="Power per position (2; 4 = spikier)."),
+    q: float = typer.Option(DEFAULTS.q, help="Outer root (1 or p)."),
+    steps: int = typer.Option(DEFAULTS.steps, help="Optimiser steps per batch."),
+    lr: float = typer.Option(DEFAULTS.lr, help="Learning rate, relative to a parameter's typical coordinate size."),
+    orthogonal: str = typer.Option(DEFAULTS.orthogonal, help="hard (vectors only), soft (penalise aligned changes) or none."),
+    soft_weight: float = typer.Option(DEFAULTS.soft_weight, help="Weight of the soft-orthogonality penalty."),
+    rank: int = typer.Option(DEFAULTS.rank, help="Adapter rank."),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, help="Perturbations trained together (checkpoint after each batch)."),
+    seed: int = typer.Option(DEFAULTS.seed),
+    chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="Use the chat template (default: if the model has one)."),
+    positions: str = typer.Option(DEFAULTS.positions, help="Token positions: all, last:K, or JSON per-prompt indices."),
+    orthogonal_to: Optional[Path] = typer.Option(None, help="Keep new vectors orthogonal to this run's vectors."),
+    max_new_tokens: int = typer.Option(DEFAULTS.max_new_tokens, help="Tokens to generate per completion."),
+    random: int = typer.Option(4, help="Random vectors of the same R to compare against (0: skip the assessment)."),
+    power_iterations: int = typer.Option(DEFAULTS.power_iterations, help="Power iterations (method jacobian)."),
+    precision: str = typer.Option(DEFAULTS.precision, help="Training matmuls: auto (bf16 on AMX/AVX512-BF16 CPUs and GPUs), fp32, bf16."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    blocks_path: Optional[str] = BlocksOpt,
+) -> None:
+    """Learn perturbations on prompts, generate with each, write a run directory: the main job."""
+    from melbo import job
+    from melbo.generation import Completion
+    from melbo.store import Run, check_output_dir
+
+    started = time.perf_counter()
+    job.check_random(random)
+    if out_dir is not None:
+        check_output_dir(out_dir)  # before minutes of loading and training
+    display = JobDisplay()
+    if resume_dir is not None:
+        if fixed := given(ctx, _RESUME_KEEPS):
+            raise MelboError(f"{', '.join(fixed)} cannot change on --resume (the run keeps its recorded settings): "
+                             "drop them")
+        recorded = Run.load(resume_dir)
+        _ = recorded.settings  # a run without settings cannot be resumed: say so before loading the model
+        lm = load(model or recorded.config["model"]["spec"], device, dtype, blocks_path)
+        chosen = random if given(ctx, ("random",)) else None  # else the run's own baseline
+        with display:
+            run = interruptible(lambda: job.resume_job(resume_dir, lm, random=chosen, progress=display.event,
+                                                        on_batch=display.advance), resume_dir)
+    else:
+        texts = read_prompts(prompts or [], prompts_file)
+        lm = load(model, device, dtype, blocks_path)
+        previous = Run.load(orthogonal_to).vectors if orthogonal_to is not None else None
+        path = out_dir or job.default_run_dir(lm)
+        with display:
+            run = interruptible(lambda: job.elicit(
+                lm, texts, path, random=random, previous=previous, progress=display.event,
+                on_batch=display.advance, method=method, n_vectors=n_vectors, source=source, target=target,
+                radius=radius, p=p, q=q, steps=steps, lr=lr, orthogonal=orthogonal, soft_weight=soft_weight,
+                rank=rank, batch_size=batch_size, seed=seed, chat=chat, positions=parse_positions(positions),
+                max_new_tokens=max_new_tokens, precision=precision, power_iterations=power_iterations), path)
+    print_completions([Completion(**row) for row in run.completions()])
+    print_assessment(run)
+    out.print(f"report: [bold]{escape(str(run.path / 'report.html'))}[/]")
+    out.print(f"run written to [bold]{escape(str(run.path))}[/] in {time.perf_counter() - started:.0f} s "
+              f"(R = {run.config['radius']:.4g} = {run.config['radius_relative']:.3g} x residual norm)")
+
+
+# discover's options that set up training: fixed once a run exists.
+_RESUME_KEEPS = ("prompts", "prompts_file", "out_dir", "method", "n_vectors", "source", "target", "radius", "p", "q",
+                 "steps", "lr", "orthogonal", "soft_weight", "rank", "batch_size", "seed", "chat", "positions",
+                 "orthogonal_to", "max_new_tokens", "power_iterations", "precision")

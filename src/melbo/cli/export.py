@@ -1,0 +1,50 @@
+"""`melbo export`: llama.cpp control vectors or PEFT LoRA adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, app, load, out, parse_indices
+from melbo.errors import MelboError
+
+
+@app.command("export")
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `melbo discover`."),
+    fmt: str = typer.Option(..., "--format", "-f", help="llamacpp (steering vectors) or peft (steering adapters)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write the exported files into."),
+    vectors: Optional[str] = typer.Option(None, help="Comma-separated vector indices (default: all)."),
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    blocks_path: Optional[str] = BlocksOpt,
+) -> None:
+    """Export a run's perturbations: llama.cpp control vectors (GGUF) or PEFT LoRA adapters."""
+    from melbo import export as exporting
+    from melbo.intervention import SteeringVectors
+    from melbo.store import Run, check_output_dir
+
+    check_output_dir(out_dir)
+    run = Run.load(run_dir)
+    if run.perturbations is None:
+        raise MelboError(f"run {run_dir} is not finished: complete it with `melbo discover --resume {run_dir}`")
+    kind = fmt.strip().lower()
+    indices = parse_indices(vectors)
+    if kind == "llamacpp":
+        if not isinstance(run.perturbations, SteeringVectors):  # vectors and jacobian runs both hold vectors
+            raise MelboError(f"run {run_dir} holds steering adapters, which llama.cpp cannot load: use --format peft")
+        info = run.config["model"]
+        paths = exporting.export_llamacpp(run.perturbations, out_dir, info["architecture"], int(info["depth"]), indices)
+    elif kind == "peft":
+        if isinstance(run.perturbations, SteeringVectors):
+            raise MelboError(f"run {run_dir} holds steering vectors, not adapters: use --format llamacpp")
+        lm = load(model or run.config["model"]["spec"], device, dtype, blocks_path)
+        run.attach(lm)
+        paths = exporting.export_peft(run.perturbations, lm, out_dir, indices)
+    else:
+        raise MelboError(f"unknown export format {fmt!r}: use --format llamacpp or --format peft")
+    for path in paths:
+        out.print(str(path), highlight=False, soft_wrap=True)

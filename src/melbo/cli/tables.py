@@ -1,0 +1,53 @@
+"""The tables and summary lines the commands print on stdout."""
+
+from __future__ import annotations
+
+import json
+
+from rich.markup import escape
+from rich.table import Table
+
+from melbo.cli.app import out
+
+
+def print_completions(completions, width: int = 100) -> None:
+    table = Table(show_lines=False, header_style="bold", expand=True)
+    # The label column never shrinks: on a narrow terminal the completion gets cut instead.
+    table.add_column("vector", no_wrap=True, min_width=max(len(c.label) for c in completions))
+    if len({c.prompt_index for c in completions}) > 1:
+        table.add_column("prompt", no_wrap=True)
+    table.add_column("completion (start)", overflow="ellipsis", no_wrap=True, ratio=1)
+    multi = len(table.columns) == 3
+    for c in completions:
+        text = " ".join(c.text.split())
+        cells = [escape(c.label)] + ([str(c.prompt_index)] if multi else []) + [escape(text[:width])]
+        table.add_row(*cells)
+    out.print(table)
+
+
+def print_assessment(run) -> None:
+    """One line of the assessment in metrics.json (none when the job skipped it)."""
+    from melbo.store import METRICS
+
+    if not (run.path / METRICS).exists() or not run.config.get("random"):
+        return
+    metrics = json.loads((run.path / METRICS).read_text(encoding="utf-8"))
+    learned, baseline = metrics["learned"], metrics["random"]
+    line = f"diversity {learned['diversity']:.3f} learned"
+    if baseline is not None:
+        line += f" vs {baseline['diversity']:.3f} random; distance from unsteered " \
+                f"{learned['mean_distance_from_unsteered']:.3f} vs {baseline['mean_distance_from_unsteered']:.3f}"
+    out.print(line + f"; {len(metrics['clusters'])} behaviour clusters")
+
+
+def print_divergence(result: dict, rows: int = 24) -> None:
+    table = Table(header_style="bold", expand=True, title="perturbations ranked by divergence (audited vs reference)",
+                  title_justify="left")
+    for col, kw in (("rank", {}), ("vector", {}), ("KL", {}), ("distance", {}),
+                    ("audited", {"ratio": 1}), ("reference", {"ratio": 1})):
+        table.add_column(col, no_wrap=True, overflow="ellipsis", **kw)
+    for row in result["unsteered"] + result["rows"][:rows]:
+        table.add_row("–" if row["vector"] is None else str(row["rank"]), escape(row["label"]), f"{row['kl']:.3g}",
+                      f"{row['distance']:.3f}", escape(" ".join(row["audited"].split())),
+                      escape(" ".join(row["reference"].split())))
+    out.print(table)
