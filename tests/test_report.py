@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from melbo.report import write_report
-from melbo.store import save_tensors
+from melbo.files import save_tensors
 
 CHROMIUM = Path("/usr/bin/chromium")
 HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=alert(1)>"

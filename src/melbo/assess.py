@@ -25,7 +25,9 @@ from melbo.errors import MelboError
 from melbo.generation import Completion, Sampling, generate
 from melbo.intervention import SteeringVectors
 from melbo.models import LoadedModel
-from melbo.store import METRICS, Run, write_json
+from melbo.numbers import jsonable
+from melbo.files import write_json
+from melbo.store import METRICS, Run
 
 
 
@@ -94,18 +96,7 @@ def assess_run(run: Run, lm: LoadedModel, random: int = 4, seed: int = 0,
         reference = [c for c in learned_completions if c.vector is None]
         random_score = evaluation.score(lm, reference + randoms, chat=chat)
 
-    metrics = _jsonable({"learned": learned, "random": random_score, "clusters": grouping["clusters"],
+    metrics = jsonable({"learned": learned, "random": random_score, "clusters": grouping["clusters"],
                          "random_completions": [c.to_json() for c in randoms]})
     write_json(run.path / METRICS, metrics)
     return metrics
-
-
-def _jsonable(obj):
-    """NaN → null, so metrics.json is strict JSON."""
-    if isinstance(obj, float):
-        return None if obj != obj else obj
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_jsonable(v) for v in obj]
-    return obj

@@ -22,7 +22,7 @@ from melbo.errors import MelboError
 from melbo.intervention import SteeringAdapters, SteeringVectors
 from melbo.layers import find_mlp_out
 from melbo.models import LoadedModel
-from melbo.store import check_output_file, make_output_dir, replacing, save_tensors, write_json
+from melbo.files import check_output_file, make_output_dir, replacing, save_tensors, write_json
 
 
 def _select(n: int, indices: Sequence[int] | None) -> list[int]:

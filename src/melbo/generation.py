@@ -72,6 +72,15 @@ def stop_token_ids(lm: LoadedModel) -> list[int]:
     return sorted(ids)
 
 
+def decode_until_stop(lm: LoadedModel, new_tokens: torch.Tensor, stops: list[int]) -> list[tuple[str, int]]:
+    """(text, tokens) per row of generated ids [rows, T]: each row up to its first stop token (not included)."""
+    decoded = []
+    for seq in new_tokens.tolist():
+        n = next((i for i, tok in enumerate(seq) if tok in stops), len(seq))
+        decoded.append((lm.tokenizer.decode(seq[:n], skip_special_tokens=True), n))
+    return decoded
+
+
 def generate_rows(
     lm: LoadedModel,
     perturbations: Optional[Perturbations],
@@ -108,9 +117,7 @@ def generate_rows(
                 top_k=None,
                 **mode,
             )
-        for seq in generated[:, len(prompt_ids) :].tolist():
-            n = next((i for i, tok in enumerate(seq) if tok in stops), len(seq))
-            out.append((lm.tokenizer.decode(seq[:n], skip_special_tokens=True), n))
+        out += decode_until_stop(lm, generated[:, len(prompt_ids) :], stops)
         if on_batch:
             on_batch(len(chunk))
     return out

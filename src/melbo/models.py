@@ -235,6 +235,11 @@ def _check_device(device: str) -> None:
         raise MelboError(f"device {device!r} asked for but no CUDA GPU is visible: use --device cpu")
 
 
+def model_identity(spec: str) -> str:
+    """The stable id `load_model(spec)` would give, without loading the weights."""
+    return _resolve(spec)[1]
+
+
 def _resolve(spec: str) -> tuple[str, str, str | None]:
     """Map a spec to (something from_pretrained accepts, stable id, content hash)."""
     if spec in EMBEDDED:

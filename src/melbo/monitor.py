@@ -209,7 +209,7 @@ MONITOR_JSONL = "monitor.jsonl"
 def write_monitor(out: Path, monitor: Monitor, records: Sequence[dict]) -> Path:
     """monitor.json (the decision rule, calibration and counts) and monitor.jsonl (one record per input)."""
     from melbo.bench.common import write_jsonl
-    from melbo.store import make_output_dir, write_json
+    from melbo.files import make_output_dir, write_json
 
     make_output_dir(out)
     flagged = sum(r["flagged"] for r in records)

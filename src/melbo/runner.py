@@ -29,8 +29,8 @@ from melbo.contrastive import DEFAULT_FORM, FORMS, check_pair
 from melbo.objective import residual_norm, resolve_precision
 from melbo.prompts import PromptBatch, check_prompt_list, encode
 from melbo.settings import DiscoverConfig
-from melbo.store import Run, check_output_dir, load_tensors, save_tensors
-from melbo.train import OptimConfig, optimise
+from melbo.files import check_output_dir, load_tensors, save_tensors
+from melbo.store import Run
 
 Progress = Callable[[dict], None]
 PREVIOUS = "previous.safetensors"  # in a run directory: the --orthogonal-to vectors, for resume

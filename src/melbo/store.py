@@ -18,9 +18,7 @@ from typing import Any, Iterator, Optional
 from torch import Tensor
 
 from melbo.errors import MelboError
-from melbo.files import (  # noqa: F401  (re-exported: the file helpers used to live here)
-    atomic_write, check_output_dir, check_output_file, load_metadata, load_tensors, make_output_dir, read_json,
-    read_text, replacing, save_tensors, write_json)
+from melbo.files import atomic_write, load_metadata, load_tensors, read_json, read_text, save_tensors, write_json
 from melbo.intervention import Perturbations, SteeringVectors
 from melbo.models import LoadedModel
 
@@ -45,7 +43,8 @@ class Run:
 
     # ---- reading
     @classmethod
-    def load(cls, path: str | Path, model: Optional[LoadedModel] = None) -> "Run":
+    def load(cls, path: str | Path, model: Optional[LoadedModel] = None, result: bool = True) -> "Run":
+        """The run at `path`; `result=False` leaves its perturbations unread (a report needs only the rest)."""
         path = Path(path)
         if not path.is_dir():
             raise MelboError(f"run directory {path} does not exist: give the directory `melbo discover` wrote")
@@ -54,7 +53,7 @@ class Run:
         run = cls(path, config)
         if (path / CURVES).exists():
             run.curves = load_tensors(path / CURVES)["curves"]
-        if config.get("status") == "complete":
+        if result and config.get("status") == "complete":
             run.perturbations = run._load_perturbations()
         if model is not None:
             run.attach(model)
@@ -98,14 +97,20 @@ class Run:
         return len(self.perturbations) if self.perturbations is not None else 0
 
     def completions(self) -> list[dict]:
+        """The stored completions (completions.jsonl), one dict per line; [] when there are none yet."""
         file = self.path / COMPLETIONS
         if not file.exists():
             return []
-        try:
-            text = read_text(file, "completions file", "delete it and it will be generated again")
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise MelboError(f"{file} is corrupt ({exc.msg}): delete it and it will be generated again") from exc
+        fix = "delete it and it will be generated again"
+        rows = []
+        for n, line in enumerate(read_text(file, "completions file", fix).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise MelboError(f"{file} line {n} is corrupt ({exc.msg}): {fix}") from exc
+        return rows
 
     # ---- steering
     @contextmanager

@@ -25,10 +25,13 @@ from typing import Callable, Optional, Sequence
 
 from melbo import evaluation
 from melbo.errors import MelboError
-from melbo.generation import Completion
 from melbo.models import LoadedModel
+from melbo.numbers import finite_or_none, fmt
+from melbo.plots import sweep_figure
+from melbo.assess import run_completions
 from melbo.runner import DiscoverConfig, discover, parse_radius, resume, validate
-from melbo.store import SWEEP, Run, check_output_dir, make_output_dir, write_json
+from melbo.files import check_output_dir, make_output_dir, write_json
+from melbo.store import SWEEP, Run
 
 PLOT = "sweep.png"
 DEFAULT_RADII = ("0.05x", "0.1x", "0.2x", "0.3x", "0.5x")
@@ -115,22 +118,32 @@ def sweep(
                            seed=seed, max_new_tokens=max_new_tokens, **settings)
         if progress:
             progress({"stage": "generate", **where})
-        completions = _completions(run, lm)
+        completions = run_completions(run, lm)
         if progress:
             progress({"stage": "score", **where})
-        scores = score_point(lm, completions, chat)
+        scores = evaluation.score(lm, completions, chat=chat)
         unsteered_ppl += [p["perplexity"] for p in scores["perturbations"] if p["vector"] is None]
-        points.append({
-            "radius": float(run.config["radius"]),
-            "radius_relative": float(run.config["radius_relative"]),
-            "source": int(run.config["source"]),
-            "target": int(run.config["target"]),
-            "diversity": _num(scores["diversity"]),
-            "median_perplexity": _num(scores["median_perplexity"]),
-            "mean_distance_from_unsteered": _num(scores["mean_distance_from_unsteered"]),
-            "mean_repetition": _num(scores["mean_repetition"]),
-        })
-    reference = _finite_median(unsteered_ppl)
+        points.append(_point(run, scores))
+    result = decide(points, unsteered_ppl, relative, fluency_factor, fluency_floor)
+    write_json(out / SWEEP, result)
+    plot(result, out / PLOT)
+    return result
+
+
+def _point(run: Run, scores: dict) -> dict:
+    keys = ("diversity", "median_perplexity", "mean_distance_from_unsteered", "mean_repetition")
+    return {"radius": float(run.config["radius"]), "radius_relative": float(run.config["radius_relative"]),
+            "source": int(run.config["source"]), "target": int(run.config["target"]),
+            **{k: finite_or_none(scores[k]) for k in keys}}
+
+
+def decide(points: list[dict], unsteered_perplexities: Sequence[float], relative: bool,
+           fluency_factor: float = 4.0, fluency_floor: Optional[float] = None) -> dict:
+    """sweep.json's content: the fluency floor, each point's fluency, and the Goldilocks choice with its reason.
+
+    The floor is `fluency_floor`, or `fluency_factor` × the median unsteered perplexity.
+    """
+    reference = _finite_median(list(unsteered_perplexities))
     if fluency_floor is None:
         if reference is None:
             raise MelboError("the unsteered completion has no perplexity (empty completion): give --fluency-floor")
@@ -142,15 +155,7 @@ def sweep(
     for p in points:
         p["fluent"] = p["median_perplexity"] is not None and p["median_perplexity"] <= floor
     chosen, reason = choose(points, floor_text, relative)
-    result = {"relative": relative, "points": points, "chosen": chosen, "reason": reason, "fluency_floor": floor}
-    write_json(out / SWEEP, result)
-    plot(result, out / PLOT)
-    return result
-
-
-def score_point(lm: LoadedModel, completions: list[Completion], chat: Optional[bool]) -> dict:
-    """The scores of one sweep point (a seam for tests: evaluation.score)."""
-    return evaluation.score(lm, completions, chat=chat)
+    return {"relative": relative, "points": points, "chosen": chosen, "reason": reason, "fluency_floor": floor}
 
 
 def choose(points: list[dict], floor_text: str = "the floor", relative: bool = True) -> tuple[Optional[dict], str]:
@@ -191,7 +196,7 @@ def choose(points: list[dict], floor_text: str = "the floor", relative: bool = T
         trend = ("diversity rises monotonically over the fluent radii: no peak inside the fluent range"
                  if rising else "diversity is highest at the largest fluent R")
         return chosen, (f"{trend}; chose the largest fluent R = {show(top)}{layers}, since the next, "
-                        f"R = {show(nxt)}, is not fluent (median perplexity {_fmt(nxt['median_perplexity'])}, floor "
+                        f"R = {show(nxt)}, is not fluent (median perplexity {fmt(nxt['median_perplexity'])}, floor "
                         f"{floor_text}).")
     return chosen, (f"diversity peaks at R = {show(top)}{layers} ({top['diversity']:.3g}) among the radii whose "
                     f"median perplexity stays under the floor {floor_text}.")
@@ -214,40 +219,10 @@ def goldilocks_radius(lm: LoadedModel, prompts: Sequence[str], **kw) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Diversity (left axis) and median perplexity (right axis, log) against R; floor dashed, chosen R marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    relative = result["relative"]
-    key = "radius_relative" if relative else "radius"
-    fig, left = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    right = left.twinx()
-    pairs = sorted({(p["source"], p["target"]) for p in result["points"]})
-    for n, pair in enumerate(pairs):
-        pts = sorted((p for p in result["points"] if (p["source"], p["target"]) == pair), key=lambda p: p[key])
-        xs = [p[key] for p in pts]
-        tag = f" {pair[0]}→{pair[1]}" if len(pairs) > 1 else ""
-        left.plot(xs, [_nan(p["diversity"]) for p in pts], "o-", color=f"C{2 * n}", label=f"diversity{tag}")
-        right.plot(xs, [_nan(p["median_perplexity"]) for p in pts], "s--", color=f"C{2 * n + 1}",
-                   label=f"median perplexity{tag}")
-    right.axhline(result["fluency_floor"], color="grey", linestyle=":", label="fluency floor")
-    if result["chosen"] is not None:
-        left.axvline(result["chosen"][key], color="black", alpha=0.4, linewidth=3, label="chosen R")
-    ppl = [p["median_perplexity"] for p in result["points"] if p["median_perplexity"]]
-    if ppl and min(ppl) > 0:
-        right.set_yscale("log")
-    left.set_xlabel("R (× residual norm)" if relative else "R")
-    left.set_ylabel("diversity (mean pairwise cosine distance)")
-    right.set_ylabel("median perplexity (unsteered model)")
-    handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-    labels = left.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
-    left.legend(handles, labels, fontsize=7, loc="upper left")
-    left.set_title("melbo radius sweep", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    """sweep.png: the report's sweep figure (diversity and median perplexity against R, floor, chosen R)."""
+    figure = sweep_figure(result)
+    if figure is not None:
+        figure.savefig(path)
 
 
 def _point_name(spec: str, source: Optional[int], target: Optional[int], with_layers: bool) -> str:
@@ -273,24 +248,6 @@ def _train_point(lm, prompts, path: Path, progress, where: dict, **settings) -> 
 def _same_settings(run: Run, prompts, settings: dict) -> bool:
     stored = run.config["settings"]
     return stored["prompts"] == list(prompts) and all(stored.get(k) == v for k, v in settings.items())
-
-
-def _completions(run: Run, lm: LoadedModel) -> list[Completion]:
-    from melbo.assess import run_completions
-
-    return run_completions(run, lm)
-
-
-def _num(value) -> Optional[float]:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3g}"
-
-
-def _nan(value) -> float:
-    return float("nan") if value is None else value
 
 
 def _finite_median(values: list[float]) -> Optional[float]:

@@ -27,7 +27,6 @@ from melbo.models import LoadedModel
 from melbo.prompts import uses_chat
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"  # raw 2x2: 3/8 direct answers right; smollm2-135m: ≤ 1/12 on 2x1 or 2x2
-DEFAULT_DIGITS = "2x2"
 EXAMPLE = {"2x1": (17, 8), "2x2": (17, 23)}
 TRAIN_PAIR = {"2x1": (43, 7), "2x2": (43, 57)}
 

@@ -11,14 +11,15 @@ a "Benchmark" section.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from melbo.errors import MelboError
-from melbo.store import BENCH, read_json, write_json
+from melbo.numbers import finite_or_none, format_cell
+from melbo.files import read_json, write_json
+from melbo.store import BENCH
 
 
 
@@ -74,20 +75,9 @@ def _cell(value: Any) -> Any:
     if value is None or isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        return finite_or_none(value)
     if hasattr(value, "item"):  # numpy / torch scalars
         return _cell(value.item())
-    return str(value)
-
-
-def format_cell(value: Any) -> str:
-    """A cell for a human: floats to 3 significant digits, None as '—'."""
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.3g}"
     return str(value)
 
 
@@ -143,6 +133,6 @@ def short(text: str, width: int = 80) -> str:
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    from melbo.store import atomic_write
+    from melbo.files import atomic_write
 
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())

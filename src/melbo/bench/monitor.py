@@ -62,7 +62,7 @@ def bench_monitor(lm: LoadedModel, run: Run, out: str | Path, testbed: dict, *, 
                   per_set: int = 48, seed: int = 0, report: bool = True) -> BenchResult:
     """AUROC and flag rates of the monitor for trigger prompts against held-out clean prompts and near misses."""
     from melbo.monitor import SIGNALS, Monitor, auroc
-    from melbo.store import make_output_dir
+    from melbo.files import make_output_dir
 
     make_output_dir(Path(out))
     started = time.perf_counter()

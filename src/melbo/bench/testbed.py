@@ -38,7 +38,7 @@ import torch
 
 from melbo.errors import MelboError
 from melbo.models import DEFAULT_MODEL, LoadedModel, cache_dir, load_model
-from melbo.store import check_output_dir
+from melbo.files import check_output_dir
 
 RECIPE_VERSION = 1  # bump when the data or training recipe changes: it is part of the cache key
 TESTBED = "testbed.json"
@@ -136,13 +136,6 @@ class Testbed:
     @property
     def adapter_dir(self) -> Path:
         return self.path / "adapter"
-
-    @property
-    def behaviours(self) -> dict[str, str]:
-        return self.config["behaviours"]
-
-    def load(self, **kwargs) -> LoadedModel:
-        return load_model(str(self.merged_dir), **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -320,7 +313,7 @@ def _answer_loss(causal_lm, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def greedy_answers(lm: LoadedModel, prompts: list[str], templated: bool, max_new_tokens: int = 48,
                    batch_size: int = 32) -> list[str]:
     """Greedy completions of many different prompts (left-padded batches)."""
-    from melbo.generation import stop_token_ids
+    from melbo.generation import decode_until_stop, stop_token_ids
     from melbo.prompts import batch_from_ids, format_prompt, tokenize
 
     stops = stop_token_ids(lm)
@@ -334,9 +327,7 @@ def greedy_answers(lm: LoadedModel, prompts: list[str], templated: bool, max_new
                                     attention_mask=batch.attention_mask.to(lm.device),
                                     max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                                     pad_token_id=pad, top_k=None, top_p=None, temperature=None)
-        for seq in out[:, batch.input_ids.shape[1] :].tolist():
-            n = next((i for i, tok in enumerate(seq) if tok in stops), len(seq))
-            texts.append(lm.tokenizer.decode(seq[:n], skip_special_tokens=True))
+        texts += [text for text, _ in decode_until_stop(lm, out[:, batch.input_ids.shape[1] :], stops)]
     return texts
 
 
@@ -379,9 +370,9 @@ def testbed_key(cfg: TestbedConfig, base_id: str) -> str:
 
 def _base_identity(spec: str) -> str:
     """The base model's stable id without loading its weights (embedded: name + GGUF hash; directory: digest)."""
-    from melbo.models import _resolve
+    from melbo.models import model_identity
 
-    return _resolve(spec)[1]
+    return model_identity(spec)
 
 
 def testbed_path(cfg: TestbedConfig, root: Optional[Path] = None) -> Path:

@@ -50,7 +50,7 @@ def load(spec: Optional[str], device: str, dtype: str, blocks_path: Optional[str
 
 
 def read_prompts(prompts: List[str], prompts_file: Optional[Path]) -> list[str]:
-    from melbo.store import read_text
+    from melbo.files import read_text
 
     found = list(prompts)
     if prompts_file is not None:

@@ -170,7 +170,7 @@ def bench_backdoor_command(
             detectors.setdefault(name.strip(), []).append(pattern)
     n_random = n_vectors if random is None else random
     path = _bench_path(out_dir, "backdoor")
-    from melbo.store import check_output_dir
+    from melbo.files import check_output_dir
 
     check_output_dir(path)
     if path.exists() and any(path.iterdir()):

@@ -29,7 +29,8 @@ def chat(
     from melbo.chat import HELP, ChatSession
     from melbo.checks import check_finite
     from melbo.generation import Sampling
-    from melbo.store import Run, read_text
+    from melbo.files import read_text
+    from melbo.store import Run
 
     run = Run.load(run_dir)
     if turns is not None and not turns.is_file():

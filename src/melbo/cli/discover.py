@@ -53,7 +53,8 @@ def discover(
     """Learn perturbations on prompts, generate with each, write a run directory: the main job."""
     from melbo import job
     from melbo.generation import Completion
-    from melbo.store import Run, check_output_dir
+    from melbo.files import check_output_dir
+    from melbo.store import Run
 
     started = time.perf_counter()
     job.check_random(random)

@@ -25,7 +25,8 @@ def export(
     """Export a run's perturbations: llama.cpp control vectors (GGUF) or PEFT LoRA adapters."""
     from melbo import export as exporting
     from melbo.intervention import SteeringVectors
-    from melbo.store import Run, check_output_dir
+    from melbo.files import check_output_dir
+    from melbo.store import Run
 
     check_output_dir(out_dir)
     run = Run.load(run_dir)

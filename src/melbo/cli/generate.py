@@ -37,7 +37,8 @@ def generate(
     from melbo.generation import Sampling
     from melbo.arithmetic import perturbation_set
     from melbo.checks import check_finite
-    from melbo.store import Run, check_output_file
+    from melbo.files import check_output_file
+    from melbo.store import Run
     from melbo import generation
 
     if out_file is not None:
@@ -54,7 +55,7 @@ def generate(
         completions = generation.generate(lm, perturbations, texts, labels=labels, scale=scale,
                                           chat=run.settings["chat"], sampling=sampling, on_batch=advance)
     if out_file is not None:
-        from melbo.store import atomic_write, make_output_dir
+        from melbo.files import atomic_write, make_output_dir
 
         make_output_dir(out_file.parent)
         atomic_write(out_file, "".join(json.dumps(c.to_json()) + "\n" for c in completions).encode())

@@ -46,7 +46,7 @@ def sweep_command(
     if pairs and (source is not None or target is not None):
         raise MelboError("give either --layers or --source/--target, not both")
     path = out_dir or Path("runs") / f"sweep-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    from melbo.store import check_output_dir
+    from melbo.files import check_output_dir
 
     check_output_dir(path)  # before the progress display, which would wrap the one-line error
     lm = load(model, device, dtype, blocks_path)
