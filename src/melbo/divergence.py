@@ -33,6 +33,7 @@ from melbo.intervention import Perturbations, SteeringVectors
 from melbo.models import LoadedModel
 from melbo.prompts import format_prompt, tokenize, uses_chat
 from melbo.runner import Progress, discover
+from melbo.settings import DIFF_RADIUS, DiscoverConfig
 from melbo.store import Run, write_json
 
 DIVERGENCE = "divergence.json"
@@ -52,11 +53,14 @@ def diff(
 ) -> Run:
     """Contrastive discovery on `prompts`, then paired generation and the divergence ranking (module docstring).
 
-    Settings are `DiscoverConfig` fields (`contrast` picks the form, default "difference"); `random` random
+    Settings are `DiscoverConfig` fields (`contrast` picks the form, default "difference"; `radius` defaults to
+    `settings.DIFF_RADIUS`, larger than discover's, for the reason given there); `random` random
     vectors of the run's norm are ranked beside the learned ones (0: none; adapter runs have none).
     """
     if not isinstance(random, int) or random < 0:
         raise MelboError(f"random must be an integer ≥ 0, got {random!r}")
+    if not isinstance(prompts, DiscoverConfig):
+        settings.setdefault("radius", DIFF_RADIUS)
     run = discover(audited, prompts, out, reference=reference, progress=progress, **settings)
     rank_run(run, audited, reference, random=random, on_batch=on_batch)
     return run

@@ -12,6 +12,10 @@ if TYPE_CHECKING:
     from melbo.prompts import Positions
 
 DEFAULT_CONTRAST = "difference"  # the contrastive form `melbo diff` trains with; why: melbo.contrastive
+# `melbo diff` steers harder than `discover`: a fine-tune is a small change of its base, so in the near-linear
+# regime of a small R both models change alike and their difference is small. On the planted-backdoor testbed
+# (32 vectors) 0.2x elicited neither planted behaviour, 0.3x and 0.4x both (README, audit mode).
+DIFF_RADIUS = "0.3x"
 
 
 @dataclass

@@ -16,7 +16,7 @@ from melbo.cli.app import (
 from melbo.cli.progress import generation_progress, training_progress
 from melbo.cli.tables import print_divergence
 from melbo.errors import MelboError
-from melbo.settings import DEFAULT_CONTRAST, DEFAULTS
+from melbo.settings import DEFAULTS, DEFAULT_CONTRAST, DIFF_RADIUS
 
 
 @app.command("diff")
@@ -34,7 +34,7 @@ def diff_command(
     n_vectors: int = typer.Option(DEFAULTS.n_vectors, "--n-vectors", "-n", help="How many perturbations to learn."),
     source: Optional[int] = typer.Option(None, help="Source block (default 8, or depth//3 for shallow models)."),
     target: Optional[int] = typer.Option(None, help="Target block (default depth-8)."),
-    radius: str = typer.Option(DEFAULTS.radius, help="R: absolute (4.0) or relative to the source residual norm (e.g. 0.2x)."),
+    radius: str = typer.Option(DIFF_RADIUS, help="R: absolute (4.0) or relative to the source residual norm (e.g. 0.3x)."),
     steps: int = typer.Option(DEFAULTS.steps, help="Optimiser steps per batch."),
     orthogonal: str = typer.Option(DEFAULTS.orthogonal, help="hard (vectors only), soft or none."),
     positions: str = typer.Option(DEFAULTS.positions, help="Token positions: all, last:K, or JSON per-prompt indices."),
