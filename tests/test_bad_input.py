@@ -283,6 +283,7 @@ def test_chat_scale_command_refuses_non_finite(lm, run_dir):
         ("smollm2-135m", {"device": "potato"}, "unknown device"),
         ("smollm2-135m", {"device": None}, "unknown device"),
         ("smollm2-135m", {"dtype": ["float32"]}, "unknown dtype"),
+        ("/dev/null", {}, "neither a model directory nor a .gguf file"),
     ],
 )
 def test_load_model_refuses_bad_arguments(spec, kwargs, message):

@@ -261,6 +261,8 @@ def _resolve(spec: str) -> tuple[str, str, str | None]:
             raise MelboError(f"{spec} has no config.json: give a Hugging Face model directory (save_pretrained output)")
         digest = _directory_digest(path)
         return str(path.resolve()), f"{path.resolve().name}@{digest[:12]}", digest
+    if path.exists():  # a device, FIFO or socket
+        raise MelboError(f"{spec} is neither a model directory nor a .gguf file: give one of those")
     if spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
         raise MelboError(f"{spec} does not exist: check the path")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
