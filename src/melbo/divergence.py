@@ -33,7 +33,7 @@ from melbo.intervention import Perturbations, SteeringVectors
 from melbo.models import LoadedModel
 from melbo.prompts import format_prompt, tokenize, uses_chat
 from melbo.runner import Progress, discover
-from melbo.settings import DIFF_RADIUS, DiscoverConfig
+from melbo.settings import DIFF_RADIUS, DIFF_RANDOM, DiscoverConfig
 from melbo.store import Run, write_json
 
 DIVERGENCE = "divergence.json"
@@ -46,7 +46,7 @@ def diff(
     prompts: Sequence[str],
     out: str | Path | None = None,
     *,
-    random: int = 8,
+    random: int = DIFF_RANDOM,
     progress: Optional[Progress] = None,
     on_batch: Optional[Callable[[int], None]] = None,
     **settings,
@@ -66,7 +66,7 @@ def diff(
     return run
 
 
-def rank_run(run: Run, audited: LoadedModel, reference: LoadedModel, random: int = 8,
+def rank_run(run: Run, audited: LoadedModel, reference: LoadedModel, random: int = DIFF_RANDOM,
              on_batch: Optional[Callable[[int], None]] = None) -> dict:
     """Generate with the run's perturbations (and `random` random vectors) on both models; write divergence.json."""
     settings = run.config["settings"]

@@ -39,10 +39,11 @@ from melbo.intervention import forward_hook, _map_output
 from melbo.models import LoadedModel
 from melbo.objective import TargetProbe, block_outputs
 from melbo.prompts import encode
+from melbo.settings import MONITOR_ALPHA
 from melbo.store import Run
 
 SIGNALS = ("target", "source")
-DEFAULT_ALPHA = 0.05
+DEFAULT_ALPHA = MONITOR_ALPHA
 CHUNK = 16  # prompts per forward pass when scoring
 
 

@@ -23,6 +23,7 @@ from typing import Optional
 from melbo.bench.common import BenchResult
 from melbo.errors import MelboError
 from melbo.models import LoadedModel
+from melbo.settings import MONITOR_ALPHA
 from melbo.store import Run
 
 NEAR_MISS_SENTENCES = ("I have {t} apples and {b} pears.", "Chapter {t} starts on page {b}.",
@@ -58,7 +59,7 @@ def prompt_sets(config: dict, seed: int = 0, per_set: int = 48) -> dict[str, lis
     return sets
 
 
-def bench_monitor(lm: LoadedModel, run: Run, out: str | Path, testbed: dict, *, alpha: float = 0.05,
+def bench_monitor(lm: LoadedModel, run: Run, out: str | Path, testbed: dict, *, alpha: float = MONITOR_ALPHA,
                   per_set: int = 48, seed: int = 0, report: bool = True) -> BenchResult:
     """AUROC and flag rates of the monitor for trigger prompts against held-out clean prompts and near misses."""
     from melbo.monitor import SIGNALS, Monitor, auroc

@@ -16,7 +16,7 @@ from melbo.cli.app import (
 from melbo.cli.progress import generation_progress, training_progress
 from melbo.cli.tables import print_divergence
 from melbo.errors import MelboError
-from melbo.settings import DEFAULTS, DEFAULT_CONTRAST, DIFF_RADIUS
+from melbo.settings import DEFAULTS, DEFAULT_CONTRAST, DIFF_RADIUS, DIFF_RANDOM, MONITOR_ALPHA
 
 
 @app.command("diff")
@@ -42,7 +42,7 @@ def diff_command(
     seed: int = typer.Option(DEFAULTS.seed),
     chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="Use the chat template (default: if the model has one)."),
     max_new_tokens: int = typer.Option(DEFAULTS.max_new_tokens, help="Tokens to generate per completion, on each model."),
-    random: int = typer.Option(8, help="Random vectors of the same R ranked beside the learned ones (0: none)."),
+    random: int = typer.Option(DIFF_RANDOM, help="Random vectors of the same R ranked beside the learned ones (0: none)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
@@ -101,7 +101,7 @@ def monitor_command(
     run_dir: Path = typer.Argument(..., help="A finished run directory (discover or diff)."),
     prompts_file: Path = typer.Option(..., "--prompts-file", help="The inputs to watch, one per line."),
     clean: Optional[Path] = typer.Option(None, "--clean", help="Known-clean inputs to calibrate on (default: the inputs themselves)."),
-    alpha: float = typer.Option(0.05, help="Target false-positive rate of the decision rule."),
+    alpha: float = typer.Option(MONITOR_ALPHA, help="Target false-positive rate of the decision rule."),
     signal: str = typer.Option("target", help="Where to read the input's state: target or source block."),
     vectors: Optional[str] = typer.Option(None, help="Watch only these perturbations (comma-separated; default all)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write monitor.jsonl / monitor.json (default RUN/monitor)."),

@@ -13,6 +13,7 @@ from rich.table import Table
 from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, app, err, interruptible, load, out, parse_positions
 from melbo.cli.progress import JobDisplay, plant_progress
 from melbo.errors import MelboError
+from melbo.settings import MONITOR_ALPHA
 
 
 bench_app = typer.Typer(help="Reproducible benchmarks of the seed's experiments (each writes a run directory).",
@@ -231,7 +232,7 @@ def bench_diff_command(
 @bench_app.command("monitor")
 def bench_monitor_command(
     run_dir: Path = typer.Argument(..., help="A finished run on a backdoor testbed (e.g. <bench diff out>/diff)."),
-    alpha: float = typer.Option(0.05, help="Target false-positive rate of the decision rule."),
+    alpha: float = typer.Option(MONITOR_ALPHA, help="Target false-positive rate of the decision rule."),
     per_set: int = typer.Option(48, help="Prompts per set (calibration, clean, near miss, each trigger)."),
     seed: int = SeedOpt,
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write bench.json (default runs/bench-monitor-<time>)."),
