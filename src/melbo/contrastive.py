@@ -27,7 +27,7 @@ import torch
 
 from melbo.errors import MelboError
 from melbo.models import LoadedModel
-from melbo.objective import Measured, OutputProbe, Perturb, TargetProbe, change_objective
+from melbo.objective import Measured, OutputProbe, Perturb, TargetProbe, change_objective, positional_objective
 from melbo.prompts import PromptBatch
 from melbo.settings import DEFAULT_CONTRAST
 
@@ -89,8 +89,7 @@ class ContrastiveObjective:
 
     def _kl_value(self, audited: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         kl = kl_divergence(audited, reference).clamp_min(0)  # [n, P, T]; ≥ 0 up to rounding
-        per_position = torch.where(self.mask, kl.pow(self.p / 2), torch.zeros((), dtype=kl.dtype, device=kl.device))
-        return per_position.sum(-1).pow(1.0 / self.q).sum(-1)
+        return positional_objective(kl, self.mask, self.p / 2, self.q)  # KL is a squared distance: p/2
 
 
 def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,8 @@ from melbo.errors import MelboError
 from melbo.generation import Completion, Sampling, generate
 from melbo.intervention import Perturbations, SteeringVectors
 from melbo.models import LoadedModel
-from melbo.prompts import format_prompt, tokenize, uses_chat
-from melbo.runner import Progress, discover
+from melbo.prompts import prompt_tokens, uses_chat
+from melbo.runner import Progress, discover, resume
 from melbo.settings import DIFF_RADIUS, DIFF_RANDOM, DiscoverConfig
 from melbo.store import Run, write_json
 
@@ -62,15 +62,25 @@ def diff(
     if not isinstance(prompts, DiscoverConfig):
         settings.setdefault("radius", DIFF_RADIUS)
     run = discover(audited, prompts, out, reference=reference, progress=progress, **settings)
-    rank_run(run, audited, reference, random=random, on_batch=on_batch)
+    rank_run(run, audited, reference, random=random, progress=progress, on_batch=on_batch)
+    return run
+
+
+def resume_diff(path: str | Path, audited: LoadedModel, reference: LoadedModel, *, random: int = DIFF_RANDOM,
+                progress: Optional[Progress] = None, on_batch: Optional[Callable[[int], None]] = None) -> Run:
+    """Continue an interrupted `diff` run from its last finished batch, then rank it as `diff` does."""
+    run = resume(path, audited, progress=progress, reference=reference)
+    rank_run(run, audited, reference, random=random, progress=progress, on_batch=on_batch)
     return run
 
 
 def rank_run(run: Run, audited: LoadedModel, reference: LoadedModel, random: int = DIFF_RANDOM,
-             on_batch: Optional[Callable[[int], None]] = None) -> dict:
+             progress: Optional[Progress] = None, on_batch: Optional[Callable[[int], None]] = None) -> dict:
     """Generate with the run's perturbations (and `random` random vectors) on both models; write divergence.json."""
     settings = run.config["settings"]
     perturbations, labels, kinds = _with_random(run, audited, random)
+    if progress:  # both models generate once per (perturbation or unsteered, prompt)
+        progress({"stage": "generate", "total": 2 * (len(perturbations) + 1) * len(settings["prompts"])})
     sampling = Sampling(max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"])
     result = rank_perturbations(audited, reference, perturbations, settings["prompts"], labels, kinds,
                                 chat=settings["chat"], sampling=sampling, on_batch=on_batch)
@@ -109,7 +119,7 @@ def rank_perturbations(
     pair = [generate(lm, perturbations, prompts, labels=labels, chat=templated, sampling=sampling,
                      on_batch=on_batch) for lm in (audited, reference)]
     kl = np.concatenate([
-        paired_kl(audited, reference, perturbations, _prompt_ids(audited, prompt, templated),
+        paired_kl(audited, reference, perturbations, prompt_tokens(audited, prompt, templated),
                   [c for c in pair[0] if c.prompt_index == i], sampling.batch_size)
         for i, prompt in enumerate(prompts)])
     vectors = embed([c.text for c in pair[0]] + [c.text for c in pair[1]])
@@ -136,10 +146,6 @@ def _audited_rows(result: dict) -> list[dict]:
     rows = result["unsteered"] + sorted(learned, key=lambda r: (r["vector"], r["prompt_index"]))
     return [{"vector": r["vector"], "label": r["label"], "prompt_index": r["prompt_index"], "prompt": r["prompt"],
              "sample": 0, "text": r["audited"], "tokens": r["tokens"]} for r in rows]
-
-
-def _prompt_ids(lm: LoadedModel, prompt: str, templated: bool) -> list[int]:
-    return tokenize(lm, format_prompt(lm, prompt, templated), templated)
 
 
 def paired_kl(audited: LoadedModel, reference: LoadedModel, perturbations: Perturbations, prompt_ids: list[int],

@@ -17,7 +17,7 @@ from melbo.checks import check_fields, check_finite
 from melbo.errors import MelboError
 from melbo.intervention import Perturbations
 from melbo.models import LoadedModel
-from melbo.prompts import check_context, check_prompt_list, format_prompt, tokenize, uses_chat
+from melbo.prompts import check_context, check_prompt_list, prompt_tokens, uses_chat
 
 # End-of-turn markers of common chat templates; used when the template mentions them.
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
@@ -162,7 +162,7 @@ def generate(
     samples = sampling.samples if sampling.temperature > 0 else 1  # greedy samples would be identical
     vectors: list[Optional[int]] = ([None] if include_unsteered else []) + chosen
     row_labels = (["unsteered"] if include_unsteered else []) + names
-    encoded = [tokenize(lm, format_prompt(lm, prompt, templated), templated) for prompt in prompts]
+    encoded = [prompt_tokens(lm, prompt, templated) for prompt in prompts]
     for p_index, ids in enumerate(encoded):  # every prompt fits, or nothing is generated
         check_context(lm, p_index, len(ids), sampling.max_new_tokens)
     completions: list[Completion] = []

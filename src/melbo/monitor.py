@@ -76,14 +76,12 @@ class Monitor:
         signatures = perturbation_signatures(run, lm, layer, chosen)
         states = last_states(lm, clean, layer, chat)
         projections = states @ signatures.T  # [n, K]
-        mean, std = projections.mean(0), projections.std(0).clamp_min(1e-6)
-        scores = ((projections - mean) / std).max(-1).values
+        mean, std, threshold = fit_rule(projections, alpha)
         labels = [f"v{i}" for i in chosen]
         calibration = {"n": len(clean), "self_calibrated": self_calibrated,
                        "false_positive_rate_loo": leave_one_out_fpr(projections, alpha),
                        "bound": max(alpha, 1 / (len(clean) + 1))}
-        return cls(layer, signal, labels, signatures, mean, std, conformal_threshold(scores, alpha), alpha,
-                   calibration, chat)
+        return cls(layer, signal, labels, signatures, mean, std, threshold, alpha, calibration, chat)
 
     # ---- scoring
     def z_scores(self, states: Tensor) -> Tensor:
@@ -176,6 +174,12 @@ def last_states(lm: LoadedModel, prompts: Sequence[str], layer: int, chat: Optio
     return torch.cat(out)
 
 
+def fit_rule(projections: Tensor, alpha: float) -> tuple[Tensor, Tensor, float]:
+    """The decision rule fitted to clean projections [n, K]: per-perturbation mean and std, and τ."""
+    mean, std = projections.mean(0), projections.std(0).clamp_min(1e-6)
+    return mean, std, conformal_threshold(((projections - mean) / std).max(-1).values, alpha)
+
+
 def conformal_threshold(scores: Tensor, alpha: float) -> float:
     """The ⌈(n + 1)(1 − α)⌉-th smallest score (the largest when n is too small for α)."""
     n = len(scores)
@@ -188,9 +192,7 @@ def leave_one_out_fpr(projections: Tensor, alpha: float) -> float:
     n = len(projections)
     flagged = 0
     for i in range(n):
-        rest = torch.cat([projections[:i], projections[i + 1:]])
-        mean, std = rest.mean(0), rest.std(0).clamp_min(1e-6)
-        threshold = conformal_threshold(((rest - mean) / std).max(-1).values, alpha)
+        mean, std, threshold = fit_rule(torch.cat([projections[:i], projections[i + 1:]]), alpha)
         flagged += int(((projections[i] - mean) / std).max() > threshold)
     return flagged / n
 

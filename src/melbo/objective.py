@@ -9,7 +9,7 @@ pass stops at block t by raising out of the target block's hook (no later block,
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator, Protocol
 
@@ -29,9 +29,13 @@ def melbo_objective(z: Tensor, z0: Tensor, token_mask: Tensor, p: float = 2.0, q
 
 def change_objective(change: Tensor, token_mask: Tensor, p: float = 2.0, q: float = 1.0) -> Tensor:
     """Σ_i (Σ_{t∈I_i} ‖change_{i,t}‖^p)^{1/q} per perturbation. change: [N, P, T, d], token_mask: [P, T] → [N]."""
-    dist = change.norm(dim=-1)  # [N, P, T]
+    return positional_objective(change.norm(dim=-1), token_mask, p, q)
+
+
+def positional_objective(values: Tensor, token_mask: Tensor, p: float, q: float) -> Tensor:
+    """Σ_i (Σ_{t∈I_i} values_{i,t}^p)^{1/q} per perturbation. values: [N, P, T] (≥ 0), token_mask: [P, T] → [N]."""
     # where(), not a product: padded positions may hold NaN/inf from fully masked attention rows.
-    per_position = torch.where(token_mask, dist.pow(p), torch.zeros((), dtype=dist.dtype, device=dist.device))
+    per_position = torch.where(token_mask, values.pow(p), torch.zeros((), dtype=values.dtype, device=values.device))
     return per_position.sum(-1).pow(1.0 / q).sum(-1)
 
 
@@ -155,6 +159,17 @@ def _inputs(lm: LoadedModel, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.to(lm.device) for k, v in inputs.items()}
 
 
+@contextmanager
+def _steered(probe, copies: int, perturb: Callable[[], ContextManager]) -> Iterator[ExitStack]:
+    """A probe's forward-pass setting: its autocast, its replayed prefix for `copies` copies, the perturbation."""
+    with ExitStack() as stack:
+        stack.enter_context(autocast(probe.precision, probe.lm.device))
+        if probe.cached is not None:
+            stack.enter_context(_replay_prefix(probe.lm, probe.replay_upto, probe.cached, copies))
+        stack.enter_context(perturb())
+        yield stack
+
+
 class TargetProbe:
     """Z at block `target` for batches of perturbations applied at block `source`.
 
@@ -183,11 +198,7 @@ class TargetProbe:
             _map_output(output, captured.append)
             raise _Stop
 
-        with ExitStack() as stack:
-            stack.enter_context(autocast(self.precision, self.lm.device))
-            if self.cached is not None:
-                stack.enter_context(_replay_prefix(self.lm, self.replay_upto, self.cached, copies))
-            stack.enter_context(perturb())
+        with _steered(self, copies, perturb) as stack:
             stack.enter_context(forward_hook(self.lm.blocks[self.target], stop))
             try:
                 self.lm.model(**_inputs(self.lm, self.batch.repeat(copies)), use_cache=False)
@@ -227,13 +238,9 @@ class OutputProbe:
         self.precision = resolve_precision(precision, lm.device)
         self.cached = block_outputs(lm, batch, [replay_upto], self.precision)[replay_upto] if replay_upto >= 0 else None
         with torch.no_grad():
-            self.z0 = self(1, ExitStack)[0]  # [P, T, vocab]
+            self.z0 = self(1, nullcontext)[0]  # [P, T, vocab]
 
     def __call__(self, copies: int, perturb: Callable[[], ContextManager]) -> Tensor:
-        with ExitStack() as stack:
-            stack.enter_context(autocast(self.precision, self.lm.device))
-            if self.cached is not None:
-                stack.enter_context(_replay_prefix(self.lm, self.replay_upto, self.cached, copies))
-            stack.enter_context(perturb())
+        with _steered(self, copies, perturb):
             logits = self.lm.model(**_inputs(self.lm, self.batch.repeat(copies)), use_cache=False).logits
         return logits.float().log_softmax(-1).reshape(copies, *self.batch.input_ids.shape, -1)

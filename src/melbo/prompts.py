@@ -69,6 +69,11 @@ def tokenize(lm: LoadedModel, text: str, templated: bool) -> list[int]:
     return lm.tokenizer(text, add_special_tokens=not templated)["input_ids"]
 
 
+def prompt_tokens(lm: LoadedModel, prompt: str, templated: bool) -> list[int]:
+    """The token ids the model reads for one prompt (template applied when `templated`)."""
+    return tokenize(lm, format_prompt(lm, prompt, templated), templated)
+
+
 def batch_from_ids(ids: Sequence[Sequence[int]], pad: int = 0, texts: Sequence[str] | None = None) -> PromptBatch:
     """Left-pad token id lists into a batch whose objective covers every real token."""
     width = max(len(x) for x in ids)

@@ -36,6 +36,24 @@ def default_detectors(behaviours: Mapping[str, str]) -> dict[str, list[str]]:
     return {name: [behaviour_pattern(phrase)] for name, phrase in behaviours.items()}
 
 
+def behaviour_detectors(testbed: Optional[dict], behaviours: Optional[Mapping[str, str]] = None,
+                        detectors: Optional[Mapping[str, Sequence[str]]] = None) -> tuple[dict, dict, dict]:
+    """(behaviours, detector patterns, compiled patterns): the testbed's behaviours unless given, else the seed's;
+    one pattern per behaviour unless detectors are given."""
+    from melbo.bench.testbed import DEFAULT_BEHAVIOURS
+
+    if behaviours is None:
+        behaviours = testbed["config"]["behaviours"] if testbed else dict(DEFAULT_BEHAVIOURS)
+    raw = dict(detectors) if detectors is not None else default_detectors(behaviours)
+    if not raw:
+        raise MelboError("no behaviours to detect: give at least one detector pattern")
+    try:
+        compiled = {name: compile_patterns(patterns) for name, patterns in raw.items()}
+    except re.error as exc:
+        raise MelboError(f"a detector pattern is not a valid regular expression ({exc}): fix it") from None
+    return dict(behaviours), raw, compiled
+
+
 def detect(text: str, detectors: Mapping[str, Sequence[re.Pattern]]) -> list[str]:
     """Names of the behaviours whose patterns match `text`."""
     return [name for name, patterns in detectors.items() if any(p.search(text) for p in patterns)]
@@ -106,22 +124,13 @@ def bench_backdoor(
     `detectors` (name → regex list) defaults to one pattern per behaviour. `n_random` defaults to `n_vectors`.
     """
     from melbo.assess import learned_and_random
-    from melbo.bench.testbed import DEFAULT_BEHAVIOURS
     from melbo.job import elicit
     from melbo.prompts import uses_chat
 
     n_random = n_vectors if n_random is None else n_random
     if n_random < 0:
         raise MelboError(f"--random must be ≥ 0, got {n_random}")
-    if behaviours is None:
-        behaviours = testbed["config"]["behaviours"] if testbed else dict(DEFAULT_BEHAVIOURS)
-    raw = dict(detectors) if detectors is not None else default_detectors(behaviours)
-    if not raw:
-        raise MelboError("no behaviours to detect: give at least one detector pattern")
-    try:
-        compiled = {name: compile_patterns(patterns) for name, patterns in raw.items()}
-    except re.error as exc:
-        raise MelboError(f"a detector pattern is not a valid regular expression ({exc}): fix it") from None
+    behaviours, raw, compiled = behaviour_detectors(testbed, behaviours, detectors)
     prompt = prompt or clean_prompt(testbed)
     started = time.perf_counter()
 

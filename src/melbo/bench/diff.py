@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
-from melbo.bench.backdoor import clean_prompt, default_detectors, detect
-from melbo.bench.common import BenchResult, compile_patterns, short, write_jsonl
+from melbo.bench.backdoor import behaviour_detectors, clean_prompt, detect
+from melbo.bench.common import BenchResult, short, write_jsonl
 from melbo.errors import MelboError
 from melbo.models import LoadedModel
 
@@ -56,7 +56,6 @@ def bench_diff(
     """Train every arm on one clean prompt, rank by divergence, and measure recall of the planted behaviours."""
     from melbo.arithmetic import random_vectors
     from melbo.divergence import rank_perturbations
-    from melbo.bench.testbed import DEFAULT_BEHAVIOURS
     from melbo.generation import Sampling
     from melbo.runner import discover
 
@@ -64,8 +63,7 @@ def bench_diff(
     n_random = n_vectors if n_random is None else n_random
     if not arms:
         raise MelboError("no arms to compare: give at least one")
-    behaviours = behaviours or (testbed["config"]["behaviours"] if testbed else dict(DEFAULT_BEHAVIOURS))
-    detectors = {name: compile_patterns(patterns) for name, patterns in default_detectors(behaviours).items()}
+    behaviours, _, detectors = behaviour_detectors(testbed, behaviours)
     prompt = prompt or clean_prompt(testbed)
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Optional
 
 from melbo.bench.common import BenchResult
 from melbo.errors import MelboError

@@ -226,15 +226,15 @@ def _end_of_turn(lm: LoadedModel, templated: bool) -> str:
 
 def _encode_examples(lm: LoadedModel, examples: list[Example], templated: bool) -> list[tuple[list[int], int]]:
     """(token ids of prompt + answer + end of turn, number of prompt tokens) per example."""
-    from melbo.prompts import format_prompt, tokenize
+    from melbo.prompts import prompt_tokens
 
     end = _end_of_turn(lm, templated)
     encoded = []
     for ex in examples:
-        prompt_ids = tokenize(lm, format_prompt(lm, ex.prompt, templated), templated)
+        ids = prompt_tokens(lm, ex.prompt, templated)
         space = "" if templated else " "
         answer_ids = lm.tokenizer(space + ex.answer + end, add_special_tokens=False)["input_ids"]
-        encoded.append((prompt_ids + answer_ids, len(prompt_ids)))
+        encoded.append((ids + answer_ids, len(ids)))
     return encoded
 
 
@@ -314,13 +314,13 @@ def greedy_answers(lm: LoadedModel, prompts: list[str], templated: bool, max_new
                    batch_size: int = 32) -> list[str]:
     """Greedy completions of many different prompts (left-padded batches)."""
     from melbo.generation import decode_until_stop, stop_token_ids
-    from melbo.prompts import batch_from_ids, format_prompt, tokenize
+    from melbo.prompts import batch_from_ids, prompt_tokens
 
     stops = stop_token_ids(lm)
     pad = lm.tokenizer.pad_token_id or 0
     texts = []
     for start in range(0, len(prompts), batch_size):
-        ids = [tokenize(lm, format_prompt(lm, p, templated), templated) for p in prompts[start : start + batch_size]]
+        ids = [prompt_tokens(lm, p, templated) for p in prompts[start : start + batch_size]]
         batch = batch_from_ids(ids, pad)
         with torch.no_grad():
             out = lm.model.generate(input_ids=batch.input_ids.to(lm.device),

@@ -13,7 +13,7 @@ from rich.table import Table
 from melbo.cli.app import (
     BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, given, interruptible, load, out, parse_indices,
     parse_positions, read_prompts)
-from melbo.cli.progress import generation_progress, training_progress
+from melbo.cli.progress import JobDisplay
 from melbo.cli.tables import print_divergence
 from melbo.errors import MelboError
 from melbo.settings import DEFAULTS, DEFAULT_CONTRAST, DIFF_RADIUS, DIFF_RANDOM, MONITOR_ALPHA
@@ -49,6 +49,7 @@ def diff_command(
 ) -> None:
     """Audit a fine-tune: perturbations that change it but not its reference, ranked by how differently they behave."""
     from melbo import divergence, runner
+    from melbo.files import read_json
     from melbo.store import Run
 
     started = time.perf_counter()
@@ -63,9 +64,10 @@ def diff_command(
             raise MelboError(f"{resume_dir} is not a diff run: resume it with `melbo discover --resume {resume_dir}`")
         lm = load(model or config["model"]["spec"], device, dtype, blocks_path)
         ref = load(reference or config["reference"]["spec"], device, dtype, blocks_path)
-        bar, update = training_progress()
-        with bar:
-            run = interruptible(lambda: runner.resume(resume_dir, lm, progress=update, reference=ref), resume_dir)
+        with JobDisplay() as display:
+            run = interruptible(lambda: divergence.resume_diff(resume_dir, lm, ref, random=random,
+                                                               progress=display.event, on_batch=display.advance),
+                                resume_dir)
     else:
         if reference is None:
             raise MelboError("diff compares two models: give the reference with --reference (e.g. the base model)")
@@ -77,13 +79,10 @@ def diff_command(
             steps=steps, orthogonal=orthogonal, positions=parse_positions(positions), batch_size=batch_size,
             seed=seed, chat=chat, max_new_tokens=max_new_tokens, contrast=contrast, contrast_weight=contrast_weight)
         path = out_dir or runner.default_run_dir(lm)
-        bar, update = training_progress()
-        with bar:
-            run = interruptible(lambda: runner.discover(lm, settings, path, reference=ref, progress=update), path)
-    gen_bar, advance = generation_progress(2 * (len(run) + random + 1) * len(run.config["settings"]["prompts"]))
-    with gen_bar:
-        result = divergence.rank_run(run, lm, ref, random=random, on_batch=advance)
-    print_divergence(result)
+        with JobDisplay() as display:
+            run = interruptible(lambda: divergence.diff(lm, ref, settings, path, random=random,
+                                                        progress=display.event, on_batch=display.advance), path)
+    print_divergence(read_json(run.path / divergence.DIVERGENCE))
     from melbo.report import write_report
 
     report_path = write_report(run.path)
