@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from melbo.divergence import rank_perturbations
+from melbo.divergence import diff, rank_perturbations
 from melbo.errors import MelboError
 from melbo.generation import Sampling
 from melbo.intervention import SteeringVectors
@@ -117,8 +117,15 @@ def test_monitor_refuses_bad_input(tmp_path, smol):
         Monitor.calibrate(run, smol, ["a"])
     with pytest.raises(MelboError, match="not in 0..1"):
         Monitor.calibrate(run, smol, CLEAN, indices=[5])
-    with pytest.raises(MelboError, match="alpha"):
-        Monitor.calibrate(run, smol, CLEAN, alpha=1.5)
+    for alpha in (1.5, float("nan"), "0.1"):
+        with pytest.raises(MelboError, match="alpha"):
+            Monitor.calibrate(run, smol, CLEAN, alpha=alpha)
+    with pytest.raises(MelboError, match="list"):
+        monitor_inputs = "What is 4 + 6?"  # a bare string, not a list of inputs
+        Monitor.calibrate(run, smol, CLEAN).score(smol, monitor_inputs)
+    with pytest.raises(MelboError):
+        diff(smol, smol, "What is 4 + 6?", tmp_path / "bare")
+    assert not (tmp_path / "bare").exists()
     other = fake_run(tmp_path, smol, torch.randn(2, smol.width))
     other.config["model"]["id"] = "another-model"
     with pytest.raises(MelboError, match="was made with model another-model"):
@@ -149,6 +156,13 @@ def test_cli_diff_monitor_and_their_bad_inputs(tmp_path, capsys, smol):
         (["diff", "hi", "--reference", "smollm2-135m", "--method", "jacobian", "--out", str(tmp_path / "z")],
          "vectors or adapters"),
         (["monitor", str(out), "--prompts-file", str(empty)], "no prompts"),
+        (["monitor", str(out), "--prompts-file", str(tmp_path)], "is a directory"),
+        (["monitor", str(out), "--prompts-file", str(inputs), "--alpha", "nan"], "alpha"),
+        (["monitor", str(out), "--prompts-file", str(inputs), "--out", str(inputs)], "not a directory"),
+        (["diff", "hi", "-r", "smollm2-135m", "--contrast-weight", "nan", "--out", str(tmp_path / "w")], "finite"),
+        (["diff", "hi", "-r", "smollm2-135m", "--out", str(inputs)], "not a directory"),
+        (["bench", "diff", "--out", str(inputs)], "not a directory"),
+        (["bench", "monitor", str(out), "--alpha", "inf", "--out", str(tmp_path / "bm")], ""),
         (["monitor", str(out), "--prompts-file", str(inputs), "--model", "gemma3-270m"], ""),
     ]:
         code, _, stderr = run_cli(args, capsys)

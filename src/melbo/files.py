@@ -94,6 +94,8 @@ def read_text(path: Path, what: str = "file", fix: str = "save it as UTF-8") -> 
         raise MelboError(f"{what} {path} is not UTF-8 text (byte {exc.start}): {fix}") from exc
     except FileNotFoundError as exc:
         raise MelboError(f"{what} {path} does not exist: check the path") from exc
+    except IsADirectoryError as exc:
+        raise MelboError(f"{what} {path} is a directory: give a text file") from exc
     except OSError as exc:
         raise MelboError(f"cannot read {what} {path} ({exc.strerror}): give a readable text file") from exc
 

@@ -54,8 +54,6 @@ def read_prompts(prompts: List[str], prompts_file: Optional[Path]) -> list[str]:
 
     found = list(prompts)
     if prompts_file is not None:
-        if not prompts_file.is_file():
-            raise MelboError(f"prompts file {prompts_file} does not exist: check the path")
         found += [line for line in read_text(prompts_file, "prompts file").splitlines() if line.strip()]
     if not found:
         raise MelboError("no prompts given: pass prompts as arguments or with --prompts-file")

@@ -49,12 +49,14 @@ def diff_command(
 ) -> None:
     """Audit a fine-tune: perturbations that change it but not its reference, ranked by how differently they behave."""
     from melbo import divergence, runner
-    from melbo.files import read_json
+    from melbo.files import check_output_dir, read_json
     from melbo.store import Run
 
     started = time.perf_counter()
     if random < 0:
         raise MelboError(f"--random must be ≥ 0, got {random}")
+    if out_dir is not None:
+        check_output_dir(out_dir)  # before minutes of loading and training
     if resume_dir is not None:
         if fixed := given(ctx, _DIFF_RESUME_KEEPS):
             raise MelboError(f"{', '.join(fixed)} cannot change on --resume (the run keeps its recorded settings): "
@@ -110,10 +112,12 @@ def monitor_command(
     blocks_path: Optional[str] = BlocksOpt,
 ) -> None:
     """Flag inputs whose activations express a discovered perturbation (calibrated on clean inputs)."""
+    from melbo.files import check_output_dir
     from melbo.monitor import Monitor, write_monitor
     from melbo.store import Run
 
     run = Run.load(run_dir)
+    check_output_dir(out_dir or run.path / "monitor")  # before the model loads: nothing computed is then lost
     inputs = read_prompts([], prompts_file)
     calibration = read_prompts([], clean) if clean is not None else inputs
     lm = load(model or run.config["model"]["spec"], device, dtype, blocks_path)

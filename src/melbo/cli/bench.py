@@ -73,9 +73,14 @@ def _run_bench(path: Path, generations: int, work: Callable) -> None:
 
 
 def _bench_path(out_dir: Optional[Path], name: str) -> Path:
+    """Where a bench writes: --out, checked before minutes of work, or a new timestamped directory."""
     import datetime as _dt
 
-    return out_dir or Path("runs") / f"bench-{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    from melbo.files import check_output_dir
+
+    path = out_dir or Path("runs") / f"bench-{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    check_output_dir(path)
+    return path
 
 
 @bench_app.command("arithmetic")
@@ -171,9 +176,6 @@ def bench_backdoor_command(
             detectors.setdefault(name.strip(), []).append(pattern)
     n_random = n_vectors if random is None else random
     path = _bench_path(out_dir, "backdoor")
-    from melbo.files import check_output_dir
-
-    check_output_dir(path)
     if path.exists() and any(path.iterdir()):
         raise MelboError(f"{path} already exists and is not empty: choose another --out")
     if model == "auto":
