@@ -371,11 +371,18 @@ def test_resuming_a_run_made_with_random_0_does_not_assess(model_dir, tmp_path, 
         ([PROMPT], {"lr": math.nan}, "lr must be a finite number"),
         ([PROMPT], {"p": math.inf}, "p must be a finite number"),
         ([PROMPT], {"source": "1"}, "source must be a whole number"),
+        ([PROMPT], {"n_vector": 2}, "unknown setting 'n_vector': did you mean 'n_vectors'"),
     ],
 )
 def test_discover_api_refuses_bad_types_before_creating_the_run(prompts, settings, message, lm, tmp_path):
     with pytest.raises(MelboError, match=message):
         melbo.discover(lm, prompts, tmp_path / "run", **{"steps": 1, "n_vectors": 1, **settings})
+    assert not (tmp_path / "run").exists()
+
+
+def test_elicit_api_names_an_unknown_setting(lm, tmp_path):
+    with pytest.raises(MelboError, match="unknown setting 'radious': did you mean 'radius'"):
+        melbo.elicit(lm, [PROMPT], tmp_path / "run", radious="0.2x")
     assert not (tmp_path / "run").exists()
 
 

@@ -34,9 +34,8 @@ from melbo.models import LoadedModel
 from melbo.prompts import prompt_tokens, uses_chat
 from melbo.runner import Progress, discover, resume
 from melbo.settings import DIFF_RADIUS, DIFF_RANDOM, DiscoverConfig
-from melbo.store import Run, write_json
+from melbo.store import DIVERGENCE, Run, write_json
 
-DIVERGENCE = "divergence.json"
 KL_TOKENS = 16  # teacher-forced positions the KL is averaged over: the start of the answer, where behaviours begin
 
 
@@ -87,6 +86,13 @@ def rank_run(run: Run, audited: LoadedModel, reference: LoadedModel, random: int
     run.write_completions(_audited_rows(result))
     write_json(run.path / DIVERGENCE, result)
     return result
+
+
+def load_divergence(run_dir: str | Path) -> dict:
+    """A diff run's ranking, as `rank_run` wrote it (module docstring)."""
+    from melbo.files import read_json
+
+    return read_json(Path(run_dir) / DIVERGENCE)
 
 
 def _with_random(run: Run, lm: LoadedModel, random: int) -> tuple[Perturbations, list[str], list[str]]:

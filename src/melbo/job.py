@@ -47,7 +47,7 @@ def elicit(
     trains at the Goldilocks radius. `previous`: vectors the new ones stay orthogonal to.
     """
     check_random(random)
-    cfg = DiscoverConfig(prompts=check_prompt_list(prompts), **settings)
+    cfg = DiscoverConfig.build(check_prompt_list(prompts), **settings)
     path = Path(out) if out is not None else default_run_dir(lm)
     check_output_dir(path)  # before minutes of sweeping
     sweep_dir = _auto_radius(lm, cfg, path, previous, progress) if _is_auto(cfg.radius) else None

@@ -40,7 +40,7 @@ from melbo.models import LoadedModel
 from melbo.objective import TargetProbe, block_outputs
 from melbo.prompts import encode
 from melbo.settings import MONITOR_ALPHA
-from melbo.store import Run
+from melbo.store import MONITOR_JSON, MONITOR_JSONL, Run
 
 SIGNALS = ("target", "source")
 DEFAULT_ALPHA = MONITOR_ALPHA
@@ -205,8 +205,6 @@ def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
     return float(((pos > neg).float() + 0.5 * (pos == neg).float()).mean())
 
 
-MONITOR_JSON = "monitor.json"
-MONITOR_JSONL = "monitor.jsonl"
 
 
 def write_monitor(out: Path, monitor: Monitor, records: Sequence[dict]) -> Path:

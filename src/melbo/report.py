@@ -26,7 +26,7 @@ from melbo.errors import MelboError
 from melbo.files import atomic_write, read_json
 from melbo.numbers import finite, fmt, format_cell
 from melbo.plots import curves_figure, learned_vs_random_figure, png, sweep_figure
-from melbo.store import BENCH, CONFIG, METRICS, SWEEP, Run
+from melbo.store import BENCH, CONFIG, DIVERGENCE, METRICS, MONITOR_DIR, MONITOR_JSON, MONITOR_JSONL, SWEEP, Run
 
 REPORT = "report.html"
 TEMPLATE = "report.html.j2"
@@ -218,7 +218,7 @@ def build_context(run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
 # ------------------------------------------------------------------------------------------------ audit mode
 def _divergence_context(run_dir: Path) -> Optional[dict]:
     """divergence.json (written by `melbo diff`): paired completions, most divergent first."""
-    doc = _read_optional_json(run_dir / "divergence.json")
+    doc = _read_optional_json(run_dir / DIVERGENCE)
     if not isinstance(doc, dict):
         return None
     rows = [{"rank": r.get("rank", "–"), "label": r.get("label"), "kind": r.get("kind"), "kl": fmt(r.get("kl")),
@@ -230,11 +230,11 @@ def _divergence_context(run_dir: Path) -> Optional[dict]:
 
 def _monitor_context(run_dir: Path) -> Optional[dict]:
     """monitor/monitor.json and monitor.jsonl (written by `melbo monitor`): the rule and the flagged inputs."""
-    summary = _read_optional_json(run_dir / "monitor" / "monitor.json")
+    summary = _read_optional_json(run_dir / MONITOR_DIR / MONITOR_JSON)
     if not isinstance(summary, dict):
         return None
     records = []
-    file = run_dir / "monitor" / "monitor.jsonl"
+    file = run_dir / MONITOR_DIR / MONITOR_JSONL
     if file.is_file():
         for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
             try:

@@ -133,7 +133,7 @@ def discover(
     if isinstance(prompts, DiscoverConfig) and settings:
         raise MelboError(f"pass settings either in the DiscoverConfig or as keywords, not both ({', '.join(settings)})")
     if not isinstance(prompts, DiscoverConfig):  # a bare string would train on one prompt per character
-        prompts = DiscoverConfig(prompts=check_prompt_list(prompts), **settings)
+        prompts = DiscoverConfig.build(check_prompt_list(prompts), **settings)
     cfg = prompts
     reference = _reference(cfg, lm, reference)
     source, target = validate(lm, cfg, len(previous) if previous is not None else 0)
@@ -158,7 +158,7 @@ def resume(path: str | Path, lm: LoadedModel, progress: Optional[Progress] = Non
     run = Run.load(path, model=lm)
     if run.config.get("status") == "complete":
         return run
-    cfg = DiscoverConfig(**run.settings)
+    cfg = DiscoverConfig.build(**run.settings)
     if cfg.contrast is not None:
         reference = _reference(cfg, lm, reference)
         _check_recorded_reference(run, reference)
@@ -210,7 +210,7 @@ def _record_radius(run: Run, lm: LoadedModel, batch: PromptBatch) -> None:
 def _train(run: Run, lm: LoadedModel, batch: PromptBatch, reference: Optional[LoadedModel],
            previous: Optional[Tensor], progress: Optional[Progress]) -> Run:
     """Fit the run's perturbations batch by batch, checkpointing after each, from wherever the run stopped."""
-    cfg = DiscoverConfig(**run.config["settings"])
+    cfg = DiscoverConfig.build(**run.config["settings"])
     cfg.precision = run.config.get("precision", cfg.precision)  # a resumed run keeps the precision it began at
     if "radius" not in run.config:  # a new run, or one interrupted before the radius was recorded
         _record_radius(run, lm, batch)

@@ -50,5 +50,21 @@ class DiscoverConfig:
     def __post_init__(self):
         self.radius = str(self.radius)
 
+    @classmethod
+    def build(cls, prompts: list[str], **settings) -> "DiscoverConfig":
+        """A config from keyword settings, naming an unknown one (with the closest known name) as one line."""
+        import difflib
+        from dataclasses import fields
+
+        from melbo.errors import MelboError
+
+        known = [f.name for f in fields(cls) if f.name != "prompts"]
+        for name in settings:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(known)}"
+                raise MelboError(f"unknown setting {name!r}: {hint}")
+        return cls(prompts=prompts, **settings)
+
 
 DEFAULTS = DiscoverConfig(prompts=[])

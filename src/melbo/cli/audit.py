@@ -49,7 +49,7 @@ def diff_command(
 ) -> None:
     """Audit a fine-tune: perturbations that change it but not its reference, ranked by how differently they behave."""
     from melbo import divergence, runner
-    from melbo.files import check_output_dir, read_json
+    from melbo.files import check_output_dir
     from melbo.store import Run
 
     started = time.perf_counter()
@@ -84,7 +84,7 @@ def diff_command(
         with JobDisplay() as display:
             run = interruptible(lambda: divergence.diff(lm, ref, settings, path, random=random,
                                                         progress=display.event, on_batch=display.advance), path)
-    print_divergence(read_json(run.path / divergence.DIVERGENCE))
+    print_divergence(divergence.load_divergence(run.path))
     from melbo.report import write_report
 
     report_path = write_report(run.path)
@@ -114,10 +114,11 @@ def monitor_command(
     """Flag inputs whose activations express a discovered perturbation (calibrated on clean inputs)."""
     from melbo.files import check_output_dir
     from melbo.monitor import Monitor, write_monitor
-    from melbo.store import Run
+    from melbo.store import MONITOR_DIR, Run
 
     run = Run.load(run_dir)
-    check_output_dir(out_dir or run.path / "monitor")  # before the model loads: nothing computed is then lost
+    destination = out_dir or run.path / MONITOR_DIR
+    check_output_dir(destination)  # before the model loads: nothing computed is then lost
     inputs = read_prompts([], prompts_file)
     calibration = read_prompts([], clean) if clean is not None else inputs
     lm = load(model or run.config["model"]["spec"], device, dtype, blocks_path)
@@ -126,7 +127,7 @@ def monitor_command(
                                     indices=parse_indices(vectors))
     with err.status(f"scoring {len(inputs)} inputs …"):
         records = monitor.score(lm, inputs)
-    path = write_monitor(out_dir or run.path / "monitor", monitor, records)
+    path = write_monitor(destination, monitor, records)
     if out_dir is None:  # the report lives in the run; with --out elsewhere nothing outside it is touched
         from melbo.report import write_report
 
