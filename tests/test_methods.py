@@ -102,4 +102,4 @@ def test_methods_that_refuse_contrast_say_which_accept_it(toy, model_dir, tmp_pa
 def test_every_method_is_registered_and_unknown_names_list_them():
     assert {"vectors", "adapters", "jacobian"} <= set(METHODS)
     with pytest.raises(MelboError, match="vectors, adapters, jacobian"):
-        method_class("dct")
+        method_class("no-such-method")

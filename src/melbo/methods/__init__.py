@@ -10,6 +10,7 @@ from __future__ import annotations
 from melbo.errors import MelboError
 from melbo.methods.adapters import SteeringAdapterMethod
 from melbo.methods.base import Fit, GradientMethod, Method, Params, Setting
+from melbo.methods.dct import DCTMethod
 from melbo.methods.jacobian import JacobianMethod
 from melbo.methods.vectors import SteeringVectorMethod
 
@@ -32,6 +33,7 @@ def method_class(name: str) -> type[Method]:
 register_method(SteeringVectorMethod)
 register_method(SteeringAdapterMethod)
 register_method(JacobianMethod)
+register_method(DCTMethod)
 
-__all__ = ["METHODS", "Fit", "GradientMethod", "JacobianMethod", "Method", "Params", "Setting",
+__all__ = ["METHODS", "DCTMethod", "Fit", "GradientMethod", "JacobianMethod", "Method", "Params", "Setting",
            "SteeringAdapterMethod", "SteeringVectorMethod", "method_class", "register_method"]

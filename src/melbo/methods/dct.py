@@ -1,0 +1,195 @@
+"""Exponential Deep Causal Transcoding (DCT): k input/output factor pairs of the source→target map, all at once.
+
+DCT models the change of the target layer caused by a steering vector θ at block s as a sum of factors
+
+    Δ(θ) ≈ Σ_ℓ α_ℓ σ(⟨v_ℓ, θ⟩ / R) u_ℓ,    σ(x) = eˣ − 1,
+
+where Δ(θ) [d] is the change of block t's output averaged over the objective's positions and over the prompts,
+v_ℓ are unit input directions at block s and u_ℓ unit output directions at block t. The exponential makes a
+factor respond super-linearly at the scale R, which is where MELBO's behaviours live (the Goldilocks radius).
+
+Fit, all k factors in parallel (rows of V, U: [k, d]), `iterations` times:
+
+    V ← QR(V)                       orthonormal rows, also orthogonal to earlier runs' vectors
+    Δ_k = Δ(R v_k)                  one batched forward at θ = R·V, graph kept          [k, d]
+    U ← Δ / ‖Δ‖                     output direction: where the factor's change points
+    V ← ∇_θ⟨Δ(θ), u_k⟩ at R v_k     one backward through the same pass (a vjp per factor), normalised
+
+(The reference updates U from the previous pass; using the current pass's Δ needs no separate U start and
+costs nothing: the iteration is a normalised gradient step on ‖Δ(R v)‖, a power iteration of the non-linear
+map.) The start is the top Jacobian directions (`melbo.methods.jacobian`): the linear answer, which the
+iterations bend towards the non-linear one at radius R.
+
+Rank: after a last QR, one forward gives a_i = ⟨Δ(R v_i), u_i⟩. Under the model,
+a_i = Σ_ℓ K_iℓ α_ℓ with K_iℓ = ⟨u_i, u_ℓ⟩ σ(⟨v_i, v_ℓ⟩), so α = K⁻¹a and a factor's score is α². (For exactly
+orthonormal V, σ(0) = 0 makes K diagonal and α_i = a_i / (e − 1); the solve matters when V is not.)
+The stored vectors are R·v in descending score; the run's config records α and the scores in that order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import Tensor
+
+from melbo.intervention import SteeringVectors, add_to_block_output
+from melbo.methods.base import Fit, Params, Setting, StepCallback, check_orthogonal_fit
+from melbo.methods.jacobian import jacobian_directions
+from melbo.models import LoadedModel
+from melbo.objective import TargetProbe
+from melbo.prompts import PromptBatch
+
+if TYPE_CHECKING:
+    from melbo.settings import DiscoverConfig
+
+INIT_POWER_ITERATIONS = 1  # Jacobian power iterations for the start: one already leaves the random subspace
+CHUNK_TOKENS = 2048  # tokens per batched pass: bounds the memory a backward through blocks s+1..t keeps
+FD_EPS = 0.01  # finite-difference step of the Jacobian start, as a fraction of the source residual norm
+
+
+def sigma(x: Tensor) -> Tensor:
+    """DCT's exponential non-linearity σ(x) = eˣ − 1 (σ(0) = 0, σ'(0) = 1)."""
+    return torch.expm1(x)
+
+
+def mean_change(probe: TargetProbe, z: Tensor) -> Tensor:
+    """Δ per perturbation: target change [k, P, T, d] → mean over each prompt's positions, then prompts → [k, d]."""
+    mask = probe.batch.token_mask.to(z.device)  # [P, T]
+    change = torch.where(mask[None, :, :, None], z.float() - probe.z0.float(), torch.zeros((), device=z.device))
+    per_prompt = change.sum(2) / mask.sum(1).clamp_min(1)[None, :, None]  # [k, P, d]
+    return per_prompt.mean(1)
+
+
+def response(probe: TargetProbe, theta: Tensor, with_pullback: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """Δ(θ_k) for rows θ ([k, d]); with `with_pullback` also ∇_θ⟨Δ(θ_k), û_k⟩ with û_k = Δ(θ_k)/‖Δ(θ_k)‖.
+
+    Chunked so that one pass holds at most CHUNK_TOKENS tokens.
+    """
+    prompts = len(probe.batch)
+    per_chunk = max(1, CHUNK_TOKENS // (prompts * probe.batch.input_ids.shape[1]))
+    deltas, pulls = [], []
+    for rows in theta.split(per_chunk):
+        point = rows.detach().clone().requires_grad_(with_pullback)
+        delta_rows = lambda: add_to_block_output(probe.lm, probe.source,  # noqa: E731
+                                                 point.to(probe.lm.device).repeat_interleave(prompts, dim=0))
+        with torch.set_grad_enabled(with_pullback):
+            delta = mean_change(probe, probe(len(rows), delta_rows))
+        if with_pullback:
+            u = delta.detach() / delta.detach().norm(dim=-1, keepdim=True).clamp_min(1e-30)
+            (delta * u).sum().backward()
+            pulls.append(point.grad.detach().cpu())
+        deltas.append(delta.detach().cpu())
+    return torch.cat(deltas), (torch.cat(pulls) if with_pullback else None)
+
+
+def solve_alpha(a: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """α from K α = a, K_iℓ = ⟨u_i, u_ℓ⟩ σ(⟨v_i, v_ℓ⟩) (u, v: unit rows [k, d]; a: [k]).
+
+    Least squares, in float64: two factors that converged to the same direction make K singular, and
+    the minimum-norm solution then splits their weight instead of failing.
+    """
+    u64, v64 = u.double(), v.double()
+    kernel = (u64 @ u64.T) * sigma(v64 @ v64.T)
+    return torch.linalg.lstsq(kernel, a.double()[:, None], driver="gelsd").solution[:, 0].float()
+
+
+@dataclass
+class Factors:
+    """A fitted DCT, factors in rank order."""
+
+    v: Tensor  # [k, d] unit input directions at block s (orthonormal rows)
+    u: Tensor  # [k, d] unit output directions at block t
+    alpha: Tensor  # [k]
+    score: Tensor  # [k] α², descending
+    history: Tensor  # [k, iterations + 1]: ⟨Δ(R v_k), u_k⟩ after each pass
+
+
+def fit_factors(
+    probe: TargetProbe,
+    k: int,
+    radius: float,
+    iterations: int,
+    generator: torch.Generator,
+    eps: float,
+    previous: Optional[Tensor] = None,
+    on_step: Optional[StepCallback] = None,
+) -> Factors:
+    """k DCT factors at radius R (orthogonal to `previous` rows, if given), ranked by α² (module docstring)."""
+    basis = None
+    if previous is not None and len(previous):
+        basis = torch.linalg.qr(previous.double().T).Q.T.float()  # [m, d]
+
+    def orthonormal(x: Tensor) -> Tensor:
+        if basis is not None:
+            x = x - (x @ basis.T) @ basis
+        q = torch.linalg.qr(x.T).Q.T
+        if basis is not None:  # once more: QR of nearly deflated rows can pick up the basis again by rounding
+            q = torch.linalg.qr((q - (q @ basis.T) @ basis).T).Q.T
+        return q
+
+    v, _, _ = jacobian_directions(probe, k, INIT_POWER_ITERATIONS, generator, eps, previous)
+    history = torch.zeros(k, iterations + 1)
+    for step in range(iterations):
+        v = orthonormal(v)
+        delta, pull = response(probe, radius * v, with_pullback=True)
+        history[:, step] = delta.norm(dim=-1)  # = ⟨Δ_k, u_k⟩ with u_k = Δ_k / ‖Δ_k‖
+        if on_step:
+            on_step(step, history[:, step])
+        u = delta / delta.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        v = pull / pull.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    v = orthonormal(v)
+    delta, _ = response(probe, radius * v, with_pullback=False)
+    if iterations == 0:
+        u = delta / delta.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    a = (delta * u).sum(-1)
+    history[:, iterations] = a
+    if on_step:
+        on_step(iterations, a)
+    alpha = solve_alpha(a, u, v)
+    score = alpha.pow(2)
+    order = torch.sort(score, descending=True, stable=True).indices
+    return Factors(v[order], u[order], alpha[order], score[order], history[order])
+
+
+class DCTMethod:
+    """Exponential DCT at radius R: one fit for all k factors (they are orthogonalised together)."""
+
+    name = "dct"
+    artifact_kind = SteeringVectors
+    supports_contrast = False  # DCT factorises one model's map; a reference model has no place in it
+    batched = False
+
+    def __init__(self, setting: Setting):
+        self.s = setting
+        self.steps = setting.power_iterations  # DCT's passes are power iterations of the non-linear map
+
+    @classmethod
+    def check(cls, cfg: "DiscoverConfig", lm: LoadedModel, earlier: int) -> None:
+        check_orthogonal_fit(cfg, lm, earlier)
+
+    @classmethod
+    def create(cls, lm: LoadedModel, setting: Setting) -> "DCTMethod":
+        return cls(setting)
+
+    def replay_upto(self, source: int) -> int:
+        return source  # added to block s's output: blocks 0..s never see it
+
+    def objective(self, lm: LoadedModel, batch: PromptBatch, target: int, cfg: "DiscoverConfig",
+                  reference: Optional[LoadedModel]) -> TargetProbe:
+        # The Jacobian start uses finite differences: full precision, whatever --precision says.
+        return TargetProbe(lm, batch, self.s.source, target, self.replay_upto(self.s.source), "fp32")
+
+    def fit(self, objective: TargetProbe, n: int, previous: Optional[Params], generator: torch.Generator,
+            on_step: Optional[StepCallback] = None) -> Fit:
+        eps = FD_EPS * self.s.residual_norm
+        earlier = previous["vectors"] if previous is not None else None
+        f = fit_factors(objective, n, self.s.radius, self.s.power_iterations, generator, eps, earlier, on_step)
+        record = {"dct": {"alpha": f.alpha.tolist(), "score": f.score.tolist(), "nonlinearity": "exp(x) - 1",
+                          "iterations": self.s.power_iterations, "init": "jacobian",
+                          "init_power_iterations": INIT_POWER_ITERATIONS, "finite_difference_eps": eps}}
+        return Fit({"vectors": f.v * self.s.radius}, f.history, record)
+
+    def artifact(self, params: Params) -> SteeringVectors:
+        return SteeringVectors(params["vectors"].clone(), self.s.source)
