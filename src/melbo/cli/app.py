@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from melbo.errors import MelboError
+from melbo.settings import THREADS
+from melbo.settings import DEFAULTS
 
 app = typer.Typer(
     help="Mechanistically eliciting latent behaviours: unsupervised steering vectors and adapters for causal LMs.",
@@ -31,6 +33,20 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Embedded name, local HF dir
 DeviceOpt = typer.Option("cpu", help="cpu, cuda, cuda:N, or auto (spread over all GPUs).")
 DtypeOpt = typer.Option("float32", help="float32, bfloat16 or float16.")
 BlocksOpt = typer.Option(None, "--blocks-path", help="Dotted path of the decoder block list, for unknown architectures.")
+ThreadsOpt = typer.Option(THREADS, "--threads", help="torch threads (default: the free cores; OMP_NUM_THREADS if set).")
+
+# The training options `discover` and `diff` share: one object each, so flag, help and default cannot drift.
+PromptsArg = typer.Argument(None, help="Prompts to train on (chat-formatted when the model has a template).")
+PromptsFileOpt = typer.Option(None, help="File with one prompt per line.")
+RunOutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<time>-<model>).")
+NVectorsOpt = typer.Option(DEFAULTS.n_vectors, "--n-vectors", "-n", help="How many perturbations to learn.")
+SourceOpt = typer.Option(None, help="Source block (default 8, or depth//3 for shallow models).")
+TargetOpt = typer.Option(None, help="Target block (default depth-8).")
+StepsOpt = typer.Option(DEFAULTS.steps, help="Optimiser steps per batch.")
+PositionsOpt = typer.Option(DEFAULTS.positions, help="Token positions: all, last:K, or JSON per-prompt indices.")
+BatchSizeOpt = typer.Option(DEFAULTS.batch_size, help="Perturbations trained together (checkpoint after each batch).")
+SeedOpt = typer.Option(DEFAULTS.seed, help="Random seed.")
+ChatOpt = typer.Option(None, "--chat/--raw", help="Use the chat template (default: if the model has one).")
 
 
 def main() -> None:
@@ -41,9 +57,12 @@ def main() -> None:
         sys.exit(2)
 
 
-def load(spec: Optional[str], device: str, dtype: str, blocks_path: Optional[str]):
+def load(spec: Optional[str], device: str, dtype: str, blocks_path: Optional[str], threads: Optional[int] = None):
+    """Load a model for a command; `threads` (None = auto, see melbo.threads) sets torch's thread count first."""
     from melbo.models import DEFAULT_MODEL, load_model
+    from melbo.threads import configure_threads
 
+    configure_threads(threads)
     spec = spec or DEFAULT_MODEL
     with err.status(f"loading {spec} …"):
         return load_model(spec, device=device, dtype=dtype, blocks_path=blocks_path)

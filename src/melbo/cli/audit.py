@@ -11,8 +11,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from melbo.cli.app import (
-    BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, given, interruptible, load, out, parse_indices,
-    parse_positions, read_prompts)
+    BatchSizeOpt, BlocksOpt, ChatOpt, DeviceOpt, DtypeOpt, ModelOpt, NVectorsOpt, PositionsOpt, PromptsArg,
+    PromptsFileOpt, RunOutOpt, SeedOpt, SourceOpt, StepsOpt, TargetOpt, ThreadsOpt, app, err, given, interruptible, load, out,
+    parse_indices, parse_positions, read_prompts)
 from melbo.cli.progress import JobDisplay
 from melbo.cli.tables import print_divergence
 from melbo.errors import MelboError
@@ -22,30 +23,31 @@ from melbo.settings import DEFAULTS, DEFAULT_CONTRAST, DIFF_RADIUS, DIFF_RANDOM,
 @app.command("diff")
 def diff_command(
     ctx: typer.Context,
-    prompts: List[str] = typer.Argument(None, help="Prompts to train on (chat-formatted when the model has a template)."),
-    prompts_file: Optional[Path] = typer.Option(None, help="File with one prompt per line."),
+    prompts: List[str] = PromptsArg,
+    prompts_file: Optional[Path] = PromptsFileOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="The audited model (embedded name, directory, .gguf, hub id)."),
     reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Its reference: the base model or an earlier checkpoint."),
     contrast: str = typer.Option(DEFAULT_CONTRAST, help="difference (default), penalised, or kl (see melbo.contrastive)."),
     contrast_weight: float = typer.Option(DEFAULTS.contrast_weight, help="λ of the penalised form."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<time>-<model>)."),
+    out_dir: Optional[Path] = RunOutOpt,
     resume_dir: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted diff run directory."),
     method: str = typer.Option(DEFAULTS.method, help="vectors or adapters."),
-    n_vectors: int = typer.Option(DEFAULTS.n_vectors, "--n-vectors", "-n", help="How many perturbations to learn."),
-    source: Optional[int] = typer.Option(None, help="Source block (default 8, or depth//3 for shallow models)."),
-    target: Optional[int] = typer.Option(None, help="Target block (default depth-8)."),
+    n_vectors: int = NVectorsOpt,
+    source: Optional[int] = SourceOpt,
+    target: Optional[int] = TargetOpt,
     radius: str = typer.Option(DIFF_RADIUS, help="R: absolute (4.0) or relative to the source residual norm (e.g. 0.3x)."),
-    steps: int = typer.Option(DEFAULTS.steps, help="Optimiser steps per batch."),
+    steps: int = StepsOpt,
     orthogonal: str = typer.Option(DEFAULTS.orthogonal, help="hard (vectors only), soft or none."),
-    positions: str = typer.Option(DEFAULTS.positions, help="Token positions: all, last:K, or JSON per-prompt indices."),
-    batch_size: int = typer.Option(DEFAULTS.batch_size, help="Perturbations trained together (checkpoint after each batch)."),
-    seed: int = typer.Option(DEFAULTS.seed),
-    chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="Use the chat template (default: if the model has one)."),
+    positions: str = PositionsOpt,
+    batch_size: int = BatchSizeOpt,
+    seed: int = SeedOpt,
+    chat: Optional[bool] = ChatOpt,
     max_new_tokens: int = typer.Option(DEFAULTS.max_new_tokens, help="Tokens to generate per completion, on each model."),
     random: int = typer.Option(DIFF_RANDOM, help="Random vectors of the same R ranked beside the learned ones (0: none)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Audit a fine-tune: perturbations that change it but not its reference, ranked by how differently they behave."""
     from melbo import divergence, runner
@@ -64,8 +66,8 @@ def diff_command(
         config = Run.load(resume_dir).config
         if not config.get("reference"):
             raise MelboError(f"{resume_dir} is not a diff run: resume it with `melbo discover --resume {resume_dir}`")
-        lm = load(model or config["model"]["spec"], device, dtype, blocks_path)
-        ref = load(reference or config["reference"]["spec"], device, dtype, blocks_path)
+        lm = load(model or config["model"]["spec"], device, dtype, blocks_path, threads)
+        ref = load(reference or config["reference"]["spec"], device, dtype, blocks_path, threads)
         with JobDisplay() as display:
             run = interruptible(lambda: divergence.resume_diff(resume_dir, lm, ref, random=random,
                                                                progress=display.event, on_batch=display.advance),
@@ -74,8 +76,8 @@ def diff_command(
         if reference is None:
             raise MelboError("diff compares two models: give the reference with --reference (e.g. the base model)")
         texts = read_prompts(prompts or [], prompts_file)
-        lm = load(model, device, dtype, blocks_path)
-        ref = load(reference, device, dtype, blocks_path)
+        lm = load(model, device, dtype, blocks_path, threads)
+        ref = load(reference, device, dtype, blocks_path, threads)
         settings = runner.DiscoverConfig(
             prompts=texts, method=method, n_vectors=n_vectors, source=source, target=target, radius=radius,
             steps=steps, orthogonal=orthogonal, positions=parse_positions(positions), batch_size=batch_size,
@@ -110,6 +112,7 @@ def monitor_command(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Flag inputs whose activations express a discovered perturbation (calibrated on clean inputs)."""
     from melbo.files import check_output_dir
@@ -121,7 +124,7 @@ def monitor_command(
     check_output_dir(destination)  # before the model loads: nothing computed is then lost
     inputs = read_prompts([], prompts_file)
     calibration = read_prompts([], clean) if clean is not None else inputs
-    lm = load(model or run.config["model"]["spec"], device, dtype, blocks_path)
+    lm = load(model or run.config["model"]["spec"], device, dtype, blocks_path, threads)
     with err.status("calibrating on clean inputs …"):
         monitor = Monitor.calibrate(run, lm, calibration, signal=signal, alpha=alpha, self_calibrated=clean is None,
                                     indices=parse_indices(vectors))

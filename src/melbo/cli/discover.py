@@ -10,7 +10,9 @@ import typer
 from rich.markup import escape
 
 from melbo.cli.app import (
-    BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, app, given, interruptible, load, out, parse_positions, read_prompts)
+    BatchSizeOpt, BlocksOpt, ChatOpt, DeviceOpt, DtypeOpt, ModelOpt, NVectorsOpt, PositionsOpt, PromptsArg,
+    PromptsFileOpt, RunOutOpt, SeedOpt, SourceOpt, StepsOpt, TargetOpt, ThreadsOpt, app, given, interruptible, load, out,
+    parse_positions, read_prompts)
 from melbo.cli.progress import JobDisplay
 from melbo.cli.tables import print_assessment, print_completions
 from melbo.errors import MelboError
@@ -20,27 +22,27 @@ from melbo.settings import DEFAULTS
 @app.command()
 def discover(
     ctx: typer.Context,
-    prompts: List[str] = typer.Argument(None, help="Prompts to train on (chat-formatted when the model has a template)."),
-    prompts_file: Optional[Path] = typer.Option(None, help="File with one prompt per line."),
+    prompts: List[str] = PromptsArg,
+    prompts_file: Optional[Path] = PromptsFileOpt,
     model: Optional[str] = ModelOpt,
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<time>-<model>)."),
+    out_dir: Optional[Path] = RunOutOpt,
     resume_dir: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
     method: str = typer.Option(DEFAULTS.method, help="vectors, adapters, or jacobian (top singular directions, fast)."),
-    n_vectors: int = typer.Option(DEFAULTS.n_vectors, "--n-vectors", "-n", help="How many perturbations to learn."),
-    source: Optional[int] = typer.Option(None, help="Source block (default 8, or depth//3 for shallow models)."),
-    target: Optional[int] = typer.Option(None, help="Target block (default depth-8)."),
+    n_vectors: int = NVectorsOpt,
+    source: Optional[int] = SourceOpt,
+    target: Optional[int] = TargetOpt,
     radius: str = typer.Option(DEFAULTS.radius, help="R: absolute (4.0), relative to the source residual norm (e.g. 0.2x), or auto."),
     p: float = typer.Option(DEFAULTS.p, help="Power per position (2; 4 = spikier)."),
     q: float = typer.Option(DEFAULTS.q, help="Outer root (1 or p)."),
-    steps: int = typer.Option(DEFAULTS.steps, help="Optimiser steps per batch."),
+    steps: int = StepsOpt,
     lr: float = typer.Option(DEFAULTS.lr, help="Learning rate, relative to a parameter's typical coordinate size."),
     orthogonal: str = typer.Option(DEFAULTS.orthogonal, help="hard (vectors only), soft (penalise aligned changes) or none."),
     soft_weight: float = typer.Option(DEFAULTS.soft_weight, help="Weight of the soft-orthogonality penalty."),
     rank: int = typer.Option(DEFAULTS.rank, help="Adapter rank."),
-    batch_size: int = typer.Option(DEFAULTS.batch_size, help="Perturbations trained together (checkpoint after each batch)."),
-    seed: int = typer.Option(DEFAULTS.seed),
-    chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="Use the chat template (default: if the model has one)."),
-    positions: str = typer.Option(DEFAULTS.positions, help="Token positions: all, last:K, or JSON per-prompt indices."),
+    batch_size: int = BatchSizeOpt,
+    seed: int = SeedOpt,
+    chat: Optional[bool] = ChatOpt,
+    positions: str = PositionsOpt,
     orthogonal_to: Optional[Path] = typer.Option(None, help="Keep new vectors orthogonal to this run's vectors."),
     max_new_tokens: int = typer.Option(DEFAULTS.max_new_tokens, help="Tokens to generate per completion."),
     random: int = typer.Option(4, help="Random vectors of the same R to compare against (0: skip the assessment)."),
@@ -49,6 +51,7 @@ def discover(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Learn perturbations on prompts, generate with each, write a run directory: the main job."""
     from melbo import job
@@ -67,14 +70,14 @@ def discover(
                              "drop them")
         recorded = Run.load(resume_dir)
         _ = recorded.settings  # a run without settings cannot be resumed: say so before loading the model
-        lm = load(model or recorded.config["model"]["spec"], device, dtype, blocks_path)
+        lm = load(model or recorded.config["model"]["spec"], device, dtype, blocks_path, threads)
         chosen = random if given(ctx, ("random",)) else None  # else the run's own baseline
         with display:
             run = interruptible(lambda: job.resume_job(resume_dir, lm, random=chosen, progress=display.event,
                                                         on_batch=display.advance), resume_dir)
     else:
         texts = read_prompts(prompts or [], prompts_file)
-        lm = load(model, device, dtype, blocks_path)
+        lm = load(model, device, dtype, blocks_path, threads)
         previous = Run.load(orthogonal_to).vectors if orthogonal_to is not None else None
         path = out_dir or job.default_run_dir(lm)
         with display:
