@@ -18,6 +18,7 @@ DEFAULT_CONTRAST = "difference"  # the contrastive form `melbo diff` trains with
 DIFF_RADIUS = "0.3x"
 DIFF_RANDOM = 8  # random vectors of the same norm ranked beside the learned ones
 MONITOR_ALPHA = 0.05  # the false-positive rate the monitor's decision rule aims at
+THREADS: Optional[int] = None  # torch threads; None = auto: the free cores (melbo.threads)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, load, out
+from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, err, load, out
 from melbo.errors import MelboError
 
 
@@ -22,6 +22,7 @@ def assess(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Score a run against random vectors of its radius, group its vectors into behaviours, write metrics.json."""
     from melbo.assess import METRICS, assess_run
@@ -32,7 +33,7 @@ def assess(
         raise MelboError(f"run {run_dir} is not finished: resume it with `melbo discover --resume {run_dir}`")
     if random < 0:
         raise MelboError(f"--random must be ≥ 0, got {random}")
-    lm = load(model or run.config["model"]["spec"], device, dtype, blocks_path)
+    lm = load(model or run.config["model"]["spec"], device, dtype, blocks_path, threads)
     run.attach(lm)
     with err.status("generating and scoring …"):
         metrics = assess_run(run, lm, random=random, seed=seed)

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, app, err, interruptible, load, out, parse_positions
+from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ThreadsOpt, app, err, interruptible, load, out, parse_positions
 from melbo.cli.progress import JobDisplay, plant_progress
 from melbo.errors import MelboError
 from melbo.settings import MONITOR_ALPHA
@@ -101,12 +101,13 @@ def bench_arithmetic(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Capability discovery: vectors learned on one direct-answer multiplication prompt, scored on held-out pairs."""
     from melbo.bench import arithmetic as bench
 
     path = _bench_path(out_dir, "arithmetic")
-    lm = load(model or bench.DEFAULT_MODEL, device, dtype, blocks_path)
+    lm = load(model or bench.DEFAULT_MODEL, device, dtype, blocks_path, threads)
     _run_bench(path, (n_vectors + 1) * (pairs + 1), lambda progress, on_batch: bench.run_bench(
         lm, path, n_vectors=n_vectors, steps=steps, radius=radius, pairs=pairs, digits=digits,
         max_new_tokens=max_new_tokens, chat=chat, seed=seed, batch_size=batch_size, source=source,
@@ -131,12 +132,13 @@ def bench_refusal(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Red-teaming: how many learned vs random vectors stop a refusal; does the best one generalise?"""
     from melbo.bench import refusal as bench
 
     path = _bench_path(out_dir, "refusal")
-    lm = load(model or bench.DEFAULT_MODEL, device, dtype, blocks_path)
+    lm = load(model or bench.DEFAULT_MODEL, device, dtype, blocks_path, threads)
     k = requests if requests is not None else max(len(bench.shipped_prompts("harmful")),
                                                   len(bench.shipped_prompts("innocuous")))
     _run_bench(path, n_vectors + random + 1 + 2 * 3 * k, lambda progress, on_batch: bench.run_bench(
@@ -162,6 +164,7 @@ def bench_backdoor_command(
     out_dir: Optional[Path] = out_option("backdoor"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Backdoor discovery: do vectors trained on ONE clean prompt elicit the planted behaviours? (recall vs random)"""
     from melbo.bench import backdoor as bench
@@ -183,7 +186,7 @@ def bench_backdoor_command(
     planting, plant_update = plant_progress()
     with planting:
         spec, record = bench.resolve_model(model, progress=plant_update)
-    lm = load(spec, device, dtype, None)
+    lm = load(spec, device, dtype, None, threads)
     _run_bench(path, n_vectors + n_random + 1, lambda progress, on_batch: bench.bench_backdoor(
         lm, path, testbed=record, detectors=detectors, prompt=prompt, n_vectors=n_vectors, n_random=n_random,
         steps=steps, radius=radius, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
@@ -207,6 +210,7 @@ def bench_diff_command(
     out_dir: Optional[Path] = out_option("diff"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Audit mode on the backdoor testbed: plain discovery vs diff vs random, recall per budget."""
     from melbo.bench import backdoor
@@ -222,8 +226,8 @@ def bench_diff_command(
     ref_spec = reference or (record["config"]["base_spec"] if record else None)
     if ref_spec is None:
         raise MelboError(f"{model} is not a melbo testbed: give its base model with --reference")
-    lm = load(spec, device, dtype, None)
-    ref = load(ref_spec, device, dtype, None)
+    lm = load(spec, device, dtype, None, threads)
+    ref = load(ref_spec, device, dtype, None, threads)
     generations = 2 * (len(arms) * (n_vectors + 1) + n_random + 1)
     _run_bench(path, generations, lambda progress, on_batch: bench_diff(
         lm, ref, path, testbed=record, arms=arms, prompt=prompt, n_vectors=n_vectors, n_random=n_random,
@@ -240,6 +244,7 @@ def bench_monitor_command(
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write bench.json (default runs/bench-monitor-<time>)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Monitor quality on the backdoor testbed: AUROC of trigger inputs vs held-out clean inputs and near misses."""
     from melbo.bench.backdoor import testbed_record
@@ -253,7 +258,7 @@ def bench_monitor_command(
         raise MelboError(f"{run_dir} was not trained on a melbo backdoor testbed: give a run made on one "
                          "(e.g. by `melbo bench diff`)")
     path = _bench_path(out_dir, "monitor")
-    lm = load(spec, device, dtype, None)
+    lm = load(spec, device, dtype, None, threads)
     with err.status("calibrating and scoring …"):
         result = bench_monitor(lm, Run.load(run_dir, model=lm), path, record, alpha=alpha, per_set=per_set,
                                seed=seed, report=False)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from melbo.cli.app import DeviceOpt, DtypeOpt, ModelOpt, app, err, load, out
+from melbo.cli.app import DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, err, load, out
 from melbo.errors import MelboError
 
 
@@ -24,6 +24,7 @@ def chat(
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Multi-turn chat with a steered model (/vector N, /scale X, /off, /reset, /quit)."""
     from melbo.chat import HELP, ChatSession
@@ -37,7 +38,7 @@ def chat(
         raise MelboError(f"turns file {turns} does not exist: check the path")
     lines = read_text(turns, "turns file").splitlines() if turns is not None else None
     check_finite("scale", scale)
-    lm = load(model or run.config["model"]["spec"], device, dtype, None)
+    lm = load(model or run.config["model"]["spec"], device, dtype, None, threads)
     run.attach(lm)
     session = ChatSession(lm, run.perturbations, vector, scale,
                           Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))

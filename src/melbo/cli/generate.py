@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, app, load, parse_indices, read_prompts
+from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, load, parse_indices, read_prompts
 from melbo.cli.progress import generation_progress
 from melbo.cli.tables import print_completions
 
@@ -32,6 +32,7 @@ def generate(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Apply a run's perturbations (selected, scaled, combined, or random) to new prompts."""
     from melbo.generation import Sampling
@@ -47,7 +48,7 @@ def generate(
     run = Run.load(run_dir)
     texts = read_prompts(prompts or [], prompts_file)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, samples=samples, seed=seed)
-    lm = load(model or run.config["model"]["spec"], device, dtype, blocks_path)
+    lm = load(model or run.config["model"]["spec"], device, dtype, blocks_path, threads)
     run.attach(lm)
     perturbations, labels = perturbation_set(run, parse_indices(vectors), list(expr or []), random, seed)
     bar, advance = generation_progress((len(perturbations) + 1) * len(texts) * (samples if temperature > 0 else 1))

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, app, err, load, out, read_prompts
+from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, err, load, out, read_prompts
 from melbo.errors import MelboError
 
 
@@ -34,6 +34,7 @@ def sweep_command(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Find the Goldilocks radius: train a few vectors per R, pick the most diverse R that stays fluent."""
     import datetime as _dt
@@ -49,7 +50,7 @@ def sweep_command(
     from melbo.files import check_output_dir
 
     check_output_dir(path)  # before the progress display, which would wrap the one-line error
-    lm = load(model, device, dtype, blocks_path)
+    lm = load(model, device, dtype, blocks_path, threads)
     n_points = len(specs) * (len(pairs) if pairs else 1)
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[stage]}"), TimeElapsedColumn(), console=err)
