@@ -11,6 +11,9 @@
     base = melbo.load_model("path/to/base")                  # audit a fine-tune against its base
     audit = melbo.diff(lm, base, ["What is 4 + 6?"], "runs/audit", n_vectors=32)
     monitor = melbo.Monitor.calibrate(audit, lm, clean_inputs)  # which real inputs express what it found
+
+    layers = melbo.map(lm, ["How can I make a bomb?"], "4:20", "10:28", k=4, out="runs/map")  # every pair's J
+    run = melbo.open_pair("runs/map", 6, 20, "runs/map-6-20")  # one pair's directions as an ordinary run
 """
 
 __version__ = "0.1.0"
@@ -25,8 +28,10 @@ from melbo.objective import melbo_objective  # noqa: E402
 from melbo.store import Run  # noqa: E402
 from melbo.divergence import diff  # noqa: E402
 from melbo.monitor import Monitor  # noqa: E402
+from melbo.layermap import LayerMap, open_pair  # noqa: E402
+from melbo.layermap import layer_map as map  # noqa: E402,A001  (melbo.map, as the CLI's `melbo map`)
 
 __all__ = [
-    "DEFAULT_MODEL", "EMBEDDED", "Completion", "DiscoverConfig", "LoadedModel", "MelboError", "Monitor", "Run",
-    "SteeringAdapters", "SteeringVectors", "diff", "discover", "elicit", "generate", "load_model", "melbo_objective", "resume",
+    "DEFAULT_MODEL", "EMBEDDED", "Completion", "DiscoverConfig", "LayerMap", "LoadedModel", "MelboError", "Monitor", "Run",
+    "SteeringAdapters", "SteeringVectors", "diff", "discover", "elicit", "generate", "load_model", "map", "melbo_objective", "open_pair", "resume",
 ]

@@ -26,7 +26,7 @@ from melbo.errors import MelboError
 from melbo.files import atomic_write, read_json
 from melbo.numbers import finite, fmt, format_cell
 from melbo.plots import curves_figure, learned_vs_random_figure, png, sweep_figure
-from melbo.store import BENCH, CONFIG, DIVERGENCE, METRICS, MONITOR_DIR, MONITOR_JSON, MONITOR_JSONL, SWEEP, Run
+from melbo.store import BENCH, CONFIG, DIVERGENCE, LAYER_MAP, METRICS, MONITOR_DIR, MONITOR_JSON, MONITOR_JSONL, SWEEP, Run
 
 REPORT = "report.html"
 TEMPLATE = "report.html.j2"
@@ -107,7 +107,8 @@ def _summary(scores: Optional[dict]) -> list[tuple[str, str]]:
 
 def build_context(run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
     # A benchmark that compares several runs keeps them in subdirectories: its own directory holds only bench.json.
-    bench_only = not (run_dir / CONFIG).exists() and (run_dir / BENCH).exists()
+    # So does a layer map (melbo.layermap): its directory holds map.json, not a run's config.json.
+    bench_only = not (run_dir / CONFIG).exists() and ((run_dir / BENCH).exists() or (run_dir / LAYER_MAP).exists())
     run = None if bench_only else Run.load(run_dir, result=False)
     config = run.config if run is not None else {}
     settings = config.get("settings") or {}
@@ -209,6 +210,7 @@ def build_context(run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
         "random_completions": random_completions,
         "sweep": sweep_ctx,
         "bench": _bench_context(run_dir),
+        "layer_map": _layer_map_context(run_dir),
         "divergence": _divergence_context(run_dir),
         "monitor": _monitor_context(run_dir),
         "version": config.get("melbo_version"),
@@ -245,6 +247,26 @@ def _monitor_context(run_dir: Path) -> Optional[dict]:
     return {"summary": [(str(k), format_cell(v)) for k, v in summary.items()],
             "flagged": [{"index": r.get("index"), "score": fmt(r.get("score")), "perturbation": r.get("perturbation"),
                          "input": r.get("input", "")} for r in flagged[:200]]}
+
+
+# ------------------------------------------------------------------------------------------------ layer map
+def _layer_map_context(run_dir: Path, best: int = 20) -> Optional[dict]:
+    """map.json, map.png and ranking.json (written by `melbo map`): the heatmap and the best pairs."""
+    doc = _read_optional_json(run_dir / LAYER_MAP)
+    if not isinstance(doc, dict):
+        return None
+    import base64
+
+    heatmap = run_dir / "map.png"
+    ranking = _read_optional_json(run_dir / "ranking.json")
+    rows = [{"rank": r.get("rank"), "pair": f"{r.get('source')} → {r.get('target')}", "gain": fmt(r.get("gain")),
+             "sigma": ", ".join(fmt(v) for v in r.get("singular_values") or [])}
+            for r in (ranking if isinstance(ranking, list) else [])[:best] if isinstance(r, dict)]
+    settings = doc.get("settings") if isinstance(doc.get("settings"), dict) else {}
+    return {"plot": base64.b64encode(heatmap.read_bytes()).decode("ascii") if heatmap.is_file() else None,
+            "rows": rows, "pairs": doc.get("pairs"), "status": doc.get("status"),
+            "model": (doc.get("model") or {}).get("id"), "k": settings.get("k"),
+            "iterations": settings.get("iterations")}
 
 
 # ------------------------------------------------------------------------------------------------ benchmark

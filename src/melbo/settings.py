@@ -18,6 +18,11 @@ DEFAULT_CONTRAST = "difference"  # the contrastive form `melbo diff` trains with
 DIFF_RADIUS = "0.3x"
 DIFF_RANDOM = 8  # random vectors of the same norm ranked beside the learned ones
 MONITOR_ALPHA = 0.05  # the false-positive rate the monitor's decision rule aims at
+# `melbo map` (melbo.layermap): a map surveys many pairs, so few directions and iterations each; open a chosen pair
+# as a run (`open_pair`, R = MAP_RADIUS, discover's default) or re-run discover --method jacobian there for more.
+MAP_K = 4
+MAP_ITERATIONS = 8
+MAP_RADIUS = "0.2x"
 THREADS: Optional[int] = None  # torch threads; None = auto: the free cores (melbo.threads)
 
 

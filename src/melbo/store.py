@@ -29,6 +29,7 @@ COMPLETIONS = "completions.jsonl"
 METRICS = "metrics.json"  # written by melbo.assess
 SWEEP = "sweep.json"  # in a sweep directory, written by melbo.sweep
 BENCH = "bench.json"  # written by melbo.bench
+LAYER_MAP = "map.json"  # in a layer-map directory, written by melbo.layermap
 DIVERGENCE = "divergence.json"  # written by melbo.divergence (diff runs)
 MONITOR_DIR = "monitor"  # written by melbo.monitor, inside the run unless --out says otherwise
 MONITOR_JSON = "monitor.json"

@@ -1,0 +1,394 @@
+"""Layer maps: the top-k Jacobian singular values and directions of every (source, target) block pair.
+
+`layer_map(lm, prompts, sources, targets, k, out)` (exported as `melbo.map`) runs the Jacobian power iteration
+(`melbo.methods.jacobian.jacobian_directions`) once per pair with source < target, and writes a map directory:
+
+    map.json             settings, model identity, status
+    map.safetensors      singular_values [S, T, k] (NaN where source ≥ target), directions [S, T, k, d],
+                         history [S, T, k, iterations + 1], norms [S, T, 2] (mean residual norm at source, target)
+    ranking.json         the pairs, best first, by relative gain σ₁ · ‖h_source‖ / ‖h_target‖
+    map.png              heatmap of the relative gain; report.html shows it with the ranking
+    pairs/               one checkpoint file per finished pair, while the map is unfinished
+
+The relative gain ranks pairs: σ₁ alone grows with the target's norm, which grows with depth; the gain says how
+far a perturbation of a given relative size at the source moves the target relative to its own size.
+A pair's result depends only on (seed, source, target): the same bitwise on CPU whether the pairs run serially,
+resumed after an interruption, or on Ray workers in any order (`melbo.distributed`).
+`open_pair(map_dir, source, target, out)` turns one pair's directions into an ordinary jacobian run directory.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from melbo import __version__
+from melbo.checks import check_whole
+from melbo.errors import MelboError
+from melbo.files import check_output_dir, load_tensors, make_output_dir, read_json, save_tensors, write_json
+from melbo.intervention import SteeringVectors
+from melbo.methods.jacobian import jacobian_directions
+from melbo.models import LoadedModel
+from melbo.objective import TargetProbe, residual_norm
+from melbo.prompts import PromptBatch, check_prompt_list, encode
+from melbo.runner import parse_radius
+from melbo.settings import MAP_ITERATIONS, MAP_K, MAP_RADIUS, DiscoverConfig
+from melbo.store import LAYER_MAP, Run
+
+TENSORS = "map.safetensors"
+RANKING = "ranking.json"
+HEATMAP = "map.png"
+PAIRS = "pairs"
+
+Progress = Callable[[dict], None]
+Layers = Union[Sequence[int], str, None]
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    """Everything a pair's result depends on, besides the model: stored in map.json, sent to Ray workers."""
+
+    prompts: list[str]
+    sources: list[int]
+    targets: list[int]
+    k: int = MAP_K
+    iterations: int = MAP_ITERATIONS
+    seed: int = 0
+    chat: Optional[bool] = None
+    positions: object = "all"
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return [(s, t) for s in self.sources for t in self.targets if s < t]
+
+
+@dataclass
+class PairResult:
+    """One pair's top-k directions. `worker`: who computed it (a process id), for progress only."""
+
+    source: int
+    target: int
+    singular_values: Tensor  # [k]
+    directions: Tensor  # [k, d], unit rows
+    history: Tensor  # [k, iterations + 1], Rayleigh quotients σ² per iteration
+    norms: Tensor  # [2]: mean residual norm at source and at target
+    seconds: float = 0.0
+    worker: Optional[int] = field(default=None, compare=False)
+
+    @property
+    def gain(self) -> float:
+        return float(self.singular_values[0]) * float(self.norms[0]) / float(self.norms[1])
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"singular_values": self.singular_values, "directions": self.directions, "history": self.history,
+                "norms": self.norms}
+
+
+# ------------------------------------------------------------------------------------------------ one pair
+def pair_seed(seed: int, source: int, target: int) -> int:
+    """The pair's own random start: independent of which pairs ran before it, or where."""
+    return (seed * 1_000_003 + source * 1_009 + target) % (2**63)
+
+
+def compute_pair(lm: LoadedModel, batch: PromptBatch, source: int, target: int, settings: MapSettings) -> PairResult:
+    """Top-k right singular vectors of ∂Z_target/∂θ_source, as `melbo.methods.jacobian` computes them."""
+    start = time.perf_counter()
+    probe = TargetProbe(lm, batch, source, target, source, "fp32")  # finite differences need fp32
+    norms = torch.tensor([residual_norm(lm, batch, source), residual_norm(lm, batch, target)])
+    generator = torch.Generator().manual_seed(pair_seed(settings.seed, source, target))
+    directions, sigma2, history = jacobian_directions(probe, settings.k, settings.iterations, generator,
+                                                      eps=0.01 * float(norms[0]))
+    return PairResult(source, target, sigma2.clamp_min(0).sqrt(), directions, history, norms,
+                      time.perf_counter() - start)
+
+
+def encode_for(lm: LoadedModel, settings: MapSettings) -> PromptBatch:
+    return encode(lm, settings.prompts, settings.chat, settings.positions)
+
+
+# ------------------------------------------------------------------------------------------------ the grid
+def parse_layers(spec: Layers, depth: int, what: str) -> list[int]:
+    """'4:20' (both ends included), '4:20:2', '3,7,11', 'all', or a list of ints → sorted block indices."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
+        return list(range(depth))
+    if isinstance(spec, str):
+        text = spec.strip()
+        try:
+            if ":" in text:
+                parts = [int(p) for p in text.split(":")]
+                if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] <= 0):
+                    raise ValueError
+                layers = list(range(parts[0], parts[1] + 1, parts[2] if len(parts) == 3 else 1))
+            else:
+                layers = [int(p) for p in text.split(",") if p.strip()]
+        except ValueError:
+            raise MelboError(f"--{what} {spec!r} is not a block range: use e.g. 4:20 (both ends included), "
+                             "4:20:2, 3,7,11 or all") from None
+    else:
+        if isinstance(spec, (bytes, bytearray)) or not hasattr(spec, "__iter__"):
+            raise MelboError(f"{what} must be a list of block indices or a range like '4:20', got {spec!r}")
+        layers = [check_whole(what, x) for x in spec]
+    if not layers:
+        raise MelboError(f"--{what} {spec!r} holds no blocks: use e.g. 4:20 (both ends included)")
+    bad = [x for x in layers if not 0 <= x < depth]
+    if bad:
+        raise MelboError(f"--{what} block {bad[0]} is out of range: this model has blocks 0..{depth - 1}")
+    return sorted(set(layers))
+
+
+def default_layers(depth: int, count: int = 8) -> list[int]:
+    """Without --sources/--targets/--layers: `count` evenly spaced blocks (all of them for shallow models)."""
+    return sorted({round(i * (depth - 1) / (count - 1)) for i in range(count)}) if depth > count else list(range(depth))
+
+
+def make_settings(lm: LoadedModel, prompts: Sequence[str], sources: Layers, targets: Layers, k: int,
+                  iterations: int, seed: int, chat: Optional[bool], positions) -> MapSettings:
+    """Validated settings; an empty grid (every source ≥ every target) is a one-line error."""
+    prompts = check_prompt_list(prompts)
+    for name, value in (("k", k), ("iterations", iterations), ("seed", seed)):
+        check_whole(name, value)
+    if k < 1 or iterations < 1:
+        raise MelboError(f"k and iterations must be ≥ 1, got k={k}, iterations={iterations}")
+    if k > lm.width:
+        raise MelboError(f"k = {k} directions do not fit in width {lm.width}: ask for fewer")
+    if chat is not None and not isinstance(chat, bool):
+        raise MelboError(f"chat must be true, false or None, got {chat!r}")
+    both_default = sources is None and targets is None
+    source_list = default_layers(lm.depth) if both_default else parse_layers(sources, lm.depth, "sources")
+    target_list = default_layers(lm.depth) if both_default else parse_layers(targets, lm.depth, "targets")
+    settings = MapSettings(list(prompts), source_list, target_list, k, iterations, seed, chat, positions)
+    if not settings.pairs:
+        raise MelboError(f"no pair has source < target (sources {_span(source_list)}, targets {_span(target_list)}): "
+                         "give sources that come before the targets")
+    return settings
+
+
+def _span(layers: list[int]) -> str:
+    return f"{layers[0]}..{layers[-1]}" if len(layers) > 1 else str(layers[0])
+
+
+# ------------------------------------------------------------------------------------------------ the map
+def layer_map(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    sources: Layers = None,
+    targets: Layers = None,
+    k: int = MAP_K,
+    out: str | Path | None = None,
+    *,
+    iterations: int = MAP_ITERATIONS,
+    seed: int = 0,
+    chat: Optional[bool] = None,
+    positions="all",
+    resume: bool = False,
+    workers: Optional[int] = None,
+    ray_address: Optional[str] = None,
+    progress: Optional[Progress] = None,
+) -> "LayerMap":
+    """Map every (source, target) pair with source < target; write the map directory (module docstring).
+
+    `sources`/`targets`: '4:20' (both ends included), '4:20:2', '3,7,11', 'all' or a list; neither given: 8
+    evenly spaced blocks. `workers` or `ray_address` runs the pairs on Ray actors (`melbo.distributed`), else
+    serially here. `resume=True` continues an interrupted map in `out` (its settings must match).
+    `progress` receives {"stage": "pair", "done", "total", "source", "target", "seconds", "worker"} per finished
+    pair, and {"stage": "start", "total", "done"} first.
+    """
+    settings = make_settings(lm, prompts, sources, targets, k, iterations, seed, chat, positions)
+    path = Path(out) if out is not None else Path("runs") / f"map-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    check_output_dir(path)
+    executor = None
+    if workers is not None or ray_address is not None:
+        from melbo.distributed import RayPool
+
+        executor = RayPool.check(workers, ray_address)  # fail fast, before any file is written
+    batch = encode_for(lm, settings)  # validates prompts and positions before any file is written
+    _prepare(path, lm, settings, resume)
+    done = _finished_pairs(path)
+    pending = [p for p in settings.pairs if p not in done]
+    total = len(settings.pairs)
+    if progress:
+        progress({"stage": "start", "total": total, "done": total - len(pending)})
+    count = [total - len(pending)]
+
+    def finished(result: PairResult) -> None:
+        save_tensors(_pair_file(path, result.source, result.target), result.tensors(),
+                     {"seconds": repr(result.seconds)})
+        count[0] += 1
+        if progress:
+            progress({"stage": "pair", "done": count[0], "total": total, "source": result.source,
+                      "target": result.target, "seconds": result.seconds, "worker": result.worker})
+
+    if executor is not None:
+        executor.run_pairs(lm, settings, pending, finished)
+    else:
+        for s, t in pending:
+            finished(compute_pair(lm, batch, s, t, settings))
+    return _assemble(path, settings)
+
+
+def _prepare(path: Path, lm: LoadedModel, settings: MapSettings, resume: bool) -> None:
+    """A new map directory, or (resume) the same map's: the model and settings must match."""
+    if (path / LAYER_MAP).exists():
+        if not resume:
+            raise MelboError(f"{path} already holds a layer map: use --resume to continue it, or another --out")
+        stored = read_json(path / LAYER_MAP)
+        if stored.get("model", {}).get("id") != lm.model_id:
+            raise MelboError(f"{path} was mapped with model {stored.get('model', {}).get('id')}, not {lm.model_id}: "
+                             "load that model or map into another --out")
+        if stored.get("settings") != _jsonable(settings):
+            raise MelboError(f"{path} holds a map with other settings: give the same ones, or map into another --out")
+        return
+    if path.exists() and any(path.iterdir()):
+        raise MelboError(f"{path} already exists and is not empty: choose another --out")
+    make_output_dir(path)
+    import transformers
+
+    write_json(path / LAYER_MAP, {
+        "kind": "layer_map", "status": "running", "melbo_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": lm.describe(), "settings": _jsonable(settings), "pairs": len(settings.pairs),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+    })
+
+
+def _jsonable(settings: MapSettings) -> dict:
+    return asdict(settings)
+
+
+def _pair_file(path: Path, source: int, target: int) -> Path:
+    return path / PAIRS / f"s{source}-t{target}.safetensors"
+
+
+def _finished_pairs(path: Path) -> set[tuple[int, int]]:
+    folder = path / PAIRS
+    folder.mkdir(exist_ok=True)
+    done = set()
+    for file in folder.glob("s*-t*.safetensors"):
+        s, t = file.stem[1:].split("-t")
+        done.add((int(s), int(t)))
+    return done
+
+
+def _assemble(path: Path, settings: MapSettings) -> "LayerMap":
+    """The finished pairs as one tensor file, the ranking, the heatmap and the report; checkpoints removed."""
+    S, T, k = len(settings.sources), len(settings.targets), settings.k
+    first = load_tensors(_pair_file(path, *settings.pairs[0]))
+    d = first["directions"].shape[-1]
+    tensors = {"singular_values": torch.full((S, T, k), math.nan), "directions": torch.zeros(S, T, k, d),
+               "history": torch.full((S, T, k, settings.iterations + 1), math.nan),
+               "norms": torch.full((S, T, 2), math.nan),
+               "sources": torch.tensor(settings.sources), "targets": torch.tensor(settings.targets)}
+    for s, t in settings.pairs:
+        pair = load_tensors(_pair_file(path, s, t))
+        i, j = settings.sources.index(s), settings.targets.index(t)
+        for name in ("singular_values", "directions", "history", "norms"):
+            tensors[name][i, j] = pair[name]
+    save_tensors(path / TENSORS, tensors)
+    result = LayerMap(path, read_json(path / LAYER_MAP), tensors)
+    write_json(path / RANKING, result.ranking())
+    from melbo.plots import layer_map_figure
+
+    figure = layer_map_figure(result.gains(), settings.sources, settings.targets)
+    figure.savefig(path / HEATMAP)
+    result.config["status"] = "complete"
+    write_json(path / LAYER_MAP, result.config)
+    shutil.rmtree(path / PAIRS, ignore_errors=True)
+    from melbo.report import write_report
+
+    write_report(path)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ reading
+@dataclass
+class LayerMap:
+    """A finished map directory loaded into memory."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, Tensor]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LayerMap":
+        path = Path(path)
+        if not (path / LAYER_MAP).is_file():
+            raise MelboError(f"{path} is not a layer map (no {LAYER_MAP}): give the directory `melbo map` wrote")
+        config = read_json(path / LAYER_MAP)
+        if config.get("status") != "complete":
+            raise MelboError(f"the layer map in {path} is unfinished: continue it with `melbo map ... --resume`")
+        return cls(path, config, load_tensors(path / TENSORS))
+
+    @property
+    def settings(self) -> MapSettings:
+        return MapSettings(**self.config["settings"])
+
+    @property
+    def heatmap(self) -> Path:
+        return self.path / HEATMAP
+
+    def gains(self) -> Tensor:
+        """σ₁ · ‖h_source‖ / ‖h_target‖ per pair [S, T] (NaN where source ≥ target)."""
+        norms = self.tensors["norms"]
+        return self.tensors["singular_values"][..., 0] * norms[..., 0] / norms[..., 1]
+
+    def ranking(self) -> list[dict]:
+        """Every mapped pair, the largest relative gain first."""
+        s_list, t_list = self.tensors["sources"].tolist(), self.tensors["targets"].tolist()
+        gains, sigma = self.gains(), self.tensors["singular_values"]
+        rows = [{"source": s, "target": t, "gain": float(gains[i, j]), "singular_values": sigma[i, j].tolist()}
+                for i, s in enumerate(s_list) for j, t in enumerate(t_list) if s < t]
+        rows.sort(key=lambda r: (-r["gain"], r["source"], r["target"]))
+        return [{"rank": n + 1, **r} for n, r in enumerate(rows)]
+
+    def pair(self, source: int, target: int) -> dict[str, Tensor]:
+        s_list, t_list = self.tensors["sources"].tolist(), self.tensors["targets"].tolist()
+        if source not in s_list or target not in t_list or source >= target:
+            raise MelboError(f"pair {source}:{target} is not in this map: mapped sources {_span(s_list)}, "
+                             f"targets {_span(t_list)}, with source < target")
+        i, j = s_list.index(source), t_list.index(target)
+        return {name: self.tensors[name][i, j] for name in ("singular_values", "directions", "history", "norms")}
+
+
+def open_pair(map_dir: str | Path, source: int, target: int, out: str | Path,
+              radius: str = MAP_RADIUS) -> Run:
+    """Write one pair's directions as a finished jacobian run (vectors = directions · R) that generate, chat and
+    export accept. `radius` is absolute ("4.0") or relative to the source's residual norm ("0.2x")."""
+    layer_map_ = LayerMap.load(map_dir)
+    check_whole("source", source)
+    check_whole("target", target)
+    pair = layer_map_.pair(source, target)
+    value, relative = parse_radius(radius)
+    norm = float(pair["norms"][0])
+    absolute = value * norm if relative else value
+    out = Path(out)
+    check_output_dir(out)
+    if out.exists() and any(out.iterdir()):
+        raise MelboError(f"{out} already exists and is not empty: choose another --out")
+    make_output_dir(out)
+    s = layer_map_.settings
+    cfg = DiscoverConfig(prompts=s.prompts, method="jacobian", n_vectors=s.k, source=source, target=target,
+                         radius=str(radius), seed=s.seed, chat=s.chat, positions=s.positions, precision="fp32",
+                         power_iterations=s.iterations)
+    config = {
+        "reference": None, "contrast": None, "melbo_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "status": "running",
+        "model": layer_map_.config["model"], "method": "jacobian", "source": source, "target": target,
+        "p": cfg.p, "q": cfg.q, "orthogonal": cfg.orthogonal, "rank": None, "settings": asdict(cfg),
+        "versions": layer_map_.config.get("versions"), "radius": absolute, "radius_relative": absolute / norm,
+        "residual_norm": norm, "precision": "fp32", "singular_values": pair["singular_values"].tolist(),
+        "finite_difference_eps": 0.01 * norm, "layer_map": str(Path(map_dir).resolve()),
+    }
+    run = Run(out, config)
+    run.save_config()
+    run.save_result(SteeringVectors(pair["directions"] * absolute, source), pair["history"])
+    return run

@@ -1,0 +1,110 @@
+"""Layer maps: every pair's Jacobian directions, ranked, plotted, resumable, and openable as an ordinary run."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import save_tiny_model
+
+import melbo
+from conftest import run_cli
+from melbo.errors import MelboError
+from melbo.layermap import LayerMap, compute_pair, encode_for, make_settings, pair_seed
+from melbo.methods.jacobian import jacobian_directions
+from melbo.objective import TargetProbe, residual_norm
+
+PROMPTS = ["The cat sat on", "Tell me a story"]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    path = save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    return melbo.load_model(str(path))
+
+
+@pytest.fixture(scope="module")
+def full_map(lm, tmp_path_factory):
+    return melbo.map(lm, PROMPTS, "0:2", "1:3", k=2, out=tmp_path_factory.mktemp("maps") / "full", iterations=3)
+
+
+def test_map_holds_every_pair_with_source_before_target(lm, full_map):
+    sigma = full_map.tensors["singular_values"]
+    assert sigma.shape == (3, 3, 2) and full_map.tensors["directions"].shape == (3, 3, 2, 64)
+    sources, targets = full_map.tensors["sources"].tolist(), full_map.tensors["targets"].tolist()
+    for i, s in enumerate(sources):
+        for j, t in enumerate(targets):
+            assert torch.isnan(sigma[i, j]).all() == (s >= t), (s, t)
+    # One pair, recomputed by hand with the jacobian method's own function and the pair's seed: the same bits.
+    batch = encode_for(lm, full_map.settings)
+    probe = TargetProbe(lm, batch, 1, 3, 1, "fp32")
+    eps = 0.01 * residual_norm(lm, batch, 1)
+    directions, sigma2, _ = jacobian_directions(probe, 2, 3, torch.Generator().manual_seed(pair_seed(0, 1, 3)), eps)
+    assert torch.equal(full_map.pair(1, 3)["directions"], directions)
+    assert torch.equal(full_map.pair(1, 3)["singular_values"], sigma2.clamp_min(0).sqrt())
+
+
+def test_ranking_heatmap_and_report(full_map):
+    ranking = json.loads((full_map.path / "ranking.json").read_text())
+    assert [(r["source"], r["target"]) for r in ranking] != [] and len(ranking) == 6
+    gains = [r["gain"] for r in ranking]
+    assert gains == sorted(gains, reverse=True) and ranking[0]["rank"] == 1
+    assert full_map.heatmap.read_bytes()[:4] == b"\x89PNG"
+    report = (full_map.path / "report.html").read_text()
+    assert "Layer map" in report and f"{ranking[0]['source']} → {ranking[0]['target']}" in report
+    assert not (full_map.path / "pairs").exists()  # checkpoints go once the map is assembled
+
+
+def test_interrupted_map_resumes_to_the_same_result(lm, full_map, tmp_path):
+    out = tmp_path / "map"
+
+    def interrupt(event):
+        if event["stage"] == "pair" and event["done"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        melbo.map(lm, PROMPTS, "0:2", "1:3", k=2, out=out, iterations=3, progress=interrupt)
+    assert len(list((out / "pairs").iterdir())) == 2
+    with pytest.raises(MelboError, match="--resume"):
+        melbo.map(lm, PROMPTS, "0:2", "1:3", k=2, out=out, iterations=3)
+    with pytest.raises(MelboError, match="other settings"):
+        melbo.map(lm, PROMPTS, "0:2", "1:3", k=2, out=out, iterations=4, resume=True)
+    events = []
+    resumed = melbo.map(lm, PROMPTS, "0:2", "1:3", k=2, out=out, iterations=3, resume=True, progress=events.append)
+    assert events[0] == {"stage": "start", "total": 6, "done": 2} and events[-1]["done"] == 6
+    for name, value in full_map.tensors.items():
+        assert torch.equal(resumed.tensors[name].nan_to_num(-1), value.nan_to_num(-1)), name
+
+
+def test_open_pair_is_an_ordinary_run(lm, full_map, tmp_path, capsys):
+    run = melbo.open_pair(full_map.path, 1, 3, tmp_path / "pair", radius="0.5x")
+    loaded = melbo.Run.load(run.path, model=lm)
+    norm = float(full_map.pair(1, 3)["norms"][0])
+    assert loaded.config["method"] == "jacobian" and loaded.perturbations.layer == 1
+    torch.testing.assert_close(loaded.vectors.norm(dim=-1), torch.full((2,), 0.5 * norm))
+    code, out, err = run_cli(["generate", str(run.path), "-p", "Hi", "--max-new-tokens", "3", "--model", lm.spec], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["export", str(run.path), "-f", "llamacpp", "--out", str(tmp_path / "cv"), "--model", lm.spec], capsys)
+    assert code == 0 and any((tmp_path / "cv").glob("*.gguf")), err
+    with pytest.raises(MelboError, match="not in this map"):
+        melbo.open_pair(full_map.path, 2, 1, tmp_path / "bad")
+
+
+@pytest.mark.parametrize("sources, targets, message", [
+    ("3", "0:2", "no pair has source < target"),
+    ("2:x", "3", "not a block range"),
+    ("0:9", "3", "out of range"),
+    ("4:2", "3", "holds no blocks"),
+])
+def test_bad_grids_are_one_line_errors(lm, sources, targets, message):
+    with pytest.raises(MelboError, match=message):
+        make_settings(lm, PROMPTS, sources, targets, 2, 3, 0, None, "all")
+
+
+def test_compute_pair_depends_only_on_seed_source_target(lm):
+    settings = make_settings(lm, PROMPTS, "0:1", "2:3", 2, 2, 7, None, "all")
+    batch = encode_for(lm, settings)
+    first = compute_pair(lm, batch, 0, 2, settings)
+    compute_pair(lm, batch, 1, 3, settings)  # another pair in between changes nothing
+    again = compute_pair(lm, batch, 0, 2, settings)
+    assert torch.equal(first.directions, again.directions)
+    assert torch.equal(first.singular_values, again.singular_values)
