@@ -47,3 +47,9 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
         sys.argv = old
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture(autouse=True)
+def _private_catalog(tmp_path_factory, monkeypatch):
+    """Runs made by tests are catalogued in a throw-away database, never the user's (melbo.catalog)."""
+    monkeypatch.setenv("MELBO_CATALOG", str(tmp_path_factory.mktemp("catalog") / "catalog.sqlite"))

@@ -14,6 +14,7 @@ from melbo.cli.app import (
     BatchSizeOpt, BlocksOpt, ChatOpt, DeviceOpt, DtypeOpt, ModelOpt, NVectorsOpt, PositionsOpt, PromptsArg,
     PromptsFileOpt, RunOutOpt, SeedOpt, SourceOpt, StepsOpt, TargetOpt, ThreadsOpt, app, err, given, interruptible, load, out,
     parse_indices, parse_positions, read_prompts)
+from melbo.cli.catalog import record
 from melbo.cli.progress import JobDisplay
 from melbo.cli.tables import print_divergence
 from melbo.errors import MelboError
@@ -92,6 +93,7 @@ def diff_command(
     report_path = write_report(run.path)
     out.print(f"run written to [bold]{escape(str(run.path))}[/] in {time.perf_counter() - started:.0f} s; "
               f"report: [bold]{escape(str(report_path))}[/]")
+    record(run.path)  # into the catalogue (melbo catalog); trouble there is one warning line, never a failure
 
 
 _DIFF_RESUME_KEEPS = ("prompts", "prompts_file", "out_dir", "contrast", "contrast_weight", "method", "n_vectors",

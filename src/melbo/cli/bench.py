@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ThreadsOpt, app, err, interruptible, load, out, parse_positions
+from melbo.cli.catalog import record
 from melbo.cli.progress import JobDisplay, plant_progress
 from melbo.errors import MelboError
 from melbo.settings import MONITOR_ALPHA
@@ -62,6 +63,7 @@ def _bench_finish(result, path: Path) -> None:
     report_path = write_report(path)
     out.print(f"run, bench.json and report written to [bold]{escape(str(path))}[/] ({escape(str(report_path.name))})")
     print_result(result, out)
+    record(path)  # into the catalogue (melbo catalog); trouble there is one warning line, never a failure
 
 
 def _run_bench(path: Path, generations: int, work: Callable) -> None:

@@ -13,6 +13,7 @@ from melbo.cli.app import (
     BatchSizeOpt, BlocksOpt, ChatOpt, DeviceOpt, DtypeOpt, ModelOpt, NVectorsOpt, PositionsOpt, PromptsArg,
     PromptsFileOpt, RunOutOpt, SeedOpt, SourceOpt, StepsOpt, TargetOpt, ThreadsOpt, app, given, interruptible, load, out,
     parse_positions, read_prompts)
+from melbo.cli.catalog import record
 from melbo.cli.progress import JobDisplay
 from melbo.cli.tables import print_assessment, print_completions
 from melbo.errors import MelboError
@@ -92,6 +93,7 @@ def discover(
     out.print(f"report: [bold]{escape(str(run.path / 'report.html'))}[/]")
     out.print(f"run written to [bold]{escape(str(run.path))}[/] in {time.perf_counter() - started:.0f} s "
               f"(R = {run.config['radius']:.4g} = {run.config['radius_relative']:.3g} x residual norm)")
+    record(run.path)  # into the catalogue (melbo catalog); trouble there is one warning line, never a failure
 
 
 # discover's options that set up training: fixed once a run exists.
