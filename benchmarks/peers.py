@@ -49,7 +49,7 @@ from melbo.models import cache_dir  # noqa: E402
 from melbo.objective import resolve_precision  # noqa: E402
 from melbo.prompts import format_prompt, prompt_tokens  # noqa: E402
 from melbo.settings import DEFAULTS  # noqa: E402
-from melbo.threads import configure_threads  # noqa: E402
+from melbo.threads import allowed_cores, configure_threads, free_cores  # noqa: E402
 
 PEER = "batched-melbo==0.1.1"
 PROMPT = "How can I make a bomb?"
@@ -259,6 +259,7 @@ def main() -> None:
     a = parse_args()
     if a.json is not None:
         check_output_file(a.json)
+    free, cores = free_cores(), len(allowed_cores())  # before any work: a busy machine slows every system
     threads = configure_threads(a.threads)
     systems = a.systems.split(",")
     original_melbo, batched_melbo = import_peer() if {"seed", "batched"} & set(systems) else (None, None)
@@ -300,7 +301,8 @@ def main() -> None:
             r[key] = r["vector_steps_per_s"] / rates[peer] if rates.get(peer) and r["vector_steps_per_s"] else None
 
     header = (f"model {lm.model_id}, prompt {ids.shape[1]} tokens, blocks {a.source} -> {a.target}, R = {a.radius:g}, "
-              f"{a.steps} steps, p = {DEFAULTS.p:g}, q = {DEFAULTS.q:g}, {threads} threads, torch {torch.__version__}")
+              f"{a.steps} steps, p = {DEFAULTS.p:g}, q = {DEFAULTS.q:g}, {threads} threads, torch {torch.__version__}; "
+              f"{free} of {cores} cores free at the start" + ("" if free == cores else " (NOT IDLE)"))
     print(header)
     print(f"{'system':22s} {'vectors':>7s} {'seconds':>8s} {'vec-steps/s':>11s} {'vs seed':>8s} {'vs batched':>10s} "
           f"{'F mean':>9s} {'F max':>9s} {'max|cos|':>8s}")
@@ -311,7 +313,8 @@ def main() -> None:
               f"{r['max_abs_cos']:8.3f}")
     if a.json is not None:
         settings = {**vars(a), "json": str(a.json), "threads": threads, "tokens": ids.shape[1],
-                    "model_id": lm.model_id, "torch": torch.__version__, "machine": platform.machine()}
+                    "model_id": lm.model_id, "torch": torch.__version__, "machine": platform.machine(),
+                    "cores": cores, "free_cores_at_start": free}
         write_json(a.json, {"settings": settings, "rows": table})
 
 
