@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -175,3 +175,85 @@ def generate(
                 Completion(vectors[v_pos], row_labels[v_pos], p_index, prompt, sample, text, n)
             )
     return completions
+
+
+def stream_rows(
+    lm: LoadedModel,
+    perturbations: Optional[Perturbations],
+    prompt_ids: list[int],
+    rows: Sequence[Optional[int]],
+    sampling: Sampling,
+    scale: float = 1.0,
+    cancelled: Optional[Callable[[], bool]] = None,
+) -> Iterator[list[str]]:
+    """`generate_rows` for one batch, one token at a time: after each forward, yield the new text of every row.
+
+    Rows share the prompt (no padding), so greedy rows give the tokens `generate_rows` gives. A row stops at its
+    first stop token ('' from then on); the stream ends when every row has stopped, after max_new_tokens, or as
+    soon as `cancelled()` is true (checked before each forward, so a closed browser costs at most one more).
+    """
+    check_finite("scale", scale)
+    stops = set(stop_token_ids(lm))
+    steer = perturbations.apply(lm, rows, scale) if perturbations is not None else contextlib.nullcontext()
+    texts = [_TextStream(lm.tokenizer) for _ in rows]
+    stopped = [False] * len(rows)
+    step_input = torch.tensor([prompt_ids] * len(rows), device=lm.device)
+    cache = None
+    with steer, torch.no_grad(), _seeded(lm, sampling.seed):
+        for _ in range(sampling.max_new_tokens):
+            if cancelled is not None and cancelled():
+                return
+            logits, cache = _forward_cached(lm, step_input, cache)
+            chosen = _next_tokens(logits[:, -1, :].float(), sampling)
+            for k, token in enumerate(chosen.tolist()):
+                stopped[k] = stopped[k] or token in stops
+                if not stopped[k]:
+                    texts[k].add(token)
+            yield [t.new_text() for t in texts]
+            if all(stopped):
+                break
+            step_input = chosen[:, None]
+    tail = [t.new_text(final=True) for t in texts]
+    if any(tail):
+        yield tail
+
+
+class _TextStream:
+    """A row's tokens decoded as they come. A byte-level token can be part of a character: up to 3 tokens that
+    decode to U+FFFD are held back until the character is whole (or the stream ends)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.shown, self.held = tokenizer, [], "", 0
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        self.held += 1
+
+    def new_text(self, final: bool = False) -> str:
+        if not self.held:
+            return ""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd") and self.held < 4 and not final:
+            return ""
+        new, self.shown, self.held = text[len(self.shown):], text, 0
+        return new
+
+
+def _forward_cached(lm: LoadedModel, input_ids: torch.Tensor, cache):
+    """One forward with the key/value cache → (logits, cache). transformers 5.24 renamed past_key_values to cache."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+    out = lm.model(input_ids=input_ids, use_cache=True, **({name: cache} if cache is not None else {}))
+    return out.logits, getattr(out, name)
+
+
+def _next_tokens(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Greedy (temperature 0) or nucleus sampling over logits [rows, vocab] → token ids [rows]."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs > sampling.top_p  # keep the smallest set ≥ top_p
+    picked = torch.multinomial(sorted_probs.masked_fill(outside, 0.0), 1)
+    return order.gather(-1, picked)[:, 0]

@@ -74,3 +74,12 @@ class DiscoverConfig:
 
 
 DEFAULTS = DiscoverConfig(prompts=[])
+
+# `melbo serve` (melbo.server): local by default; another host needs --host plus a token. The bounds keep one
+# request from holding the CPU for minutes (a 135M model streams ~25 tokens/s per row here).
+SERVE_HOST = "127.0.0.1"
+SERVE_PORT = 8765
+SERVE_MAX_PROMPT_CHARS = 2000  # a prompt, or a whole chat history
+SERVE_MAX_NEW_TOKENS = 256
+SERVE_MAX_COLUMNS = 4  # perturbations streamed side by side in one request (plus unsteered and random)
+SERVE_MAX_SCALE = 50.0  # |scale|: far past where any model stays fluent

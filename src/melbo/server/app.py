@@ -1,0 +1,430 @@
+"""The web app: server-rendered pages over the catalogue, live steered generation, label editing, exports.
+
+Runs and behaviours are addressed by catalogue id only: the browser never names a file. Pages are Jinja2
+templates with autoescaping; the one script (static/app.js) streams generation with fetch and writes model text
+with textContent. Security (host, token, CSRF, CSP) lives in `melbo.server.security`, in front of every route.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from jinja2 import Environment, FileSystemLoader
+
+from melbo.errors import MelboError
+from melbo.server.live import ChatRequest, Engine, LiveRequest, chat_work, live_work
+from melbo.server.security import CSRF_FIELD, Guard, new_secret
+from melbo.settings import SERVE_MAX_COLUMNS, SERVE_MAX_NEW_TOKENS, SERVE_MAX_PROMPT_CHARS, SERVE_MAX_SCALE
+
+HERE = Path(__file__).parent
+MAX_LABEL = 200
+MAX_NOTE = 5000
+EXPORTS = {"safetensors": "the perturbation as a melbo safetensors file",
+           "gguf": "a llama.cpp control vector (--control-vector)",
+           "peft": "a PEFT LoRA adapter directory, zipped"}
+
+
+def create_app(catalog_path: Optional[str | Path] = None, model_spec: Optional[str] = None, *,
+               token: Optional[str] = None, device: str = "cpu", dtype: str = "float32",
+               engine: Optional[Engine] = None) -> Any:
+    """The ASGI app for `melbo serve`: the catalogue at `catalog_path` (None: melbo's default), live generation with
+    `model_spec` (None: each run's own model). With `token`, every request must carry it (serving beyond localhost);
+    without, only requests addressed to localhost are answered."""
+    from melbo.catalog import Catalog
+
+    with Catalog(catalog_path):  # a bad path fails now, as one line, not on the first page
+        pass
+    state = _State(catalog_path, engine or Engine(model_spec, device, dtype), new_secret())
+    app = FastAPI(title="melbo", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.melbo = state
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    _routes(app, state)
+    return Guard(app, state.csrf, token)
+
+
+class _State:
+    def __init__(self, catalog_path, engine: Engine, csrf: str):
+        self.catalog_path, self.engine, self.csrf = catalog_path, engine, csrf
+        self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True,
+                                     trim_blocks=True, lstrip_blocks=True)
+        self.runs: dict[tuple[int, str], Any] = {}  # loaded Run per (catalogue id, path)
+        self.plots: dict[tuple[int, str], Optional[bytes]] = {}
+
+    def catalog(self):
+        """A connection per request: SQLite connections belong to one thread, and requests run on several."""
+        from melbo.catalog import Catalog
+
+        return Catalog(self.catalog_path)
+
+    def page(self, name: str, status: int = 200, **context) -> HTMLResponse:
+        context.update(csrf=self.csrf, csrf_field=CSRF_FIELD, limits=LIMITS)
+        return HTMLResponse(self.templates.get_template(name).render(**context), status_code=status)
+
+    def run(self, entry):
+        """The run directory behind a catalogue entry, loaded once (perturbations, config, curves)."""
+        from melbo.store import Run
+
+        key = (entry.id, str(entry.path))
+        if key not in self.runs:
+            self.runs[key] = Run.load(entry.path)
+        return self.runs[key]
+
+
+LIMITS = {"prompt_chars": SERVE_MAX_PROMPT_CHARS, "max_new_tokens": SERVE_MAX_NEW_TOKENS,
+          "columns": SERVE_MAX_COLUMNS, "scale": SERVE_MAX_SCALE}
+
+
+def _routes(app: FastAPI, state: _State) -> None:
+    @app.exception_handler(MelboError)
+    async def melbo_error(request: Request, exc: MelboError):
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return state.page("error.html", 400, message=str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        return state.page("error.html", exc.status_code, message=exc.detail)
+
+    @app.get("/", response_class=HTMLResponse)
+    def runs_page():
+        with state.catalog() as catalog:
+            return state.page("runs.html", runs=catalog.runs())
+
+    @app.get("/runs/{run_id}", response_class=HTMLResponse)
+    def run_page(run_id: int):
+        with state.catalog() as catalog:
+            entry = _run_entry(catalog, run_id)
+            perturbations = catalog.perturbations(run_id)
+        run = state.run(entry)
+        return state.page("run.html", run=entry, perturbations=perturbations, clusters=_clusters(perturbations),
+                          plots=_available_plots(run), live=_live_context(entry, perturbations, run))
+
+    @app.get("/runs/{run_id}/plots/{name}.png")
+    def plot(run_id: int, name: str):
+        with state.catalog() as catalog:
+            entry = _run_entry(catalog, run_id)
+        key = (run_id, name)
+        if key not in state.plots:
+            state.plots[key] = _plot_png(state.run(entry), name)
+        if state.plots[key] is None:
+            raise HTTPException(404, f"run {run_id} has no {name} plot")
+        return Response(state.plots[key], media_type="image/png")
+
+    @app.get("/behaviours/{perturbation_id}", response_class=HTMLResponse)
+    def behaviour_page(perturbation_id: int):
+        with state.catalog() as catalog:
+            item = _perturbation(catalog, perturbation_id)
+            entry = _run_entry(catalog, item.run_id)
+            completions = catalog.completions(perturbation_id)
+            similar = _similar(catalog, item)
+        run = state.run(entry)
+        return state.page("behaviour.html", run=entry, item=item, completions=completions, similar=similar,
+                          metrics=_metric_rows(item.metrics), exports=_exports_for(run),
+                          live=_live_context(entry, [item], run, chosen=item.index))
+
+    @app.post("/behaviours/{perturbation_id}/label")
+    async def set_label(perturbation_id: int, request: Request):
+        form = await request.form()
+        # an empty field clears the human label (the automatic one shows again) or the note
+        label = _bounded_text(form.get("label"), "label", MAX_LABEL)
+        note = _bounded_text(form.get("note"), "note", MAX_NOTE)
+        with state.catalog() as catalog:
+            _perturbation(catalog, perturbation_id)
+            catalog.set_label(perturbation_id, label=label, note=note)
+        return RedirectResponse(f"/behaviours/{perturbation_id}?saved=1", status_code=303)
+
+    @app.get("/behaviours/{perturbation_id}/export/{fmt}")
+    def export(perturbation_id: int, fmt: str):
+        with state.catalog() as catalog:
+            item = _perturbation(catalog, perturbation_id)
+            entry = _run_entry(catalog, item.run_id)
+        run = state.run(entry)
+        if fmt not in _exports_for(run):
+            raise HTTPException(404, f"this run cannot be exported as {fmt}: use one of {', '.join(_exports_for(run))}")
+        name, data, media = _export(state, run, item.index, fmt, entry.id)
+        return Response(data, media_type=media, headers={"content-disposition": f'attachment; filename="{name}"'})
+
+    @app.get("/runs/{run_id}/chat", response_class=HTMLResponse)
+    def chat_page(run_id: int):
+        with state.catalog() as catalog:
+            entry = _run_entry(catalog, run_id)
+            perturbations = catalog.perturbations(run_id)
+        return state.page("chat.html", run=entry, perturbations=perturbations)
+
+    @app.get("/search", response_class=HTMLResponse)
+    def search_page(q: str = ""):
+        query = _bounded_text(q, "query", 200).strip()
+        with state.catalog() as catalog:
+            hits = catalog.search(query, limit=50) if query else []
+        return state.page("search.html", query=query, hits=hits)
+
+    @app.post("/api/runs/{run_id}/live")
+    async def live_stream(run_id: int, request: Request):
+        run, body = await _run_and_json(state, run_id, request)
+        work = live_work(run, _live_request(body, len(run)))
+        return _ndjson(state.engine.events(work, request.is_disconnected))
+
+    @app.post("/api/runs/{run_id}/chat")
+    async def chat_stream(run_id: int, request: Request):
+        run, body = await _run_and_json(state, run_id, request)
+        work = chat_work(run, _chat_request(body, len(run)))
+        return _ndjson(state.engine.events(work, request.is_disconnected))
+
+    @app.post("/runs/{run_id}/live", response_class=HTMLResponse)
+    async def live_form(run_id: int, request: Request):
+        """Try it live without JavaScript: the same generation, rendered when it is complete."""
+        with state.catalog() as catalog:
+            entry = _run_entry(catalog, run_id)
+        run = state.run(entry)
+        form = await request.form()
+        body = {"prompt": form.get("prompt"), "perturbations": [_int(v, "perturbation") for v in
+                                                                  form.getlist("perturbations")],
+                "scale": _float(form.get("scale"), "scale"), "max_new_tokens": _int(form.get("max_new_tokens"),
+                                                                                      "max new tokens"),
+                "random": form.get("random") == "on"}
+        columns, texts = [], []
+        async for event in state.engine.events(live_work(run, _live_request(body, len(run))),
+                                               request.is_disconnected):
+            if "error" in event:
+                raise MelboError(event["error"])
+            columns = event.get("columns", columns)
+            texts = texts or [""] * len(columns)
+            for k, delta in enumerate(event.get("delta", [])):
+                texts[k] += delta
+        return state.page("live_result.html", run=entry, prompt=body["prompt"], columns=list(zip(columns, texts)))
+
+
+# ------------------------------------------------------------------------------------------------ lookups
+def _run_entry(catalog, run_id: int):
+    try:
+        return catalog.run(run_id)
+    except (KeyError, LookupError, MelboError):
+        raise HTTPException(404, f"no run {run_id} in the catalogue") from None
+
+
+def _perturbation(catalog, perturbation_id: int):
+    try:
+        return catalog.perturbation(perturbation_id)
+    except (KeyError, LookupError, MelboError):
+        raise HTTPException(404, f"no behaviour {perturbation_id} in the catalogue") from None
+
+
+def _similar(catalog, item) -> list:
+    try:
+        return catalog.similar(item.run_id, item.index, k=5)
+    except MelboError:  # e.g. no other run of this model: the page shows none
+        return []
+
+
+def _clusters(perturbations) -> list[tuple[str, list]]:
+    groups: dict[str, list] = {}
+    for p in perturbations:
+        groups.setdefault("—" if p.cluster is None else str(p.cluster), []).append(p)
+    return sorted(groups.items(), key=lambda kv: (kv[0] == "—", kv[0]))
+
+
+def _metric_rows(metrics: Optional[dict]) -> list[tuple[str, str]]:
+    rows = []
+    for key, value in sorted((metrics or {}).items()):
+        if isinstance(value, float):
+            value = f"{value:.4g}" if math.isfinite(value) else "—"
+        elif isinstance(value, (dict, list)):
+            value = json.dumps(value)[:200]
+        rows.append((str(key).replace("_", " "), str(value)))
+    return rows
+
+
+def _live_context(entry, perturbations, run, chosen: Optional[int] = None) -> dict:
+    from melbo.intervention import SteeringVectors
+
+    return {"run_id": entry.id, "choices": [(p.index, p.name) for p in perturbations],
+            "chosen": chosen if chosen is not None else (perturbations[0].index if perturbations else None),
+            "random": isinstance(run.perturbations, SteeringVectors), "ready": run.perturbations is not None}
+
+
+# ------------------------------------------------------------------------------------------------ input
+def _bounded_text(value, what: str, limit: int) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise MelboError(f"{what} must be text")
+    if len(value) > limit:
+        raise MelboError(f"the {what} has {len(value)} characters, more than the limit of {limit}: shorten it")
+    return value
+
+
+def _int(value, what: str) -> int:
+    if isinstance(value, bool):
+        raise MelboError(f"{what} must be a whole number")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise MelboError(f"{what} must be a whole number, got {str(value)[:40]!r}") from None
+
+
+def _float(value, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise MelboError(f"{what} must be a number, got {str(value)[:40]!r}") from None
+    if not math.isfinite(number):
+        raise MelboError(f"{what} must be a finite number")
+    return number
+
+
+def _common(body: dict) -> tuple[float, int]:
+    scale = _float(body.get("scale", 1.0), "scale")
+    if abs(scale) > SERVE_MAX_SCALE:
+        raise MelboError(f"scale {scale:g} is outside ±{SERVE_MAX_SCALE:g}: choose a smaller one")
+    tokens = _int(body.get("max_new_tokens", 64), "max new tokens")
+    if not 1 <= tokens <= SERVE_MAX_NEW_TOKENS:
+        raise MelboError(f"max new tokens must be between 1 and {SERVE_MAX_NEW_TOKENS}, got {tokens}")
+    return scale, tokens
+
+
+def _live_request(body: dict, count: int) -> LiveRequest:
+    prompt = _bounded_text(body.get("prompt"), "prompt", SERVE_MAX_PROMPT_CHARS)
+    if not prompt.strip():
+        raise MelboError("empty prompt: type something to generate from")
+    raw = body.get("perturbations") or []
+    if not isinstance(raw, list):
+        raise MelboError("perturbations must be a list of indices")
+    indices = tuple(dict.fromkeys(_int(i, "perturbation") for i in raw))
+    if not indices:
+        raise MelboError("pick at least one perturbation to compare with the unsteered model")
+    if len(indices) > SERVE_MAX_COLUMNS:
+        raise MelboError(f"{len(indices)} perturbations picked: at most {SERVE_MAX_COLUMNS} stream side by side")
+    for i in indices:
+        if not 0 <= i < count:
+            raise MelboError(f"perturbation {i} is out of range: this run has 0..{count - 1}")
+    scale, tokens = _common(body)
+    return LiveRequest(prompt, indices, scale, tokens, random=bool(body.get("random")))
+
+
+def _chat_request(body: dict, count: int) -> ChatRequest:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise MelboError("messages must be a non-empty list of {role, content}")
+    total = 0
+    for m in messages:
+        if not (isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)):
+            raise MelboError("each message needs a role (user or assistant) and text content")
+        total += len(m["content"])
+    if total > SERVE_MAX_PROMPT_CHARS:
+        raise MelboError(f"the conversation has {total} characters, more than the limit of {SERVE_MAX_PROMPT_CHARS}: "
+                         "start a new chat")
+    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        raise MelboError("the last message must be the user's, and not empty")
+    index = body.get("perturbation")
+    index = None if index in (None, "", "none") else _int(index, "perturbation")
+    if index is not None and not 0 <= index < count:
+        raise MelboError(f"perturbation {index} is out of range: this run has 0..{count - 1}")
+    scale, tokens = _common(body)
+    return ChatRequest(tuple({"role": m["role"], "content": m["content"]} for m in messages), index, scale, tokens)
+
+
+async def _run_and_json(state: _State, run_id: int, request: Request):
+    with state.catalog() as catalog:
+        entry = _run_entry(catalog, run_id)
+    run = state.run(entry)
+    if run.perturbations is None:
+        raise MelboError(f"run {run_id} is not finished: resume it with `melbo discover --resume`")
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise MelboError("the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise MelboError("the request body must be a JSON object")
+    return run, body
+
+
+def _ndjson(events) -> StreamingResponse:
+    async def lines():
+        async for event in events:
+            yield json.dumps(event) + "\n"
+
+    # no-transform / X-Accel-Buffering: proxies must pass each line on as it comes
+    return StreamingResponse(lines(), media_type="application/x-ndjson",
+                             headers={"cache-control": "no-store, no-transform", "x-accel-buffering": "no"})
+
+
+# ------------------------------------------------------------------------------------------------ plots, exports
+PLOTS = ("learned-vs-random", "curves")
+
+
+def _available_plots(run) -> list[str]:
+    from melbo.store import METRICS
+
+    found = []
+    if (run.path / METRICS).exists():
+        found.append("learned-vs-random")
+    if run.curves is not None:
+        found.append("curves")
+    return found
+
+
+def _plot_png(run, name: str) -> Optional[bytes]:
+    """The report's own plots (melbo.plots), as PNG bytes."""
+    import base64
+
+    from melbo import plots
+    from melbo.files import read_json
+    from melbo.store import METRICS
+
+    if name == "learned-vs-random" and (run.path / METRICS).exists():
+        figure = plots.learned_vs_random_figure(read_json(run.path / METRICS))
+    elif name == "curves" and run.curves is not None:
+        figure = plots.curves_figure(run.curves.tolist())
+    else:
+        return None
+    encoded = plots.png(figure)
+    return base64.b64decode(encoded) if encoded else None
+
+
+def _exports_for(run) -> dict[str, str]:
+    from melbo.intervention import SteeringVectors
+
+    if run.perturbations is None:
+        return {}
+    if isinstance(run.perturbations, SteeringVectors):
+        return {k: EXPORTS[k] for k in ("safetensors", "gguf")}
+    return {k: EXPORTS[k] for k in ("safetensors", "peft")}
+
+
+def _export(state: _State, run, index: int, fmt: str, run_id: int) -> tuple[str, bytes, str]:
+    """(file name, bytes, media type) of one perturbation exported with melbo.export."""
+    from melbo import export as exporting
+
+    stem = f"run{run_id}-v{index}"
+    with tempfile.TemporaryDirectory(prefix="melbo-export-") as tmp:
+        out = Path(tmp)
+        if fmt == "safetensors":
+            one = run.perturbations.select([index])
+            one.save(out / "x.safetensors", {"model": run.config["model"]["id"], "method": run.config["method"],
+                                             "index": index})
+            return f"{stem}.safetensors", (out / "x.safetensors").read_bytes(), "application/octet-stream"
+        if fmt == "gguf":
+            info = run.config["model"]
+            [path] = exporting.export_llamacpp(run.perturbations, out, info["architecture"], int(info["depth"]),
+                                               [index])
+            return f"{stem}.gguf", path.read_bytes(), "application/octet-stream"
+        engine = state.engine
+        lm = engine.run_sync(lambda: engine.model_for(run))
+        [directory] = exporting.export_peft(run.perturbations, lm, out, [index])
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for file in sorted(directory.iterdir()):
+                archive.write(file, f"{stem}/{file.name}")
+        return f"{stem}-peft.zip", buffer.getvalue(), "application/zip"
