@@ -21,9 +21,9 @@ def probe_of(lm, source=1, target=3):
     return TargetProbe(lm, batch_from_ids(IDS), source, target, source)
 
 
-def fit(lm, k=6, iterations=3, seed=0, radius=2.0, previous=None):
-    return fit_factors(probe_of(lm), k, radius, iterations, torch.Generator().manual_seed(seed), eps=0.05,
-                       previous=previous)
+def fit(lm, k=6, iterations=3, seed=0, radius=2.0, previous=None, init_iterations=0):
+    return fit_factors(probe_of(lm), k, radius, iterations, torch.Generator().manual_seed(seed), previous=previous,
+                       init_iterations=init_iterations)
 
 
 def test_shapes_orthonormal_inputs_and_ranked_scores():
@@ -74,9 +74,10 @@ def amplified(lm, directions: dict[int, float]):
     return lm
 
 
-def test_the_top_factors_find_the_amplified_directions():
+@pytest.mark.parametrize("init_iterations", [0, 1])
+def test_the_top_factors_find_the_amplified_directions(init_iterations):
     lm = amplified(tiny_lm("llama"), {7: 4.0, 20: 2.0})
-    f = fit(lm, k=4, iterations=4)
+    f = fit(lm, k=4, iterations=4, init_iterations=init_iterations)
     assert abs(float(f.v[0, 7])) > 0.99 and abs(float(f.v[1, 20])) > 0.99
     assert f.score[0] > f.score[1] > f.score[2]
 

@@ -17,12 +17,19 @@ Fit, all k factors in parallel (rows of V, U: [k, d]), `iterations` times:
 
 (The reference updates U from the previous pass; using the current pass's Δ needs no separate U start and
 costs nothing: the iteration is a normalised gradient step on ‖Δ(R v)‖, a power iteration of the non-linear
-map.) The start is the top Jacobian directions (`melbo.methods.jacobian`): the linear answer, which the
-iterations bend towards the non-linear one at radius R.
+map.) The start comes from the Jacobian J = ∂Z_target/∂θ at 0 (`melbo.methods.jacobian`): V = QR(Jᵀg) for
+Gaussian output changes g, one vjp (the reference's "rand_backward"), i.e. random directions weighted by J's
+singular values, half a power step that the DCT passes continue at radius R. Starting from the top Jacobian
+directions instead (`init_iterations` ≥ 1 power iterations, by finite differences, so in fp32) was measured
+slower and worse (`benchmarks/dct_rate.py --compare-start`, SmolLM2, 32 factors, 2 passes: the MELBO objective
+7× the same-R random mean instead of 93×, 107 instead of 388 directions per CPU-minute): the linear optimum is a
+poorer start for the response at R than a spread of directions weighted by it.
+Everything but that alternative start is exact at any precision, so the passes run at the run's --precision.
 
 Rank: after a last QR, one forward gives a_i = ⟨Δ(R v_i), u_i⟩. Under the model,
-a_i = Σ_ℓ K_iℓ α_ℓ with K_iℓ = ⟨u_i, u_ℓ⟩ σ(⟨v_i, v_ℓ⟩), so α = K⁻¹a and a factor's score is α². (For exactly
-orthonormal V, σ(0) = 0 makes K diagonal and α_i = a_i / (e − 1); the solve matters when V is not.)
+a_i = Σ_ℓ K_iℓ α_ℓ with K_iℓ = ⟨u_i, u_ℓ⟩ σ(⟨v_i, v_ℓ⟩), so α = K⁻¹a and a factor's score is α². Here V is
+orthonormal, so σ(0) = 0 makes K diagonal and α_i = a_i / (e − 1): the rank is the factor's own response at R.
+The general solve is the reference's, which ranks nearly (not exactly) orthogonal factors.
 The stored vectors are R·v in descending score; the run's config records α and the scores in that order.
 """
 
@@ -36,7 +43,7 @@ from torch import Tensor
 
 from melbo.intervention import SteeringVectors, add_to_block_output
 from melbo.methods.base import Fit, Params, Setting, StepCallback, check_orthogonal_fit
-from melbo.methods.jacobian import jacobian_directions
+from melbo.methods.jacobian import _vjp, jacobian_directions
 from melbo.models import LoadedModel
 from melbo.objective import TargetProbe
 from melbo.prompts import PromptBatch
@@ -44,7 +51,7 @@ from melbo.prompts import PromptBatch
 if TYPE_CHECKING:
     from melbo.settings import DiscoverConfig
 
-INIT_POWER_ITERATIONS = 1  # Jacobian power iterations for the start: one already leaves the random subspace
+INIT_POWER_ITERATIONS = 0  # 0: start from one vjp of random output changes (docstring: measured better)
 CHUNK_TOKENS = 2048  # tokens per batched pass: bounds the memory a backward through blocks s+1..t keeps
 FD_EPS = 0.01  # finite-difference step of the Jacobian start, as a fraction of the source residual norm
 
@@ -68,9 +75,8 @@ def response(probe: TargetProbe, theta: Tensor, with_pullback: bool) -> tuple[Te
     Chunked so that one pass holds at most CHUNK_TOKENS tokens.
     """
     prompts = len(probe.batch)
-    per_chunk = max(1, CHUNK_TOKENS // (prompts * probe.batch.input_ids.shape[1]))
     deltas, pulls = [], []
-    for rows in theta.split(per_chunk):
+    for rows in theta.split(_chunk(probe)):
         point = rows.detach().clone().requires_grad_(with_pullback)
         delta_rows = lambda: add_to_block_output(probe.lm, probe.source,  # noqa: E731
                                                  point.to(probe.lm.device).repeat_interleave(prompts, dim=0))
@@ -95,6 +101,27 @@ def solve_alpha(a: Tensor, u: Tensor, v: Tensor) -> Tensor:
     return torch.linalg.lstsq(kernel, a.double()[:, None], driver="gelsd").solution[:, 0].float()
 
 
+def start(probe: TargetProbe, k: int, generator: torch.Generator, previous: Optional[Tensor],
+          iterations: int) -> Tensor:
+    """Starting input directions [k, d]: Jacobian directions.
+
+    iterations ≥ 1: the top-k directions of JᵀJ after that many power iterations (finite differences: fp32).
+    iterations = 0: Jᵀg for Gaussian output changes g, one vjp: random directions weighted by J's singular
+    values, half a power step, exact at any precision; the DCT passes continue the iteration at radius R.
+    """
+    if iterations > 0:
+        eps = FD_EPS * probe.residual_norm()
+        return jacobian_directions(probe, k, iterations, generator, eps, previous)[0]
+    shape = (k, *probe.z0.shape)
+    g = torch.randn(shape, generator=generator) * probe.batch.token_mask[None, :, :, None]
+    return torch.cat([_vjp(probe, part.to(probe.z0.device)) for part in g.split(_chunk(probe))])
+
+
+def _chunk(probe: TargetProbe) -> int:
+    """Perturbations per batched pass: at most CHUNK_TOKENS tokens."""
+    return max(1, CHUNK_TOKENS // (len(probe.batch) * probe.batch.input_ids.shape[1]))
+
+
 @dataclass
 class Factors:
     """A fitted DCT, factors in rank order."""
@@ -112,9 +139,9 @@ def fit_factors(
     radius: float,
     iterations: int,
     generator: torch.Generator,
-    eps: float,
     previous: Optional[Tensor] = None,
     on_step: Optional[StepCallback] = None,
+    init_iterations: int = INIT_POWER_ITERATIONS,
 ) -> Factors:
     """k DCT factors at radius R (orthogonal to `previous` rows, if given), ranked by α² (module docstring)."""
     basis = None
@@ -129,7 +156,7 @@ def fit_factors(
             q = torch.linalg.qr((q - (q @ basis.T) @ basis).T).Q.T
         return q
 
-    v, _, _ = jacobian_directions(probe, k, INIT_POWER_ITERATIONS, generator, eps, previous)
+    v = start(probe, k, generator, previous, init_iterations)
     history = torch.zeros(k, iterations + 1)
     for step in range(iterations):
         v = orthonormal(v)
@@ -178,17 +205,17 @@ class DCTMethod:
 
     def objective(self, lm: LoadedModel, batch: PromptBatch, target: int, cfg: "DiscoverConfig",
                   reference: Optional[LoadedModel]) -> TargetProbe:
-        # The Jacobian start uses finite differences: full precision, whatever --precision says.
-        return TargetProbe(lm, batch, self.s.source, target, self.replay_upto(self.s.source), "fp32")
+        # Forward and vjp passes only (no finite differences): bf16 is exact enough, and 2.5× faster on AMX.
+        return TargetProbe(lm, batch, self.s.source, target, self.replay_upto(self.s.source), cfg.precision)
 
     def fit(self, objective: TargetProbe, n: int, previous: Optional[Params], generator: torch.Generator,
             on_step: Optional[StepCallback] = None) -> Fit:
-        eps = FD_EPS * self.s.residual_norm
         earlier = previous["vectors"] if previous is not None else None
-        f = fit_factors(objective, n, self.s.radius, self.s.power_iterations, generator, eps, earlier, on_step)
+        f = fit_factors(objective, n, self.s.radius, self.s.power_iterations, generator, earlier, on_step)
         record = {"dct": {"alpha": f.alpha.tolist(), "score": f.score.tolist(), "nonlinearity": "exp(x) - 1",
-                          "iterations": self.s.power_iterations, "init": "jacobian",
-                          "init_power_iterations": INIT_POWER_ITERATIONS, "finite_difference_eps": eps}}
+                          "iterations": self.s.power_iterations,
+                          "init": "jacobian vjp of random output changes" if INIT_POWER_ITERATIONS == 0 else
+                          f"top jacobian directions, {INIT_POWER_ITERATIONS} power iterations"}}
         return Fit({"vectors": f.v * self.s.radius}, f.history, record)
 
     def artifact(self, params: Params) -> SteeringVectors:
