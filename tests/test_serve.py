@@ -449,8 +449,8 @@ def test_in_a_real_browser(smol_run):
                   .observe(document.querySelector('.columns'), {subtree: true, childList: true, characterData: true});
             }""")
             page.click("form.live-form button[type=submit]")
-            page.wait_for_function("document.querySelector('form.live-form .queue').textContent === 'done'",
-                                   timeout=30_000)
+            # (waits use locators: the page's CSP forbids the eval that wait_for_function needs)
+            sync_api.expect(page.locator("form.live-form .queue")).to_have_text("done", timeout=30_000)
             texts = {name: page.locator(f'.column[data-name="{name}"] pre').inner_text()
                      for name in ("unsteered", "v1")}
             assert all(t.strip() for t in texts.values()), texts
@@ -487,9 +487,7 @@ def test_in_a_real_browser(smol_run):
             page.fill("input[name=max_new_tokens]", "8")
             page.fill("textarea[name=message]", "Hello!")
             page.click("form.chat-form button[type=submit]")
-            page.wait_for_function("document.querySelector('.turn.assistant') && "
-                                   "document.querySelector('.turn.assistant').textContent.trim().length > 0",
-                                   timeout=30_000)
+            sync_api.expect(page.locator(".turn.assistant")).not_to_be_empty(timeout=30_000)
             assert page.locator(".turn.user").inner_text() == "Hello!"
             assert not errors, errors
             browser.close()

@@ -97,6 +97,10 @@ def _routes(app: FastAPI, state: _State) -> None:
             return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
         return state.page("error.html", exc.status_code, message=exc.detail)
 
+    @app.get("/favicon.ico")
+    def favicon():
+        return Response(status_code=204)
+
     @app.get("/", response_class=HTMLResponse)
     def runs_page():
         with state.catalog() as catalog:
@@ -123,16 +127,17 @@ def _routes(app: FastAPI, state: _State) -> None:
         return Response(state.plots[key], media_type="image/png")
 
     @app.get("/behaviours/{perturbation_id}", response_class=HTMLResponse)
-    def behaviour_page(perturbation_id: int):
+    def behaviour_page(perturbation_id: int, saved: int = 0):
         with state.catalog() as catalog:
             item = _perturbation(catalog, perturbation_id)
             entry = _run_entry(catalog, item.run_id)
             completions = catalog.completions(perturbation_id)
             similar = _similar(catalog, item)
+            siblings = catalog.perturbations(item.run_id)
         run = state.run(entry)
         return state.page("behaviour.html", run=entry, item=item, completions=completions, similar=similar,
-                          metrics=_metric_rows(item.metrics), exports=_exports_for(run),
-                          live=_live_context(entry, [item], run, chosen=item.index))
+                          metrics=_metric_rows(item.metrics), exports=_exports_for(run), saved=bool(saved),
+                          live=_live_context(entry, siblings, run, chosen=item.index))
 
     @app.post("/behaviours/{perturbation_id}/label")
     async def set_label(perturbation_id: int, request: Request):
@@ -231,8 +236,8 @@ def _similar(catalog, item) -> list:
 def _clusters(perturbations) -> list[tuple[str, list]]:
     groups: dict[str, list] = {}
     for p in perturbations:
-        groups.setdefault("—" if p.cluster is None else str(p.cluster), []).append(p)
-    return sorted(groups.items(), key=lambda kv: (kv[0] == "—", kv[0]))
+        groups.setdefault("no cluster" if p.cluster is None else str(p.cluster), []).append(p)
+    return sorted(groups.items(), key=lambda kv: (kv[0] == "no cluster", kv[0]))
 
 
 def _metric_rows(metrics: Optional[dict]) -> list[tuple[str, str]]:

@@ -5,9 +5,9 @@
 - Token (required whenever the app listens beyond this machine): every request carries it, as the cookie the
   app sets on first visit with `?token=…`, or as `Authorization: Bearer …`.
 - CSRF: every POST carries the app's CSRF token (form field `csrf`, or header `X-CSRF-Token`). Pages embed it;
-  another site cannot read it, so it cannot make the browser post. A POST with a foreign Origin is refused too.
+  another site cannot read it, so it cannot make the browser post. A POST from a foreign Origin is refused too.
 - Headers: a Content-Security-Policy that allows only the app's own scripts, styles and connections (no inline
-  script runs even if some text were mis-escaped), and no framing, sniffing or referrers.
+  script runs even if some text were mis-escaped), and no framing, sniffing or referrers to other sites.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
+    (b"referrer-policy", b"same-origin"),  # no-referrer would make the browser send `Origin: null` on our own forms
     (b"cache-control", b"no-store"),
 ]
 
@@ -70,7 +70,7 @@ class Guard:
             return await _refuse(send, 405, f"method {scope['method']} is not used here")
         if scope["method"] == "POST":
             origin = headers.get("origin")
-            if origin and _hostname(urlsplit(origin).netloc) != host:
+            if origin and origin != "null" and _hostname(urlsplit(origin).netloc) != host:
                 return await _refuse(send, 403, "cross-site POST refused")
             body = await _read_body(receive)
             if body is None:
