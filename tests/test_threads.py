@@ -12,7 +12,8 @@ import torch
 
 from conftest import run_cli
 from melbo.errors import MelboError
-from melbo.threads import allowed_cores, auto_threads, configure_threads, core_busy, count_free, free_cores
+from melbo.threads import (
+    allowed_cores, auto_threads, configure_threads, core_busy, count_free, free_cores, physical_cores)
 
 
 @pytest.fixture
@@ -38,18 +39,27 @@ def spinner():
 
 def test_count_free_leaves_out_busy_cores_not_our_own():
     busy = {0: 0.95, 1: 0.10, 2: 0.60, 3: 1.0}
-    assert count_free(busy, [0, 1, 2, 3]) == 1
-    assert count_free(busy, [1, 2]) == 1  # cores outside the affinity set do not count
-    assert count_free(busy, [0, 1, 2, 3], own=1.0) == 2  # one busy core was this process's own threads
-    assert count_free(busy, [0, 1], own=3.0) == 2  # never more free cores than allowed ones
-    assert count_free({0: 0.5}, [0]) == 1  # exactly half busy is still free
+    assert count_free(busy, [[0], [1], [2], [3]]) == 1
+    assert count_free(busy, [[1], [2]]) == 1  # cores outside the affinity set do not count
+    assert count_free(busy, [[0], [1], [2], [3]], own=1.0) == 2  # one busy core was this process's own threads
+    assert count_free(busy, [[0], [1]], own=3.0) == 2  # never more free cores than allowed ones
+    assert count_free({0: 0.5}, [[0]]) == 1  # exactly half busy is still free
+    assert count_free(busy, [[0, 1], [2, 3]]) == 0  # hyperthread siblings: a busy sibling makes the core busy
+    assert count_free({0: 0.9}, [[0, 2], [1, 3]]) == 1
+
+
+def test_physical_cores_group_every_allowed_cpu_once():
+    allowed = allowed_cores()
+    groups = physical_cores(allowed)
+    assert sorted(cpu for group in groups for cpu in group) == allowed
+    assert 1 <= len(groups) <= len(allowed)
 
 
 def test_a_busy_process_pinned_to_a_core_makes_it_not_free(spinner):
     busy, own = core_busy(0.2)
     assert busy[spinner] > 0.5
     assert own < 0.5  # the spinner is another process: not counted as ours
-    assert free_cores() <= len(allowed_cores()) - 1
+    assert free_cores() <= len(physical_cores(allowed_cores())) - 1
 
 
 def test_configure_threads_sets_torch(restore_threads):

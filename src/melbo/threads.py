@@ -3,7 +3,8 @@
 Why: torch's default is one thread per core, and every parallel region waits for its slowest thread. With one
 ordinary busy process on the other core of a 2-core machine, a 2-thread training loop ran 2.9× slower than idle,
 a 1-thread loop only 1.8× slower; beside other torch processes, 7× slower (issue 14). So "auto" counts the cores
-this process may run on (its affinity set) that are not kept busy by someone else, sampled over a short window.
+this process may run on (its affinity set) that are not kept busy by someone else, sampled over a short window;
+hyperthread siblings count as one core, as torch's own default does.
 
 A core counts as busy when it spent more than half of the window outside idle (niced work included: a low-priority
 torch job beside melbo slowed it down as much as any other). This process's own CPU time in the window is
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Optional
 
 from melbo.checks import is_whole
@@ -31,6 +33,18 @@ def allowed_cores() -> list[int]:
         return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return list(range(os.cpu_count() or 1))
+
+
+def physical_cores(allowed: list[int]) -> list[list[int]]:
+    """The allowed logical CPUs grouped by physical core (hyperthread siblings together), as torch counts cores."""
+    groups: dict[str, list[int]] = {}
+    for cpu in allowed:
+        try:
+            key = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
+        except OSError:
+            key = str(cpu)
+        groups.setdefault(key, []).append(cpu)
+    return list(groups.values())
 
 
 def _cpu_times() -> dict[int, tuple[int, int]]:
@@ -60,21 +74,25 @@ def core_busy(window: float = WINDOW) -> tuple[dict[int, float], float]:
     return busy, (own_after - own_before) / window
 
 
-def count_free(busy: dict[int, float], allowed: list[int], own: float = 0.0) -> int:
-    """Allowed cores not kept busy by other processes: busy cores, less the ones this process itself kept busy."""
-    busy_cores = sum(1 for core in allowed if busy.get(core, 0.0) > BUSY)
+def count_free(busy: dict[int, float], cores: list[list[int]], own: float = 0.0) -> int:
+    """Physical cores (lists of logical CPUs) not kept busy by other processes.
+
+    A core is busy when any of its logical CPUs is (a busy hyperthread sibling halves what a thread gets); of the
+    busy ones, as many as this process itself kept busy are given back.
+    """
+    busy_cores = sum(1 for cpus in cores if any(busy.get(cpu, 0.0) > BUSY for cpu in cpus))
     others = max(0, busy_cores - round(own))
-    return len(allowed) - others
+    return len(cores) - others
 
 
 def free_cores(window: float = WINDOW) -> int:
-    """How many cores of this process's affinity set are free now (measured; may be 0)."""
-    allowed = allowed_cores()
+    """How many physical cores of this process's affinity set are free now (measured; may be 0)."""
+    cores = physical_cores(allowed_cores())
     try:
         busy, own = core_busy(window)
     except (OSError, ValueError):  # no /proc (not Linux): assume the affinity set is free, as torch does
-        return len(allowed)
-    return count_free(busy, allowed, own)
+        return len(cores)
+    return count_free(busy, cores, own)
 
 
 def auto_threads() -> int:
