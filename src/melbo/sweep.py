@@ -85,9 +85,13 @@ def sweep(
     fluency_floor: Optional[float] = None,
     chat: Optional[bool] = None,
     seed: int = 0,
+    workers: Optional[int] = None,
+    ray_address: Optional[str] = None,
     **settings,
 ) -> dict:
     """Train, generate and score at every radius (× layer pair); choose the Goldilocks R; write sweep.json/png.
+
+    `workers` or `ray_address`: the points run on Ray actors (`melbo.distributed`), with the same results.
 
     `fluency_floor` is an absolute perplexity bound; without it the floor is `fluency_factor` × the unsteered
     completion's perplexity. Other keyword arguments are `DiscoverConfig` settings (lr, p, q, orthogonal, …).
@@ -105,29 +109,55 @@ def sweep(
         lm_check = DiscoverConfig(prompts=list(prompts), n_vectors=n_vectors, steps=steps, source=s, target=t,
                                   radius=spec, chat=chat, seed=seed, max_new_tokens=max_new_tokens, **settings)
         validate(lm, lm_check)
+    pool = None
+    if workers is not None or ray_address is not None:
+        from melbo.distributed import RayPool
+
+        pool = RayPool.check(workers, ray_address)  # fail fast, before the sweep directory is made
     make_output_dir(out)
 
-    points: list[dict] = []
-    unsteered_ppl: list[float] = []
-    for k, (spec, s, t) in enumerate(grid):
-        where = {"point": k, "points": len(grid), "radius": spec, "source": s, "target": t}
-        if progress:
-            progress({"stage": "train", **where})
-        run = _train_point(lm, prompts, out / _point_name(spec, s, t, len(pairs) > 1), progress, where,
-                           n_vectors=n_vectors, steps=steps, source=s, target=t, radius=spec, chat=chat,
-                           seed=seed, max_new_tokens=max_new_tokens, **settings)
-        if progress:
-            progress({"stage": "generate", **where})
-        completions = run_completions(run, lm)
-        if progress:
-            progress({"stage": "score", **where})
-        scores = evaluation.score(lm, completions, chat=chat)
-        unsteered_ppl += [p["perplexity"] for p in scores["perturbations"] if p["vector"] is None]
-        points.append(_point(run, scores))
+    tasks = [{"prompts": list(prompts), "path": str(out / _point_name(spec, s, t, len(pairs) > 1)),
+              "where": {"point": k, "points": len(grid), "radius": spec, "source": s, "target": t},
+              "settings": dict(n_vectors=n_vectors, steps=steps, source=s, target=t, radius=spec, chat=chat,
+                               seed=seed, max_new_tokens=max_new_tokens, **settings)}
+             for k, (spec, s, t) in enumerate(grid)]
+    if pool is None:
+        scored = [run_point(lm, **task, progress=progress) for task in tasks]
+    else:  # points finish in any order on the workers; each is kept at its grid index
+        scored = [None] * len(tasks)
+
+        def finished(result: dict) -> None:
+            scored[result["where"]["point"]] = result
+            if progress:
+                progress({"stage": "done", **result["where"], "point": sum(r is not None for r in scored),
+                          "worker": result["worker"]})
+
+        pool.run_points(lm, tasks, finished)
+    points = [r["point"] for r in scored]
+    unsteered_ppl = [ppl for r in scored for ppl in r["unsteered_perplexities"]]
     result = decide(points, unsteered_ppl, relative, fluency_factor, fluency_floor)
     write_json(out / SWEEP, result)
     plot(result, out / PLOT)
     return result
+
+
+def run_point(lm: LoadedModel, prompts: list[str], path: str, where: dict, settings: dict,
+              progress: Optional[Progress] = None) -> dict:
+    """One sweep point: train (or reuse) its run at `path`, generate, score. Also what a Ray worker runs.
+
+    Returns {"where", "point" (sweep.json's entry), "unsteered_perplexities"}.
+    """
+    if progress:
+        progress({"stage": "train", **where})
+    run = _train_point(lm, prompts, Path(path), progress, where, **settings)
+    if progress:
+        progress({"stage": "generate", **where})
+    completions = run_completions(run, lm)
+    if progress:
+        progress({"stage": "score", **where})
+    scores = evaluation.score(lm, completions, chat=settings.get("chat"))
+    return {"where": where, "point": _point(run, scores),
+            "unsteered_perplexities": [p["perplexity"] for p in scores["perturbations"] if p["vector"] is None]}
 
 
 def _point(run: Run, scores: dict) -> dict:

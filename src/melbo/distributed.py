@@ -1,0 +1,229 @@
+"""Ray execution of layer-map pairs and sweep points: the same results as a serial run, on many processes.
+
+    pool = RayPool.check(workers=2, address=None)       # local Ray with this machine's cores; or join a cluster
+    pool.run_pairs(lm, settings, pairs, on_result)      # melbo.layermap: one task per (source, target) pair
+    pool.run_points(lm, tasks, on_result)               # melbo.sweep: one task per (radius, layer pair) point
+
+Each worker is a Ray actor that loads the model once, from its spec (an embedded name, a directory, a .gguf or
+a hub id, as `load_model` takes it), and checks that it got the driver's model (same id). Tasks go to the
+actors through `ray.util.ActorPool`; results come back in any order, and each is handed to `on_result` as it
+arrives (the caller checkpoints it and reports progress). A pair's or a point's result depends only on its
+own seed and inputs, so the worker count and the completion order change nothing (bitwise on CPU).
+
+A worker that dies is restarted by Ray (`max_restarts`), and its unfinished task is re-run there
+(`max_task_retries`). A cluster needs melbo and the model on every node, and, for sweeps, a shared --out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from melbo.checks import check_whole
+from melbo.errors import MelboError
+from melbo.models import LoadedModel
+
+RESTARTS = 3  # a worker may die this often (out of memory, a lost node) before the run fails
+CONNECT_TIMEOUT = 3.0  # seconds to reach a --ray-address before giving up
+
+
+def local_cores() -> int:
+    """The cores this process may use (the affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a worker needs to load the driver's model by itself."""
+
+    spec: str
+    device: str
+    dtype: str
+    blocks_path: Optional[str]
+    model_id: str
+
+    @classmethod
+    def of(cls, lm: LoadedModel) -> "ModelSpec":
+        device = "auto" if getattr(lm.model, "hf_device_map", None) else str(lm.device)
+        return cls(lm.spec, device, str(lm.dtype).removeprefix("torch."), lm.blocks_path, lm.model_id)
+
+    def load(self) -> LoadedModel:
+        from melbo.models import load_model
+
+        lm = load_model(self.spec, device=self.device, dtype=self.dtype, blocks_path=self.blocks_path)
+        if lm.model_id != self.model_id:
+            raise MelboError(f"worker loaded {lm.model_id} for {self.spec!r}, but the driver has {self.model_id}: "
+                             "give every node the same model files")
+        return lm
+
+
+class Worker:
+    """A Ray actor's body: one loaded model, many tasks. `ray.remote` wraps it in `_actor_class`."""
+
+    def __init__(self, spec: ModelSpec, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.lm = spec.load()
+        self.batches: dict = {}
+
+    def pair(self, settings, source: int, target: int):
+        from melbo.layermap import compute_pair, encode_for
+
+        key = repr(settings)
+        if key not in self.batches:  # one tokenisation per map, not per pair
+            self.batches[key] = encode_for(self.lm, settings)
+        result = compute_pair(self.lm, self.batches[key], source, target, settings)
+        result.worker = os.getpid()
+        return result
+
+    def point(self, task: dict):
+        from melbo.sweep import run_point
+
+        return {**run_point(self.lm, **task), "worker": os.getpid()}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+_ACTOR = None
+
+
+def _actor_class():
+    global _ACTOR
+    if _ACTOR is None:
+        import ray
+
+        _ACTOR = ray.remote(max_restarts=RESTARTS, max_task_retries=RESTARTS)(Worker)
+    return _ACTOR
+
+
+def check_address(address: str) -> None:
+    """Fail fast on an address nothing listens at (ray.init would retry for a minute)."""
+    text = address.strip()
+    if text == "auto":
+        return
+    host, _, port = text.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise MelboError(f"--ray-address {address!r} is not host:port: use e.g. 10.0.0.5:6379 or ray://head:10001")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as exc:
+        raise MelboError(f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}): start one with "
+                         "`ray start --head` there, or check the address") from None
+
+
+class RayPool:
+    """Ray workers for one job. `check` validates and connects; `run_pairs`/`run_points` do the work."""
+
+    def __init__(self, workers: int, address: Optional[str], threads: int):
+        self.workers, self.address, self.threads = workers, address, threads
+        self.actors: list = []  # the live actor handles, while a job runs (a test kills one)
+
+    @classmethod
+    def check(cls, workers: Optional[int], address: Optional[str]) -> "RayPool":
+        """Validate --workers against the cores (local) or the cluster's CPUs, and start or join Ray."""
+        if workers is not None:
+            check_whole("workers", workers)
+            if workers < 1:
+                raise MelboError(f"--workers must be ≥ 1, got {workers}")
+        if address is not None:
+            if not isinstance(address, str) or not address.strip():
+                raise MelboError(f"--ray-address must be host:port, got {address!r}")
+            check_address(address)
+        elif workers is not None and workers > local_cores():
+            raise MelboError(f"--workers {workers} is more than this machine's {local_cores()} cores: "
+                             f"use at most {local_cores()}, or join a cluster with --ray-address")
+        cpus = _connect(address)
+        workers = workers if workers is not None else cpus
+        if workers > cpus:
+            raise MelboError(f"--workers {workers} is more than the Ray cluster's {cpus} CPUs: use at most {cpus}")
+        threads = max(1, cpus // workers) if address is None else 1
+        return cls(workers, address, threads)
+
+    # ---- jobs
+    def run_pairs(self, lm: LoadedModel, settings, pairs: Sequence[tuple[int, int]],
+                  on_result: Callable[[object], None]) -> None:
+        """Every pair's `compute_pair` on the workers; `on_result(PairResult)` as each one finishes."""
+        self._run(lm, [(lambda actor, p=p: actor.pair.remote(settings, *p)) for p in pairs], on_result)
+
+    def run_points(self, lm: LoadedModel, tasks: Sequence[dict], on_result: Callable[[dict], None]) -> None:
+        """Every sweep point's `melbo.sweep.run_point(lm, **task)` on the workers; `on_result(dict)` as each ends."""
+        self._run(lm, [(lambda actor, t=t: actor.point.remote(t)) for t in tasks], on_result)
+
+    def _run(self, lm: LoadedModel, calls: list, on_result: Callable) -> None:
+        if not calls:
+            return
+        import ray
+        from ray.exceptions import RayError
+        from ray.util import ActorPool
+
+        self.actors = _workers(ModelSpec.of(lm), self.threads, min(self.workers, len(calls)))
+        try:
+            for result in ActorPool(self.actors).map_unordered(lambda a, call: call(a), calls):
+                on_result(result)
+        except RayError as exc:
+            _forget_workers()
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, MelboError):
+                raise cause from None
+            raise MelboError(f"a Ray worker failed {RESTARTS} times ({_first_line(exc)}): finished results are "
+                             "saved; run the same command with --resume to continue") from None
+        except BaseException:  # an interrupted job: its workers may be mid-task, start afresh next time
+            _forget_workers()
+            raise
+
+
+# Workers outlive a job within one Ray session: a sweep after a map (or a notebook's next call) reuses their
+# loaded model instead of paying the actors' start-up again. Keyed by the Ray job, so a new ray.init starts afresh.
+_WORKERS: dict[tuple, list] = {}
+
+
+def _workers(spec: ModelSpec, threads: int, count: int) -> list:
+    import ray
+
+    key = (ray.get_runtime_context().get_job_id(), spec, threads)
+    live = _WORKERS.setdefault(key, [])
+    actor = _actor_class().options(num_cpus=threads)
+    live += [actor.remote(spec, threads) for _ in range(count - len(live))]
+    return live[:count]
+
+
+def _forget_workers() -> None:
+    import ray
+
+    for actors in _WORKERS.values():
+        for a in actors:
+            ray.kill(a)
+    _WORKERS.clear()
+
+
+def _connect(address: Optional[str]) -> int:
+    """Start local Ray with this machine's cores, or join `address`; return the CPUs Ray can schedule on."""
+    import ray
+
+    if not ray.is_initialized():
+        quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                     configure_logging=True)
+        start = time.perf_counter()
+        try:
+            if address is None:
+                ray.init(num_cpus=local_cores(), **quiet)
+            else:
+                ray.init(address=address.strip(), **quiet)
+        except (ConnectionError, RuntimeError, TimeoutError) as exc:
+            raise MelboError(f"cannot start or join Ray ({_first_line(exc)}, after {time.perf_counter() - start:.0f} s)"
+                             ": check --ray-address, or leave it out to run locally") from None
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
