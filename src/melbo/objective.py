@@ -212,10 +212,13 @@ class TargetProbe:
 
 
 def residual_norm(lm: LoadedModel, batch: PromptBatch, source: int) -> float:
-    """Mean ‖h‖ of the unperturbed stream at the source block over real tokens, first token excluded.
+    """Median ‖h‖ of the unperturbed stream at the source block over real tokens, first token excluded.
 
-    The first token is an attention sink with a norm often 100× the rest; including it would make a
-    relative radius mean little.
+    The scale a relative radius ("0.2x") is measured in. A median, not a mean: besides the first token (an
+    attention sink with a norm often 100× the rest, excluded outright), models grow "massive activations" on a
+    few other tokens (delimiters, the chat template's role tags), and one such token among thirty would
+    move a mean by several times the typical norm and so the R a relative radius means; it leaves the median
+    where the typical token is.
     """
     h = block_outputs(lm, batch, [source])[source]
     mask = batch.real.clone()
@@ -223,7 +226,7 @@ def residual_norm(lm: LoadedModel, batch: PromptBatch, source: int) -> float:
     mask[torch.arange(len(first)), first] = False
     if not mask.any():
         mask = batch.real
-    return float(h.norm(dim=-1)[mask.to(h.device)].float().mean())
+    return float(h.norm(dim=-1)[mask.to(h.device)].float().median())
 
 
 class OutputProbe:

@@ -1,10 +1,10 @@
 """Discovery runs: settings in, a run directory out, trained batch by batch with a checkpoint after each.
 
-`discover(lm, prompts, ...)` validates everything before any work, resolves the radius (absolute, or relative
-to the mean residual norm at the source block: "0.5x"), trains N perturbations in batches of `batch_size`
-(each batch one `optimise` call), and checkpoints after every batch so that `resume(path)` loses at most one.
-Batch b starts from a generator seeded by (seed, b): the same seed gives the same perturbations, bitwise on
-CPU, whether or not the run was interrupted.
+`discover(lm, prompts, ...)` validates everything before any work, resolves the radius (absolute, relative
+to the median residual norm at the source block: "0.5x", or "calibrate": `melbo.calibrate`), trains N
+perturbations in batches of `batch_size` (each batch one `optimise` call), and checkpoints after every batch
+so that `resume(path)` loses at most one. Batch b starts from a generator seeded by (seed, b): the same seed
+gives the same perturbations, bitwise on CPU, whether or not the run was interrupted.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 
 from melbo import __version__
+from melbo.calibrate import calibrate_radius, is_calibrate
+from melbo.calibrate import check_method as check_calibrated_method
 from melbo.checks import check_fields
 from melbo.errors import MelboError
 from melbo.intervention import SteeringAdapters
@@ -50,7 +52,8 @@ def parse_radius(spec: str) -> tuple[float, bool]:
     try:
         value = float(text[:-1] if relative else text)
     except ValueError:
-        raise MelboError(f"radius {spec!r} is not a number: use e.g. 4.0 (absolute) or 0.5x (relative)") from None
+        raise MelboError(f"radius {spec!r} is not a number: use e.g. 4.0 (absolute), 0.5x (relative) or calibrate"
+                         ) from None
     if not value > 0 or not math.isfinite(value):
         raise MelboError(f"radius must be > 0, got {spec!r}: use e.g. 4.0 or 0.5x")
     return value, relative
@@ -76,7 +79,10 @@ def validate(lm: LoadedModel, cfg: DiscoverConfig, earlier: int = 0) -> tuple[in
         raise MelboError(f"soft-weight must be ≥ 0, got {cfg.soft_weight}")
     if cfg.contrast is not None:
         _validate_contrast(cfg, method)
-    parse_radius(cfg.radius)
+    if is_calibrate(cfg.radius):
+        check_calibrated_method(cfg.method, method.artifact_kind)
+    else:
+        parse_radius(cfg.radius)
     resolve_precision(cfg.precision, lm.device)
     default_source, default_target = default_layers(lm.depth)
     source = lm.layer(default_source if cfg.source is None else cfg.source, "source layer")
@@ -201,9 +207,15 @@ def _initial_config(lm: LoadedModel, cfg: DiscoverConfig, source: int, target: i
 
 
 def _record_radius(run: Run, lm: LoadedModel, batch: PromptBatch) -> None:
-    value, relative = parse_radius(run.config["settings"]["radius"])
-    norm = residual_norm(lm, batch, run.config["source"])
-    radius = value * norm if relative else value
+    spec, source = run.config["settings"]["radius"], run.config["source"]
+    norm = residual_norm(lm, batch, source)
+    if is_calibrate(spec):
+        found = calibrate_radius(lm, batch, source, run.config["target"], norm, seed=run.config["settings"]["seed"])
+        run.config["radius_calibration"] = found.record()
+        radius = found.radius
+    else:
+        value, relative = parse_radius(spec)
+        radius = value * norm if relative else value
     run.config.update(radius=radius, radius_relative=radius / norm, residual_norm=norm)
 
 

@@ -23,6 +23,13 @@ MONITOR_ALPHA = 0.05  # the false-positive rate the monitor's decision rule aims
 MAP_K = 4
 MAP_ITERATIONS = 8
 MAP_RADIUS = "0.2x"
+# radius "calibrate" (melbo.calibrate): R where the non-linear part of the target block's response to random
+# directions is this fraction of the linear part. 0.5 is DCT's own choice (its calibrator's target ratio): small
+# enough that random directions still act mostly linearly, large enough that the non-linear responses the
+# methods look for are within reach. Samples: random directions averaged (DCT uses 30); with 16, three seeds on
+# SmolLM2 (blocks 8→22) gave R = 0.110x, 0.125x, 0.131x (±9%) in 5 forward passes each.
+CALIBRATE_FRACTION = 0.5
+CALIBRATE_SAMPLES = 16
 THREADS: Optional[int] = None  # torch threads; None = auto: the free cores (melbo.threads)
 
 
@@ -35,7 +42,7 @@ class DiscoverConfig:
     n_vectors: int = 16
     source: Optional[int] = None  # default: the seed's 8 (or depth // 3 for shallow models)
     target: Optional[int] = None  # default: depth − 8 (at least source + 1)
-    radius: str = "0.2x"  # absolute ("4.0") or relative to the mean residual norm at the source; 0.2x: README sweep
+    radius: str = "0.2x"  # absolute "4.0", × the median residual norm at the source "0.2x" (README sweep), "calibrate"
     p: float = 2.0
     q: float = 1.0
     steps: int = 150
