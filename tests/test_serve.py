@@ -356,6 +356,56 @@ def test_exports_download_the_perturbation(client, tiny, tmp_path):
     assert client.get(f"/behaviours/{pid}/export/peft").status_code == 404  # vectors are no LoRA
 
 
+def test_an_adapter_run_exports_peft_and_has_no_random_vector(tiny, tmp_path):
+    import io
+    import zipfile
+
+    run = melbo.elicit(tiny["lm"], ["Hello there"], tmp_path / "adapters", random=0, method="adapters",
+                       n_vectors=1, rank=2, steps=2, radius="1.0", max_new_tokens=4, orthogonal="none")
+    catalog = tmp_path / "catalog.sqlite"
+    with Catalog(catalog) as cat:
+        run_id = cat.add_run(run.path)
+        [pid] = [p.id for p in cat.perturbations(run_id)]
+    engine = Engine()
+    engine.use_model(tiny["lm"])
+    app = create_app(catalog, engine=engine)
+    with TestClient(app, base_url=LOCAL) as client:
+        page = client.get(f"/behaviours/{pid}")
+        assert "/export/peft" in page.text and "/export/gguf" not in page.text and 'name="random"' not in page.text
+        download = client.get(f"/behaviours/{pid}/export/peft")
+        assert download.status_code == 200 and download.headers["content-type"] == "application/zip"
+        names = zipfile.ZipFile(io.BytesIO(download.content)).namelist()
+        assert sorted(n.split("/")[-1] for n in names) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert client.get(f"/behaviours/{pid}/export/gguf").status_code == 404
+        refused = client.post(f"/api/runs/{run_id}/live", headers={"X-CSRF-Token": _csrf(app)},
+                              json={"prompt": "Hi", "perturbations": [0], "max_new_tokens": 2, "random": True})
+        events = [json.loads(line) for line in refused.text.splitlines()]
+        assert "adapters" in events[-1]["error"]  # said in the stream, where the page shows it
+        steered = _stream(client, app, f"/api/runs/{run_id}/live",
+                          {"prompt": "Hi", "perturbations": [0], "max_new_tokens": 3})
+        assert list(_texts(steered)) == ["unsteered", "v0"]
+
+
+def test_a_run_whose_directory_is_gone_still_shows_the_catalogue(tiny, tmp_path):
+    import shutil
+
+    moved = shutil.copytree(tiny["run"].path, tmp_path / "run")
+    catalog = tmp_path / "catalog.sqlite"
+    with Catalog(catalog) as cat:
+        run_id = cat.add_run(moved)
+        pid = cat.perturbations(run_id)[0].id
+    shutil.rmtree(moved)
+    app = create_app(catalog)
+    with TestClient(app, base_url=LOCAL) as client:
+        page = client.get(f"/runs/{run_id}")
+        assert page.status_code == 200 and "does not exist" in page.text and f"/behaviours/{pid}" in page.text
+        behaviour = client.get(f"/behaviours/{pid}")
+        assert behaviour.status_code == 200 and "&lt;script&gt;" in behaviour.text  # completions from the catalogue
+        live = client.post(f"/api/runs/{run_id}/live", headers={"X-CSRF-Token": _csrf(app)},
+                           json={"prompt": "Hi", "perturbations": [0], "max_new_tokens": 2})
+        assert live.status_code == 400 and "does not exist" in live.json()["error"]
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def _free_port() -> int:
     with socket.socket() as s:

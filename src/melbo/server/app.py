@@ -71,13 +71,21 @@ class _State:
         return HTMLResponse(self.templates.get_template(name).render(**context), status_code=status)
 
     def run(self, entry):
-        """The run directory behind a catalogue entry, loaded once (perturbations, config, curves)."""
-        from melbo.store import Run
+        """The run directory behind a catalogue entry, loaded once per version of its config.json."""
+        from melbo.store import CONFIG, Run
 
-        key = (entry.id, str(entry.path))
+        config = Path(entry.path) / CONFIG
+        key = (entry.id, str(entry.path), config.stat().st_mtime_ns if config.exists() else None)
         if key not in self.runs:
             self.runs[key] = Run.load(entry.path)
         return self.runs[key]
+
+    def readable_run(self, entry):
+        """(run, None), or (None, why) when its directory cannot be read: pages still show the catalogue's data."""
+        try:
+            return self.run(entry), None
+        except MelboError as exc:
+            return None, str(exc)
 
 
 LIMITS = {"prompt_chars": SERVE_MAX_PROMPT_CHARS, "max_new_tokens": SERVE_MAX_NEW_TOKENS,
@@ -111,9 +119,10 @@ def _routes(app: FastAPI, state: _State) -> None:
         with state.catalog() as catalog:
             entry = _run_entry(catalog, run_id)
             perturbations = catalog.perturbations(run_id)
-        run = state.run(entry)
+        run, problem = state.readable_run(entry)
         return state.page("run.html", run=entry, perturbations=perturbations, clusters=_clusters(perturbations),
-                          plots=_available_plots(run), live=_live_context(entry, perturbations, run))
+                          plots=_available_plots(run), live=_live_context(entry, perturbations, run),
+                          problem=problem)
 
     @app.get("/runs/{run_id}/plots/{name}.png")
     def plot(run_id: int, name: str):
@@ -134,10 +143,10 @@ def _routes(app: FastAPI, state: _State) -> None:
             completions = catalog.completions(perturbation_id)
             similar = _similar(catalog, item)
             siblings = catalog.perturbations(item.run_id)
-        run = state.run(entry)
+        run, problem = state.readable_run(entry)
         return state.page("behaviour.html", run=entry, item=item, completions=completions, similar=similar,
                           metrics=_metric_rows(item.metrics), exports=_exports_for(run), saved=bool(saved),
-                          live=_live_context(entry, siblings, run, chosen=item.index))
+                          live=_live_context(entry, siblings, run, chosen=item.index), problem=problem)
 
     @app.post("/behaviours/{perturbation_id}/label")
     async def set_label(perturbation_id: int, request: Request):
@@ -256,7 +265,8 @@ def _live_context(entry, perturbations, run, chosen: Optional[int] = None) -> di
 
     return {"run_id": entry.id, "choices": [(p.index, p.name) for p in perturbations],
             "chosen": chosen if chosen is not None else (perturbations[0].index if perturbations else None),
-            "random": isinstance(run.perturbations, SteeringVectors), "ready": run.perturbations is not None}
+            "random": run is not None and isinstance(run.perturbations, SteeringVectors),
+            "ready": run is not None and run.perturbations is not None, "readable": run is not None}
 
 
 # ------------------------------------------------------------------------------------------------ input
@@ -373,6 +383,8 @@ def _available_plots(run) -> list[str]:
     from melbo.store import METRICS
 
     found = []
+    if run is None:
+        return found
     if (run.path / METRICS).exists():
         found.append("learned-vs-random")
     if run.curves is not None:
@@ -401,7 +413,7 @@ def _plot_png(run, name: str) -> Optional[bytes]:
 def _exports_for(run) -> dict[str, str]:
     from melbo.intervention import SteeringVectors
 
-    if run.perturbations is None:
+    if run is None or run.perturbations is None:
         return {}
     if isinstance(run.perturbations, SteeringVectors):
         return {k: EXPORTS[k] for k in ("safetensors", "gguf")}
