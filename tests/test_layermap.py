@@ -108,3 +108,34 @@ def test_compute_pair_depends_only_on_seed_source_target(lm):
     again = compute_pair(lm, batch, 0, 2, settings)
     assert torch.equal(first.directions, again.directions)
     assert torch.equal(first.singular_values, again.singular_values)
+
+
+def test_cli_map_prints_the_heatmap_and_best_pairs(lm, tmp_path, capsys):
+    out = tmp_path / "map"
+    code, stdout, err = run_cli(["map", "Hello there", "--sources", "0:1", "--targets", "2:3", "-k", "2",
+                                 "--iterations", "2", "--out", str(out), "--model", lm.spec], capsys)
+    assert code == 0, err
+    assert str(out / "map.png") in stdout.replace("\n", "") and "best pairs of 4" in stdout
+    code, stdout, err = run_cli(["open-pair", str(out), "1:3", "--out", str(tmp_path / "pair")], capsys)
+    assert code == 0 and melbo.Run.load(tmp_path / "pair").config["source"] == 1, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ray-address", "127.0.0.1:1"], "cannot reach a Ray cluster"),
+    (["--sources", "3", "--targets", "0:2"], "no pair has source < target"),
+    (["--sources", "2:1", "--targets", "3"], "holds no blocks"),
+    (["--workers", "4096"], "more than this machine's"),
+    (["--sources", "1-3"], "not a block range"),
+    (["--layers", "all", "--sources", "1"], "either --layers"),
+])
+def test_cli_map_bad_input_is_one_line_and_exit_2(lm, tmp_path, capsys, args, message):
+    code, stdout, err = run_cli(["map", "Hi", "--out", str(tmp_path / "m"), "--model", lm.spec, *args], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_cli_sweep_refuses_bad_ray_options_before_loading(tmp_path, capsys):
+    code, _, err = run_cli(["sweep", "Hi", "--workers", "4096", "--out", str(tmp_path / "s")], capsys)
+    assert code == 2 and "more than this machine's" in err
+    code, _, err = run_cli(["sweep", "Hi", "--ray-address", "127.0.0.1:1", "--out", str(tmp_path / "s")], capsys)
+    assert code == 2 and "cannot reach a Ray cluster" in err

@@ -120,6 +120,21 @@ def check_address(address: str) -> None:
                          "`ray start --head` there, or check the address") from None
 
 
+def check_request(workers: Optional[int], address: Optional[str]) -> None:
+    """--workers and --ray-address, checked without starting Ray: a whole number ≤ the cores, a reachable address."""
+    if workers is not None:
+        check_whole("workers", workers)
+        if workers < 1:
+            raise MelboError(f"--workers must be ≥ 1, got {workers}")
+    if address is not None:
+        if not isinstance(address, str) or not address.strip():
+            raise MelboError(f"--ray-address must be host:port, got {address!r}")
+        check_address(address)
+    elif workers is not None and workers > local_cores():
+        raise MelboError(f"--workers {workers} is more than this machine's {local_cores()} cores: "
+                         f"use at most {local_cores()}, or join a cluster with --ray-address")
+
+
 class RayPool:
     """Ray workers for one job. `check` validates and connects; `run_pairs`/`run_points` do the work."""
 
@@ -130,17 +145,7 @@ class RayPool:
     @classmethod
     def check(cls, workers: Optional[int], address: Optional[str]) -> "RayPool":
         """Validate --workers against the cores (local) or the cluster's CPUs, and start or join Ray."""
-        if workers is not None:
-            check_whole("workers", workers)
-            if workers < 1:
-                raise MelboError(f"--workers must be ≥ 1, got {workers}")
-        if address is not None:
-            if not isinstance(address, str) or not address.strip():
-                raise MelboError(f"--ray-address must be host:port, got {address!r}")
-            check_address(address)
-        elif workers is not None and workers > local_cores():
-            raise MelboError(f"--workers {workers} is more than this machine's {local_cores()} cores: "
-                             f"use at most {local_cores()}, or join a cluster with --ray-address")
+        check_request(workers, address)
         cpus = _connect(address)
         workers = workers if workers is not None else cpus
         if workers > cpus:

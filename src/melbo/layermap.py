@@ -6,7 +6,8 @@
     map.json             settings, model identity, status
     map.safetensors      singular_values [S, T, k] (NaN where source ≥ target), directions [S, T, k, d],
                          history [S, T, k, iterations + 1], norms [S, T, 2] (mean residual norm at source, target)
-    ranking.json         the pairs, best first, by relative gain σ₁ · ‖h_source‖ / ‖h_target‖
+    ranking.json         the pairs, best first, by relative gain σ₁ / √n · ‖h_source‖ / ‖h_target‖ (n: the tokens
+                         the Jacobian covers, so the gain is per token)
     map.png              heatmap of the relative gain; report.html shows it with the ranking
     pairs/               one checkpoint file per finished pair, while the map is unfinished
 
@@ -211,7 +212,7 @@ def layer_map(
 
         executor = RayPool.check(workers, ray_address)  # fail fast, before any file is written
     batch = encode_for(lm, settings)  # validates prompts and positions before any file is written
-    _prepare(path, lm, settings, resume)
+    _prepare(path, lm, settings, resume, int(batch.token_mask.sum()))
     done = _finished_pairs(path)
     pending = [p for p in settings.pairs if p not in done]
     total = len(settings.pairs)
@@ -235,7 +236,7 @@ def layer_map(
     return _assemble(path, settings)
 
 
-def _prepare(path: Path, lm: LoadedModel, settings: MapSettings, resume: bool) -> None:
+def _prepare(path: Path, lm: LoadedModel, settings: MapSettings, resume: bool, tokens: int) -> None:
     """A new map directory, or (resume) the same map's: the model and settings must match."""
     if (path / LAYER_MAP).exists():
         if not resume:
@@ -255,7 +256,7 @@ def _prepare(path: Path, lm: LoadedModel, settings: MapSettings, resume: bool) -
     write_json(path / LAYER_MAP, {
         "kind": "layer_map", "status": "running", "melbo_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": lm.describe(), "settings": _jsonable(settings), "pairs": len(settings.pairs),
+        "model": lm.describe(), "settings": _jsonable(settings), "pairs": len(settings.pairs), "tokens": tokens,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     })
@@ -337,9 +338,12 @@ class LayerMap:
         return self.path / HEATMAP
 
     def gains(self) -> Tensor:
-        """σ₁ · ‖h_source‖ / ‖h_target‖ per pair [S, T] (NaN where source ≥ target)."""
-        norms = self.tensors["norms"]
-        return self.tensors["singular_values"][..., 0] * norms[..., 0] / norms[..., 1]
+        """σ₁ / √tokens · ‖h_source‖ / ‖h_target‖ per pair [S, T] (NaN where source ≥ target).
+
+        J stacks every covered token's change, so σ grows as √tokens: dividing makes the gain an RMS per token.
+        """
+        norms, tokens = self.tensors["norms"], self.config.get("tokens", 1)
+        return self.tensors["singular_values"][..., 0] / math.sqrt(tokens) * norms[..., 0] / norms[..., 1]
 
     def ranking(self) -> list[dict]:
         """Every mapped pair, the largest relative gain first."""

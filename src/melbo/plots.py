@@ -197,13 +197,13 @@ def layer_map_figure(gains, sources: list[int], targets: list[int]) -> Any:
     import numpy as np
 
     values = np.asarray(gains, dtype=float)  # [S, T], NaN where source ≥ target
-    fig = _figure(min(2 + 0.45 * len(targets), 12), min(1.6 + 0.4 * len(sources), 10))
+    fig = _figure(min(max(4.8, 2 + 0.45 * len(targets)), 12), min(max(3.2, 1.6 + 0.4 * len(sources)), 10))
     ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(targets)), [str(t) for t in targets], fontsize=7)
     ax.set_yticks(range(len(sources)), [str(s) for s in sources], fontsize=7)
     ax.set_xlabel("target block")
     ax.set_ylabel("source block")
-    ax.set_title("relative gain σ₁ · ‖h_source‖ / ‖h_target‖", fontsize=10)
+    ax.set_title("relative gain per token: σ₁/√n · ‖h_source‖ / ‖h_target‖", fontsize=10)
     fig.colorbar(image, ax=ax, shrink=0.85)
     return fig

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, err, load, out, read_prompts
+from melbo.cli.map import RayAddressOpt, WorkersOpt
 from melbo.errors import MelboError
 
 
@@ -34,6 +35,8 @@ def sweep_command(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
+    workers: Optional[int] = WorkersOpt,
+    ray_address: Optional[str] = RayAddressOpt,
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Find the Goldilocks radius: train a few vectors per R, pick the most diverse R that stays fluent."""
@@ -50,6 +53,9 @@ def sweep_command(
     from melbo.files import check_output_dir
 
     check_output_dir(path)  # before the progress display, which would wrap the one-line error
+    from melbo.distributed import check_request
+
+    check_request(workers, ray_address)  # before loading: an unreachable cluster fails in seconds
     lm = load(model, device, dtype, blocks_path, threads)
     n_points = len(specs) * (len(pairs) if pairs else 1)
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -76,7 +82,7 @@ def sweep_command(
             result = sweeping.sweep(
                 lm, texts, specs, n_vectors=n_vectors, steps=steps, source=source, target=target, layer_pairs=pairs,
                 max_new_tokens=max_new_tokens, out=path, progress=update, fluency_factor=fluency_factor,
-                fluency_floor=fluency_floor, chat=chat, seed=seed)
+                fluency_floor=fluency_floor, chat=chat, seed=seed, workers=workers, ray_address=ray_address)
         except KeyboardInterrupt:
             err.print(f"interrupted: finished points are kept; run the same command with --out {path} to continue")
             raise typer.Exit(130) from None
