@@ -8,8 +8,8 @@
    replayed) and backward to block s's output, 2 FLOPs per multiply-add; the projections and the attention
    products (causal masks computed in full, as SDPA does); norms, activations and the optimiser are not counted.
 3. Achieved: a measured vector-steps/s (--rate, e.g. from benchmarks/peers.py) or melbo's engine timed briefly
-   (melbo.discover at two step counts; the difference of the two times excludes set-up and saving), as GFLOP/s
-   and as a fraction of the peak of its precision at its thread count.
+   (the optimiser steps of one melbo.discover batch, timed from its progress callback, after an untimed warm-up),
+   as GFLOP/s and as a fraction of the peak of its precision at its thread count.
 
     .venv/bin/python benchmarks/roofline.py [--model smollm2-135m] [--vectors 16] [--rate 14.95 --rate-precision fp32]
 """
@@ -80,17 +80,16 @@ def block_matmul_rate(shapes: dict[str, tuple[int, int]], rows: int, dtype: torc
     return reps * flops / (time.perf_counter() - started) / 1e9
 
 
-def engine_rate(lm, precision: str, vectors: int, source: int, target: int, radius: float,
-                steps: tuple[int, int]) -> float:
-    """melbo's training rate in vector-steps/s: discover at two step counts, set-up cancelled by the difference."""
-    times = []
+def engine_rate(lm, precision: str, vectors: int, source: int, target: int, radius: float, steps: int) -> float:
+    """melbo's training rate in vector-steps/s, timed between the first and last step callbacks of one discover
+    batch (set-up and saving left out), after an untimed 1-step run at the same shapes (kernel set-up)."""
+    stamps = []
     with tempfile.TemporaryDirectory() as tmp:
-        for k in steps:
-            started = time.perf_counter()
-            melbo.discover(lm, [PROMPT], Path(tmp) / f"run-{precision}-{k}", n_vectors=vectors, source=source,
-                           target=target, radius=str(radius), steps=k, batch_size=vectors, precision=precision)
-            times.append(time.perf_counter() - started)
-    return vectors * (steps[1] - steps[0]) / (times[1] - times[0])
+        timed = lambda _: stamps.append(time.perf_counter())  # noqa: E731
+        for name, k, progress in (("warm-up", 1, None), ("timed", steps, timed)):
+            melbo.discover(lm, [PROMPT], Path(tmp) / name, n_vectors=vectors, source=source, target=target,
+                           radius=str(radius), steps=k, batch_size=vectors, precision=precision, progress=progress)
+    return vectors * steps / (stamps[-1] - stamps[0])  # steps + 1 callbacks enclose `steps` steps
 
 
 def parse_args():
@@ -108,7 +107,7 @@ def parse_args():
     parser.add_argument("--rate", type=float, default=None, help="A measured vector-steps/s: skip timing the engine.")
     parser.add_argument("--rate-precision", default="fp32", choices=list(DTYPES), help="The precision --rate ran at.")
     parser.add_argument("--precisions", default="fp32,bf16", help="Precisions to time the engine at.")
-    parser.add_argument("--steps", default="2,6", help="The two step counts the engine is timed at.")
+    parser.add_argument("--steps", type=int, default=6, help="Optimiser steps the engine is timed over.")
     return parser.parse_args()
 
 
@@ -145,10 +144,9 @@ def main() -> None:
         measured.append(("given --rate", a.rate_precision, a.rate))
     else:
         engine_threads = configure_threads(a.threads)
-        k1, k2 = (int(x) for x in a.steps.split(","))
         for precision in a.precisions.split(","):
             resolved = resolve_precision(precision, lm.device)
-            rate = engine_rate(lm, precision, a.vectors, a.source, a.target, a.radius, (k1, k2))
+            rate = engine_rate(lm, precision, a.vectors, a.source, a.target, a.radius, a.steps)
             measured.append((f"melbo engine {precision}", resolved, rate))
 
     print(f"\n{'achieved':24s} {'threads':>7s} {'vec-steps/s':>11s} {'GFLOP/s':>9s} {'of peak (same threads)':>23s} "
