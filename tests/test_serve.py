@@ -470,7 +470,8 @@ def smol_run(tmp_path_factory, smol):
 def test_in_a_real_browser(smol_run):
     sync_api = pytest.importorskip("playwright.sync_api")
     catalog, run_id, v1 = smol_run["catalog"], smol_run["run_id"], smol_run["ids"][1]
-    server = _Server(create_app(catalog))
+    app = create_app(catalog)
+    server = _Server(app)
     try:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
@@ -511,6 +512,25 @@ def test_in_a_real_browser(smol_run):
                 docs = Path(__file__).resolve().parents[1] / "docs"
                 docs.mkdir(exist_ok=True)
                 page.screenshot(path=str(docs / "serve.png"), full_page=True)
+
+            # closing the page mid-stream stops the generation: a few forwards, not the 200 asked for
+            engine = app.app.state.melbo.engine
+            forwards = []
+            hook = engine._lm.model.register_forward_hook(lambda *_: forwards.append(1))
+            try:
+                page.fill("input[name=max_new_tokens]", "200")
+                page.click("form.live-form button[type=submit]")
+                sync_api.expect(page.locator('.column[data-name="v1"] pre')).not_to_be_empty(timeout=30_000)
+                page.goto("about:blank")
+                for _ in range(100):
+                    if engine.waiting == 0 and not engine._lock.locked():
+                        break
+                    time.sleep(0.05)
+                assert engine.waiting == 0 and not engine._lock.locked()
+                assert len(forwards) < 50, f"{len(forwards)} forwards: the generation ran on after the page closed"
+            finally:
+                hook.remove()
+            page.goto(f"{server.url}/behaviours/{v1}")
 
             # set a label
             page.fill(".label-form input[name=label]", "sea shanty")
