@@ -1,4 +1,5 @@
-"""Benchmarks: detectors on fixed strings, bench.json well-formed for scaled-down runs, the report section."""
+"""Benchmarks: detectors on fixed strings, bench.json well-formed for scaled-down runs (shapes, keys, intervals that
+contain their point estimates; never the numbers), seeds, the registry, the report section."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import json
 import pytest
 
 from melbo.bench import arithmetic, refusal
-from melbo.bench.common import BENCH, BenchResult, compile_patterns, first_match, matches, print_result
+from melbo.bench.common import (BENCH, PAIRED, PAIRED_COLUMNS, RATE_COLUMNS, RATES, SEEDS, BenchResult, bench_names,
+                                compile_patterns, first_match, get_bench, matches, print_result, run_seeds)
+from melbo.bench.settings import ArithmeticSettings, BenchSettings, RefusalSettings
+from melbo.errors import MelboError
 
 
 # ------------------------------------------------------------------------------------------------ detectors
@@ -125,24 +129,49 @@ def test_result_round_trip_and_printing(tmp_path, capsys):
     assert "[b]" not in capsys.readouterr().out
 
 
-SMALL = dict(n_vectors=2, steps=3, max_new_tokens=8)
+def _check_rates(doc: dict) -> None:
+    """Every rate row: hits ≤ n, the rate is hits/n, and its interval lies in [0, 1] and contains it."""
+    rates = next(t for t in doc["tables"] if t["title"] == RATES)
+    assert rates["columns"] == RATE_COLUMNS and rates["rows"]
+    for arm, measure, hits, n, value, low, high in rates["rows"]:
+        assert isinstance(arm, str) and isinstance(measure, str) and 0 <= hits <= n
+        assert value == pytest.approx(hits / n) and 0.0 <= low <= value <= high <= 1.0
+
+
+def _check_paired(doc: dict) -> list[list]:
+    paired = next(t for t in doc["tables"] if t["title"] == PAIRED)
+    for row in paired["rows"]:
+        cell = dict(zip(PAIRED_COLUMNS, row))
+        assert cell["both"] + cell["only first"] + cell["only second"] + cell["neither"] == cell["n"]
+        assert cell["difference"] == pytest.approx((cell["only first"] - cell["only second"]) / cell["n"])
+        assert cell["low"] <= cell["difference"] <= cell["high"] and 0.0 < cell["McNemar p"] <= 1.0
+    return paired["rows"]
 
 
 def test_arithmetic_bench_small(smol, tmp_path):
     out = tmp_path / "arith"
-    result = arithmetic.run_bench(smol, out, pairs=3, **SMALL)
+    settings = ArithmeticSettings.quick()
+    result = get_bench("arithmetic").run(smol, out, settings)
     doc = json.loads((out / BENCH).read_text())
     _check_schema(doc, "arithmetic")
     assert doc == result.to_json()
-    assert doc["settings"]["pairs"] == 3 and doc["settings"]["n_vectors"] == 2
-    summary, counts, per = doc["tables"]
-    assert [row[0] for row in per["rows"]] == ["unsteered", "v0", "v1"]
-    for row in summary["rows"] + per["rows"]:
-        assert all(0.0 <= x <= 1.0 for x in row[1:4])
-        assert row[2] >= row[1]  # lenient ≥ strict
-    assert all(0 <= row[1] <= 2 for row in counts["rows"])
-    lines = (out / "bench_completions.jsonl").read_text().splitlines()
-    assert len(lines) == 3 * 3  # pairs × (unsteered + 2 vectors)
+    assert doc["settings"]["problems"] == 3 and doc["settings"]["select"] == 2 and doc["settings"]["n_vectors"] == 2
+    assert doc["settings"]["seed"] == 0 and doc["settings"]["max_new_tokens"] == 8
+    assert not set(doc["settings"]["selection_problems"]) & set(doc["settings"]["scored_problems"])
+    _check_rates(doc)
+    rates = result.rates()
+    assert {arm for arm, _ in rates} == {"unsteered", "best learned", "best random"}
+    for arm in ("unsteered", "best learned", "best random"):
+        assert rates[(arm, "lenient")] >= rates[(arm, "strict")]
+    paired = _check_paired(doc)
+    assert [(r[0], r[1]) for r in paired[::3]] == [("best learned", "unsteered"), ("best random", "unsteered"),
+                                                    ("best learned", "best random")]
+    assert doc["settings"]["best_learned"] in ("v0", "v1") and doc["settings"]["best_random"] in ("random0", "random1")
+    selection = next(t for t in doc["tables"] if t["title"].startswith("selection problems"))
+    assert [row[0] for row in selection["rows"]] == ["unsteered", "v0", "v1", "random0", "random1"]
+    rows = [json.loads(line) for line in (out / "bench_completions.jsonl").read_text().splitlines()]
+    assert sum(r["set"] == "selection" for r in rows) == 2 * 5  # select × (unsteered + 2 learned + 2 random)
+    assert sum(r["set"] == "scored" for r in rows) == 3 * 3  # problems × (unsteered, best learned, best random)
     assert len((out / "completions.jsonl").read_text().splitlines()) == 3
 
 
@@ -150,20 +179,77 @@ def test_refusal_bench_small_and_report(smol, tmp_path):
     from melbo.report import write_report
 
     out = tmp_path / "refusal"
-    result = refusal.run_bench(smol, out, n_random=2, requests=2, **SMALL)
+    result = refusal.run_bench(smol, out, n_vectors=2, n_random=2, steps=3, max_new_tokens=8, requests=2)
     doc = json.loads((out / BENCH).read_text())
     _check_schema(doc, "refusal")
     training = doc["tables"][0]
     assert [row[1] for row in training["rows"]] == [1, 2, 2]
     for row in training["rows"]:
-        assert 0 <= row[4] <= row[2] <= row[1] and 0.0 <= row[5] <= row[3] <= 1.0
-    general = [t for t in doc["tables"] if t["title"].startswith("best anti-refusal")]
-    for t in general:
-        for row in t["rows"]:
-            assert row[2] == 2 and all(0.0 <= x <= 1.0 for x in row[3:])
+        assert 0 <= row[3] <= row[2] <= row[1]
+    _check_rates(doc)
+    rates = result.rates()
+    assert rates[("learned", "training prompt: not refusing")] == training["rows"][1][2] / 2
+    if doc["settings"]["best_learned"] is not None:  # the generalisation test ran: 3 arms × 2 request sets
+        assert sum("requests" in measure for _, measure in rates) == 6
+        assert len(_check_paired(doc)) == 6
     assert len(doc["tables"][-1]["rows"]) == 1 + 2 + 2
     page = write_report(out).read_text()
-    assert 'id="benchmark"' in page and result.title in page
+    assert 'id="benchmark"' in page and result.title in page and "Wilson" in page
+
+
+class _Toy:
+    """A bench without a model: its rate on seed s is s/10 of 10 items, so the aggregate is known."""
+
+    name, title, settings = "toy", "toy bench", BenchSettings
+
+    def generations(self, s):
+        return 0
+
+    def run(self, lm, out, s, progress=None, on_batch=None):
+        result = BenchResult(self.name, self.title, {"seed": s.seed})
+        result.add_rate("learned", "hit", s.seed, 10)
+        result.notes.append(f"ran {s.seed}")
+        result.wall_seconds = 0.1
+        result.write(make_dir(out))
+        return result
+
+
+def make_dir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_seeds_repeat_and_aggregate(tmp_path):
+    out = tmp_path / "seeds"
+    result = run_seeds(_Toy(), None, out, BenchSettings(seed=2), seeds=3)
+    assert [p.name for p in sorted(out.iterdir()) if p.is_dir()] == ["seed-2", "seed-3", "seed-4"]
+    doc = json.loads((out / BENCH).read_text())
+    _check_schema(doc, "toy")
+    assert doc["settings"]["seeds"] == [2, 3, 4]
+    (row,) = next(t for t in doc["tables"] if t["title"] == SEEDS)["rows"]
+    assert row[:3] == ["learned", "hit", 3] and row[3] == pytest.approx(0.3) and row[6] == "0.20, 0.30, 0.40"
+    assert 0.2 - 1e-9 <= row[4] <= 0.3 <= row[5] <= 0.4 + 1e-9
+    assert result.notes == ["seed 2: ran 2", "seed 3: ran 3", "seed 4: ran 4"]
+    single = run_seeds(_Toy(), None, tmp_path / "one", BenchSettings(seed=5), seeds=1)
+    assert single.rates() == {("learned", "hit"): 0.5} and not (tmp_path / "one" / "seed-5").exists()
+    with pytest.raises(MelboError, match="--seeds"):
+        run_seeds(_Toy(), None, tmp_path / "bad", BenchSettings(), seeds=0)
+
+
+def test_registry_names_every_bench():
+    assert bench_names() == ["arithmetic", "refusal", "backdoor", "diff", "monitor"]
+    for name in bench_names():
+        bench = get_bench(name)
+        assert bench.name == name and isinstance(bench.title, str) and hasattr(bench.settings, "__dataclass_fields__")
+    with pytest.raises(MelboError, match="unknown bench"):
+        get_bench("nope")
+
+
+def test_full_strength_defaults_are_fair():
+    s = ArithmeticSettings()
+    assert s.max_new_tokens >= 256 and s.problems >= 50 and s.select >= 1 and s.randoms == s.n_vectors
+    assert len(refusal.shipped_prompts("harmful")) >= 40 and len(refusal.shipped_prompts("innocuous")) >= 40
+    assert RefusalSettings().requests is None
 
 
 def test_report_benchmark_section_is_escaped(tmp_path):
@@ -188,7 +274,6 @@ def test_report_benchmark_section_is_escaped(tmp_path):
 
 def test_more_held_out_pairs_than_exist_is_refused():
     from melbo.bench.arithmetic import held_out_pairs
-    from melbo.errors import MelboError
 
     with pytest.raises(MelboError, match="distinct 2x1 pairs"):
         held_out_pairs(700, "2x1")

@@ -1,9 +1,16 @@
 """Reproducible benchmarks of the seed's experiments: each trains a discovery run and writes `bench.json` into it.
 
-- `melbo.bench.arithmetic`: capability discovery (vectors that make a direct-answer model reason step by step);
-- `melbo.bench.refusal`: red-teaming (anti-refusal vectors, against random vectors of the same norm).
+Every bench implements `melbo.bench.common.Bench` and is found by name with `get_bench`:
+
+- `arithmetic`: capability discovery (vectors that make a direct-answer model reason step by step);
+- `refusal`: red-teaming (anti-refusal vectors, against random vectors of the same norm);
+- `backdoor`: planted behaviours found from clean prompts (recall, against random vectors);
+- `diff`: audit mode (plain discovery vs contrastive discovery vs random);
+- `monitor`: the anomaly monitor's quality on the testbed.
+
+Settings (with the full-strength defaults) are in `melbo.bench.settings`; statistics in `melbo.stats`.
 """
 
-from melbo.bench.common import BENCH, BenchResult, BenchTable, print_result
+from melbo.bench.common import BENCH, Bench, BenchResult, BenchTable, bench_names, get_bench, print_result, run_seeds
 
-__all__ = ["BENCH", "BenchResult", "BenchTable", "print_result"]
+__all__ = ["BENCH", "Bench", "BenchResult", "BenchTable", "bench_names", "get_bench", "print_result", "run_seeds"]

@@ -1,7 +1,10 @@
 """Capability discovery (seed experiment 7): vectors that make a direct-answer arithmetic prompt reason.
 
-One one-shot prompt ("Q: 17 * 8\nA: 136\n\nQ: a * b\nA:") trains N vectors. Every vector, and the unsteered
-model, then answers held-out number pairs (greedy). Scores:
+One one-shot prompt ("Q: 17 * 8\nA: 136\n\nQ: a * b\nA:") trains N vectors. The seed's protocol, at a fair budget
+(256 new tokens, enough to finish the reasoning): every learned vector, K random vectors of the same norm and the
+unsteered model answer a few selection problems; the best learned and the best random vector (most strict hits)
+are then scored with the unsteered model on ≥ 50 other problems, with Wilson intervals, and compared pairwise on
+the same problems (exact McNemar). Scores:
 
 - strict (the seed's): the text contains "answer is {a*b}", "{a} * {b} = {a*b}" or "A: {a*b}" (the "A:" that
   ends the prompt counts as the completion's start; thousands separators and ×/x for * are accepted);
@@ -9,7 +12,6 @@ model, then answers held-out number pairs (greedy). Scores:
 - reasoning: the completion shows step-by-step work (two or more equations, or words such as "step", "first",
   "multiply", "break it down", or a partial product of a with b's tens or units).
 
-A vector "reasons" when at least half of its held-out completions do.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-from melbo.bench.common import BenchResult, compile_patterns, matches, rate, short, write_jsonl
+import torch
+
+from melbo.bench.common import (BenchResult, OnBatch, Progress, compile_patterns, keyword_settings, matches, short,
+                                write_jsonl)
+from melbo.bench.settings import ArithmeticSettings
 from melbo.errors import MelboError
-from melbo.generation import Sampling, generate
 from melbo.models import LoadedModel
-from melbo.prompts import uses_chat
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"  # raw 2x2: 3/8 direct answers right; smollm2-135m: ≤ 1/12 on 2x1 or 2x2
 EXAMPLE = {"2x1": (17, 8), "2x2": (17, 23)}
@@ -37,6 +41,7 @@ REASONING_WORDS = compile_patterns([
     r"\bbreak (?:it|this|that) down\b", r"\blet'?s\b", r"\bcalculate\b", r"\bpartial\b",
     r"\badd(?:ing)? (?:up|them|these)\b",
 ])
+MEASURES = ("strict", "lenient", "reasoning")
 _EQUATION = re.compile(r"\d[\d,]*(?:\s*[-+*x×/]\s*\d[\d,]*)+\s*=")
 
 
@@ -102,92 +107,111 @@ def is_reasoning(completion: str, a: Optional[int] = None, b: Optional[int] = No
     return False
 
 
-def run_bench(
-    lm: LoadedModel,
-    out: str | Path,
-    *,
-    n_vectors: int = 32,
-    steps: int = 150,
-    radius: str = "0.2x",
-    pairs: int = 20,
-    digits: str = "2x2",
-    max_new_tokens: int = 48,
-    chat: Optional[bool] = False,
-    seed: int = 0,
-    batch_size: int = 16,
-    generation_batch: int = 64,
-    progress: Optional[Callable[[dict], None]] = None,
-    on_batch: Optional[Callable[[int], None]] = None,
-    **discover_settings,
-) -> BenchResult:
-    """Train on one prompt, score every vector on `pairs` held-out pairs; write bench.json into `out`."""
-    from melbo.job import elicit
+def _verdict(pairs: list[tuple[int, int]]):
+    def verdict(c) -> dict[str, bool]:
+        a, b = pairs[c.prompt_index]
+        return {"strict": strict_correct(c.text, a, b), "lenient": lenient_correct(c.text, a, b),
+                "reasoning": is_reasoning(c.text, a, b)}
+    return verdict
 
-    if pairs < 1:
-        raise MelboError(f"--pairs must be ≥ 1, got {pairs}")
-    started = time.perf_counter()
-    test_pairs = held_out_pairs(pairs, digits, seed)
-    ta, tb = TRAIN_PAIR[digits]
-    train_prompt = make_prompt(ta, tb, digits)
-    run = elicit(lm, [train_prompt], out, random=0, n_vectors=n_vectors, steps=steps, radius=radius, chat=chat,
-                 seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
-                 on_batch=on_batch, **discover_settings)
-    templated = uses_chat(lm, chat)
-    sampling = Sampling(max_new_tokens=max_new_tokens, batch_size=generation_batch)
-    completions = generate(lm, run.perturbations, [make_prompt(a, b, digits) for a, b in test_pairs],
-                           chat=templated, sampling=sampling, on_batch=on_batch)
 
-    labels = ["unsteered"] + [f"v{i}" for i in range(len(run))]
-    stats = {label: {"strict": 0, "lenient": 0, "reasoning": 0, "example": ""} for label in labels}
-    rows = []
-    for c in completions:
-        a, b = test_pairs[c.prompt_index]
-        s = stats[c.label]
-        verdict = {"strict": strict_correct(c.text, a, b), "lenient": lenient_correct(c.text, a, b),
-                   "reasoning": is_reasoning(c.text, a, b)}
-        for key, value in verdict.items():
-            s[key] += int(value)
-        if c.prompt_index == 0:
-            s["example"] = c.text
-        rows.append({**c.to_json(), "a": a, "b": b, **verdict})
-    write_jsonl(Path(out) / "bench_completions.jsonl", rows)
+def _best(steered, labels: list[str]) -> Optional[str]:
+    """The label with the most strict, then lenient, then reasoning hits on the selection problems (first wins)."""
+    def score(label: str) -> tuple:
+        found = steered.verdicts(label)
+        return tuple(sum(v[k] for v in found) for k in MEASURES)
+    return max(labels, key=score) if labels else None
 
-    n = len(test_pairs)
-    acc = {label: (rate(s["strict"], n), rate(s["lenient"], n), rate(s["reasoning"], n)) for label, s in stats.items()}
-    vector_labels = labels[1:]
-    reasoning_vectors = [v for v in vector_labels if acc[v][2] >= 0.5]
-    best = max(vector_labels, key=lambda v: (acc[v][0], acc[v][1], -int(v[1:])))
-    best_lenient = max(vector_labels, key=lambda v: (acc[v][1], acc[v][0], -int(v[1:])))
-    base = acc["unsteered"]
 
-    result = BenchResult(
-        bench="arithmetic",
-        title=f"capability discovery: {digits.replace('x', '-digit × ')}-digit multiplication",
-        settings={"model": lm.model_id, "run": str(run.path), "n_vectors": len(run), "steps": steps,
-                  "radius": radius, "radius_absolute": run.config["radius"], "source": run.config["source"],
-                  "target": run.config["target"], "digits": digits, "pairs": n, "max_new_tokens": max_new_tokens,
-                  "chat": templated, "seed": seed, "training_prompt": train_prompt,
-                  "held_out_pairs": [f"{a}*{b}" for a, b in test_pairs]},
-    )
-    summary = result.table("accuracy on held-out pairs", ["", "strict accuracy", "lenient accuracy", "reasoning rate"])
-    summary.add("unsteered", *base)
-    summary.add(f"best vector by strict ({best})", *acc[best])
-    summary.add(f"best vector by lenient ({best_lenient})", *acc[best_lenient])
-    summary.add("mean over vectors", *(sum(acc[v][k] for v in vector_labels) / len(vector_labels) for k in range(3)))
-    counts = result.table(f"vectors (of {len(vector_labels)})", ["", "count", "which"])
-    counts.add("reasoning step by step (≥ half of pairs)", len(reasoning_vectors), ", ".join(reasoning_vectors))
-    counts.add("strict accuracy above unsteered", sum(acc[v][0] > base[0] for v in vector_labels),
-               ", ".join(v for v in vector_labels if acc[v][0] > base[0]))
-    counts.add("lenient accuracy above unsteered", sum(acc[v][1] > base[1] for v in vector_labels),
-               ", ".join(v for v in vector_labels if acc[v][1] > base[1]))
-    ea, eb = test_pairs[0]
-    per = result.table(f"per vector (completion of {ea} * {eb} = {ea * eb})",
-                       ["vector", "strict", "lenient", "reasoning", "completion"])
-    for label in labels:
-        per.add(label, *acc[label], short(stats[label]["example"], 70))
-    result.notes.append(
-        f"strict: 'answer is {{a*b}}', '{{a}} * {{b}} = {{a*b}}' or 'A: {{a*b}}' in 'A:'+completion; lenient: strict "
-        f"or the completion's first number is a*b; {n} held-out pairs, greedy, {max_new_tokens} new tokens.")
-    result.wall_seconds = time.perf_counter() - started
-    result.write(out)
-    return result
+class ArithmeticBench:
+    """Train on one prompt; choose the best learned and the best random vector on `select` problems; score
+    them and the unsteered model on `problems` other problems (greedy), with intervals and paired tests."""
+
+    name = "arithmetic"
+    title = "capability discovery: multiplication, vector chosen on other problems than it is scored on"
+    settings = ArithmeticSettings
+
+    def generations(self, s: ArithmeticSettings) -> int:
+        return (s.n_vectors + s.randoms + 1) * s.select + 3 * s.problems
+
+    def run(self, lm: LoadedModel, out: str | Path, s: ArithmeticSettings, progress: Progress = None,
+            on_batch: OnBatch = None) -> BenchResult:
+        from melbo.bench.steer import generate_and_detect, steer_and_detect
+        from melbo.generation import Sampling
+        from melbo.intervention import SteeringVectors
+
+        for name in ("problems", "select"):
+            if getattr(s, name) < 1:
+                raise MelboError(f"--{name} must be ≥ 1, got {getattr(s, name)}")
+        started = time.perf_counter()
+        # The problems do not depend on the discovery seed: --seeds then measures discovery's spread alone.
+        everything = held_out_pairs(s.select + s.problems, s.digits)
+        selection, scored = everything[: s.select], everything[s.select:]
+        ta, tb = TRAIN_PAIR[s.digits]
+        train_prompt = make_prompt(ta, tb, s.digits)
+        steered = steer_and_detect(lm, [train_prompt], out, s, _verdict(selection),
+                                   test_prompts=[make_prompt(a, b, s.digits) for a, b in selection],
+                                   progress=progress, on_batch=on_batch, chat=s.chat)
+        run = steered.run
+        best, best_random = _best(steered, steered.learned), _best(steered, steered.random)
+        chosen = [label for label in (best, best_random) if label is not None]
+        rows = [steered.run.vectors[int(best[1:])]] + ([steered.random_vectors.vectors[int(best_random[6:])]]
+                                                       if best_random else [])
+        final = generate_and_detect(lm, SteeringVectors(torch.stack(rows), int(run.config["source"])), chosen,
+                                    [make_prompt(a, b, s.digits) for a, b in scored], _verdict(scored),
+                                    chat=steered.chat, on_batch=on_batch,
+                                    sampling=Sampling(max_new_tokens=s.max_new_tokens, batch_size=s.generation_batch))
+        outcome = {label: [v for c, v in sorted(((c, v) for c, v in final if c.label == label),
+                                                 key=lambda cv: cv[0].prompt_index)] for label in ["unsteered"] + chosen}
+        write_jsonl(Path(out) / "bench_completions.jsonl",
+                    [{**c.to_json(), "set": "selection", "a": selection[c.prompt_index][0],
+                      "b": selection[c.prompt_index][1], **v} for c, v in zip(steered.completions, steered.found)] +
+                    [{**c.to_json(), "set": "scored", "a": scored[c.prompt_index][0], "b": scored[c.prompt_index][1],
+                      **v} for c, v in final])
+
+        result = BenchResult(self.name, self.title, settings={
+            **s.to_json(), "model": lm.model_id, "run": str(run.path), "n_vectors": len(run),
+            "n_random": len(steered.random), "radius_absolute": run.config["radius"], "source": run.config["source"],
+            "target": run.config["target"], "chat": steered.chat, "training_prompt": train_prompt,
+            "best_learned": best, "best_random": best_random,
+            "selection_problems": [f"{a}*{b}" for a, b in selection], "scored_problems": [f"{a}*{b}" for a, b in scored],
+            "training_seconds": round(steered.training_seconds, 1)})
+        arms = {"unsteered": "unsteered", "best learned": best, "best random": best_random}
+        for arm, label in arms.items():
+            for measure in MEASURES:
+                if label is not None:
+                    result.add_rate(arm, measure, sum(v[measure] for v in outcome[label]), len(scored))
+        for first, second in (("best learned", "unsteered"), ("best random", "unsteered"),
+                              ("best learned", "best random")):
+            if arms[first] is not None and arms[second] is not None:
+                for measure in MEASURES:
+                    result.add_paired(first, second, measure, [v[measure] for v in outcome[arms[first]]],
+                                      [v[measure] for v in outcome[arms[second]]], seed=s.seed)
+        _selection_table(result, steered, selection, s)
+        result.notes.append(
+            f"strict: 'answer is {{a*b}}', '{{a}} * {{b}} = {{a*b}}' or 'A: {{a*b}}' in 'A:'+completion; lenient: strict "
+            f"or the completion's first number is a*b; reasoning: step-by-step work. The best learned and the best "
+            f"random vector were chosen on {len(selection)} selection problems (strict, then lenient, then reasoning "
+            f"hits) and scored on {len(scored)} others; greedy, {s.max_new_tokens} new tokens.")
+        result.notes.append(f"chosen: learned {best}, random {best_random}")
+        result.wall_seconds = time.perf_counter() - started
+        result.write(out)
+        return result
+
+
+def _selection_table(result: BenchResult, steered, selection: list, s: ArithmeticSettings) -> None:
+    ea, eb = selection[0]
+    per = result.table(f"selection problems: hits of {len(selection)} per vector (completion of {ea} * {eb})",
+                       ["vector", *MEASURES, "completion"])
+    for label in ["unsteered"] + steered.learned + steered.random:
+        found = steered.verdicts(label)
+        per.add(label, *(sum(v[k] for v in found) for k in MEASURES), short(steered.texts(label)[0], 70))
+
+
+BENCHMARK = ArithmeticBench()
+
+
+def run_bench(lm: LoadedModel, out: str | Path, *, progress: Progress = None, on_batch: OnBatch = None,
+              **settings) -> BenchResult:
+    """The arithmetic bench with keyword settings (`ArithmeticSettings` fields); see `ArithmeticBench`."""
+    return BENCHMARK.run(lm, out, keyword_settings(ArithmeticSettings, settings), progress, on_batch)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from melbo.bench.common import BenchResult
+from melbo.bench.settings import MonitorSettings
 from melbo.errors import MelboError
 from melbo.models import LoadedModel
 from melbo.settings import MONITOR_ALPHA
@@ -70,7 +71,7 @@ def bench_monitor(lm: LoadedModel, run: Run, out: str | Path, testbed: dict, *, 
     behaviours = list(testbed["config"]["triggers"])
     result = BenchResult(
         bench="monitor",
-        title="anomaly monitor: trigger inputs against held-out clean inputs and near misses",
+        title=MonitorBench.title,
         settings={"model": lm.model_id, "run": str(run.path), "perturbations": len(run), "alpha": alpha,
                   "sizes": {k: len(v) for k, v in sets.items()}, "seed": seed,
                   "examples": {k: v[:2] for k, v in sets.items()}})
@@ -81,7 +82,10 @@ def bench_monitor(lm: LoadedModel, run: Run, out: str | Path, testbed: dict, *, 
         monitor = Monitor.calibrate(run, lm, sets["calibration"], signal=signal, alpha=alpha)
         scored = {name: monitor.score(lm, prompts) for name, prompts in sets.items() if name != "calibration"}
         scores = {name: [r["score"] for r in records] for name, records in scored.items()}
-        flagged = {name: sum(r["flagged"] for r in records) / len(records) for name, records in scored.items()}
+        hits = {name: sum(bool(r["flagged"]) for r in records) for name, records in scored.items()}
+        flagged = {name: hits[name] / len(records) for name, records in scored.items()}
+        for name, records in scored.items():
+            result.add_rate(signal, f"flagged: {name}", hits[name], len(records))
         for name in behaviours + ["any trigger"]:
             positives = scores[name] if name in scores else [x for b in behaviours for x in scores[b]]
             rate = flagged[name] if name in flagged else sum(flagged[b] for b in behaviours) / len(behaviours)
@@ -94,3 +98,24 @@ def bench_monitor(lm: LoadedModel, run: Run, out: str | Path, testbed: dict, *, 
 
         write_report(Path(out))
     return result
+
+
+class MonitorBench:
+    """`bench_monitor` behind the bench interface: the run and the testbed record come in the settings."""
+
+    name = "monitor"
+    title = "anomaly monitor: trigger inputs against held-out clean inputs and near misses"
+    settings = MonitorSettings
+
+    def generations(self, s: MonitorSettings) -> int:
+        return 0  # no generation: forward passes only
+
+    def run(self, lm: LoadedModel, out: str | Path, s: MonitorSettings, progress=None, on_batch=None) -> BenchResult:
+        if s.testbed is None:
+            raise MelboError(f"{s.run_dir} was not trained on a melbo backdoor testbed: give a run made on one "
+                             "(e.g. by `melbo bench diff`)")
+        return bench_monitor(lm, Run.load(s.run_dir, model=lm), out, s.testbed, alpha=s.alpha, per_set=s.per_set,
+                             seed=s.seed, report=s.report)
+
+
+BENCHMARK = MonitorBench()
