@@ -48,7 +48,8 @@ def add_to_block_output(lm: LoadedModel, layer: int, delta: Tensor) -> Iterator[
     per_row = delta if delta.dim() == 2 else delta[None]
 
     def hook(_module, _args, output):
-        return _map_output(output, lambda h: h + per_row[:, None, :].to(h.dtype))
+        # .to(h.device): with a device map the block may sit on another GPU than the embeddings.
+        return _map_output(output, lambda h: h + per_row[:, None, :].to(h.device, h.dtype))
 
     with forward_hook(lm.blocks[layer], hook):
         yield
@@ -67,7 +68,8 @@ def add_lora(lm: LoadedModel, layer: int, a: Tensor, b: Tensor, radius: Tensor |
         x = args[0]  # [batch, T, h]
         rows = x.shape[0]
         # A single adapter (interactive use) applies to every row.
-        a_, b_, r_ = (t.expand(rows, *t.shape[1:]) if t.shape[0] == 1 else t for t in (a, b, r))
+        a_, b_, r_ = (t.expand(rows, *t.shape[1:]).to(x.device) if t.shape[0] == 1 else t.to(x.device)
+                      for t in (a, b, r))  # the block's device, which a device map may choose
         delta = torch.einsum("bth,bhr,bdr->btd", x.to(a.dtype), a_, b_) * r_
         return output + delta.to(output.dtype)
 

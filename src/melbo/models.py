@@ -172,7 +172,12 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        """Where inputs go: the embeddings' device, or, when accelerate offloaded them (weights on "meta"),
+        the device its hook runs them on."""
+        embeddings = self.model.get_input_embeddings()
+        if embeddings.weight.device.type == "meta":
+            return torch.device(getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None) or "cpu")
+        return embeddings.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -295,7 +300,9 @@ def _from_pretrained(directory: str, spec: str, device: str, dtype: torch.dtype)
         kind = getattr(config, "model_type", type(config).__name__)
         raise MelboError(f"{spec!r} is a {kind} model, not a causal language model: give a causal LM")
     try:
-        placement = {"device_map": "auto"} if device == "auto" else {}
+        # What fits on no GPU (nor in CPU memory) is offloaded to disk, beside the other caches.
+        placement = ({"device_map": "auto", "offload_folder": str(cache_dir() / "offload" / _safe_name(spec))}
+                     if device == "auto" else {})
         model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype, **placement)
     except ValueError as exc:
         raise MelboError(
@@ -315,6 +322,10 @@ def _from_pretrained(directory: str, spec: str, device: str, dtype: torch.dtype)
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+def _safe_name(spec: str) -> str:
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
 def _first_line(exc: BaseException) -> str:
