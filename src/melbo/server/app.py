@@ -13,9 +13,9 @@ import math
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -48,7 +48,9 @@ def create_app(catalog_path: Optional[str | Path] = None, model_spec: Optional[s
     app = FastAPI(title="melbo", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.melbo = state
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    _routes(app, state)
+    app.include_router(router)
+    app.add_exception_handler(MelboError, _melbo_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     return Guard(app, state.csrf, token)
 
 
@@ -92,132 +94,153 @@ LIMITS = {"prompt_chars": SERVE_MAX_PROMPT_CHARS, "max_new_tokens": SERVE_MAX_NE
           "columns": SERVE_MAX_COLUMNS, "scale": SERVE_MAX_SCALE}
 
 
-def _routes(app: FastAPI, state: _State) -> None:
-    @app.exception_handler(MelboError)
-    async def melbo_error(request: Request, exc: MelboError):
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": str(exc)}, status_code=400)
-        return state.page("error.html", 400, message=str(exc))
+async def _melbo_error(request: Request, exc: MelboError):
+    return _error(request, 400, str(exc))
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: HTTPException):
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
-        return state.page("error.html", exc.status_code, message=exc.detail)
 
-    @app.get("/favicon.ico")
-    def favicon():
-        return Response(status_code=204)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    return _error(request, exc.status_code, str(exc.detail))
 
-    @app.get("/", response_class=HTMLResponse)
-    def runs_page():
-        with state.catalog() as catalog:
-            return state.page("runs.html", runs=catalog.runs())
 
-    @app.get("/runs/{run_id}", response_class=HTMLResponse)
-    def run_page(run_id: int):
-        with state.catalog() as catalog:
-            entry = _run_entry(catalog, run_id)
-            perturbations = catalog.perturbations(run_id)
-        run, problem = state.readable_run(entry)
-        return state.page("run.html", run=entry, perturbations=perturbations, clusters=_clusters(perturbations),
-                          plots=_available_plots(run), live=_live_context(entry, perturbations, run),
-                          problem=problem)
+def _error(request: Request, status: int, message: str):
+    """A user's mistake: JSON for the API (the page's script shows it), an error page otherwise."""
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": message}, status_code=status)
+    return request.app.state.melbo.page("error.html", status, message=message)
 
-    @app.get("/runs/{run_id}/plots/{name}.png")
-    def plot(run_id: int, name: str):
-        with state.catalog() as catalog:
-            entry = _run_entry(catalog, run_id)
-        key = (run_id, name)
-        if key not in state.plots:
-            state.plots[key] = _plot_png(state.run(entry), name)
-        if state.plots[key] is None:
-            raise HTTPException(404, f"run {run_id} has no {name} plot")
-        return Response(state.plots[key], media_type="image/png")
 
-    @app.get("/behaviours/{perturbation_id}", response_class=HTMLResponse)
-    def behaviour_page(perturbation_id: int, saved: int = 0):
-        with state.catalog() as catalog:
-            item = _perturbation(catalog, perturbation_id)
-            entry = _run_entry(catalog, item.run_id)
-            completions = catalog.completions(perturbation_id)
-            similar = _similar(catalog, item)
-            siblings = catalog.perturbations(item.run_id)
-        run, problem = state.readable_run(entry)
-        return state.page("behaviour.html", run=entry, item=item, completions=completions, similar=similar,
-                          metrics=_metric_rows(item.metrics), exports=_exports_for(run), saved=bool(saved),
-                          live=_live_context(entry, siblings, run, chosen=item.index), problem=problem)
+def _state(request: Request) -> _State:
+    return request.app.state.melbo
 
-    @app.post("/behaviours/{perturbation_id}/label")
-    async def set_label(perturbation_id: int, request: Request):
-        form = await request.form()
-        # an empty field clears the human label (the automatic one shows again) or the note
-        label = _bounded_text(form.get("label"), "label", MAX_LABEL)
-        note = _bounded_text(form.get("note"), "note", MAX_NOTE)
-        with state.catalog() as catalog:
-            _perturbation(catalog, perturbation_id)
-            catalog.set_label(perturbation_id, label=label, note=note)
-        return RedirectResponse(f"/behaviours/{perturbation_id}?saved=1", status_code=303)
 
-    @app.get("/behaviours/{perturbation_id}/export/{fmt}")
-    def export(perturbation_id: int, fmt: str):
-        with state.catalog() as catalog:
-            item = _perturbation(catalog, perturbation_id)
-            entry = _run_entry(catalog, item.run_id)
-        run = state.run(entry)
-        if fmt not in _exports_for(run):
-            raise HTTPException(404, f"this run cannot be exported as {fmt}: use one of {', '.join(_exports_for(run))}")
-        name, data, media = _export(state, run, item.index, fmt, entry.id)
-        return Response(data, media_type=media, headers={"content-disposition": f'attachment; filename="{name}"'})
+State = Annotated[_State, Depends(_state)]  # every route reads the app's state through this
+router = APIRouter()
 
-    @app.get("/runs/{run_id}/chat", response_class=HTMLResponse)
-    def chat_page(run_id: int):
-        with state.catalog() as catalog:
-            entry = _run_entry(catalog, run_id)
-            perturbations = catalog.perturbations(run_id)
-        return state.page("chat.html", run=entry, perturbations=perturbations)
 
-    @app.get("/search", response_class=HTMLResponse)
-    def search_page(q: str = ""):
-        query = _bounded_text(q, "query", 200).strip()
-        with state.catalog() as catalog:
-            hits = catalog.search(query, limit=50) if query else []
-        return state.page("search.html", query=query, hits=hits)
+@router.get("/favicon.ico")
+def favicon():
+    return Response(status_code=204)
 
-    @app.post("/api/runs/{run_id}/live")
-    async def live_stream(run_id: int, request: Request):
-        run, body = await _run_and_json(state, run_id, request)
-        work = live_work(run, _live_request(body, len(run)))
-        return _ndjson(state.engine.events(work, request.is_disconnected))
 
-    @app.post("/api/runs/{run_id}/chat")
-    async def chat_stream(run_id: int, request: Request):
-        run, body = await _run_and_json(state, run_id, request)
-        work = chat_work(run, _chat_request(body, len(run)))
-        return _ndjson(state.engine.events(work, request.is_disconnected))
+@router.get("/", response_class=HTMLResponse)
+def runs_page(state: State):
+    with state.catalog() as catalog:
+        return state.page("runs.html", runs=catalog.runs())
 
-    @app.post("/runs/{run_id}/live", response_class=HTMLResponse)
-    async def live_form(run_id: int, request: Request):
-        """Try it live without JavaScript: the same generation, rendered when it is complete."""
-        with state.catalog() as catalog:
-            entry = _run_entry(catalog, run_id)
-        run = state.run(entry)
-        form = await request.form()
-        body = {"prompt": form.get("prompt"), "perturbations": [_int(v, "perturbation") for v in
-                                                                  form.getlist("perturbations")],
-                "scale": _float(form.get("scale"), "scale"), "max_new_tokens": _int(form.get("max_new_tokens"),
-                                                                                      "max new tokens"),
-                "random": form.get("random") == "on"}
-        columns, texts = [], []
-        async for event in state.engine.events(live_work(run, _live_request(body, len(run))),
-                                               request.is_disconnected):
-            if "error" in event:
-                raise MelboError(event["error"])
-            columns = event.get("columns", columns)
-            texts = texts or [""] * len(columns)
-            for k, delta in enumerate(event.get("delta", [])):
-                texts[k] += delta
-        return state.page("live_result.html", run=entry, prompt=body["prompt"], columns=list(zip(columns, texts)))
+
+@router.get("/runs/{run_id}", response_class=HTMLResponse)
+def run_page(run_id: int, state: State):
+    with state.catalog() as catalog:
+        entry = _run_entry(catalog, run_id)
+        perturbations = catalog.perturbations(run_id)
+    run, problem = state.readable_run(entry)
+    return state.page("run.html", run=entry, perturbations=perturbations, clusters=_clusters(perturbations),
+                      plots=_available_plots(run), live=_live_context(entry, perturbations, run),
+                      problem=problem)
+
+
+@router.get("/runs/{run_id}/plots/{name}.png")
+def plot(run_id: int, name: str, state: State):
+    with state.catalog() as catalog:
+        entry = _run_entry(catalog, run_id)
+    key = (run_id, name)
+    if key not in state.plots:
+        state.plots[key] = _plot_png(state.run(entry), name)
+    if state.plots[key] is None:
+        raise HTTPException(404, f"run {run_id} has no {name} plot")
+    return Response(state.plots[key], media_type="image/png")
+
+
+@router.get("/behaviours/{perturbation_id}", response_class=HTMLResponse)
+def behaviour_page(perturbation_id: int, state: State, saved: int = 0):
+    with state.catalog() as catalog:
+        item = _perturbation(catalog, perturbation_id)
+        entry = _run_entry(catalog, item.run_id)
+        completions = catalog.completions(perturbation_id)
+        similar = _similar(catalog, item)
+        siblings = catalog.perturbations(item.run_id)
+    run, problem = state.readable_run(entry)
+    return state.page("behaviour.html", run=entry, item=item, completions=completions, similar=similar,
+                      metrics=_metric_rows(item.metrics), exports=_exports_for(run), saved=bool(saved),
+                      live=_live_context(entry, siblings, run, chosen=item.index), problem=problem)
+
+
+@router.post("/behaviours/{perturbation_id}/label")
+async def set_label(perturbation_id: int, request: Request, state: State):
+    form = await request.form()
+    # an empty field clears the human label (the automatic one shows again) or the note
+    label = _bounded_text(form.get("label"), "label", MAX_LABEL)
+    note = _bounded_text(form.get("note"), "note", MAX_NOTE)
+    with state.catalog() as catalog:
+        _perturbation(catalog, perturbation_id)
+        catalog.set_label(perturbation_id, label=label, note=note)
+    return RedirectResponse(f"/behaviours/{perturbation_id}?saved=1", status_code=303)
+
+
+@router.get("/behaviours/{perturbation_id}/export/{fmt}")
+def export(perturbation_id: int, fmt: str, state: State):
+    with state.catalog() as catalog:
+        item = _perturbation(catalog, perturbation_id)
+        entry = _run_entry(catalog, item.run_id)
+    run = state.run(entry)
+    if fmt not in _exports_for(run):
+        raise HTTPException(404, f"this run cannot be exported as {fmt}: use one of {', '.join(_exports_for(run))}")
+    name, data, media = _export(state, run, item.index, fmt, entry.id)
+    return Response(data, media_type=media, headers={"content-disposition": f'attachment; filename="{name}"'})
+
+
+@router.get("/runs/{run_id}/chat", response_class=HTMLResponse)
+def chat_page(run_id: int, state: State):
+    with state.catalog() as catalog:
+        entry = _run_entry(catalog, run_id)
+        perturbations = catalog.perturbations(run_id)
+    return state.page("chat.html", run=entry, perturbations=perturbations)
+
+
+@router.get("/search", response_class=HTMLResponse)
+def search_page(state: State, q: str = ""):
+    query = _bounded_text(q, "query", 200).strip()
+    with state.catalog() as catalog:
+        hits = catalog.search(query, limit=50) if query else []
+    return state.page("search.html", query=query, hits=hits)
+
+
+@router.post("/api/runs/{run_id}/live")
+async def live_stream(run_id: int, request: Request, state: State):
+    run, body = await _run_and_json(state, run_id, request)
+    work = live_work(run, _live_request(body, len(run)))
+    return _ndjson(state.engine.events(work, request.is_disconnected))
+
+
+@router.post("/api/runs/{run_id}/chat")
+async def chat_stream(run_id: int, request: Request, state: State):
+    run, body = await _run_and_json(state, run_id, request)
+    work = chat_work(run, _chat_request(body, len(run)))
+    return _ndjson(state.engine.events(work, request.is_disconnected))
+
+
+@router.post("/runs/{run_id}/live", response_class=HTMLResponse)
+async def live_form(run_id: int, request: Request, state: State):
+    """Try it live without JavaScript: the same generation, rendered when it is complete."""
+    with state.catalog() as catalog:
+        entry = _run_entry(catalog, run_id)
+    run = state.run(entry)
+    form = await request.form()
+    body = {"prompt": form.get("prompt"), "perturbations": [_int(v, "perturbation") for v in
+                                                              form.getlist("perturbations")],
+            "scale": _float(form.get("scale"), "scale"), "max_new_tokens": _int(form.get("max_new_tokens"),
+                                                                                  "max new tokens"),
+            "random": form.get("random") == "on"}
+    columns, texts = [], []
+    async for event in state.engine.events(live_work(run, _live_request(body, len(run))),
+                                           request.is_disconnected):
+        if "error" in event:
+            raise MelboError(event["error"])
+        columns = event.get("columns", columns)
+        texts = texts or [""] * len(columns)
+        for k, delta in enumerate(event.get("delta", [])):
+            texts[k] += delta
+    return state.page("live_result.html", run=entry, prompt=body["prompt"], columns=list(zip(columns, texts)))
 
 
 # ------------------------------------------------------------------------------------------------ lookups
