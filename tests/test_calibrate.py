@@ -112,3 +112,10 @@ def test_discover_radius_calibrate_from_the_command_line(model_dir, tmp_path, ca
     assert code == 0, stderr
     config = melbo.Run.load(out).config
     assert config["settings"]["radius"] == "calibrate" and config["radius"] == config["radius_calibration"]["radius"]
+
+
+def test_a_sweep_cannot_take_calibrate_as_one_of_its_radii():
+    from melbo.sweep import parse_radii
+
+    with pytest.raises(MelboError, match="measured by a discovery run"):
+        parse_radii("0.1x,calibrate")

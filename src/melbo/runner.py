@@ -48,12 +48,14 @@ def parse_radius(spec: str) -> tuple[float, bool]:
     text = str(spec).strip().lower()
     if text == "auto":
         raise MelboError("radius 'auto' needs a sweep: pass melbo.sweep.goldilocks_radius(lm, prompts) as radius")
+    if is_calibrate(text):
+        raise MelboError("radius 'calibrate' is measured by a discovery run (melbo.calibrate): give a number here, "
+                         "e.g. 0.2x")
     relative = text.endswith("x")
     try:
         value = float(text[:-1] if relative else text)
     except ValueError:
-        raise MelboError(f"radius {spec!r} is not a number: use e.g. 4.0 (absolute), 0.5x (relative) or calibrate"
-                         ) from None
+        raise MelboError(f"radius {spec!r} is not a number: use e.g. 4.0 (absolute) or 0.5x (relative)") from None
     if not value > 0 or not math.isfinite(value):
         raise MelboError(f"radius must be > 0, got {spec!r}: use e.g. 4.0 or 0.5x")
     return value, relative
