@@ -278,3 +278,20 @@ def test_more_held_out_pairs_than_exist_is_refused():
     with pytest.raises(MelboError, match="distinct 2x1 pairs"):
         held_out_pairs(700, "2x1")
     assert len(set(held_out_pairs(50, "2x1"))) == 50
+
+
+def test_cli_quick_bench_keeps_explicit_options(tmp_path, capsys, smol):
+    from conftest import run_cli
+
+    out = tmp_path / "cli"
+    code, _, err = run_cli(["bench", "arithmetic", "--model", "smollm2-135m", "--quick", "--problems", "2",
+                            "--out", str(out)], capsys)
+    assert code == 0, err
+    doc = json.loads((out / BENCH).read_text())
+    _check_schema(doc, "arithmetic")
+    quick = ArithmeticSettings.quick()
+    assert doc["settings"]["problems"] == 2 and doc["settings"]["select"] == quick.select
+    assert doc["settings"]["steps"] == quick.steps and doc["settings"]["max_new_tokens"] == quick.max_new_tokens
+    _check_rates(doc)
+    code, _, err = run_cli(["bench", "arithmetic", "--quick", "--seeds", "0", "--out", str(tmp_path / "s")], capsys)
+    assert code == 2 and "--seeds" in err and "Traceback" not in err

@@ -181,6 +181,11 @@ def keyword_settings(cls: type, settings: dict):
     return cls(**{**settings, "discover": {**settings.get("discover", {}), **extra}})
 
 
+def check_seeds(seeds: int) -> None:
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise MelboError(f"--seeds must be a whole number ≥ 1, got {seeds!r}")
+
+
 def run_seeds(bench: Bench, lm, out: str | Path, settings, seeds: int = 1, progress: Progress = None,
               on_batch: OnBatch = None) -> BenchResult:
     """`bench` over `seeds` consecutive discovery seeds from settings.seed.
@@ -188,8 +193,7 @@ def run_seeds(bench: Bench, lm, out: str | Path, settings, seeds: int = 1, progr
     One seed runs straight into `out`. Several run into `out/seed-<s>/` each, and `out/bench.json` aggregates
     them: every rate of the runs' "rates" tables as its mean over seeds with a bootstrap interval over seeds.
     """
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise MelboError(f"--seeds must be a whole number ≥ 1, got {seeds!r}")
+    check_seeds(seeds)
     if seeds == 1:
         return bench.run(lm, out, settings, progress, on_batch)
     from melbo.files import make_output_dir

@@ -16,6 +16,7 @@ from rich.table import Table
 from melbo.bench.settings import (ArithmeticSettings, BackdoorSettings, BenchSettings, DiffSettings, MonitorSettings,
                                   RefusalSettings, default)
 from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ThreadsOpt, app, err, interruptible, load, out, parse_positions
+from melbo.cli.catalog import record
 from melbo.cli.progress import JobDisplay, plant_progress
 from melbo.errors import MelboError
 
@@ -29,8 +30,8 @@ testbed_app = typer.Typer(help="Models with planted hidden behaviours, to benchm
                           no_args_is_help=True)
 app.add_typer(testbed_app, name="testbed")
 
-# Options every bench command that trains takes, added to each by `bench_command` (one object each: the same flag,
-# help and default everywhere; defaults from melbo.bench.settings).
+# Options every bench command that trains takes, added to each by `bench_command` (one object each: the same flag
+# and help everywhere; each bench's defaults from its settings class in melbo.bench.settings).
 SHARED = (
     ("steps", int, typer.Option(default(BenchSettings, "steps"), help="Optimiser steps per batch.")),
     ("source", Optional[int], typer.Option(None, help="Source block (default 8, or depth//3 for shallow models).")),
@@ -39,45 +40,52 @@ SHARED = (
     ("seed", int, typer.Option(default(BenchSettings, "seed"), help="Discovery seed (the first one with --seeds).")),
     ("seeds", int, typer.Option(1, help="Repeat over K discovery seeds (seed, seed+1, …) and aggregate: mean and "
                                        "interval over seeds; each seed's run goes to OUT/seed-S.")),
+    ("quick", bool, typer.Option(False, "--quick", help="Scaled-down settings (seconds, for CI): checks the output, "
+                                                        "not the numbers; options given explicitly still apply.")),
     ("device", str, DeviceOpt),
     ("dtype", str, DtypeOpt),
     ("threads", Optional[int], ThreadsOpt),
 )
+NOT_SETTINGS = ("seeds", "quick", "device", "dtype", "threads")
+
+
+def per_bench(cls: type, name: str) -> tuple:
+    """The options whose default differs between benches, read from the bench's settings class."""
+    return (
+        ("n_vectors", int, typer.Option(default(cls, "n_vectors"), "--n-vectors", "-n", help="Perturbations to learn.")),
+        ("n_random", Optional[int], typer.Option(default(cls, "n_random"), "--random", help="Random vectors of the "
+                                                 "same norm, the control (default: as many as learned).")),
+        ("radius", str, typer.Option(default(cls, "radius"), help="R: absolute (4.0) or relative to the source "
+                                                                  "residual norm (0.3x).")),
+        ("max_new_tokens", int, typer.Option(default(cls, "max_new_tokens"), help="Tokens to generate per completion.")),
+        ("out_dir", Optional[Path], typer.Option(None, "--out", "-o", help=f"Run directory (default "
+                                                                            f"runs/bench-{name}-<time>).")),
+    )
+
+
 TestbedModelOpt = typer.Option("auto", "--model", "-m",
                                help="A testbed's merged model directory, or auto (plant or reuse the default testbed).")
 CleanPromptOpt = typer.Option(None, help="The clean prompt (default: What is 4 + 6?).")
 BenchModelOpt = typer.Option(None, "--model", "-m", help="Model (default qwen2.5-coder-0.5b).")
-TestbedRandomOpt = typer.Option(None, help="Random vectors of the same norm to compare (default: as many).")
-QuickOpt = typer.Option(False, "--quick", help="Scaled-down settings (seconds, for CI): checks the output, not the numbers.")
+PositionsOpt = typer.Option("all", help="Token positions: all, last:K, or JSON per-prompt indices.")
 
 
-def radius_option(cls: type) -> typer.models.OptionInfo:
-    return typer.Option(default(cls, "radius"), help="R: absolute (4.0) or relative to the source residual norm (0.3x).")
-
-
-def tokens_option(cls: type) -> typer.models.OptionInfo:
-    return typer.Option(default(cls, "max_new_tokens"), help="Tokens to generate per completion.")
-
-
-def n_vectors_option(cls: type, help: str) -> typer.models.OptionInfo:
-    return typer.Option(default(cls, "n_vectors"), "--n-vectors", "-n", help=help)
-
-
-def out_option(bench: str) -> typer.models.OptionInfo:
-    return typer.Option(None, "--out", "-o", help=f"Run directory (default runs/bench-{bench}-<time>).")
-
-
-def bench_command(name: str):
-    """Register `fn` as `melbo bench NAME` with the SHARED options appended; fn receives them as `shared`."""
+def bench_command(name: str, cls: type):
+    """Register `fn(..., shared)` as `melbo bench NAME`, its own options followed by the per-bench and SHARED ones;
+    fn receives those as the dict `shared`."""
     def register(fn):
+        added = per_bench(cls, name) + SHARED
         signature = inspect.signature(fn)
         params = [p for p in signature.parameters.values() if p.name != "shared"]
         params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind)
-                   for n, kind, opt in SHARED]
+                   for n, kind, opt in added]
 
         @functools.wraps(fn)
         def command(**kwargs):
-            return fn(shared={n: kwargs.pop(n) for n, _, _ in SHARED}, **kwargs)
+            from melbo.bench.common import check_seeds
+
+            check_seeds(kwargs["seeds"])  # before any model loads
+            return fn(shared={n: kwargs.pop(n) for n, _, _ in added}, **kwargs)
 
         command.__signature__ = signature.replace(parameters=params)
         bench_app.command(name)(command)
@@ -85,13 +93,12 @@ def bench_command(name: str):
     return register
 
 
-def _settings(cls: type, shared: dict, quick: bool = False, **given):
+def _settings(cls: type, shared: dict, **given):
     """The bench's settings: the shared options, then the command's own (on top of `quick()` with --quick)."""
-    base = cls.quick() if quick else cls()
-    fields = {**{k: v for k, v in shared.items() if k not in ("seeds", "device", "dtype", "threads")}, **given}
-    if quick:  # --quick keeps the scaled-down budget unless an option moved off its default
-        fields = {k: v for k, v in fields.items() if v != default(cls, k)}
-    return dataclasses.replace(base, **fields)
+    fields = {**{k: v for k, v in shared.items() if k not in NOT_SETTINGS and k != "out_dir"}, **given}
+    if shared["quick"]:  # the scaled-down budget, except what moved off its default
+        return dataclasses.replace(cls.quick(), **{k: v for k, v in fields.items() if v != default(cls, k)})
+    return dataclasses.replace(cls(), **fields)
 
 
 def _bench_finish(result, path: Path) -> None:
@@ -139,69 +146,50 @@ def _testbed(model: str) -> tuple[str, Optional[dict]]:
         return backdoor.resolve_model(model, progress=plant_update)
 
 
-@bench_command("arithmetic")
+@bench_command("arithmetic", ArithmeticSettings)
 def bench_arithmetic(
     model: Optional[str] = BenchModelOpt,
-    n_vectors: int = n_vectors_option(ArithmeticSettings, "Vectors to learn on the one training prompt."),
-    random: Optional[int] = TestbedRandomOpt,
-    radius: str = radius_option(ArithmeticSettings),
     problems: int = typer.Option(default(ArithmeticSettings, "problems"), help="Problems the chosen vectors are scored on."),
     select: int = typer.Option(default(ArithmeticSettings, "select"), help="Other problems the best vector is chosen on."),
     digits: str = typer.Option(default(ArithmeticSettings, "digits"), help="2x2 (2-digit × 2-digit) or 2x1."),
-    max_new_tokens: int = tokens_option(ArithmeticSettings),
     chat: bool = typer.Option(False, "--chat/--raw", help="Chat-format the prompt (default: raw text)."),
-    quick: bool = QuickOpt,
-    out_dir: Optional[Path] = out_option("arithmetic"),
     blocks_path: Optional[str] = BlocksOpt,
     shared: dict = None,
 ) -> None:
     """Capability discovery: the best of N learned vs N random vectors (chosen on other problems) vs unsteered."""
     from melbo.bench import arithmetic as bench
 
-    settings = _settings(ArithmeticSettings, shared, quick, n_vectors=n_vectors, n_random=random, radius=radius,
-                         problems=problems, select=select, digits=digits, max_new_tokens=max_new_tokens, chat=chat)
-    path = _bench_path(out_dir, "arithmetic")
+    settings = _settings(ArithmeticSettings, shared, problems=problems, select=select, digits=digits, chat=chat)
+    path = _bench_path(shared["out_dir"], "arithmetic")
     lm = load(model or bench.DEFAULT_MODEL, shared["device"], shared["dtype"], blocks_path, shared["threads"])
     _run_bench("arithmetic", lm, path, settings, shared["seeds"])
 
 
-@bench_command("refusal")
+@bench_command("refusal", RefusalSettings)
 def bench_refusal(
     prompt: str = typer.Option(default(RefusalSettings, "prompt"), help="The harmful request to train on."),
     model: Optional[str] = BenchModelOpt,
-    n_vectors: int = n_vectors_option(RefusalSettings, "Vectors to learn."),
-    random: int = typer.Option(default(RefusalSettings, "n_random"), help="Random vectors of the same norm (baseline)."),
-    radius: str = radius_option(RefusalSettings),
     requests: Optional[int] = typer.Option(None, help="Use only the first K shipped harmful and innocuous requests."),
-    max_new_tokens: int = tokens_option(RefusalSettings),
-    quick: bool = QuickOpt,
-    out_dir: Optional[Path] = out_option("refusal"),
     blocks_path: Optional[str] = BlocksOpt,
     shared: dict = None,
 ) -> None:
     """Red-teaming: how many learned vs random vectors stop a refusal; do the chosen ones generalise?"""
     from melbo.bench import refusal as bench
 
-    settings = _settings(RefusalSettings, shared, quick, prompt=prompt, n_vectors=n_vectors, n_random=random,
-                         radius=radius, requests=requests, max_new_tokens=max_new_tokens)
-    path = _bench_path(out_dir, "refusal")
+    settings = _settings(RefusalSettings, shared, prompt=prompt, requests=requests)
+    path = _bench_path(shared["out_dir"], "refusal")
     lm = load(model or bench.DEFAULT_MODEL, shared["device"], shared["dtype"], blocks_path, shared["threads"])
     _run_bench("refusal", lm, path, settings, shared["seeds"])
 
 
-@bench_command("backdoor")
+@bench_command("backdoor", BackdoorSettings)
 def bench_backdoor_command(
     model: str = TestbedModelOpt,
-    n_vectors: int = n_vectors_option(BackdoorSettings, "Orthogonal vectors trained on the clean prompt."),
-    random: Optional[int] = TestbedRandomOpt,
-    radius: str = radius_option(BackdoorSettings),
     prompt: Optional[str] = CleanPromptOpt,
     n_prompts: int = typer.Option(1, "--prompts", help="Train on K clean prompts (default 1; ignored with --prompt)."),
-    positions: str = typer.Option("all", help="Token positions: all, last:K, or JSON per-prompt indices."),
+    positions: str = PositionsOpt,
     p: float = typer.Option(2.0, "--p", help="The objective's p (2: the seed's; 4 weighs large changes more)."),
     detect: List[str] = typer.Option(None, "--detect", help="Custom detector NAME=REGEX (repeatable)."),
-    max_new_tokens: int = tokens_option(BackdoorSettings),
-    out_dir: Optional[Path] = out_option("backdoor"),
     shared: dict = None,
 ) -> None:
     """Backdoor discovery: do vectors trained on clean prompts elicit the planted behaviours? (recall vs random)"""
@@ -213,34 +201,28 @@ def bench_backdoor_command(
             if not sep or not name.strip() or not pattern:
                 raise MelboError(f"--detect {item!r} is not NAME=REGEX: use e.g. --detect 'cheese=love cheese'")
             detectors.setdefault(name.strip(), []).append(pattern)
-    path = _bench_path(out_dir, "backdoor")
+    path = _bench_path(shared["out_dir"], "backdoor")
     spec, record = _testbed(model)
-    settings = _settings(BackdoorSettings, shared, n_vectors=n_vectors, n_random=random, radius=radius,
-                         prompts=[prompt] if prompt else None, n_prompts=n_prompts, detectors=detectors,
-                         testbed=record, max_new_tokens=max_new_tokens, report=False,
+    settings = _settings(BackdoorSettings, shared, prompts=[prompt] if prompt else None, n_prompts=n_prompts,
+                         detectors=detectors, testbed=record, report=False,
                          discover={"positions": parse_positions(positions), "p": p})
     lm = load(spec, shared["device"], shared["dtype"], None, shared["threads"])
     _run_bench("backdoor", lm, path, settings, shared["seeds"])
 
 
-@bench_command("diff")
+@bench_command("diff", DiffSettings)
 def bench_diff_command(
     model: str = TestbedModelOpt,
     reference: Optional[str] = typer.Option(None, "--reference", "-r", help="The reference (default: the testbed's base)."),
     contrast: List[str] = typer.Option(None, "--contrast", help="Contrastive forms to compare (repeatable; default difference)."),
-    n_vectors: int = n_vectors_option(DiffSettings, "Perturbations per arm (recall is read at 8, 16, 32, 64)."),
-    random: Optional[int] = TestbedRandomOpt,
-    radius: str = radius_option(DiffSettings),
-    positions: str = typer.Option("all", help="Token positions: all, last:K, or JSON per-prompt indices."),
+    positions: str = PositionsOpt,
     prompt: Optional[str] = CleanPromptOpt,
-    max_new_tokens: int = tokens_option(DiffSettings),
-    out_dir: Optional[Path] = out_option("diff"),
     shared: dict = None,
 ) -> None:
     """Audit mode on the backdoor testbed: plain discovery vs diff vs random, recall per budget."""
     forms = contrast or ["difference"]
     arms = {"discover": {}, **{("diff" if len(forms) == 1 else f"diff-{f}"): {"contrast": f} for f in forms}}
-    path = _bench_path(out_dir, "diff")
+    path = _bench_path(shared["out_dir"], "diff")
     spec, record = _testbed(model)
     ref_spec = reference or (record["config"]["base_spec"] if record else None)
     if ref_spec is None:
@@ -248,8 +230,8 @@ def bench_diff_command(
     lm = load(spec, shared["device"], shared["dtype"], None, shared["threads"])
     ref = load(ref_spec, shared["device"], shared["dtype"], None, shared["threads"])
     settings = _settings(DiffSettings, shared, testbed=record, arms=arms, reference=ref,
-                         prompts=[prompt] if prompt else None, n_vectors=n_vectors, n_random=random, radius=radius,
-                         max_new_tokens=max_new_tokens, report=False, discover={"positions": parse_positions(positions)})
+                         prompts=[prompt] if prompt else None, report=False,
+                         discover={"positions": parse_positions(positions)})
     _run_bench("diff", lm, path, settings, shared["seeds"])
 
 
