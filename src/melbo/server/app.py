@@ -133,10 +133,12 @@ def run_page(run_id: int, state: State):
     with state.catalog() as catalog:
         entry = _run_entry(catalog, run_id)
         perturbations = catalog.perturbations(run_id)
+        samples = {p.id: next(iter(catalog.completions(p.id)), None) for p in perturbations}
+        unsteered = catalog.unsteered(run_id)
     run, problem = state.readable_run(entry)
     return state.page("run.html", run=entry, perturbations=perturbations, clusters=_clusters(perturbations),
-                      plots=_available_plots(run), live=_live_context(entry, perturbations, run),
-                      problem=problem)
+                      samples=samples, unsteered=unsteered, plots=_available_plots(run),
+                      live=_live_context(entry, perturbations, run), problem=problem)
 
 
 @router.get("/runs/{run_id}/plots/{name}.png")
