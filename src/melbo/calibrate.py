@@ -28,7 +28,7 @@ from torch import Tensor
 from melbo.checks import check_finite, check_whole
 from melbo.errors import MelboError
 from melbo.intervention import add_to_block_output
-from melbo.methods.jacobian import _jvp
+from melbo.methods.jacobian import jvp
 from melbo.models import LoadedModel
 from melbo.objective import TargetProbe
 from melbo.prompts import PromptBatch
@@ -105,7 +105,7 @@ def calibrate_radius(
     probe = TargetProbe(lm, batch, source, target, source, "fp32")  # finite differences: full precision
     x = torch.randn(samples, lm.width, generator=torch.Generator().manual_seed(seed))
     v = x / x.norm(dim=-1, keepdim=True)
-    linear = _jvp(probe, v, FD_EPS * norm)  # [m, P, T, d], masked
+    linear = jvp(probe, v, FD_EPS * norm)  # [m, P, T, d], masked
     if not torch.isfinite(linear).all() or not linear.abs().sum() > 0:
         raise MelboError(f"block {target} does not respond to block {source} here: pick other layers or prompts")
     evaluations = 0

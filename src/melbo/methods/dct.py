@@ -43,7 +43,7 @@ from torch import Tensor
 
 from melbo.intervention import SteeringVectors, add_to_block_output
 from melbo.methods.base import Fit, Params, Setting, StepCallback, check_orthogonal_fit
-from melbo.methods.jacobian import _vjp, jacobian_directions
+from melbo.methods.jacobian import jacobian_directions, vjp
 from melbo.models import LoadedModel
 from melbo.objective import TargetProbe
 from melbo.prompts import PromptBatch
@@ -114,7 +114,7 @@ def start(probe: TargetProbe, k: int, generator: torch.Generator, previous: Opti
         return jacobian_directions(probe, k, iterations, generator, eps, previous)[0]
     shape = (k, *probe.z0.shape)
     g = torch.randn(shape, generator=generator) * probe.batch.token_mask[None, :, :, None]
-    return torch.cat([_vjp(probe, part.to(probe.z0.device)) for part in g.split(_chunk(probe))])
+    return torch.cat([vjp(probe, part.to(probe.z0.device)) for part in g.split(_chunk(probe))])
 
 
 def _chunk(probe: TargetProbe) -> int:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from melbo.settings import DiscoverConfig
 
 
-def _jvp(probe: TargetProbe, v: Tensor, eps: float) -> Tensor:
+def jvp(probe: TargetProbe, v: Tensor, eps: float) -> Tensor:
     """J v for each row of v ([k, d]) by a central difference, restricted to the objective's positions."""
     k, prompts = v.shape[0], len(probe.batch)
     delta = torch.cat([v, -v]) * eps
@@ -41,7 +41,7 @@ def _jvp(probe: TargetProbe, v: Tensor, eps: float) -> Tensor:
     return u * probe.batch.token_mask.to(u.device)[None, :, :, None]
 
 
-def _vjp(probe: TargetProbe, u: Tensor) -> Tensor:
+def vjp(probe: TargetProbe, u: Tensor) -> Tensor:
     """Jᵀ u for each row of u ([k, P, T, d]): gradient of ⟨Z(θ_k), u_k⟩ w.r.t. θ_k at θ_k = 0."""
     k, prompts = u.shape[0], len(probe.batch)
     theta = torch.zeros(k, probe.lm.width, device=probe.lm.device, requires_grad=True)
@@ -75,7 +75,7 @@ def jacobian_directions(
     v = torch.linalg.qr(deflate(torch.randn(k, d, generator=generator)).T).Q.T  # [k, d], orthonormal rows
     history = torch.zeros(k, iterations + 1)
     for step in range(iterations + 1):
-        w = deflate(_vjp(probe, _jvp(probe, v, eps)))  # JᵀJ v
+        w = deflate(vjp(probe, jvp(probe, v, eps)))  # JᵀJ v
         history[:, step] = (w * v).sum(-1)  # Rayleigh quotients
         if on_step:
             on_step(step, history[:, step])
