@@ -89,3 +89,40 @@ def test_objective_formula_on_known_numbers():
     mask = torch.tensor([[True, True, False]])
     assert melbo_objective(z, z0, mask, p=2, q=1).item() == pytest.approx(26.0)
     assert melbo_objective(z, z0, mask, p=4, q=4).item() == pytest.approx(626 ** 0.25)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
+def test_slice_through_every_block_equals_full_forward_with_per_layer_attention(arch):
+    # Block 0 → the last but one (the last hidden state HF returns is after the final norm): gemma3 alternates
+    # sliding and full attention, so the slice's blocks each get their own mask.
+    lm = tiny_lm(arch)
+    ids = prompts_ids()
+    batch = batch_from_ids(ids)
+    last = len(lm.blocks) - 2
+    theta = torch.randn(lm.width, generator=torch.Generator().manual_seed(1)) * 2
+    probe = TargetProbe(lm, batch, 0, last, 0)
+    assert probe.slice is not None and len(probe.slice.blocks) == last >= 2
+    z = probe(2, lambda: add_to_block_output(lm, 0, torch.stack([theta, -theta]).repeat_interleave(len(batch), 0)))
+    for k, sign in enumerate((1, -1)):
+        for i, prompt in enumerate(ids):
+            x = torch.tensor([prompt])
+            with add_to_block_output(lm, 0, sign * theta):
+                full = lm.model(x, output_hidden_states=True).hidden_states[last + 1][0]
+            real = batch.token_mask[i]
+            torch.testing.assert_close(z[k, i][real], full, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_probe_uses_copies_and_leaves_the_model_fp32():
+    lm = tiny_lm("llama")
+    batch = batch_from_ids(prompts_ids())
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    fp32, bf16 = TargetProbe(lm, batch, 0, 3, 0, "fp32"), TargetProbe(lm, batch, 0, 3, 0, "bf16")
+    assert all(next(b.parameters()).dtype == torch.bfloat16 for b in bf16.slice.blocks)
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+    theta = torch.randn(3, lm.width, generator=torch.Generator().manual_seed(2)) * 3
+    delta = theta.repeat_interleave(len(batch), 0)
+    values = [melbo_objective(p(3, lambda: add_to_block_output(lm, 0, delta)), p.z0, batch.token_mask)
+              for p in (fp32, bf16, bf16)]
+    torch.testing.assert_close(values[1], values[2], rtol=0, atol=0)  # deterministic
+    torch.testing.assert_close(values[1], values[0], rtol=0.1, atol=0)  # bf16 rounding, not another function
+    assert melbo_objective(bf16(1, lambda: torch.no_grad()), bf16.z0, batch.token_mask).item() == 0.0

@@ -3,8 +3,8 @@
     F(θ) = Σ_i ( Σ_{t∈I_i} ‖Z_{i,t}(θ) − Z_{i,t}(0)‖₂^p )^{1/q}
 
 `TargetProbe` evaluates Z(θ) for a batch of perturbations with only the necessary work: the output of the
-blocks before the perturbation is computed once and replayed (blocks 0..s never depend on θ), and the forward
-pass stops at block t by raising out of the target block's hook (no later block, no LM head).
+blocks before the perturbation is computed once and replayed (blocks 0..s never depend on θ), and only the
+blocks from there to t run, called directly (`melbo.blockslice`: no embedding, no later block, no LM head).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Callable, ContextManager, Iterator, Protocol
 import torch
 from torch import Tensor
 
+from melbo.blockslice import BlockSlice, model_inputs
 from melbo.errors import MelboError
 from melbo.intervention import _map_output, forward_hook
 from melbo.models import LoadedModel
@@ -149,14 +150,10 @@ def block_outputs(
         for k in set(layers):
             stack.enter_context(forward_hook(lm.blocks[k], capture(k)))
         try:
-            lm.model(**_inputs(lm, batch.repeat(1)), use_cache=False)
+            lm.model(**model_inputs(lm, batch.repeat(1)), use_cache=False)
         except _Stop:
             pass
     return captured
-
-
-def _inputs(lm: LoadedModel, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.to(lm.device) for k, v in inputs.items()}
 
 
 @contextmanager
@@ -174,9 +171,9 @@ class TargetProbe:
     """Z at block `target` for batches of perturbations applied at block `source`.
 
     `replay_upto` is the last block whose output does not depend on the perturbation: `source` for steering
-    vectors (added to block s's output), `source - 1` for adapters (which act inside block s); −1 = no replay.
-    With precision "bf16" the unsteered pass runs under the same autocast as the steered ones, so that
-    rounding never masquerades as a change.
+    vectors (added to block s's output), `source - 1` for adapters (which act inside block s); −1 = no replay
+    (then the whole model runs, stopped at the target). The unsteered Z(0) goes through exactly the path the
+    steered passes take (autocast, bf16 block copies), so that rounding never masquerades as a change.
     """
 
     def __init__(
@@ -187,11 +184,18 @@ class TargetProbe:
         self.precision = resolve_precision(precision, lm.device)
         wanted = [target] + ([replay_upto] if replay_upto >= 0 else [])
         outputs = block_outputs(lm, batch, wanted, self.precision)
-        self.z0 = outputs[target]  # [P, T, d]
         self.cached = outputs.get(replay_upto)
+        self.slice = None
+        if replay_upto >= 0:
+            self.slice = BlockSlice(lm, batch, replay_upto + 1, target, keep=source, bf16=self.precision == "bf16")
+            with torch.no_grad():
+                outputs[target] = self(1, nullcontext)[0]
+        self.z0 = outputs[target]  # [P, T, d]
 
     def __call__(self, copies: int, perturb: Callable[[], ContextManager]) -> Tensor:
         """Run `copies` copies of the prompt batch (row = copy * P + prompt) under `perturb()` → [copies, P, T, d]."""
+        if self.slice is not None:
+            return self._through_slice(copies, perturb)
         captured: list[Tensor] = []
 
         def stop(_m, _a, output):
@@ -201,11 +205,18 @@ class TargetProbe:
         with _steered(self, copies, perturb) as stack:
             stack.enter_context(forward_hook(self.lm.blocks[self.target], stop))
             try:
-                self.lm.model(**_inputs(self.lm, self.batch.repeat(copies)), use_cache=False)
+                self.lm.model(**model_inputs(self.lm, self.batch.repeat(copies)), use_cache=False)
             except _Stop:
                 pass
         z = captured[0]
         return z.reshape(copies, *self.z0.shape)
+
+    def _through_slice(self, copies: int, perturb: Callable[[], ContextManager]) -> Tensor:
+        replayed = self.lm.blocks[self.replay_upto]  # returns the cache; the perturbation's hooks still run on it
+        with _steered(self, copies, perturb):
+            out = replayed(self.cached.repeat(copies, 1, 1))
+            z = self.slice(out[0] if isinstance(out, tuple) else out, copies)
+        return z.float().reshape(copies, *self.batch.input_ids.shape, -1)
 
     def residual_norm(self) -> float:
         return residual_norm(self.lm, self.batch, self.source)
@@ -245,5 +256,5 @@ class OutputProbe:
 
     def __call__(self, copies: int, perturb: Callable[[], ContextManager]) -> Tensor:
         with _steered(self, copies, perturb):
-            logits = self.lm.model(**_inputs(self.lm, self.batch.repeat(copies)), use_cache=False).logits
+            logits = self.lm.model(**model_inputs(self.lm, self.batch.repeat(copies)), use_cache=False).logits
         return logits.float().log_softmax(-1).reshape(copies, *self.batch.input_ids.shape, -1)
