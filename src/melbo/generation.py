@@ -188,9 +188,10 @@ def stream_rows(
 ) -> Iterator[list[str]]:
     """`generate_rows` for one batch, one token at a time: after each forward, yield the new text of every row.
 
-    Rows share the prompt (no padding), so greedy rows give the tokens `generate_rows` gives. A row stops at its
-    first stop token ('' from then on); the stream ends when every row has stopped, after max_new_tokens, or as
-    soon as `cancelled()` is true (checked before each forward, so a closed browser costs at most one more).
+    Rows share the prompt (no padding), so greedy rows give the tokens `generate_rows` gives (logits are used as
+    they are: processors a generation config may add, such as a repetition penalty, are not applied). A row stops
+    at its first stop token ('' from then on); the stream ends when every row has stopped, after max_new_tokens, or
+    as soon as `cancelled()` is true (checked before each forward, so a closed browser costs at most one more).
     """
     check_finite("scale", scale)
     stops = set(stop_token_ids(lm))
@@ -219,23 +220,21 @@ def stream_rows(
 
 
 class _TextStream:
-    """A row's tokens decoded as they come. A byte-level token can be part of a character: up to 3 tokens that
-    decode to U+FFFD are held back until the character is whole (or the stream ends)."""
+    """A row's tokens decoded as they come. A byte-level token can be part of a character: while the text decodes
+    to a trailing U+FFFD it is held back (it may still become a character); whole text never changes when tokens
+    are added, so the pieces add up to the row's full decode."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.tokens, self.shown, self.held = tokenizer, [], "", 0
+        self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
 
     def add(self, token: int) -> None:
         self.tokens.append(token)
-        self.held += 1
 
     def new_text(self, final: bool = False) -> str:
-        if not self.held:
-            return ""
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd") and self.held < 4 and not final:
+        if not final and (text.endswith("\ufffd") or not text.startswith(self.shown)):
             return ""
-        new, self.shown, self.held = text[len(self.shown):], text, 0
+        new, self.shown = text[len(self.shown):], text
         return new
 
 
