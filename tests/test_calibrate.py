@@ -112,6 +112,7 @@ def test_discover_radius_calibrate_from_the_command_line(model_dir, tmp_path, ca
     assert code == 0, stderr
     config = melbo.Run.load(out).config
     assert config["settings"]["radius"] == "calibrate" and config["radius"] == config["radius_calibration"]["radius"]
+    assert "calibrated: non-linear/linear response ratio" in (out / "report.html").read_text()
 
 
 def test_a_sweep_cannot_take_calibrate_as_one_of_its_radii():

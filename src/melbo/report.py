@@ -45,6 +45,14 @@ def _curves(run: Run) -> Optional[list[list[float]]]:
 
 
 # ------------------------------------------------------------------------------------------------ content
+def _calibrated(found: dict | None) -> str:
+    """How a calibrated R was found (melbo.calibrate), for the R row."""
+    if not found:
+        return ""
+    return (f"; calibrated: non-linear/linear response ratio {fmt(found.get('ratio'))} (target "
+            f"{fmt(found.get('fraction'))}) over {found.get('samples')} random directions")
+
+
 def _settings(config: dict) -> list[tuple[str, str]]:
     settings = config.get("settings") or {}
     model = config.get("model") or {}
@@ -52,8 +60,8 @@ def _settings(config: dict) -> list[tuple[str, str]]:
         ("model", model.get("id") or model.get("spec") or "—"),
         ("method", str(config.get("method", settings.get("method", "—")))),
         ("source → target block", f"{config.get('source', '—')} → {config.get('target', '—')}"),
-        ("R", f"{fmt(config.get('radius'), 4)}  (= {fmt(config.get('radius_relative'))} × mean residual norm "
-              f"{fmt(config.get('residual_norm'), 4)})"),
+        ("R", f"{fmt(config.get('radius'), 4)}  (= {fmt(config.get('radius_relative'))} × median residual norm "
+              f"{fmt(config.get('residual_norm'), 4)})" + _calibrated(config.get("radius_calibration"))),
         ("p, q", f"{fmt(config.get('p'))}, {fmt(config.get('q'))}"),
         ("perturbations", str(settings.get("n_vectors", "—"))),
         ("steps", str(settings.get("steps", "—"))),
