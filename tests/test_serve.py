@@ -299,6 +299,19 @@ async def _collect(agen) -> list:
     return [event async for event in agen]
 
 
+def test_a_full_line_is_told_the_server_is_busy(client, app, tiny):
+    from melbo.settings import SERVE_MAX_WAITING
+
+    engine = app.app.state.melbo.engine
+    engine._line.extend(object() for _ in range(SERVE_MAX_WAITING))
+    try:
+        response = client.post(f"/api/runs/{tiny['run_id']}/live", headers={"X-CSRF-Token": _csrf(app)},
+                               json={"prompt": "Hi", "perturbations": [0], "max_new_tokens": 2})
+    finally:
+        del engine._line[:]
+    assert response.status_code == 503 and "busy" in response.json()["error"]
+
+
 def test_closing_the_browser_cancels_the_generation(app, tiny):
     """An ASGI client that disconnects after the first streamed token: the generation stops within a forward or
     two instead of running its 200 tokens, and the line and the model lock are free again."""

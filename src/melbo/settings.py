@@ -90,3 +90,4 @@ SERVE_MAX_PROMPT_CHARS = 2000  # a prompt, or a whole chat history
 SERVE_MAX_NEW_TOKENS = 256
 SERVE_MAX_COLUMNS = 4  # perturbations streamed side by side in one request (plus unsteered and random)
 SERVE_MAX_SCALE = 50.0  # |scale|: far past where any model stays fluent
+SERVE_MAX_WAITING = 16  # requests in line at once; more are told the server is busy

@@ -24,7 +24,8 @@ from jinja2 import Environment, FileSystemLoader
 from melbo.errors import MelboError
 from melbo.server.live import ChatRequest, Engine, LiveRequest, chat_work, live_work
 from melbo.server.security import CSRF_FIELD, Guard, new_secret
-from melbo.settings import SERVE_MAX_COLUMNS, SERVE_MAX_NEW_TOKENS, SERVE_MAX_PROMPT_CHARS, SERVE_MAX_SCALE
+from melbo.settings import (SERVE_MAX_COLUMNS, SERVE_MAX_NEW_TOKENS, SERVE_MAX_PROMPT_CHARS, SERVE_MAX_SCALE,
+                            SERVE_MAX_WAITING)
 
 HERE = Path(__file__).parent
 MAX_LABEL = 200
@@ -211,14 +212,14 @@ def search_page(state: State, q: str = ""):
 async def live_stream(run_id: int, request: Request, state: State):
     run, body = await _run_and_json(state, run_id, request)
     work = live_work(run, _live_request(body, len(run)))
-    return _ndjson(state.engine.events(work, request.is_disconnected))
+    return _ndjson(_in_line(state, work, request))
 
 
 @router.post("/api/runs/{run_id}/chat")
 async def chat_stream(run_id: int, request: Request, state: State):
     run, body = await _run_and_json(state, run_id, request)
     work = chat_work(run, _chat_request(body, len(run)))
-    return _ndjson(state.engine.events(work, request.is_disconnected))
+    return _ndjson(_in_line(state, work, request))
 
 
 @router.post("/runs/{run_id}/live", response_class=HTMLResponse)
@@ -234,8 +235,7 @@ async def live_form(run_id: int, request: Request, state: State):
                                                                                   "max new tokens"),
             "random": form.get("random") == "on"}
     columns, texts = [], []
-    async for event in state.engine.events(live_work(run, _live_request(body, len(run))),
-                                           request.is_disconnected):
+    async for event in _in_line(state, live_work(run, _live_request(body, len(run))), request):
         if "error" in event:
             raise MelboError(event["error"])
         columns = event.get("columns", columns)
@@ -388,6 +388,13 @@ async def _run_and_json(state: _State, run_id: int, request: Request):
     if not isinstance(body, dict):
         raise MelboError("the request body must be a JSON object")
     return run, body
+
+
+def _in_line(state: _State, work, request: Request):
+    """The request's place in the engine's line, or 503 when the line is full (a flood must not queue forever)."""
+    if state.engine.waiting >= SERVE_MAX_WAITING:
+        raise HTTPException(503, f"the server is busy: {state.engine.waiting} requests are waiting; try again soon")
+    return state.engine.events(work, request.is_disconnected)
 
 
 def _ndjson(events) -> StreamingResponse:
