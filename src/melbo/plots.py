@@ -207,3 +207,33 @@ def layer_map_figure(gains, sources: list[int], targets: list[int]) -> Any:
     ax.set_title("relative gain per token: σ₁/√n · ‖h_source‖ / ‖h_target‖", fontsize=10)
     fig.colorbar(image, ax=ax, shrink=0.85)
     return fig
+
+
+def recall_figure(summary: list[dict]) -> Optional[Any]:
+    """Backdoor recall against the number of perturbations read (`melbo.bench.curves.average`): one panel per
+    behaviour, one colour per setting, learned solid and random dashed, the Wilson band over runs shaded."""
+    behaviours = sorted({s["behaviour"] for s in summary})
+    if not behaviours:
+        return None
+    settings = list(dict.fromkeys(s["setting"] for s in summary))
+    fig = _figure(5.0 * len(behaviours), 3.6)
+    axes = fig.subplots(1, len(behaviours), squeeze=False)[0]
+    colours = [f"C{i % 10}" for i in range(len(settings))]
+    for ax, behaviour in zip(axes, behaviours):
+        for s in summary:
+            if s["behaviour"] != behaviour:
+                continue
+            colour = colours[settings.index(s["setting"])]
+            learned = s["arm"] == "learned"
+            ax.plot(s["k"], s["recall"], color=colour, linestyle="-" if learned else "--", linewidth=1.6,
+                    label=s["setting"] if learned else None)
+            if learned:
+                ax.fill_between(s["k"], s["low"], s["high"], color=colour, alpha=0.12, linewidth=0)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("perturbations read (k)")
+        ax.set_ylabel("recall (fraction of runs)")
+        ax.set_title(f"{behaviour} (dashed: random, same norm)", fontsize=9)
+        _style(ax)
+    axes[0].legend(fontsize=7, loc="upper left")
+    return fig
