@@ -39,15 +39,15 @@ def compare(name: str, strength: dict, out: Path) -> list[dict]:
     lm = melbo.load_model(name)
     batch = encode(lm, [PROMPT], None, "all")
     source, target = default_layers(lm.depth)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     norm = residual_norm(lm, batch, source)
     found = calibrate_radius(lm, batch, source, target, norm)
-    calibrate_s = time.perf_counter() - started
+    calibrate_s, calibrate_cpu = time.perf_counter() - started, time.process_time() - cpu
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     result = sweep(lm, [PROMPT], strength["radii"], n_vectors=strength["n_vectors"], steps=strength["steps"],
                    max_new_tokens=strength["max_new_tokens"], out=out / f"{name}-sweep")
-    sweep_s = time.perf_counter() - started
+    sweep_s, sweep_cpu = time.perf_counter() - started, time.process_time() - cpu
 
     settings = dict(n_vectors=strength["n_vectors"], steps=strength["steps"], max_new_tokens=strength["max_new_tokens"],
                     radius=f"{found.radius:.6g}", source=source, target=target, seed=0, chat=None)
@@ -55,12 +55,12 @@ def compare(name: str, strength: dict, out: Path) -> list[dict]:
     chosen = result["chosen"]
     at_chosen = next((p for p in result["points"] if chosen and p["radius"] == chosen["radius"]), None)
     floor = result["fluency_floor"]
-    rows = [{"model": name, "way": "calibrate", "seconds": calibrate_s, "radius": found.radius,
+    rows = [{"model": name, "way": "calibrate", "seconds": calibrate_s, "cpu": calibrate_cpu, "radius": found.radius,
              "relative": found.relative, "diversity": at_calibrated["diversity"],
              "perplexity": at_calibrated["median_perplexity"],
              "fluent": at_calibrated["median_perplexity"] is not None and at_calibrated["median_perplexity"] <= floor,
              "note": f"{found.evaluations} passes, ratio {found.ratio:.3f}"},
-            {"model": name, "way": f"sweep ({len(result['points'])} radii)", "seconds": sweep_s,
+            {"model": name, "way": f"sweep ({len(result['points'])} radii)", "seconds": sweep_s, "cpu": sweep_cpu,
              "radius": chosen["radius"] if chosen else None, "relative": chosen["radius_relative"] if chosen else None,
              "diversity": at_chosen["diversity"] if at_chosen else None,
              "perplexity": at_chosen["median_perplexity"] if at_chosen else None,
@@ -102,21 +102,22 @@ def main() -> None:
     print(f"\nradii {', '.join(strength['radii'])}; {strength['n_vectors']} vectors × {strength['steps']} steps; "
           f"{strength['max_new_tokens']} tokens; prompt {PROMPT!r}")
     print()
-    print("| model | way | seconds | R | R (× median norm) | diversity | median perplexity | fluent (floor) | note |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | way | wall s | CPU s | R | R (× median norm) | diversity | median perplexity | fluent (floor) | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['way']} | {r['seconds']:.1f} | {cell(r['radius'], 4)} | {cell(r['relative'])} | "
+        print(f"| {r['model']} | {r['way']} | {r['seconds']:.1f} | {r['cpu']:.1f} | {cell(r['radius'], 4)} | {cell(r['relative'])} | "
               f"{cell(r['diversity'])} | {cell(r['perplexity'])} | {'yes' if r['fluent'] else 'no'} "
               f"({cell(r['floor'])}) | {r['note']} |")
     by_model = {}
     for r in rows:
         by_model.setdefault(r["model"], []).append(r)
     print()
-    print("| model | median residual norm | sweep time / calibrate time | calibrated R / swept R |")
-    print("|---|---|---|---|")
+    print("| model | median residual norm | sweep / calibrate (wall) | (CPU) | calibrated R / swept R |")
+    print("|---|---|---|---|---|")
     for name, (cal, swept) in by_model.items():
         ratio = cal["radius"] / swept["radius"] if swept["radius"] else None
-        print(f"| {name} | {cal['norm']:.4g} | {swept['seconds'] / cal['seconds']:.1f} | {cell(ratio)} |")
+        print(f"| {name} | {cal['norm']:.4g} | {swept['seconds'] / cal['seconds']:.1f} | "
+              f"{swept['cpu'] / cal['cpu']:.1f} | {cell(ratio)} |")
 
 
 if __name__ == "__main__":
