@@ -109,7 +109,9 @@ def test_pages_show_runs_behaviours_labels_and_plots(client, tiny):
     behaviour = client.get(f"/behaviours/{ids[1]}")
     assert behaviour.status_code == 200 and "perplexity" in behaviour.text  # its metrics
     assert client.get(f"/runs/{run_id}/chat").status_code == 200
-    assert client.get("/runs/999").status_code == 404 and client.get("/behaviours/999").status_code == 404
+    for missing in ("/runs/999", "/behaviours/999", "/runs/abc", "/runs/99999999999999999999999", "/nothing"):
+        response = client.get(missing)
+        assert response.status_code == 404 and "<h1>" in response.text, missing  # a page, not a traceback
 
 
 def test_model_text_is_escaped_and_every_response_has_the_csp(client, tiny):
@@ -242,6 +244,7 @@ def test_chat_streams_a_steered_reply(client, app, tiny):
     ({"scale": "nan"}, "finite"),
     ({"perturbations": [7]}, "out of range"),
     ({"perturbations": []}, "at least one"),
+    ({"random": "yes"}, "true or false"),
     ({"perturbations": [0, 1, 0, 1, 0]}, None),  # duplicates collapse: allowed
 ])
 def test_live_input_is_bounded_with_a_clear_message(client, app, tiny, change, message):
@@ -369,6 +372,15 @@ def test_the_model_is_loaded_once_per_process(tiny):
     assert app.app.state.melbo.engine.loads == 1
     assert [e for e in first if "loading model" in e.get("status", "")]
     assert not [e for e in second if "status" in e]
+
+
+def test_with_model_a_run_of_another_model_gets_a_clear_message(tiny, tmp_path):
+    other = save_tiny_model(tmp_path / "other", "gpt2")
+    app = create_app(tiny["catalog"], str(other))
+    with TestClient(app, base_url=LOCAL) as client:
+        events = _stream(client, app, f"/api/runs/{tiny['run_id']}/live",
+                         {"prompt": "Hi", "perturbations": [0], "max_new_tokens": 2})
+    assert "was made with model" in events[-1]["error"] and "--model" in events[-1]["error"]
 
 
 def test_exports_download_the_perturbation(client, tiny, tmp_path):

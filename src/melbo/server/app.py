@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -52,6 +53,7 @@ def create_app(catalog_path: Optional[str | Path] = None, model_spec: Optional[s
     app.include_router(router)
     app.add_exception_handler(MelboError, _melbo_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _bad_address)
     return Guard(app, state.csrf, token)
 
 
@@ -101,6 +103,11 @@ async def _melbo_error(request: Request, exc: MelboError):
 
 async def _http_error(request: Request, exc: StarletteHTTPException):
     return _error(request, exc.status_code, str(exc.detail))
+
+
+async def _bad_address(request: Request, exc: RequestValidationError):
+    """A path or query FastAPI cannot parse (/runs/abc): runs and behaviours are addressed by whole-number ids."""
+    return _error(request, 404, f"no such page: {request.url.path} (runs and behaviours have whole-number ids)")
 
 
 def _error(request: Request, status: int, message: str):
@@ -249,14 +256,14 @@ async def live_form(run_id: int, request: Request, state: State):
 def _run_entry(catalog, run_id: int):
     try:
         return catalog.run(run_id)
-    except (KeyError, LookupError, MelboError):
+    except (LookupError, OverflowError, MelboError):  # OverflowError: an id beyond SQLite's integers
         raise HTTPException(404, f"no run {run_id} in the catalogue") from None
 
 
 def _perturbation(catalog, perturbation_id: int):
     try:
         return catalog.perturbation(perturbation_id)
-    except (KeyError, LookupError, MelboError):
+    except (LookupError, OverflowError, MelboError):
         raise HTTPException(404, f"no behaviour {perturbation_id} in the catalogue") from None
 
 
@@ -350,7 +357,10 @@ def _live_request(body: dict, count: int) -> LiveRequest:
         if not 0 <= i < count:
             raise MelboError(f"perturbation {i} is out of range: this run has 0..{count - 1}")
     scale, tokens = _common(body)
-    return LiveRequest(prompt, indices, scale, tokens, random=bool(body.get("random")))
+    random = body.get("random", False)
+    if not isinstance(random, bool):
+        raise MelboError("random must be true or false")
+    return LiveRequest(prompt, indices, scale, tokens, random=random)
 
 
 def _chat_request(body: dict, count: int) -> ChatRequest:
