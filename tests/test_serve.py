@@ -556,23 +556,31 @@ def test_in_a_real_browser(smol_run):
                 docs.mkdir(exist_ok=True)
                 page.screenshot(path=str(docs / "serve.png"), full_page=True)
 
-            # closing the page mid-stream stops the generation: a few forwards, not the 200 asked for
+            # a second tab waits in line, and sees its place; closing the first tab mid-stream stops its
+            # generation (a few forwards, not the 200 asked for) and the second one's turn comes
             engine = app.app.state.melbo.engine
             forwards = []
             hook = engine._lm.model.register_forward_hook(lambda *_: forwards.append(1))
             try:
+                second = browser.new_page(viewport={"width": 1200, "height": 900})
+                second.goto(f"{server.url}/behaviours/{v1}")
                 page.fill("input[name=max_new_tokens]", "200")
                 page.click("form.live-form button[type=submit]")
                 sync_api.expect(page.locator('.column[data-name="v1"] pre')).not_to_be_empty(timeout=30_000)
-                page.goto("about:blank")
-                for _ in range(100):
-                    if engine.waiting == 0 and not engine._lock.locked():
-                        break
-                    time.sleep(0.05)
-                assert engine.waiting == 0 and not engine._lock.locked()
-                assert len(forwards) < 50, f"{len(forwards)} forwards: the generation ran on after the page closed"
+                second.fill("textarea[name=prompt]", "Hi")
+                second.fill("input[name=max_new_tokens]", "3")
+                second.click("form.live-form button[type=submit]")
+                place = second.locator("form.live-form .queue")
+                sync_api.expect(place).to_have_text("waiting: 1 request ahead of you", timeout=10_000)
+                page.close()
+                sync_api.expect(place).to_have_text("done", timeout=30_000)
+                assert second.locator(".column").count() == 2  # unsteered and v1
+                assert len(forwards) < 50, f"{len(forwards)} forwards: the generation ran on after the tab closed"
+                assert engine.waiting == 0
             finally:
                 hook.remove()
+            page = second
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(f"{server.url}/behaviours/{v1}")
 
             # set a label
