@@ -151,6 +151,8 @@ class RayPool:
         if workers > cpus:
             raise MelboError(f"--workers {workers} is more than the Ray cluster's {cpus} CPUs: use at most {cpus}")
         threads = max(1, cpus // workers) if address is None else 1
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's bound holds in the workers too: two
+            threads = min(threads, max(1, int(os.environ["OMP_NUM_THREADS"])))  # busy cores × 2 threads crawl
         return cls(workers, address, threads)
 
     # ---- jobs
@@ -175,14 +177,14 @@ class RayPool:
             for result in ActorPool(self.actors).map_unordered(lambda a, call: call(a), calls):
                 on_result(result)
         except RayError as exc:
-            _forget_workers()
+            release_workers()
             cause = getattr(exc, "cause", None)
             if isinstance(cause, MelboError):
                 raise cause from None
             raise MelboError(f"a Ray worker failed {RESTARTS} times ({_first_line(exc)}): finished results are "
                              "saved; run the same command with --resume to continue") from None
         except BaseException:  # an interrupted job: its workers may be mid-task, start afresh next time
-            _forget_workers()
+            release_workers()
             raise
 
 
@@ -201,7 +203,8 @@ def _workers(spec: ModelSpec, threads: int, count: int) -> list:
     return live[:count]
 
 
-def _forget_workers() -> None:
+def release_workers() -> None:
+    """End the cached workers (their models' memory goes with them); the next job starts new ones."""
     import ray
 
     for actors in _WORKERS.values():
