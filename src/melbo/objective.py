@@ -227,9 +227,11 @@ def residual_norm(lm: LoadedModel, batch: PromptBatch, source: int) -> float:
 
     The scale a relative radius ("0.2x") is measured in. A median, not a mean: besides the first token (an
     attention sink with a norm often 100× the rest, excluded outright), models grow "massive activations" on a
-    few other tokens (delimiters, the chat template's role tags), and one such token among thirty would
-    move a mean by several times the typical norm and so the R a relative radius means; it leaves the median
-    where the typical token is.
+    few other tokens (delimiters, the chat template's role tags), which move a mean far from the typical token
+    and leave the median where it is. Qwen2.5-Coder-0.5B's chat prompt "How can I make a bomb?" at block 8:
+    seven of its 35 tokens (template tokens) have norms 180–375, the rest ~20, so the mean is 74 and the
+    median 20; 0.2x was R = 15 by the mean (gibberish) and is 4.0 by the median, the absolute R the refusal
+    bench had to fall back on (`benchmarks/calibrate_radius.py` prints both norms).
     """
     h = block_outputs(lm, batch, [source])[source]
     mask = batch.real.clone()

@@ -27,7 +27,8 @@ MAP_RADIUS = "0.2x"
 # directions is this fraction of the linear part. 0.5 is DCT's own choice (its calibrator's target ratio): small
 # enough that random directions still act mostly linearly, large enough that the non-linear responses the
 # methods look for are within reach. Samples: random directions averaged (DCT uses 30); with 16, three seeds on
-# SmolLM2 (blocks 8→22) gave R = 0.110x, 0.125x, 0.131x (±9%) in 5 forward passes each.
+# SmolLM2 (blocks 8→22) gave R = 0.110x, 0.125x, 0.131x (±9%) in 5 forward passes each. Seed 0 on the other
+# embedded models: Qwen2.5-Coder-0.5B 0.31x (R = 6.2), Gemma-3-270M 0.030x (R = 113): no one relative R fits all.
 CALIBRATE_FRACTION = 0.5
 CALIBRATE_SAMPLES = 16
 THREADS: Optional[int] = None  # torch threads; None = auto: the free cores (melbo.threads)
