@@ -84,7 +84,8 @@ class DiscoverConfig:
 DEFAULTS = DiscoverConfig(prompts=[])
 
 # `melbo serve` (melbo.server): local by default; another host needs --host plus a token. The bounds keep one
-# request from holding the CPU for minutes (a 135M model streams ~25 tokens/s per row here).
+# request from holding the CPU for minutes (SmolLM2 generates ~25 tokens/s for one row on an idle core here, and
+# streaming runs at 0.83-0.92x that: benchmarks/serve_stream.py).
 SERVE_HOST = "127.0.0.1"
 SERVE_PORT = 8765
 SERVE_MAX_PROMPT_CHARS = 2000  # a prompt, or a whole chat history
