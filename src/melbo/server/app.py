@@ -38,7 +38,7 @@ EXPORTS = {"safetensors": "the perturbation as a melbo safetensors file",
 
 def create_app(catalog_path: Optional[str | Path] = None, model_spec: Optional[str] = None, *,
                token: Optional[str] = None, device: str = "cpu", dtype: str = "float32",
-               engine: Optional[Engine] = None) -> Any:
+               engine: Optional[Engine] = None) -> Guard:
     """The ASGI app for `melbo serve`: the catalogue at `catalog_path` (None: melbo's default), live generation with
     `model_spec` (None: each run's own model). With `token`, every request must carry it (serving beyond localhost);
     without, only requests addressed to localhost are answered."""
@@ -58,15 +58,17 @@ def create_app(catalog_path: Optional[str | Path] = None, model_spec: Optional[s
 
 
 class _State:
+    """What every request of one app shares: the catalogue's path, the engine, the CSRF token, templates, caches."""
+
     def __init__(self, catalog_path, engine: Engine, csrf: str):
         self.catalog_path, self.engine, self.csrf = catalog_path, engine, csrf
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True,
                                      trim_blocks=True, lstrip_blocks=True)
-        self.runs: dict[tuple[int, str], Any] = {}  # loaded Run per (catalogue id, path)
-        self.plots: dict[tuple[int, str], Optional[bytes]] = {}
+        self.runs: dict[tuple, Any] = {}  # loaded Run per (catalogue id, path, config.json's mtime)
+        self.plots: dict[tuple, Optional[bytes]] = {}  # PNG per (that key, plot name)
 
     def catalog(self):
-        """A connection per request: SQLite connections belong to one thread, and requests run on several."""
+        """A connection per request: opening one is cheap, and none is shared by the threads requests run on."""
         from melbo.catalog import Catalog
 
         return Catalog(self.catalog_path)
@@ -77,13 +79,19 @@ class _State:
 
     def run(self, entry):
         """The run directory behind a catalogue entry, loaded once per version of its config.json."""
-        from melbo.store import CONFIG, Run
+        from melbo.store import Run
 
-        config = Path(entry.path) / CONFIG
-        key = (entry.id, str(entry.path), config.stat().st_mtime_ns if config.exists() else None)
+        key = self.run_key(entry)
         if key not in self.runs:
             self.runs[key] = Run.load(entry.path)
         return self.runs[key]
+
+    @staticmethod
+    def run_key(entry) -> tuple:
+        from melbo.store import CONFIG
+
+        config = Path(entry.path) / CONFIG
+        return entry.id, str(entry.path), config.stat().st_mtime_ns if config.exists() else None
 
     def readable_run(self, entry):
         """(run, None), or (None, why) when its directory cannot be read: pages still show the catalogue's data."""
@@ -153,7 +161,7 @@ def run_page(run_id: int, state: State):
 def plot(run_id: int, name: str, state: State):
     with state.catalog() as catalog:
         entry = _run_entry(catalog, run_id)
-    key = (run_id, name)
+    key = (state.run_key(entry), name)
     if key not in state.plots:
         state.plots[key] = _plot_png(state.run(entry), name)
     if state.plots[key] is None:
