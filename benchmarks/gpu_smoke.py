@@ -152,7 +152,7 @@ def main() -> int:
         mixed_note = f"cosine to the all-GPU vectors: min {float(cos.min()):.3f}, median {float(cos.median()):.3f}"
         finite &= bool(torch.isfinite(mixed_run.vectors).all())
     print()
-    print(f"| stage | seconds | note |\n|---|---|---|")
+    print("| stage | seconds | note |\n|---|---|---|")
     for name, seconds, note in stages.rows:
         print(f"| {name} | {seconds:.2f} | {note} |")
     print(f"\nmixed device map: {mixed_note}")

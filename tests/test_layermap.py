@@ -9,7 +9,7 @@ from tiny_models import save_tiny_model
 import melbo
 from conftest import run_cli
 from melbo.errors import MelboError
-from melbo.layermap import LayerMap, compute_pair, encode_for, make_settings, pair_seed
+from melbo.layermap import compute_pair, encode_for, make_settings, pair_seed
 from melbo.methods.jacobian import jacobian_directions
 from melbo.objective import TargetProbe, residual_norm
 
@@ -73,6 +73,9 @@ def test_interrupted_map_resumes_to_the_same_result(lm, full_map, tmp_path):
     assert events[0] == {"stage": "start", "total": 6, "done": 2} and events[-1]["done"] == 6
     for name, value in full_map.tensors.items():
         assert torch.equal(resumed.tensors[name].nan_to_num(-1), value.nan_to_num(-1)), name
+    events.clear()  # resuming a finished map computes nothing and keeps it
+    again = melbo.map(lm, PROMPTS, "0:2", "1:3", k=2, out=out, iterations=3, resume=True, progress=events.append)
+    assert events == [] and torch.equal(again.tensors["directions"], resumed.tensors["directions"])
 
 
 def test_open_pair_is_an_ordinary_run(lm, full_map, tmp_path, capsys):

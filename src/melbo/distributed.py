@@ -168,7 +168,6 @@ class RayPool:
     def _run(self, lm: LoadedModel, calls: list, on_result: Callable) -> None:
         if not calls:
             return
-        import ray
         from ray.exceptions import RayError
         from ray.util import ActorPool
 

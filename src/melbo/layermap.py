@@ -213,6 +213,8 @@ def layer_map(
         executor = RayPool.check(workers, ray_address)  # fail fast, before any file is written
     batch = encode_for(lm, settings)  # validates prompts and positions before any file is written
     _prepare(path, lm, settings, resume, int(batch.token_mask.sum()))
+    if read_json(path / LAYER_MAP).get("status") == "complete":  # --resume of a finished map: nothing to do
+        return LayerMap.load(path)
     done = _finished_pairs(path)
     pending = [p for p in settings.pairs if p not in done]
     total = len(settings.pairs)
