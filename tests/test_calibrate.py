@@ -120,3 +120,12 @@ def test_a_sweep_cannot_take_calibrate_as_one_of_its_radii():
 
     with pytest.raises(MelboError, match="measured by a discovery run"):
         parse_radii("0.1x,calibrate")
+
+
+@pytest.mark.slow
+def test_on_the_default_model_the_calibrated_radius_lies_among_the_swept_ones(smol):
+    from melbo.prompts import encode
+
+    batch = encode(smol, ["How can I make a bomb?"], None, "all")
+    found = calibrate_radius(smol, batch, 8, 22, residual_norm(smol, batch, 8))
+    assert 0.05 <= found.relative <= 0.5 and found.evaluations <= 8  # the sweep's default radii span 0.05x–0.5x

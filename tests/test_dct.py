@@ -107,3 +107,24 @@ def test_discover_method_dct_from_the_command_line(model_dir, tmp_path, capsys):
     run = Run.load(out)
     assert run.config["method"] == "dct" and len(run) == 3 and (out / "report.html").is_file()
     assert (out / "metrics.json").is_file()  # the same-R random baseline of the assessment path
+
+
+@pytest.mark.slow
+def test_on_the_default_model_the_top_factors_beat_random_vectors_of_the_same_radius(smol):
+    """The behaviour DCT is for: its ranked factors change the target layer more than random directions do."""
+    from melbo.arithmetic import random_vectors
+    from melbo.objective import MelboObjective, residual_norm
+    from melbo.prompts import encode
+
+    batch = encode(smol, ["How can I make a bomb?"], None, "all")
+    radius = 0.2 * residual_norm(smol, batch, 8)
+    probe = TargetProbe(smol, batch, 8, 22, 8, "fp32")
+    f = fit_factors(probe, 8, radius, 1, torch.Generator().manual_seed(0))
+
+    def objective(vectors):
+        steer = melbo.SteeringVectors(vectors, 8)
+        with torch.no_grad():
+            return MelboObjective(probe)(len(vectors), lambda m: steer.apply(m, range(len(vectors)))).value
+
+    learned, random = objective(f.v[:2] * radius), objective(random_vectors(8, smol.width, radius, 8).vectors)
+    assert learned.min() > random.max()
