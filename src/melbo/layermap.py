@@ -5,7 +5,7 @@
 
     map.json             settings, model identity, status
     map.safetensors      singular_values [S, T, k] (NaN where source ≥ target), directions [S, T, k, d],
-                         history [S, T, k, iterations + 1], norms [S, T, 2] (mean residual norm at source, target)
+                         history [S, T, k, iterations + 1], norms [S, T, 2] (median residual norm at source, target)
     ranking.json         the pairs, best first, by relative gain σ₁ / √n · ‖h_source‖ / ‖h_target‖ (n: the tokens
                          the Jacobian covers, so the gain is per token)
     map.png              heatmap of the relative gain; report.html shows it with the ranking
@@ -81,7 +81,7 @@ class PairResult:
     singular_values: Tensor  # [k]
     directions: Tensor  # [k, d], unit rows
     history: Tensor  # [k, iterations + 1], Rayleigh quotients σ² per iteration
-    norms: Tensor  # [2]: mean residual norm at source and at target
+    norms: Tensor  # [2]: median residual norm at source and at target
     seconds: float = 0.0
     worker: Optional[int] = field(default=None, compare=False)
 

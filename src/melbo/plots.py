@@ -150,7 +150,7 @@ def sweep_figure(sweep: dict) -> Optional[Any]:
     left, right = fig.subplots(1, 2)
     for ax in (left, right):
         _style(ax)
-        ax.set_xlabel("R (× mean residual norm)" if relative else "R (absolute)")
+        ax.set_xlabel("R (× median residual norm)" if relative else "R (absolute)")
 
     def series(group, name):
         return [p.get(name) if finite(p.get(name)) else float("nan") for p in group]
