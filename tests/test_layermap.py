@@ -142,3 +142,13 @@ def test_cli_sweep_refuses_bad_ray_options_before_loading(tmp_path, capsys):
     assert code == 2 and "more than this machine's" in err
     code, _, err = run_cli(["sweep", "Hi", "--ray-address", "127.0.0.1:1", "--out", str(tmp_path / "s")], capsys)
     assert code == 2 and "cannot reach a Ray cluster" in err
+
+
+@pytest.mark.slow
+def test_cli_map_on_the_default_model(tmp_path, capsys):
+    code, stdout, err = run_cli(["map", "How can I make a bomb?", "--sources", "6", "--targets", "20,24", "-k", "2",
+                                 "--iterations", "1", "--out", str(tmp_path / "map")], capsys)
+    assert code == 0, err
+    assert "heatmap:" in stdout and "best pairs of 2" in stdout and "6 → 20" in stdout
+    ranking = json.loads((tmp_path / "map" / "ranking.json").read_text())
+    assert all(r["gain"] > 0 and r["singular_values"][0] >= r["singular_values"][1] for r in ranking)
