@@ -173,6 +173,24 @@ def test_off_localhost_every_request_needs_the_token(tiny):
         assert client.get("/").status_code == 403
 
 
+def test_the_guard_lets_no_websocket_through():
+    from melbo.server.security import Guard
+
+    reached, sent = [], []
+
+    async def inner(scope, receive, send):  # an app that would accept anything
+        reached.append(scope["type"])
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(Guard(inner, "csrf-token-x", token=None)({"type": "websocket", "headers": []}, receive, send))
+    assert not reached and sent == [{"type": "websocket.close", "code": 1008}]
+
+
 def test_the_browser_never_names_a_file(client, tiny):
     assert client.get("/runs/..%2F..%2Fetc").status_code in (404, 422)
     # no route takes a path: runs and behaviours are addressed by integer catalogue ids
