@@ -225,7 +225,7 @@ def _connect(address: Optional[str]) -> int:
                 ray.init(num_cpus=local_cores(), **quiet)
             else:
                 ray.init(address=address.strip(), **quiet)
-        except (ConnectionError, RuntimeError, TimeoutError) as exc:
+        except Exception as exc:  # Ray raises many types here (no cluster, a client without ray[client], ...)
             raise MelboError(f"cannot start or join Ray ({_first_line(exc)}, after {time.perf_counter() - start:.0f} s)"
                              ": check --ray-address, or leave it out to run locally") from None
     return int(ray.cluster_resources().get("CPU", 1))
