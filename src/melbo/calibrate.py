@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 import torch
 from torch import Tensor
 
@@ -59,11 +60,12 @@ class Calibration:
         return asdict(self)
 
 
-def is_calibrate(spec) -> bool:
+def is_calibrate(spec: object) -> bool:
     return isinstance(spec, str) and spec.strip().lower() == SPEC
 
 
-def check_settings(fraction, samples) -> tuple[float, int]:
+def check_settings(fraction: float, samples: int) -> tuple[float, int]:
+    """The calibration's own settings, type- and range-checked (one-line MelboError otherwise)."""
     fraction = check_finite("fraction", fraction)
     samples = check_whole("samples", samples)
     if not fraction > 0:
@@ -137,7 +139,7 @@ def calibrate_radius(
                        samples=samples, evaluations=evaluations, seconds=time.perf_counter() - started)
 
 
-def _solve(rho, fraction: float, lo: float, f_lo: float, hi: float, f_hi: float) -> tuple[float, float]:
+def _solve(rho: Callable[[float], float], fraction: float, lo: float, f_lo: float, hi: float, f_hi: float) -> tuple[float, float]:
     """ρ(r) = fraction inside [lo, hi] (ρ(lo) < fraction ≤ ρ(hi)): false position on log r vs log ρ.
 
     Near the linear regime ρ grows like a power of r, a straight line in log–log, so interpolating there takes
