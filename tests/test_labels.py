@@ -16,10 +16,11 @@ from melbo.labels import (
     malformed_share, parse_label, repetition_score)
 
 HAND_LABELS = Path(__file__).parent / "data" / "hand_labels.jsonl"
-# Measured on tests/data/hand_labels.jsonl: 178/215 = 0.828 (the completions the labeller was developed on:
-# 105 from the backdoor testbed, 80 from a SmolLM2 run, 30 crafted for rare classes). The floor leaves room for
-# float noise across machines, not for a worse labeller.
-ACCURACY_FLOOR = 0.80
+# Measured on tests/data/hand_labels.jsonl: 229/279 = 0.821 on the completions the labeller was developed on
+# (105 backdoor testbed, 80 + 64 SmolLM2 runs, 30 crafted for rare classes). Before the last round of changes
+# the 64 of the second SmolLM2 run were held out: 31/64 = 0.484 on them. The floor leaves room for float noise
+# across machines, not for a worse labeller.
+ACCURACY_FLOOR = 0.79
 
 
 def hand_labelled() -> list[dict]:

