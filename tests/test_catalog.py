@@ -189,6 +189,9 @@ def test_bad_input_is_one_line(tmp_path, run_dir):
     corrupt.write_bytes(b"this is not a database" * 100)
     with pytest.raises(MelboError, match="not a melbo catalogue"):
         Catalog(corrupt)
+    (tmp_path / "link.sqlite").symlink_to(tmp_path / "elsewhere.sqlite")
+    with pytest.raises(MelboError, match="symbolic link"):
+        Catalog(tmp_path / "link.sqlite")
     (tmp_path / "file").write_text("x")
     with pytest.raises(MelboError, match="is a file, not a directory"):
         Catalog(tmp_path / "file" / "c.sqlite")
@@ -207,6 +210,11 @@ def test_bad_input_is_one_line(tmp_path, run_dir):
         with pytest.raises(MelboError, match="give words"):
             cat.search("  ")
         assert cat.resolve(str(run_dir)).id == cat.resolve("1").id  # a directory is added on first use
+        cat.remove_run(1)
+        assert cat.runs() == [] and cat.search("crimson") == []  # its completions leave the index too
+        assert cat._db.execute("SELECT COUNT(*) FROM perturbations").fetchone()[0] == 0
+        assert cat._db.execute("SELECT COUNT(*) FROM completions_fts WHERE completions_fts MATCH 'crimson'"
+                               ).fetchone()[0] == 0
     with pytest.raises(MelboError, match="RUN:vN"):
         parse_ref("runs/bomb")
     assert parse_ref("runs/a:b:v3") == ("runs/a:b", 3) and parse_ref("2:v10") == ("2", 10)

@@ -288,6 +288,13 @@ class Catalog:
              for c in s.completions if c["vector"] is None or c["vector"] in ids])
         return run_id
 
+    def remove_run(self, run_id: int) -> None:
+        """Forget a run (its perturbations, completions, clusters, labels and notes); its directory is untouched."""
+        self.run(run_id)
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+
     # ---- reading
     def runs(self) -> list[RunEntry]:
         return [_run_entry(r) for r in self._query("SELECT * FROM runs ORDER BY id")]
@@ -461,6 +468,8 @@ def _fts_query(query: str) -> str:
 
 
 def _check_db_path(path: Path) -> None:
+    if path.is_symlink():  # SQLite's -wal and -shm files would land beside the link, not the database
+        raise MelboError(f"the catalogue path {path} is a symbolic link: give the database file itself")
     if path.is_dir():
         raise MelboError(f"the catalogue path {path} is a directory: give a file path, e.g. {path / FILE_NAME}")
     if path.exists() and not path.is_file():
