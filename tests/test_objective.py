@@ -126,3 +126,24 @@ def test_bf16_probe_uses_copies_and_leaves_the_model_fp32():
     torch.testing.assert_close(values[1], values[2], rtol=0, atol=0)  # deterministic
     torch.testing.assert_close(values[1], values[0], rtol=0.1, atol=0)  # bf16 rounding, not another function
     assert melbo_objective(bf16(1, lambda: torch.no_grad()), bf16.z0, batch.token_mask).item() == 0.0
+
+
+@pytest.mark.slow  # torch.compile takes seconds even for a tiny model
+def test_compiled_slice_equals_the_eager_one_and_leaves_hooked_blocks_eager():
+    lm = tiny_lm("llama")
+    batch = batch_from_ids(prompts_ids())
+    method = SteeringAdapterMethod.create(lm, Setting(source=1, radius=2.0, width=lm.width, rank=2, orthogonal="none"))
+    params = method.init(2, torch.Generator().manual_seed(0), None)
+    eager = TargetProbe(lm, batch, 1, 3, method.replay_upto(1))
+    compiled = TargetProbe(lm, batch, 1, 3, method.replay_upto(1), compile=True)
+    assert compiled.slice.hooked == 1  # block 1 holds the adapter's hook: it runs eagerly
+    assert compiled.slice._tail is not eager.slice._tail  # blocks 2..3 go through torch.compile
+    for _ in range(2):  # the adapter's hooks are new on every call: no recompilation, the same numbers
+        grads = []
+        for probe in (eager, compiled):
+            params["a"].grad = None
+            z = probe(2, lambda: method.perturb(lm, params, len(batch)))
+            melbo_objective(z, probe.z0, batch.token_mask).sum().backward()
+            grads.append((z.detach(), params["a"].grad.clone()))
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled.z0, eager.z0, rtol=1e-4, atol=1e-4)

@@ -11,6 +11,11 @@ bf16 on CPU: autocast re-casts every frozen weight on every step and leaves the 
 costs what bf16 saves (measured: no gain). With precision "bf16" on a CPU the blocks after the source run as
 bf16 copies instead (weights cast once, activations bf16 between blocks); the residual change and the
 objective are still taken in fp32. On a GPU, autocast is cheap and the originals are used.
+
+`compile=True` hands the blocks after the source to `torch.compile`, which fuses the element-wise work (norms,
+rotary, activations) between the matrix products. It costs a minute or more of compilation on the first step
+(and once more for a batch of another size), so it pays only on long runs. The blocks up to the source are
+never compiled: perturbation hooks come and go there on every step, and each change would recompile.
 """
 
 from __future__ import annotations
@@ -47,6 +52,14 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
+def _run_blocks(blocks: list[nn.Module], hidden: Tensor, arguments: Arguments) -> Tensor:
+    for block, (args, kwargs) in zip(blocks, arguments):
+        hidden = hidden.to(_dtype(block))
+        out = block(hidden, *args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
 def _dtype(block: nn.Module) -> torch.dtype:
     return next(block.parameters()).dtype
 
@@ -65,22 +78,23 @@ class BlockSlice:
 
     CACHED_SIZES = 2  # argument sets kept: a run's batch size and its last, smaller batch
 
-    def __init__(self, lm: LoadedModel, batch: PromptBatch, first: int, last: int, keep: int, bf16: bool = False):
+    def __init__(self, lm: LoadedModel, batch: PromptBatch, first: int, last: int, keep: int, bf16: bool = False,
+                 compile: bool = False):
         self.lm, self.batch, self.first, self.last = lm, batch, first, last
         self.blocks = [
             copy.deepcopy(lm.blocks[k]).to(torch.bfloat16) if bf16 and k > keep and _can_copy(lm, lm.blocks[k])
             else lm.blocks[k]
             for k in range(first, last + 1)
         ]
+        self.hooked = max(0, min(keep, last) - first + 1)  # blocks that may carry perturbation hooks: never compiled
+        self._tail = torch.compile(_run_blocks, dynamic=False) if compile else _run_blocks
         self._arguments: OrderedDict[int, Arguments] = OrderedDict()
 
     def __call__(self, hidden: Tensor, copies: int) -> Tensor:
         """The last block's output [copies * P, T, d] from the first block's input."""
-        for block, (args, kwargs) in zip(self.blocks, self.arguments(copies)):
-            hidden = hidden.to(_dtype(block))
-            out = block(hidden, *args, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
+        arguments, k = self.arguments(copies), self.hooked
+        hidden = _run_blocks(self.blocks[:k], hidden, arguments[:k])
+        return self._tail(self.blocks[k:], hidden, arguments[k:]) if k < len(self.blocks) else hidden
 
     def arguments(self, copies: int) -> Arguments:
         if copies not in self._arguments:

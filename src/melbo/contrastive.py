@@ -58,7 +58,7 @@ class ContrastiveObjective:
 
     def __init__(self, audited: LoadedModel, reference: LoadedModel, batch: PromptBatch, source: int, target: int,
                  replay_upto: int, form: str = DEFAULT_FORM, p: float = 2.0, q: float = 1.0, weight: float = 1.0,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", compile: bool = False):
         if form not in FORMS:
             raise MelboError(f"unknown contrast {form!r}: use one of {', '.join(FORMS)}")
         self.lm, self.reference, self.batch = audited, reference, batch
@@ -66,7 +66,8 @@ class ContrastiveObjective:
         if form == "kl":
             self.probes = [OutputProbe(m, batch, replay_upto, precision) for m in (audited, reference)]
         else:
-            self.probes = [TargetProbe(m, batch, source, target, replay_upto, precision) for m in (audited, reference)]
+            self.probes = [TargetProbe(m, batch, source, target, replay_upto, precision, compile)
+                           for m in (audited, reference)]
         self.precision = self.probes[0].precision
         self.mask = batch.token_mask.to(self.probes[0].z0.device)
 

@@ -172,12 +172,13 @@ class TargetProbe:
 
     `replay_upto` is the last block whose output does not depend on the perturbation: `source` for steering
     vectors (added to block s's output), `source - 1` for adapters (which act inside block s); −1 = no replay
-    (then the whole model runs, stopped at the target). The unsteered Z(0) goes through exactly the path the
+    (then the whole model runs, stopped at the target). `compile`: see `melbo.blockslice`. The unsteered Z(0) goes through exactly the path the
     steered passes take (autocast, bf16 block copies), so that rounding never masquerades as a change.
     """
 
     def __init__(
-        self, lm: LoadedModel, batch: PromptBatch, source: int, target: int, replay_upto: int, precision: str = "fp32"
+        self, lm: LoadedModel, batch: PromptBatch, source: int, target: int, replay_upto: int, precision: str = "fp32",
+        compile: bool = False,
     ):
         self.lm, self.batch, self.source, self.target = lm, batch, source, target
         self.replay_upto = replay_upto
@@ -187,7 +188,8 @@ class TargetProbe:
         self.cached = outputs.get(replay_upto)
         self.slice = None
         if replay_upto >= 0:
-            self.slice = BlockSlice(lm, batch, replay_upto + 1, target, keep=source, bf16=self.precision == "bf16")
+            self.slice = BlockSlice(lm, batch, replay_upto + 1, target, keep=source, bf16=self.precision == "bf16",
+                                    compile=compile)
             with torch.no_grad():
                 outputs[target] = self(1, nullcontext)[0]
         self.z0 = outputs[target]  # [P, T, d]

@@ -57,6 +57,7 @@ class DiscoverConfig:
     positions: Positions = "all"
     max_new_tokens: int = 48
     precision: str = "auto"  # training matmuls: auto (bf16 where the hardware has bf16 units), fp32, bf16
+    compile: bool = False  # torch.compile the blocks after the source: ~3× per step on CPU, a minute+ to compile
     power_iterations: int = 20  # method "jacobian" only
     contrast: Optional[str] = None  # None: plain discovery; else a contrastive form against a reference model
     contrast_weight: float = 1.0  # λ of the "penalised" contrastive form

@@ -49,6 +49,7 @@ def discover(
     random: int = typer.Option(4, help="Random vectors of the same R to compare against (0: skip the assessment)."),
     power_iterations: int = typer.Option(DEFAULTS.power_iterations, help="Power iterations (methods jacobian and dct)."),
     precision: str = typer.Option(DEFAULTS.precision, help="Training matmuls: auto (bf16 on AMX/AVX512-BF16 CPUs and GPUs), fp32, bf16."),
+    compile_: bool = typer.Option(DEFAULTS.compile, "--compile/--no-compile", help="torch.compile the blocks after the source: faster steps after a minute or more of compiling (long runs)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
@@ -87,7 +88,8 @@ def discover(
                 on_batch=display.advance, method=method, n_vectors=n_vectors, source=source, target=target,
                 radius=radius, p=p, q=q, steps=steps, lr=lr, orthogonal=orthogonal, soft_weight=soft_weight,
                 rank=rank, batch_size=batch_size, seed=seed, chat=chat, positions=parse_positions(positions),
-                max_new_tokens=max_new_tokens, precision=precision, power_iterations=power_iterations), path)
+                max_new_tokens=max_new_tokens, precision=precision, compile=compile_,
+                power_iterations=power_iterations), path)
     print_completions([Completion(**row) for row in run.completions()])
     print_assessment(run)
     out.print(f"report: [bold]{escape(str(run.path / 'report.html'))}[/]")
@@ -99,4 +101,4 @@ def discover(
 # discover's options that set up training: fixed once a run exists.
 _RESUME_KEEPS = ("prompts", "prompts_file", "out_dir", "method", "n_vectors", "source", "target", "radius", "p", "q",
                  "steps", "lr", "orthogonal", "soft_weight", "rank", "batch_size", "seed", "chat", "positions",
-                 "orthogonal_to", "max_new_tokens", "power_iterations", "precision")
+                 "orthogonal_to", "max_new_tokens", "power_iterations", "precision", "compile_")

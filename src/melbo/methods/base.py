@@ -125,8 +125,9 @@ class GradientMethod:
         replay = self.replay_upto(self.s.source)
         if cfg.contrast is not None:
             return ContrastiveObjective(lm, reference, batch, self.s.source, target, replay, cfg.contrast, cfg.p,
-                                        cfg.q, cfg.contrast_weight, cfg.precision)
-        return MelboObjective(TargetProbe(lm, batch, self.s.source, target, replay, cfg.precision), cfg.p, cfg.q)
+                                        cfg.q, cfg.contrast_weight, cfg.precision, cfg.compile)
+        probe = TargetProbe(lm, batch, self.s.source, target, replay, cfg.precision, cfg.compile)
+        return MelboObjective(probe, cfg.p, cfg.q)
 
     def fit(self, objective: Objective, n: int, previous: Optional[Params], generator: torch.Generator,
             on_step: Optional[StepCallback] = None) -> Fit:
