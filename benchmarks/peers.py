@@ -217,14 +217,19 @@ def run_batched(batched_melbo, directory, text, ids, a) -> tuple[torch.Tensor, f
     return trainer.learned_vectors.detach().cpu(), seconds
 
 
-def run_melbo(lm, precision: str, a) -> tuple[torch.Tensor, float]:
+def run_melbo(lm, precision: str, a, compile: bool = False) -> tuple[torch.Tensor, float]:
+    """melbo.discover after an untimed 1-step run (with --compile, that run pays the compilation, said apart)."""
     with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
         melbo.discover(lm, [a.prompt], Path(tmp) / "warm-up", n_vectors=a.vectors, source=a.source, target=a.target,
-                       radius=str(a.radius), steps=1, batch_size=a.vectors, precision=precision, seed=a.seed)
+                       radius=str(a.radius), steps=1, batch_size=a.vectors, precision=precision, seed=a.seed,
+                       compile=compile)
+        if compile:
+            print(f"melbo {precision}+compile: compiling took {time.perf_counter() - started:.0f} s (untimed)")
         started = time.perf_counter()
         run = melbo.discover(lm, [a.prompt], Path(tmp) / "run", n_vectors=a.vectors, source=a.source,
                              target=a.target, radius=str(a.radius), steps=a.steps, batch_size=a.vectors,
-                             precision=precision, seed=a.seed)
+                             precision=precision, seed=a.seed, compile=compile)
         seconds = time.perf_counter() - started
         return run.perturbations.vectors.detach().cpu().clone(), seconds
 
@@ -258,7 +263,8 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--vectors", type=int, default=16, help="Vectors for BatchedMELBO and melbo.")
     parser.add_argument("--seed-vectors", type=int, default=4, help="Vectors for SteeredModel (one at a time).")
-    parser.add_argument("--precisions", default="fp32,auto", help="melbo's training precisions, one row each.")
+    parser.add_argument("--precisions", default="fp32,auto,auto+compile",
+                        help="melbo's training precisions, one row each (+compile: with --compile).")
     parser.add_argument("--systems", default="seed,batched,melbo,random")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: melbo's auto).")
     parser.add_argument("--seed", type=int, default=0)
@@ -289,10 +295,11 @@ def main() -> None:
     if "batched" in systems:
         rows.append(("BatchedMELBO", *run_batched(batched_melbo, directory, text, ids, a)))
     if "melbo" in systems:
-        for precision in a.precisions.split(","):
+        for spec in a.precisions.split(","):
+            precision, _, extra = spec.partition("+")
             resolved = resolve_precision(precision, lm.device)
-            name = f"melbo {precision}" + (f" ({resolved})" if resolved != precision else "")
-            rows.append((name, *run_melbo(lm, precision, a)))
+            name = f"melbo {spec}" + (f" ({resolved})" if resolved != precision else "")
+            rows.append((name, *run_melbo(lm, precision, a, compile=extra == "compile")))
     if "random" in systems:
         g = torch.Generator().manual_seed(a.seed)
         random = torch.randn(a.vectors, lm.width, generator=g)

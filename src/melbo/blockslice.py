@@ -64,6 +64,16 @@ def _dtype(block: nn.Module) -> torch.dtype:
     return next(block.parameters()).dtype
 
 
+def _bf16_copy(lm: LoadedModel, k: int) -> nn.Module:
+    """Block k in bf16, made once per model and weights: later probes (and a compiled slice's guards) reuse it."""
+    block = lm.blocks[k]
+    weights = tuple((p.data_ptr(), p._version) for p in block.parameters())  # changes if the weights are trained
+    cache = lm.__dict__.setdefault("_bf16_blocks", {})
+    if k not in cache or cache[k][0] != weights:
+        cache[k] = (weights, copy.deepcopy(block).to(torch.bfloat16))
+    return cache[k][1]
+
+
 def _can_copy(lm: LoadedModel, block: nn.Module) -> bool:
     # A device-mapped block (accelerate's hook, weights possibly offloaded) is used as it is.
     return lm.device.type == "cpu" and not hasattr(block, "_hf_hook") and _dtype(block) == torch.float32
@@ -81,11 +91,8 @@ class BlockSlice:
     def __init__(self, lm: LoadedModel, batch: PromptBatch, first: int, last: int, keep: int, bf16: bool = False,
                  compile: bool = False):
         self.lm, self.batch, self.first, self.last = lm, batch, first, last
-        self.blocks = [
-            copy.deepcopy(lm.blocks[k]).to(torch.bfloat16) if bf16 and k > keep and _can_copy(lm, lm.blocks[k])
-            else lm.blocks[k]
-            for k in range(first, last + 1)
-        ]
+        self.blocks = [_bf16_copy(lm, k) if bf16 and k > keep and _can_copy(lm, lm.blocks[k]) else lm.blocks[k]
+                       for k in range(first, last + 1)]
         self.hooked = max(0, min(keep, last) - first + 1)  # blocks that may carry perturbation hooks: never compiled
         self._tail = torch.compile(_run_blocks, dynamic=False) if compile else _run_blocks
         self._arguments: OrderedDict[int, Arguments] = OrderedDict()
