@@ -47,7 +47,7 @@ class Setting:
     lr: float = 0.05
     soft_weight: float = 1.0
     power_iterations: int = 20
-    residual_norm: float = 1.0  # mean residual norm at the source: the scale of finite differences
+    residual_norm: float = 1.0  # median residual norm at the source: the scale of finite differences
 
     @classmethod
     def of(cls, cfg: "DiscoverConfig", source: int, radius: float, width: int, residual_norm: float) -> "Setting":
