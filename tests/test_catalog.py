@@ -249,3 +249,19 @@ def test_catalog_cli(tmp_path, run_dir, capsys):
         target = str(tmp_path) if args == ["list"] else db
         code, _, err = run_cli(["catalog", *args, "--catalog", target], capsys)
         assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_discover_records_its_run_in_the_catalogue(tmp_path, capsys):
+    from tiny_models import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model")
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli(["discover", "Hello there", "--model", str(model), "-n", "2", "--steps", "2",
+                                    "--radius", "1.0", "--max-new-tokens", "3", "--random", "0", "--out", str(out)],
+                                   capsys)
+    assert code == 0, stderr
+    assert "catalogued as run 1" in stdout
+    with Catalog() as cat:  # $MELBO_CATALOG, set by conftest
+        [run] = cat.runs()
+        assert (run.path, run.kind, run.n) == (str(out.resolve()), "discover", 2)
+        assert [p.name for p in cat.perturbations(run.id)] == ["v0", "v1"]
