@@ -16,10 +16,11 @@ from melbo.labels import (
     malformed_share, parse_label, repetition_score)
 
 HAND_LABELS = Path(__file__).parent / "data" / "hand_labels.jsonl"
-# Measured on tests/data/hand_labels.jsonl: 229/279 = 0.821 on the completions the labeller was developed on
-# (105 backdoor testbed, 80 + 64 SmolLM2 runs, 30 crafted for rare classes). Before the last round of changes
-# the 64 of the second SmolLM2 run were held out: 31/64 = 0.484 on them. The floor leaves room for float noise
-# across machines, not for a worse labeller.
+# Measured on tests/data/hand_labels.jsonl (343 completions: 105 from the backdoor testbed, 208 from three
+# SmolLM2 runs, 30 crafted for rare classes): 280/343 = 0.816; the most frequent label alone would score 0.198.
+# Held out: the 64 of the third SmolLM2 run (R 0.35x) were labelled by hand before the labeller ever saw them,
+# and scored 51/64 = 0.797; the second run's 64, held out from an earlier version, scored 31/64 = 0.484 before
+# that version was revised on them. The floor leaves room for float noise across machines, not a worse labeller.
 ACCURACY_FLOOR = 0.79
 
 
@@ -33,7 +34,8 @@ def test_the_hand_labelled_set_is_real_and_uses_the_taxonomy():
     assert {r["label"] for r in rows} <= set(TAXONOMY)
     real = [r for r in rows if not r["source"].startswith("crafted")]
     assert len(real) >= 100 and len({r["prompt"] for r in real}) >= 5
-    assert all(r["text"] and r["unsteered"] is not None for r in rows)
+    assert all(isinstance(r["text"], str) and r["unsteered"] is not None for r in rows)
+    assert any(r["text"] == "" for r in rows)  # a steered model can say nothing: labelled "empty", no crash
 
 
 def test_accuracy_on_hand_labelled_completions():

@@ -511,7 +511,7 @@ def _fill_embeddings(samples: Sequence[Sample]) -> None:
         needed += [s.text, s.prompt, *_sentences(s.text)]
         if s.unsteered is not None:
             needed.append(s.unsteered)
-    _embed_many([t for t in needed if t])
+    _embed_many([t for t in needed if t is not None])  # "" too: a steered model can say nothing
     for s in samples:
         if s.embedding is None:
             s.embedding = _EMBEDDINGS[s.text]
