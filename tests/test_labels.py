@@ -171,3 +171,21 @@ def test_model_labeller_with_the_embedded_model(smol):
     [label] = ModelLabeller(smol, max_new_tokens=24).label_groups(
         [[Sample("Arr matey!", "What is 7 + 5?", "7 + 5 = 12.")]])
     assert label.name in TAXONOMY and 0 <= label.confidence <= 1
+
+
+def test_catalog_add_with_llm_url(tmp_path, endpoint, capsys):
+    from conftest import run_cli
+    from melbo.catalog import Catalog
+    from test_catalog import make_run
+
+    _Endpoint.reply = (200, _answer('{"label": "code", "confidence": 0.6}'))
+    run, db = make_run(tmp_path / "run"), tmp_path / "c.sqlite"
+    code, _, err = run_cli(["catalog", "add", str(run), "--catalog", str(db), "--llm-url", endpoint,
+                            "--llm-model", "m", "--llm-key", "k"], capsys)
+    assert code == 0, err
+    assert _Endpoint.requests[0]["auth"] == "Bearer k" and _Endpoint.requests[0]["body"]["model"] == "m"
+    with Catalog(db) as cat:
+        assert {p.auto_label for p in cat.perturbations(1)} == {"code"}
+    code, _, err = run_cli(["catalog", "add", str(run), "--catalog", str(db), "--llm-url", endpoint,
+                            "--llm-local", "smollm2-135m"], capsys)
+    assert code == 2 and "not both" in err

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from melbo.cli.app import app, err, out
+from melbo.errors import MelboError
 
 catalog_app = typer.Typer(help="The catalogue of runs: list, search and compare behaviours across runs, label them.",
                           no_args_is_help=True)
@@ -25,7 +26,14 @@ def _open(path: Optional[Path]):
     return Catalog(path)
 
 
-def _labeller(url: Optional[str], model: str, key: Optional[str]):
+def _labeller(url: Optional[str], model: str, key: Optional[str], local: Optional[str]):
+    if url is not None and local is not None:
+        raise MelboError("give --llm-url or --llm-local, not both")
+    if local is not None:
+        from melbo.cli.app import load
+        from melbo.labels import ModelLabeller
+
+        return ModelLabeller(load(local, "cpu", "float32", None))
     if url is None:
         return None
     from melbo.labels import ChatLabeller
@@ -41,9 +49,11 @@ def add_command(
                                                      "http://127.0.0.1:8080/v1) instead of the zero-shot labeller."),
     llm_model: str = typer.Option("default", help="The model name sent to --llm-url."),
     llm_key: Optional[str] = typer.Option(None, envvar="MELBO_LLM_KEY", help="Bearer key for --llm-url."),
+    llm_local: Optional[str] = typer.Option(None, help="Label with a local chat model instead, e.g. the embedded "
+                                                       "qwen2.5-coder-0.5b (slow on a CPU: one answer per perturbation)."),
 ) -> None:
     """Add (or refresh) runs: their perturbations, completions, metrics, clusters and automatic labels."""
-    labeller = _labeller(llm_url, llm_model, llm_key)
+    labeller = _labeller(llm_url, llm_model, llm_key, llm_local)
     with _open(catalog) as cat:
         for path in runs:
             with err.status(f"adding {path} …"):
