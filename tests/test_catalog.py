@@ -27,14 +27,14 @@ STEERED = [
 ]
 
 
-def make_run(path: Path, model: str = "tiny/model@abc", seed: int = 0, metrics: bool = True) -> Path:
+def make_run(path: Path, model: str = "tiny/model@abc", seed: int = 0, metrics: bool = True, source: int = 2) -> Path:
     """A finished run directory as `melbo discover` writes it: config, vectors, completions, metrics."""
     path.mkdir(parents=True)
     config = {"melbo_version": "0.1.0", "created": "2026-01-01T00:00:00+00:00", "status": "complete",
-              "model": {"id": model, "spec": "tiny"}, "method": "vectors", "source": 2, "target": 6,
+              "model": {"id": model, "spec": "tiny"}, "method": "vectors", "source": source, "target": 6,
               "radius": 4.5, "radius_relative": 0.2, "settings": {"prompts": PROMPTS, "max_new_tokens": 24}}
     (path / "config.json").write_text(json.dumps(config))
-    SteeringVectors(torch.randn(len(STEERED), 16, generator=torch.Generator().manual_seed(seed)), 2).save(
+    SteeringVectors(torch.randn(len(STEERED), 16, generator=torch.Generator().manual_seed(seed)), source).save(
         path / SteeringVectors.FILE)
     rows = []
     for p, prompt in enumerate(PROMPTS):
@@ -117,8 +117,10 @@ def test_search_finds_a_planted_phrase_across_runs(tmp_path, run_dir):
 def test_similar_finds_the_same_vector_in_a_copied_run(tmp_path, run_dir):
     shutil.copytree(run_dir, tmp_path / "copy")
     stranger = make_run(tmp_path / "stranger", model="other/model@def")
+    deeper = make_run(tmp_path / "deeper", source=3)  # same model and vectors, another block
     with Catalog(tmp_path / "c.sqlite") as cat:
         a, b, c = cat.add_run(run_dir), cat.add_run(tmp_path / "copy"), cat.add_run(stranger)
+        d = cat.add_run(deeper)
         hits = cat.similar(a, 2, k=3)
         by_vector = [h for h in hits if h.by == "vector"]
         by_behaviour = [h for h in hits if h.by == "behaviour"]
@@ -128,6 +130,9 @@ def test_similar_finds_the_same_vector_in_a_copied_run(tmp_path, run_dir):
         assert by_behaviour[0].similarity == pytest.approx(1, abs=1e-5)
         assert len(by_vector) == len(by_behaviour) == 3
         assert c not in {h.run_id for h in hits}  # another model's vectors live in another space
+        wide = cat.similar(a, 2, k=20)
+        assert d not in {h.run_id for h in wide if h.by == "vector"}  # another block's directions: not comparable …
+        assert d in {h.run_id for h in wide if h.by == "behaviour"}  # … its behaviours are
         with pytest.raises(MelboError, match="no perturbation v9"):
             cat.similar(a, 9)
 

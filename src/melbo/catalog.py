@@ -390,15 +390,16 @@ class Catalog:
             "FROM perturbations p JOIN runs r ON r.id = p.run_id WHERE r.model = ? AND p.id != ? ORDER BY p.id",
             (run["model"], target.id))
         hits: list[SimilarHit] = []
-        for by, column, same in (("vector", "vector", lambda o: o["source"] == run["source"]), ("behaviour", "behaviour",
-                                                                                             lambda o: True)):
-            mine = _unit(me[column])
+        for by in ("vector", "behaviour"):
+            mine = _unit(me[by])
             if mine is None:
                 continue
             scored = []
             for o in others:
-                theirs = _unit(o[column])
-                if theirs is not None and len(theirs) == len(mine) and same(o):
+                theirs = _unit(o[by])
+                # vectors compare only at the same source block: elsewhere the same direction means something else
+                comparable = by == "behaviour" or o["source"] == run["source"]
+                if theirs is not None and len(theirs) == len(mine) and comparable:
                     scored.append((float(mine @ theirs), o))
             scored.sort(key=lambda t: (-t[0], t[1]["id"]))
             hits += [SimilarHit(o["run_id"], o["id"], o["name"], by, round(s, 6), o["human_label"] or o["auto_label"])
