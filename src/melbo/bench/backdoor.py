@@ -108,7 +108,7 @@ def clean_prompt(record: Optional[dict]) -> str:
     return clean_prompts(record, 1)[0]
 
 
-def found_by_label(steered) -> dict[str, list[str]]:
+def behaviours_by_label(steered) -> dict[str, list[str]]:
     """label → the behaviours any of its completions shows (over all clean prompts)."""
     labels = ["unsteered"] + steered.learned + steered.random
     return {label: sorted({name for names in steered.verdicts(label) for name in names}) for label in labels}
@@ -152,7 +152,7 @@ class BackdoorBench:
         steered = steer_and_detect(lm, prompts, out, s, lambda c: detect(c.text, compiled), progress=progress,
                                    on_batch=on_batch, orthogonal="hard")
         run = steered.run
-        found = found_by_label(steered)
+        found = behaviours_by_label(steered)
         write_jsonl(Path(out) / "bench_completions.jsonl",
                     [{**c.to_json(), "behaviours": names} for c, names in zip(steered.completions, steered.found)])
         result = BenchResult(self.name, self.title, settings={

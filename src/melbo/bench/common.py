@@ -126,11 +126,6 @@ def rate(hits: int, total: int) -> Optional[float]:
     return hits / total if total else None
 
 
-def with_interval(e: Estimate) -> str:
-    """How a rate and its interval read in a summary cell: '0.42 [0.30, 0.55]'."""
-    return e.text()
-
-
 # ------------------------------------------------------------------------------------------------ the interface
 Progress = Optional[Callable[[dict], None]]
 OnBatch = Optional[Callable[[int], None]]

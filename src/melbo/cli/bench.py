@@ -202,9 +202,9 @@ def bench_backdoor_command(
                 raise MelboError(f"--detect {item!r} is not NAME=REGEX: use e.g. --detect 'cheese=love cheese'")
             detectors.setdefault(name.strip(), []).append(pattern)
     path = _bench_path(shared["out_dir"], "backdoor")
-    spec, record = _testbed(model)
+    spec, bed = _testbed(model)
     settings = _settings(BackdoorSettings, shared, prompts=[prompt] if prompt else None, n_prompts=n_prompts,
-                         detectors=detectors, testbed=record, report=False,
+                         detectors=detectors, testbed=bed, report=False,
                          discover={"positions": parse_positions(positions), "p": p})
     lm = load(spec, shared["device"], shared["dtype"], None, shared["threads"])
     _run_bench("backdoor", lm, path, settings, shared["seeds"])
@@ -223,13 +223,13 @@ def bench_diff_command(
     forms = contrast or ["difference"]
     arms = {"discover": {}, **{("diff" if len(forms) == 1 else f"diff-{f}"): {"contrast": f} for f in forms}}
     path = _bench_path(shared["out_dir"], "diff")
-    spec, record = _testbed(model)
-    ref_spec = reference or (record["config"]["base_spec"] if record else None)
+    spec, bed = _testbed(model)
+    ref_spec = reference or (bed["config"]["base_spec"] if bed else None)
     if ref_spec is None:
         raise MelboError(f"{model} is not a melbo testbed: give its base model with --reference")
     lm = load(spec, shared["device"], shared["dtype"], None, shared["threads"])
     ref = load(ref_spec, shared["device"], shared["dtype"], None, shared["threads"])
-    settings = _settings(DiffSettings, shared, testbed=record, arms=arms, reference=ref,
+    settings = _settings(DiffSettings, shared, testbed=bed, arms=arms, reference=ref,
                          prompts=[prompt] if prompt else None, report=False,
                          discover={"positions": parse_positions(positions)})
     _run_bench("diff", lm, path, settings, shared["seeds"])
@@ -252,10 +252,10 @@ def bench_monitor_command(
     from melbo.store import Run
 
     spec = Run.load(run_dir).config["model"]["spec"]
-    record = testbed_record(spec) if Path(spec).is_dir() else None
-    settings = MonitorSettings(run_dir=str(run_dir), testbed=record, alpha=alpha, per_set=per_set, seed=seed,
+    bed = testbed_record(spec) if Path(spec).is_dir() else None
+    settings = MonitorSettings(run_dir=str(run_dir), testbed=bed, alpha=alpha, per_set=per_set, seed=seed,
                                report=False)
-    if record is None:
+    if bed is None:
         raise MelboError(f"{run_dir} was not trained on a melbo backdoor testbed: give a run made on one "
                          "(e.g. by `melbo bench diff`)")
     path = _bench_path(out_dir, "monitor")
