@@ -58,6 +58,7 @@ class ArithmeticSettings(BenchSettings):
     n_vectors: int = 32
     n_random: Optional[int] = None
     max_new_tokens: int = 256
+    generation_batch: int = 72  # the 65 selection rows (unsteered, 32 learned, 32 random) in one batch, not 64 + 1
     problems: int = 50  # scored problems
     select: int = 8  # selection problems, disjoint from the scored ones
     digits: str = "2x2"
