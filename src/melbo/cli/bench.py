@@ -108,6 +108,7 @@ def _bench_finish(result, path: Path) -> None:
     report_path = write_report(path)
     out.print(f"run, bench.json and report written to [bold]{escape(str(path))}[/] ({escape(str(report_path.name))})")
     print_result(result, out)
+    record(path)  # into the catalogue (melbo catalog); trouble there is one warning line, never a failure
 
 
 def _run_bench(name: str, lm, path: Path, settings, seeds: int) -> None:
