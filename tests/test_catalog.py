@@ -270,3 +270,19 @@ def test_discover_records_its_run_in_the_catalogue(tmp_path, capsys):
         [run] = cat.runs()
         assert (run.path, run.kind, run.n) == (str(out.resolve()), "discover", 2)
         assert [p.name for p in cat.perturbations(run.id)] == ["v0", "v1"]
+
+
+def test_a_benchmark_directory_adds_the_runs_in_it(tmp_path):
+    bench = tmp_path / "bench"
+    make_run(bench / "discover")
+    make_run(bench / "diff", seed=1)
+    (bench / "bench.json").write_text(json.dumps({"bench": "diff", "title": "diff on the backdoor testbed",
+                                                  "tables": []}))
+    (tmp_path / "monitor").mkdir()
+    (tmp_path / "monitor" / "bench.json").write_text(json.dumps({"bench": "monitor", "title": "m", "tables": []}))
+    with Catalog(tmp_path / "c.sqlite") as cat:
+        ids = cat.add_runs(bench)
+        assert [(cat.run(i).kind, cat.run(i).title) for i in ids] == [
+            ("bench", "diff on the backdoor testbed / diff"), ("bench", "diff on the backdoor testbed / discover")]
+        assert cat.add_runs(tmp_path / "monitor") == []  # a bench without runs (monitor) adds nothing, quietly
+    assert record_run(tmp_path / "monitor", pytest.fail) == []
