@@ -203,6 +203,10 @@ def test_bad_input_is_one_line(tmp_path, run_dir):
     with Catalog(tmp_path / "c.sqlite") as cat:
         with pytest.raises(MelboError, match="does not exist"):
             cat.add_run(tmp_path / "missing")
+        broken = make_run(tmp_path / "broken")
+        (broken / "metrics.json").write_text(json.dumps({"learned": {"perturbations": []}, "clusters": [{"x": 1}]}))
+        with pytest.raises(MelboError, match="malformed"):
+            cat.add_run(broken)
         (tmp_path / "plain").mkdir()
         with pytest.raises(MelboError, match="not a melbo run"):
             cat.add_run(tmp_path / "plain")

@@ -507,61 +507,39 @@ def run_dirs(path: Path) -> list[Path]:
 
 def read_run(path: Path, labeller: Any = None) -> _Snapshot:
     """Everything the catalogue holds about the run at `path`, read through the library."""
-    from melbo.files import read_json
-    from melbo.store import BENCH, METRICS, Run
+    from melbo.store import Run
 
     run = Run.load(path)
-    config = run.config
     rows = run.completions()
-    metrics = read_json(path / METRICS) if (path / METRICS).exists() else None
-    divergence_rows = _divergence_rows(path)
-    bench = read_json(path / BENCH) if (path / BENCH).exists() else None
-    parent_bench = read_json(path.parent / BENCH) if (path.parent / BENCH).exists() else None
+    try:
+        return _snapshot(path, run, rows, labeller)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited or foreign file
+        raise MelboError(f"run {path} has a malformed completions.jsonl, metrics.json or divergence.json "
+                         f"({type(exc).__name__}: {exc}): re-run `melbo assess` or the discovery") from exc
 
-    n = len(run) if run.perturbations is not None else 1 + max((r["vector"] for r in rows if r["vector"] is not None),
-                                                             default=-1)
-    names = {r["vector"]: r["label"] for r in rows if r["vector"] is not None}
-    per_metrics: dict[int, dict] = {i: {} for i in range(n)}
-    clusters: list[dict] = []
-    cluster_of: dict[int, Optional[int]] = {}
-    if isinstance(metrics, dict) and isinstance(metrics.get("learned"), dict):
-        for entry in metrics["learned"].get("perturbations", []):
-            i = entry.get("vector")
-            if i in per_metrics:
-                per_metrics[i].update({k: entry[k] for k in ("distance_from_unsteered", "perplexity", "repetition",
-                                                              "mean_tokens") if k in entry})
-                cluster_of[i] = entry.get("cluster")
-        clusters = [{"number": c["id"], "name": c["name"], "no_change": bool(c.get("no_change"))}
-                    for c in metrics.get("clusters", [])]
-    for i, values in _divergence_metrics(divergence_rows).items():
-        if i in per_metrics:
-            per_metrics[i].update(values)
 
-    vectors = None
+def _snapshot(path: Path, run, rows: list[dict], labeller: Any) -> _Snapshot:
     from melbo.intervention import SteeringVectors
 
-    if isinstance(run.perturbations, SteeringVectors):
-        vectors = run.perturbations.vectors.detach().float().cpu().numpy()
-    behaviour, labels = _behaviours_and_labels(rows, n, per_metrics, labeller)
-
-    kind = "bench" if bench is not None or parent_bench is not None else ("diff" if config.get("reference") else
-                                                                          "discover")
-    title_doc = bench or parent_bench
-    prompts = (config.get("settings") or {}).get("prompts") or []
-    title = str(title_doc.get("title", title_doc.get("bench"))) if title_doc else (prompts[0] if prompts else path.name)
-    if title_doc is not None and bench is None:
-        title = f"{title} / {path.name}"
+    config = run.config
+    steered = [r["vector"] for r in rows if r["vector"] is not None]
+    n = len(run) if run.perturbations is not None else 1 + max(steered, default=-1)
+    names = {r["vector"]: r["label"] for r in rows if r["vector"] is not None}
+    metrics, cluster_of, clusters = _assessment(path, n)
+    vectors = run.perturbations.vectors.detach().float().cpu().numpy() \
+        if isinstance(run.perturbations, SteeringVectors) else None
+    behaviour, labels = _behaviours_and_labels(rows, n, metrics, labeller)
     perturbations = []
-    for i in range(n):
-        label = labels[i]
+    for i, label in enumerate(labels):
         perturbations.append({
-            "idx": i, "name": names.get(i, f"v{i}"), "cluster": cluster_of.get(i), "metrics": per_metrics[i],
+            "idx": i, "name": names.get(i, f"v{i}"), "cluster": cluster_of.get(i), "metrics": metrics[i],
             "auto_label": label.name if label else None,
             "auto_confidence": round(label.confidence, 4) if label else None,
             "auto_scores": {k: round(v, 4) for k, v in label.scores.items()} if label else {},
             "vector": vectors[i].astype(np.float32).tobytes() if vectors is not None and i < len(vectors) else None,
             "behaviour": behaviour[i].astype(np.float32).tobytes() if behaviour.get(i) is not None else None,
         })
+    kind, title = _kind_and_title(path, config)
     radius = config.get("radius")
     return _Snapshot(
         run={"path": str(path.resolve()), "kind": kind, "model": config["model"]["id"],
@@ -569,10 +547,44 @@ def read_run(path: Path, labeller: Any = None) -> _Snapshot:
              "created": config.get("created"), "title": title, "source": config.get("source"),
              "radius": float(radius) if isinstance(radius, (int, float)) else None,
              "config": json.dumps(config, sort_keys=True)},
-        perturbations=perturbations,
-        completions=rows,
-        clusters=clusters,
-    )
+        perturbations=perturbations, completions=rows, clusters=clusters)
+
+
+def _assessment(path: Path, n: int) -> tuple[dict[int, dict], dict[int, Optional[int]], list[dict]]:
+    """Per perturbation: its metrics (assessment and divergence) and cluster number; and the run's clusters."""
+    from melbo.files import read_json
+    from melbo.store import METRICS
+
+    metrics: dict[int, dict] = {i: {} for i in range(n)}
+    cluster_of: dict[int, Optional[int]] = {}
+    clusters: list[dict] = []
+    doc = read_json(path / METRICS) if (path / METRICS).exists() else None
+    if isinstance(doc, dict) and isinstance(doc.get("learned"), dict):
+        for entry in doc["learned"].get("perturbations", []):
+            i = entry.get("vector")
+            if i in metrics:
+                metrics[i].update({k: entry[k] for k in ("distance_from_unsteered", "perplexity", "repetition",
+                                                          "mean_tokens") if k in entry})
+                cluster_of[i] = entry.get("cluster")
+        clusters = [{"number": int(c["id"]), "name": str(c["name"]), "no_change": bool(c.get("no_change"))}
+                    for c in doc.get("clusters", [])]
+    for i, values in _divergence_metrics(_divergence_rows(path)).items():
+        if i in metrics:
+            metrics[i].update(values)
+    return metrics, cluster_of, clusters
+
+
+def _kind_and_title(path: Path, config: dict) -> tuple[str, str]:
+    """bench (in or under a bench.json), diff (a reference model) or discover; titled by the bench or first prompt."""
+    from melbo.files import read_json
+    from melbo.store import BENCH
+
+    for doc_path, suffix in ((path / BENCH, ""), (path.parent / BENCH, f" / {path.name}")):
+        if doc_path.exists():
+            doc = read_json(doc_path)
+            return "bench", f"{doc.get('title', doc.get('bench'))}{suffix}"
+    prompts = (config.get("settings") or {}).get("prompts") or [path.name]
+    return ("diff" if config.get("reference") else "discover"), str(prompts[0])
 
 
 def _divergence_rows(path: Path) -> list[dict]:
