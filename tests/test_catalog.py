@@ -290,3 +290,32 @@ def test_a_benchmark_directory_adds_the_runs_in_it(tmp_path):
             ("bench", "diff on the backdoor testbed / diff"), ("bench", "diff on the backdoor testbed / discover")]
         assert cat.add_runs(tmp_path / "monitor") == []  # a bench without runs (monitor) adds nothing, quietly
     assert record_run(tmp_path / "monitor", pytest.fail) == []
+
+
+def test_readers_and_a_writer_share_the_catalogue(tmp_path, run_dir):
+    """WAL: a second connection (the web app) reads while another adds runs; one Catalog serves many threads."""
+    import threading
+
+    db = tmp_path / "c.sqlite"
+    others = [make_run(tmp_path / f"r{k}", seed=k) for k in range(3)]
+    with Catalog(db) as writer, Catalog(db) as reader:
+        writer.add_run(run_dir)
+        errors: list[BaseException] = []
+        seen: list[int] = []
+
+        def read():
+            try:
+                for _ in range(30):
+                    seen.append(len(reader.runs()))
+                    reader.search("sea")
+            except BaseException as exc:  # noqa: BLE001 — reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=read) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for path in others:
+            writer.add_run(path)
+        for t in threads:
+            t.join()
+        assert not errors and min(seen) >= 1 and len(reader.runs()) == 4
