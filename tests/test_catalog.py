@@ -319,3 +319,18 @@ def test_readers_and_a_writer_share_the_catalogue(tmp_path, run_dir):
         for t in threads:
             t.join()
         assert not errors and min(seen) >= 1 and len(reader.runs()) == 4
+
+
+def test_a_write_that_sqlite_refuses_is_one_line(tmp_path, run_dir):
+    db = tmp_path / "c.sqlite"
+    with Catalog(db) as cat, Catalog(db) as other:
+        cat.add_run(run_dir)
+        other._db.execute("PRAGMA busy_timeout = 0")
+        cat._db.execute("BEGIN IMMEDIATE")  # someone else holds the write lock
+        try:
+            with pytest.raises(MelboError, match="cannot write the catalogue .*locked.*retry"):
+                other.set_label(1, "x")
+        finally:
+            cat._db.execute("ROLLBACK")
+        other.set_label(1, "x")  # and once it is free, the write goes through
+        assert cat.perturbation(1).human_label == "x"

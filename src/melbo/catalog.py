@@ -32,7 +32,8 @@ import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -241,8 +242,7 @@ class Catalog:
         `labeller`: a `melbo.labels` labeller (default: the zero-shot `EmbeddingLabeller`).
         """
         snapshot = read_run(Path(run_dir), labeller)
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._transaction():
             return self._write(snapshot)
 
     def add_runs(self, path: str | Path, labeller: Any = None) -> list[int]:
@@ -291,8 +291,7 @@ class Catalog:
     def remove_run(self, run_id: int) -> None:
         """Forget a run (its perturbations, completions, clusters, labels and notes); its directory is untouched."""
         self.run(run_id)
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._transaction():
             self._db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
     # ---- reading
@@ -413,8 +412,7 @@ class Catalog:
         for name, value in (("label", label), ("note", note)):
             if value is not None and (not isinstance(value, str) or len(value) > 10_000):
                 raise MelboError(f"the {name} must be text of at most 10000 characters")
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._transaction():
             if label is not None:
                 self._db.execute("UPDATE perturbations SET human_label = ? WHERE id = ?",
                                  (label.strip() or None, perturbation_id))
@@ -423,6 +421,19 @@ class Catalog:
                                                                                    perturbation_id))
 
     # ---- plumbing
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction (all or nothing); a full disk or a lock held too long is a one-line error."""
+        with self._lock:
+            try:
+                with self._db:
+                    self._db.execute("BEGIN IMMEDIATE")  # take the write lock now, not halfway through
+                    yield
+            except sqlite3.Error as exc:
+                full = "full" in str(exc)
+                fix = f"free space on {self.path.parent}" if full else "retry, or give another --catalog"
+                raise MelboError(f"cannot write the catalogue {self.path} ({exc}): {fix}") from exc
+
     def _query(self, sql: str, params: Iterable = ()) -> list[sqlite3.Row]:
         with self._lock:
             try:
