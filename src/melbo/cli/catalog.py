@@ -49,8 +49,8 @@ def add_command(
                                                      "http://127.0.0.1:8080/v1) instead of the zero-shot labeller."),
     llm_model: str = typer.Option("default", help="The model name sent to --llm-url."),
     llm_key: Optional[str] = typer.Option(None, envvar="MELBO_LLM_KEY", help="Bearer key for --llm-url."),
-    llm_local: Optional[str] = typer.Option(None, help="Label with a local chat model instead, e.g. the embedded "
-                                                       "qwen2.5-coder-0.5b (slow on a CPU: one answer per perturbation)."),
+    llm_local: Optional[str] = typer.Option(
+        None, help="Label with a local chat model instead, e.g. the embedded qwen2.5-coder-0.5b (slow on a CPU)."),
 ) -> None:
     """Add (or refresh) runs: their perturbations, completions, metrics, clusters and automatic labels."""
     labeller = _labeller(llm_url, llm_model, llm_key, llm_local)
@@ -92,7 +92,8 @@ def show_command(run: str = typer.Argument(..., help="A run directory or catalog
             table.add_column(col, overflow="fold")
         for p in cat.perturbations(entry.id):
             auto = f"{p.auto_label} ({p.auto_confidence:.2f})" if p.auto_label else "—"
-            table.add_row(p.name, escape(p.label or "—"), escape(auto), escape(p.cluster or "—"), escape(p.note or ""))
+            table.add_row(p.name, escape(p.label or "—"), escape(auto), escape(p.cluster or "—"),
+                          escape(p.note or ""))
         out.print(table)
 
 
