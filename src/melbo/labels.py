@@ -76,6 +76,7 @@ FORM = (GIBBERISH, REPETITION)
 # when no label scores above OTHER_SCORE. Both were chosen on the hand-labelled set (docs/catalog.md).
 OFF_TOPIC_CAP = 0.7
 OTHER_SCORE = 0.35
+NO_CHANGE_FAR = 0.35  # embedding distance from the unsteered answer at which "no change" has no support left
 DESCRIPTIONS = {
     NO_CHANGE: "says the same as the unsteered model",
     EMPTY: "says nothing, or only punctuation",
@@ -358,7 +359,7 @@ def score_sample(s: Sample) -> dict[str, float]:
 
     same = s.unsteered is not None and " ".join(text.split()) == " ".join(ref.split())
     distance = float(1 - emb @ ref_emb) if emb is not None and ref_emb is not None else None
-    close = _clip((0.15 - distance) / 0.1) if distance is not None else 0.0
+    close = _clip((NO_CHANGE_FAR - distance) / (NO_CHANGE_FAR - 0.05)) if distance is not None else 0.0
     repeats = _clip((repetition_score(text) - 0.25) / 0.35)
     # the unsteered answer said three times over is a loop, not the same answer
     dropped = 0.5 if theirs and not ours else 0.0  # the unsteered answer gave a number, this one gives none
