@@ -11,7 +11,7 @@ The run directory stays the source of truth: everything here is read from it thr
 database and adding the runs again gives the same catalogue. Only human labels and notes live in the catalogue
 alone; `add_run` never touches them, so they survive re-adds.
 
-Why the stdlib `sqlite3` and no ORM (SQLAlchemy, sqlite-utils): the schema is five tables and an FTS5 index, the
+Why the stdlib `sqlite3` and no ORM (SQLAlchemy, sqlite-utils): the schema is four tables and an FTS5 index, the
 queries are a dozen short statements, and FTS5 virtual tables, WAL mode and `PRAGMA user_version` migrations are
 plain SQLite features an ORM would only wrap (SQLAlchemy has no FTS5 model; sqlite-utils has one but would be a
 dependency for what ~20 lines of SQL do). The schema is in docs/catalog.md; `MIGRATIONS` is the ordered list of
