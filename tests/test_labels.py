@@ -16,13 +16,13 @@ from melbo.labels import (
     malformed_share, parse_label, repetition_score)
 
 HAND_LABELS = Path(__file__).parent / "data" / "hand_labels.jsonl"
-# Measured on tests/data/hand_labels.jsonl (407 completions: 105 from the backdoor testbed, 272 from four
-# SmolLM2 runs, 30 crafted for rare classes): 319/407 = 0.784; the most frequent label alone would score 0.179.
-# Each SmolLM2 run after the first was labelled by hand before the labeller saw it; scores of the labeller of the
-# time on those held-out runs, before it was revised on them: 31/64 = 0.484 (R 0.5x, mostly broken text),
-# 51/64 = 0.797 (R 0.35x), 32/64 = 0.500 (R 0.3x, mostly paraphrases, when "no change" needed distance < 0.15).
-# docs/catalog.md has the last held-out number. The floor leaves room for float noise across machines only.
-ACCURACY_FLOOR = 0.76
+# Measured on tests/data/hand_labels.jsonl (471 completions: 105 from the backdoor testbed, 336 from five SmolLM2
+# runs, 30 crafted for rare classes): 351/471 = 0.745; the most frequent label alone would score 0.191. That is
+# the set the labeller was developed on. Each SmolLM2 run after the first was labelled by hand before the labeller
+# of the time saw it. Those held-out scores were 31/64 = 0.484 (R 0.5x), 51/64 = 0.797 (R 0.35x), 32/64 = 0.500
+# (R 0.3x) and 32/64 = 0.500 (R 0.4x, the final labeller): expect ~0.5-0.8 on new runs (docs/catalog.md). The
+# floor leaves room for float noise across machines, not for a worse labeller.
+ACCURACY_FLOOR = 0.72
 
 
 def hand_labelled() -> list[dict]:
