@@ -158,7 +158,6 @@ FUNCTION_WORDS = {
           "quando muito nos já eu também só pelo".split(),
     "nl": "de het een en van ik te dat die in is niet je op zijn met voor hij maar ook als er aan dan wat".split(),
 }
-_ENGLISH_ONLY = set(FUNCTION_WORDS["en"]) - {w for k, v in FUNCTION_WORDS.items() if k != "en" for w in v}
 
 
 @dataclass
