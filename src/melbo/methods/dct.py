@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor
 
-from melbo.intervention import SteeringVectors, add_to_block_output
-from melbo.methods.base import Fit, Params, Setting, StepCallback, check_orthogonal_fit
-from melbo.methods.jacobian import jacobian_directions, vjp
+from melbo.intervention import add_to_block_output
+from melbo.methods.base import Fit, Params, StepCallback
+from melbo.methods.jacobian import JacobianMethod, jacobian_directions, vjp
 from melbo.models import LoadedModel
 from melbo.objective import TargetProbe
 from melbo.prompts import PromptBatch
@@ -180,28 +180,14 @@ def fit_factors(
     return Factors(v[order], u[order], alpha[order], score[order], history[order])
 
 
-class DCTMethod:
-    """Exponential DCT at radius R: one fit for all k factors (they are orthogonalised together)."""
+class DCTMethod(JacobianMethod):
+    """Exponential DCT at radius R: one fit for all k factors (they are orthogonalised together).
+
+    It shares the Jacobian method's shape (vectors added to block s's output, one unbatched fit, `--power-iterations`
+    as its passes, no reference model) and differs in its probe's precision and in the fit.
+    """
 
     name = "dct"
-    artifact_kind = SteeringVectors
-    supports_contrast = False  # DCT factorises one model's map; a reference model has no place in it
-    batched = False
-
-    def __init__(self, setting: Setting):
-        self.s = setting
-        self.steps = setting.power_iterations  # DCT's passes are power iterations of the non-linear map
-
-    @classmethod
-    def check(cls, cfg: "DiscoverConfig", lm: LoadedModel, earlier: int) -> None:
-        check_orthogonal_fit(cfg, lm, earlier)
-
-    @classmethod
-    def create(cls, lm: LoadedModel, setting: Setting) -> "DCTMethod":
-        return cls(setting)
-
-    def replay_upto(self, source: int) -> int:
-        return source  # added to block s's output: blocks 0..s never see it
 
     def objective(self, lm: LoadedModel, batch: PromptBatch, target: int, cfg: "DiscoverConfig",
                   reference: Optional[LoadedModel]) -> TargetProbe:
@@ -217,6 +203,3 @@ class DCTMethod:
                           "init": "jacobian vjp of random output changes" if INIT_POWER_ITERATIONS == 0 else
                           f"top jacobian directions, {INIT_POWER_ITERATIONS} power iterations"}}
         return Fit({"vectors": f.v * self.s.radius}, f.history, record)
-
-    def artifact(self, params: Params) -> SteeringVectors:
-        return SteeringVectors(params["vectors"].clone(), self.s.source)
