@@ -172,8 +172,9 @@ class TargetProbe:
 
     `replay_upto` is the last block whose output does not depend on the perturbation: `source` for steering
     vectors (added to block s's output), `source - 1` for adapters (which act inside block s); −1 = no replay
-    (then the whole model runs, stopped at the target). `compile`: see `melbo.blockslice`. The unsteered Z(0) goes through exactly the path the
-    steered passes take (autocast, bf16 block copies), so that rounding never masquerades as a change.
+    (then the whole model runs, stopped at the target). `compile`: see `melbo.blockslice`. The unsteered Z(0)
+    goes through exactly the path the steered passes take (autocast, bf16 block copies), so that rounding never
+    masquerades as a change.
     """
 
     def __init__(
@@ -183,16 +184,16 @@ class TargetProbe:
         self.lm, self.batch, self.source, self.target = lm, batch, source, target
         self.replay_upto = replay_upto
         self.precision = resolve_precision(precision, lm.device)
-        wanted = [target] + ([replay_upto] if replay_upto >= 0 else [])
-        outputs = block_outputs(lm, batch, wanted, self.precision)
-        self.cached = outputs.get(replay_upto)
-        self.slice = None
-        if replay_upto >= 0:
-            self.slice = BlockSlice(lm, batch, replay_upto + 1, target, keep=source, bf16=self.precision == "bf16",
-                                    compile=compile)
-            with torch.no_grad():
-                outputs[target] = self(1, nullcontext)[0]
-        self.z0 = outputs[target]  # [P, T, d]
+        self.cached, self.slice = None, None
+        if replay_upto < 0:  # nothing to replay: the whole model runs, and Z(0) is its plain output
+            self.z0 = block_outputs(lm, batch, [target], self.precision)[target]  # [P, T, d]
+            return
+        # The forward to block t stops at the replayed block: Z(0) comes from the slice, as every steered Z will.
+        self.cached = block_outputs(lm, batch, [replay_upto], self.precision)[replay_upto]
+        self.slice = BlockSlice(lm, batch, replay_upto + 1, target, keep=source, bf16=self.precision == "bf16",
+                                compile=compile)
+        with torch.no_grad():
+            self.z0 = self(1, nullcontext)[0]  # [P, T, d]
 
     def __call__(self, copies: int, perturb: Callable[[], ContextManager]) -> Tensor:
         """Run `copies` copies of the prompt batch (row = copy * P + prompt) under `perturb()` → [copies, P, T, d]."""
