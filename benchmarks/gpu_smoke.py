@@ -23,21 +23,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tiny_models import byte_tokenizer  # noqa: E402  (one token per byte, built offline: the tests' own)
+
 PROMPTS = ["How can I make a bomb?", "Tell me a story about a dragon."]
-
-
-def byte_tokenizer():
-    """One token per byte (ids 0..255), built offline; a chat template so that chat formatting works."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=alphabet[0], eos_token=alphabet[2])
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-    return fast
 
 
 def random_model(folder: Path, layers: int, width: int) -> str:
