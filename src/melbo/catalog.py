@@ -205,7 +205,7 @@ class Catalog:
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path).expanduser() if path is not None else default_path()
-        _check_db_path(self.path)
+        check_db_path(self.path)
         self._lock = threading.RLock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -479,7 +479,8 @@ def _fts_query(query: str) -> str:
     return " ".join('"' + w.replace('"', '""') + '"' for w in words)
 
 
-def _check_db_path(path: Path) -> None:
+def check_db_path(path: Path) -> None:
+    """Refuse a catalogue path SQLite cannot use safely (a link, a directory, a device, a file as a folder)."""
     if path.is_symlink():  # SQLite's -wal and -shm files would land beside the link, not the database
         raise MelboError(f"the catalogue path {path} is a symbolic link: give the database file itself")
     if path.is_dir():

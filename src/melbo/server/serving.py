@@ -35,8 +35,10 @@ def check_serve(catalog_path: Optional[str | Path], host: str, port: int, token:
     if not is_local(host) and token is None:
         raise MelboError(f"serving on {host} lets other machines in: give a token with --token (or ${TOKEN_ENV}), "
                          "e.g. --token $(openssl rand -hex 16)")
-    if catalog_path is not None and Path(catalog_path).is_dir():
-        raise MelboError(f"catalog {catalog_path} is a directory: give the database file, e.g. {catalog_path}/catalog.db")
+    if catalog_path is not None:
+        from melbo.catalog import check_db_path
+
+        check_db_path(Path(catalog_path))  # the catalogue's own rules, before the port is taken
     _check_port_free(host, port)
 
 
