@@ -418,3 +418,16 @@ def test_sampling_leaves_the_global_rng_alone_and_is_seeded(lm, run_dir):
     assert torch.equal(torch.get_rng_state(), state)
     second = [c.text for c in melbo.generate(lm, run.perturbations, ["Hi"], sampling=sampling)]
     assert first == second and len(set(first)) > 1
+
+
+def test_run_and_catalogue_paths_of_the_wrong_type_are_one_line(tmp_path):
+    from melbo.catalog import Catalog
+    from melbo.store import Run
+
+    with pytest.raises(MelboError, match="a run directory must be a path, got 123"):
+        Run.load(123)
+    with Catalog(tmp_path / "catalog.sqlite") as catalog:
+        with pytest.raises(MelboError, match="a run directory must be a path, got 123"):
+            catalog.add_run(123)
+        with pytest.raises(MelboError, match="a run directory must be a path, got None"):
+            catalog.add_runs(None)

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import numpy as np
 
 from melbo.errors import MelboError
+from melbo.files import as_path
 
 ENV = "MELBO_CATALOG"
 FILE_NAME = "catalog.sqlite"
@@ -241,13 +242,13 @@ class Catalog:
 
         `labeller`: a `melbo.labels` labeller (default: the zero-shot `EmbeddingLabeller`).
         """
-        snapshot = read_run(Path(run_dir), labeller)
+        snapshot = read_run(as_path(run_dir, "a run directory"), labeller)
         with self._transaction():
             return self._write(snapshot)
 
     def add_runs(self, path: str | Path, labeller: Any = None) -> list[int]:
         """The run at `path`, or, for a benchmark directory holding several runs, each of them: their ids."""
-        return [self.add_run(p, labeller) for p in run_dirs(Path(path))]
+        return [self.add_run(p, labeller) for p in run_dirs(as_path(path, "a run directory"))]
 
     def _write(self, s: "_Snapshot") -> int:
         db = self._db

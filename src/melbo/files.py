@@ -45,6 +45,13 @@ def _check_ancestors(path: Path) -> None:
             return
 
 
+def as_path(value: object, what: str) -> Path:
+    """`value` as a Path, or one line naming what was given instead (the API takes paths unchecked)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise MelboError(f"{what} must be a path, got {value!r}")
+    return Path(value)
+
+
 def make_output_dir(path: Path) -> None:
     check_output_dir(path)
     try:

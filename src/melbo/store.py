@@ -18,7 +18,8 @@ from typing import Any, Iterator, Optional
 from torch import Tensor
 
 from melbo.errors import MelboError
-from melbo.files import atomic_write, load_metadata, load_tensors, read_json, read_text, save_tensors, write_json
+from melbo.files import (
+    as_path, atomic_write, load_metadata, load_tensors, read_json, read_text, save_tensors, write_json)
 from melbo.intervention import Perturbations, SteeringVectors
 from melbo.models import LoadedModel
 
@@ -50,7 +51,7 @@ class Run:
     @classmethod
     def load(cls, path: str | Path, model: Optional[LoadedModel] = None, result: bool = True) -> "Run":
         """The run at `path`; `result=False` leaves its perturbations unread (a report needs only the rest)."""
-        path = Path(path)
+        path = as_path(path, "a run directory")
         if not path.is_dir():
             raise MelboError(f"run directory {path} does not exist: give the directory `melbo discover` wrote")
         config = read_json(path / CONFIG)
