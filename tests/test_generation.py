@@ -29,3 +29,23 @@ def test_zero_scale_is_unsteered_and_sampling_is_seeded(smol):
     a = generate(smol, vectors, [PROMPT], sampling=sampled)
     b = generate(smol, vectors, [PROMPT], sampling=sampled)
     assert [c.text for c in a] == [c.text for c in b] and len(a) == 6
+
+
+def test_prompts_of_one_token_length_share_batches_and_keep_their_own_tokens(smol):
+    from melbo.prompts import prompt_tokens
+
+    same = ["Q: 17 * 23\nA:", "Q: 45 * 61\nA:"]
+    other = "Tell me a story about a dragon."
+    lengths = [len(prompt_tokens(smol, p, False)) for p in same + [other]]
+    assert lengths[0] == lengths[1] != lengths[2]
+    vectors = random_vectors(2, smol.width, 30.0, 8, seed=3)
+    calls = []
+    together = generate(smol, vectors, [same[0], other, same[1]], chat=False, on_batch=calls.append,
+                        sampling=Sampling(max_new_tokens=12, batch_size=64))
+    assert calls == [6, 3]  # both 2x2 prompts (3 rows each) in one batch, the story in another
+    assert [(c.prompt_index, c.label) for c in together] == [(p, label) for p in range(3)
+                                                             for label in ("unsteered", "v0", "v1")]
+    for p, prompt in enumerate([same[0], other, same[1]]):
+        alone = generate(smol, vectors, [prompt], chat=False, sampling=Sampling(max_new_tokens=12, batch_size=64))
+        assert [c.text for c in alone] == [c.text for c in together if c.prompt_index == p]
+        assert all(c.prompt == prompt for c in together if c.prompt_index == p)

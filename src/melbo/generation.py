@@ -1,8 +1,9 @@
 """Steered generation, batched across perturbations.
 
 For every (perturbation, prompt, sample) the perturbation is active on every position, prompt and generated
-tokens alike. Rows of one batch share their prompt, so there is no padding and a row's greedy tokens equal
-those of generating it alone. The unsteered completion is always the reference row (`vector=None`).
+tokens alike. Rows of one batch have prompts of one token length (the same prompt, or several prompts that
+tokenize to equally many tokens, as templated problems often do), so there is no padding and a row's greedy
+tokens equal those of generating it alone. The unsteered completion is always the reference row (`vector=None`).
 """
 
 from __future__ import annotations
@@ -94,7 +95,23 @@ def generate_rows(
 
     Returns (text, number of generated tokens) per row.
     """
+    return _generate_equal_length(lm, perturbations, [prompt_ids] * len(rows), rows, sampling, scale, on_batch)
+
+
+def _generate_equal_length(
+    lm: LoadedModel,
+    perturbations: Optional[Perturbations],
+    row_prompts: Sequence[list[int]],
+    rows: Sequence[Optional[int]],
+    sampling: Sampling,
+    scale: float,
+    on_batch: Optional[Callable[[int], None]],
+) -> list[tuple[str, int]]:
+    """`generate_rows` with a prompt per row; every prompt has the same number of tokens (so: no padding)."""
     check_finite("scale", scale)
+    if len({len(ids) for ids in row_prompts}) > 1:
+        raise ValueError("rows of one generation batch need prompts of one token length")
+    prompt_length = len(row_prompts[0]) if row_prompts else 0
     stops = stop_token_ids(lm)
     out: list[tuple[str, int]] = []
     for start in range(0, len(rows), sampling.batch_size):
@@ -102,7 +119,7 @@ def generate_rows(
         steer = (
             perturbations.apply(lm, chunk, scale) if perturbations is not None else contextlib.nullcontext()
         )
-        input_ids = torch.tensor([prompt_ids] * len(chunk), device=lm.device)
+        input_ids = torch.tensor(list(row_prompts[start : start + sampling.batch_size]), device=lm.device)
         if sampling.temperature > 0:
             mode = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
         else:
@@ -117,7 +134,7 @@ def generate_rows(
                 top_k=None,
                 **mode,
             )
-        out += decode_until_stop(lm, generated[:, len(prompt_ids) :], stops)
+        out += decode_until_stop(lm, generated[:, prompt_length:], stops)
         if on_batch:
             on_batch(len(chunk))
     return out
@@ -165,16 +182,15 @@ def generate(
     encoded = [prompt_tokens(lm, prompt, templated) for prompt in prompts]
     for p_index, ids in enumerate(encoded):  # every prompt fits, or nothing is generated
         check_context(lm, p_index, len(ids), sampling.max_new_tokens)
-    completions: list[Completion] = []
-    for p_index, (prompt, ids) in enumerate(zip(prompts, encoded)):
-        rows = [v for v in vectors for _ in range(samples)]
-        texts = generate_rows(lm, perturbations, ids, rows, sampling, scale, on_batch)
-        for k, (text, n) in enumerate(texts):
-            v_pos, sample = divmod(k, samples)
-            completions.append(
-                Completion(vectors[v_pos], row_labels[v_pos], p_index, prompt, sample, text, n)
-            )
-    return completions
+    # (prompt, vector, sample) in output order; prompts of one token length share batches (no padding needed).
+    work = [(p, v, k) for p in range(len(prompts)) for v in range(len(vectors)) for k in range(samples)]
+    texts: dict[tuple[int, int, int], tuple[str, int]] = {}
+    for length in dict.fromkeys(len(ids) for ids in encoded):
+        group = [w for w in work if len(encoded[w[0]]) == length]
+        done = _generate_equal_length(lm, perturbations, [encoded[p] for p, _, _ in group],
+                                      [vectors[v] for _, v, _ in group], sampling, scale, on_batch)
+        texts.update(zip(group, done))
+    return [Completion(vectors[v], row_labels[v], p, prompts[p], k, *texts[(p, v, k)]) for p, v, k in work]
 
 
 def stream_rows(
