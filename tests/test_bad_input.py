@@ -431,3 +431,28 @@ def test_run_and_catalogue_paths_of_the_wrong_type_are_one_line(tmp_path):
             catalog.add_run(123)
         with pytest.raises(MelboError, match="a run directory must be a path, got None"):
             catalog.add_runs(None)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["discover", PROMPT, "--steps", "abc"], "Invalid value for '--steps'"),
+        (["discover", PROMPT, "--steps", "1.5"], "Invalid value for '--steps'"),
+        (["discover", PROMPT, "--bogus"], "No such option: --bogus"),
+        (["export"], "Missing argument"),
+        (["bench", "arithmetic", "--problems", "many"], "see 'melbo bench arithmetic --help'"),
+        (["no-such-command"], "No such command"),
+    ],
+)
+def test_usage_errors_are_one_line_too(args, message, capsys):
+    """A wrong option or value is click's usage error: one line naming the fix and the help to read, exit 2."""
+    code, stdout, stderr = run_cli(args, capsys)
+    one_line(code, stderr, message)
+    assert "╭" not in stderr + stdout and "Traceback" not in stderr
+
+
+def test_help_and_no_arguments_still_show_the_help(capsys):
+    code, stdout, _ = run_cli(["discover", "--help"], capsys)
+    assert code == 0 and "Usage:" in stdout and "--steps" in stdout
+    code, stdout, _ = run_cli([], capsys)
+    assert code == 2 and "Usage:" in stdout and "discover" in stdout

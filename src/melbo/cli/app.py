@@ -50,11 +50,30 @@ ChatOpt = typer.Option(None, "--chat/--raw", help="Use the chat template (defaul
 
 
 def main() -> None:
+    try:  # typer 0.2x parses with a vendored click; older typers use click itself
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:
+        from click.exceptions import NoArgsIsHelpError, UsageError
+
     try:
-        app()
+        code = app(prog_name="melbo", standalone_mode=False)
     except MelboError as exc:
-        err.print(f"[bold red]melbo: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        _fail(str(exc))
+    except NoArgsIsHelpError as exc:  # `melbo` or `melbo bench` alone: the help, as click shows it
+        out.print(exc.format_message(), highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
+    except UsageError as exc:  # a wrong option or value: one line naming the fix, like a MelboError
+        where = exc.ctx.command_path if exc.ctx is not None else "melbo"
+        _fail(f"{' '.join(exc.format_message().split())} (see '{where} --help')")
+    except typer.Abort:
+        err.print("melbo: aborted", highlight=False)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]melbo: error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 def load(spec: Optional[str], device: str, dtype: str, blocks_path: Optional[str], threads: Optional[int] = None):
