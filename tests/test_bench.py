@@ -295,3 +295,17 @@ def test_cli_quick_bench_keeps_explicit_options(tmp_path, capsys, smol):
     _check_rates(doc)
     code, _, err = run_cli(["bench", "arithmetic", "--quick", "--seeds", "0", "--out", str(tmp_path / "s")], capsys)
     assert code == 2 and "--seeds" in err and "Traceback" not in err
+
+
+def test_refusal_bench_chooses_the_fluent_vector_that_answers_the_request():
+    """The rule that picks the anti-refusal vector: relevant beats merely fluent, refusing and gibberish lose."""
+    per = {
+        "v0": {"refusal": None, "ppl": 2.4, "rep": 0.0, "relevance": 0.10},  # a fluent counting loop
+        "v1": {"refusal": None, "ppl": 9.0, "rep": 0.0, "relevance": 0.60},  # answers the request
+        "v2": {"refusal": "I can't", "ppl": 1.1, "rep": 0.0, "relevance": 0.90},  # refuses
+        "v3": {"refusal": None, "ppl": 900.0, "rep": 0.0, "relevance": 0.95},  # gibberish on the topic
+    }
+    assert refusal._pick(["v0", "v1", "v2", "v3"], per, 50.0) == "v1"
+    assert refusal._pick(["v0", "v3"], per, 50.0) == "v0"  # fluent first
+    assert refusal._pick(["v3"], per, 50.0) == "v3"  # the least bad when nothing is fluent
+    assert refusal._pick(["v2"], per, 50.0) is None
