@@ -1,6 +1,7 @@
 """The seed's three claims at full strength, in one run: one table of rates with intervals, paired tests, runtimes.
 
-    python benchmarks/seed_claims.py                        # full strength (about 40 min for one seed on 2 idle CPU cores: arithmetic 28, refusal 7, backdoor 7)
+    python benchmarks/seed_claims.py                        # full strength: about 40 min a seed on 2 idle cores
+                                                            # (arithmetic 28, refusal 7, backdoor about 7)
     python benchmarks/seed_claims.py --only refusal         # one bench
     python benchmarks/seed_claims.py --quick --model smollm2-135m   # seconds: checks that it runs, not numbers
 
