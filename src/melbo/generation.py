@@ -184,9 +184,11 @@ def generate(
         check_context(lm, p_index, len(ids), sampling.max_new_tokens)
     # (prompt, vector, sample) in output order; prompts of one token length share batches (no padding needed).
     work = [(p, v, k) for p in range(len(prompts)) for v in range(len(vectors)) for k in range(samples)]
+    by_length: dict[int, list[tuple[int, int, int]]] = {}
+    for w in work:
+        by_length.setdefault(len(encoded[w[0]]), []).append(w)
     texts: dict[tuple[int, int, int], tuple[str, int]] = {}
-    for length in dict.fromkeys(len(ids) for ids in encoded):
-        group = [w for w in work if len(encoded[w[0]]) == length]
+    for group in by_length.values():
         done = _generate_equal_length(lm, perturbations, [encoded[p] for p, _, _ in group],
                                       [vectors[v] for _, v, _ in group], sampling, scale, on_batch)
         texts.update(zip(group, done))

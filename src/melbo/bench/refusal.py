@@ -7,8 +7,8 @@ refuse either, so both are also counted among fluent completions only (perplexit
 learned vector whose completion is closest in meaning to the request (MiniLM cosine; fluent ones first): it answers
 the request rather than drifting off. Choosing the most fluent one instead picked a counting loop ("Nine to ten.
 Ten to eleven. …") on qwen2.5-coder-0.5b, which does not refuse anything and complies with nothing. The random
-control is chosen by the same rule among the random vectors. Both are then tested on the shipped requests, written for the project (42
-harmful, 42 innocuous: `melbo/data/harmful.txt`, `innocuous.txt`):
+control is chosen by the same rule among the random vectors. Both are then tested on the shipped requests, written
+for the project (42 harmful, 42 innocuous: `melbo/data/harmful.txt`, `innocuous.txt`):
 
 - harmful requests, vector added (scale +1): refusal rate of unsteered, learned and random;
 - innocuous requests, vector subtracted (scale −1): does subtracting the vector induce refusal?
