@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from typing import NoReturn
 
 import torch
 
@@ -34,14 +36,23 @@ def step_seconds(lm, rows: int, prompt_tokens: int, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats
 
 
+def fail(message: str) -> NoReturn:
+    """One line and exit 2, as melbo's CLI answers bad input."""
+    print(f"generation_batch.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = fail  # argparse's own errors too: one line, not the usage block
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
     parser.add_argument("--rows", type=int, nargs="+", default=[8, 33, 65, 130, 260])
     parser.add_argument("--prompt-tokens", type=int, default=29)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if min(args.rows + [args.prompt_tokens, args.repeats]) < 1:
+        fail("--rows, --prompt-tokens and --repeats must be ≥ 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from rich.console import Console
@@ -50,8 +61,13 @@ def main() -> None:
     from melbo.models import load_model
     from melbo.threads import configure_threads
 
-    configure_threads(args.threads)
-    lm = load_model(args.model)
+    from melbo.errors import MelboError
+
+    try:
+        configure_threads(args.threads)
+        lm = load_model(args.model)
+    except MelboError as exc:  # a wrong model or thread count: one line, as the CLI gives it
+        fail(str(exc))
     table = Table(title=f"{args.model}: one decoding step, {torch.get_num_threads()} threads", title_justify="left")
     for col in ("weights", "rows", "s per step", "ms per row-token", f"vs {args.rows[0]} rows"):
         table.add_column(col)
