@@ -49,3 +49,12 @@ def test_prompts_of_one_token_length_share_batches_and_keep_their_own_tokens(smo
         alone = generate(smol, vectors, [prompt], chat=False, sampling=Sampling(max_new_tokens=12, batch_size=64))
         assert [c.text for c in alone] == [c.text for c in together if c.prompt_index == p]
         assert all(c.prompt == prompt for c in together if c.prompt_index == p)
+
+
+def test_sampling_of_the_wrong_type_is_a_melbo_error(smol):
+    import pytest
+
+    from melbo.errors import MelboError
+
+    with pytest.raises(MelboError, match="sampling must be a melbo.generation.Sampling"):
+        generate(smol, None, [PROMPT], sampling={"max_new_tokens": 4})

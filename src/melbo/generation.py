@@ -167,6 +167,9 @@ def generate(
     """Completions for every (perturbation, prompt, sample), unsteered first, in batches across perturbations."""
     prompts = check_prompt_list(prompts)
     check_finite("scale", scale)
+    if not isinstance(sampling, Sampling):
+        raise MelboError(f"sampling must be a melbo.generation.Sampling, got {type(sampling).__name__}: "
+                         "pass e.g. Sampling(max_new_tokens=48)")
     if perturbations is not None:
         perturbations.check(lm)
     count = len(perturbations) if perturbations is not None else 0
