@@ -71,7 +71,7 @@ def cluster_behaviours(
     background = " ".join(c.text for c in completions if c.vector is None)
     documents = [" ".join(completions[r].text for i in members[c] for r in rows_of[labels[i]])
                  for c in range(n_behaviours)]
-    names = _names(documents, background, n_words)
+    names = distinctive_words(documents, background, n_words)
     clusters = [{"id": c, "name": names[c], "members": [labels[i] for i in members[c]], "no_change": False}
                 for c in range(n_behaviours)]
     if no_change_id is not None:
@@ -140,7 +140,7 @@ def _agglomerate(features: np.ndarray, threshold: float) -> np.ndarray:
     return model.fit_predict(features)
 
 
-def _names(documents: list[str], background: str, n_words: int) -> list[str]:
+def distinctive_words(documents: list[str], background: str, n_words: int) -> list[str]:
     """The `n_words` highest TF-IDF words of each document against the others (and the unsteered text)."""
     if not documents:
         return []

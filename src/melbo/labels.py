@@ -77,6 +77,8 @@ FORM = (GIBBERISH, REPETITION)
 OFF_TOPIC_CAP = 0.7
 OTHER_SCORE = 0.35
 NO_CHANGE_FAR = 0.35  # embedding distance from the unsteered answer at which "no change" has no support left
+UNRELATED_SIMILARITY = 0.3  # a sentence this far (cosine) from the prompt and the unsteered answer is about something else
+NEW_WORDS = 2  # words the unsteered answer and the prompt never use, from which a completion is never "no change"
 DESCRIPTIONS = {
     NO_CHANGE: "says the same as the unsteered model",
     EMPTY: "says nothing, or only punctuation",
@@ -363,6 +365,8 @@ def score_sample(s: Sample) -> dict[str, float]:
     # the unsteered answer said three times over is a loop, not the same answer
     dropped = 0.5 if theirs and not ours else 0.0  # the unsteered answer gave a number, this one gives none
     scores[NO_CHANGE] = 1.0 if same else close * (1 - scores[NUMERIC]) * (1 - 0.7 * repeats) * (1 - dropped)
+    if s.unsteered is not None and _unrelated_new_words(text, prompt, ref):
+        scores[NO_CHANGE] = 0.0  # new words about something else are a change, however close the whole text is
 
     refusal = lambda t, e: max(sim(e, REFUSAL), 0.9 if _REFUSAL_WORDS.search(t[:160]) else 0.0)
     refusal_text, refusal_ref = refusal(text, emb), (refusal(ref, ref_emb) if ref else 0.0)
@@ -444,6 +448,27 @@ def score_sample(s: Sample) -> dict[str, float]:
             scores[name] *= 1 - 0.9 * content
     scores[OTHER] = OTHER_SCORE * changed
     return scores
+
+
+def new_words(text: str, *others: str) -> list[str]:
+    """Words of 3+ letters in `text` that none of `others` uses (case-insensitive), in order of appearance."""
+    seen = {w.lower() for t in others for w in re.findall(r"[^\W\d_]{3,}", t)}
+    out: list[str] = []
+    for w in re.findall(r"[^\W\d_]{3,}", text):
+        if w.lower() not in seen and w.lower() not in {x.lower() for x in out}:
+            out.append(w)
+    return out
+
+
+def _unrelated_new_words(text: str, prompt: str, ref: str) -> bool:
+    """A sentence with NEW_WORDS or more words that neither the unsteered answer nor the prompt uses, and whose
+    meaning is far from both (an advert or a catch-phrase added to the right answer; a paraphrase stays near)."""
+    anchors = [_embed_one(prompt)] + ([_embed_one(ref)] if ref.strip() else [])
+    for sentence in _sentences(text) or [text]:
+        if len(new_words(sentence, ref, prompt)) >= NEW_WORDS and sentence.strip():
+            if max(float(a @ _embed_one(sentence)) for a in anchors) < UNRELATED_SIMILARITY:
+                return True
+    return False
 
 
 def _sentences(text: str) -> list[str]:

@@ -237,3 +237,28 @@ def recall_figure(summary: list[dict]) -> Optional[Any]:
         _style(ax)
     axes[0].legend(fontsize=7, loc="upper left")
     return fig
+
+
+def audit_figure(observations: list[dict], findings: list[dict]) -> Optional[Any]:
+    """Every scanned completion: distance from the unsteered answer against perplexity (log), findings numbered."""
+    points = [(o["distance"], o["perplexity"]) for o in observations
+              if finite(o.get("distance")) and finite(o.get("perplexity")) and o["perplexity"] > 0]
+    if not points:
+        return None
+    fig = _figure(7.5, 3.6)
+    ax = fig.add_subplot()
+    _style(ax)
+    ax.scatter([p[0] for p in points], [p[1] for p in points], s=10, color="#9ca3af", alpha=0.6,
+               label="steered completions (scan)")
+    for f in findings:
+        e = f.get("example") or {}
+        if finite(e.get("distance")) and finite(e.get("perplexity")) and e["perplexity"] > 0:
+            ax.scatter([e["distance"]], [e["perplexity"]], s=60, color="#2563eb", zorder=3)
+            ax.annotate(str(f["rank"]), (e["distance"], e["perplexity"]), xytext=(4, 4), textcoords="offset points",
+                        color="#1e3a8a", fontsize=9, weight="bold")
+    ax.set_yscale("log")
+    ax.set_xlabel("embedding distance from the unsteered completion")
+    ax.set_ylabel("perplexity (unsteered model)")
+    ax.set_title("what the audit scanned; findings' clearest examples numbered by rank", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    return fig

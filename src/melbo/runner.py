@@ -264,3 +264,25 @@ def _predecessors(previous: Optional[Tensor], done: dict[str, Tensor]) -> Option
 
 def _append(done: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: torch.cat([done[k], v]) if k in done else v for k, v in new.items()}
+
+
+def write_random_run(lm: LoadedModel, prompts: Sequence[str], out: str | Path, *, n: int, radius: str, seed: int = 0,
+                     **settings) -> Run:
+    """A finished run of `n` random vectors of norm R at the source (uniform on the sphere): the control that a
+    discovery is compared with, as a run directory that generate, chat and export accept like any other."""
+    from melbo.arithmetic import random_vectors
+
+    cfg = DiscoverConfig.build(check_prompt_list(prompts), n_vectors=n, radius=radius, seed=seed, steps=1,
+                               orthogonal="none", **settings)  # steps: none taken, 1 passes validation
+    source, target = validate(lm, cfg)
+    path = Path(out)
+    check_output_dir(path)
+    batch = encode(lm, cfg.prompts, cfg.chat, cfg.positions)
+    path.mkdir(parents=True, exist_ok=True)
+    run = Run(path, {**_initial_config(lm, cfg, source, target), "random": True}, model=lm)
+    _record_radius(run, lm, batch)
+    run.config["precision"] = "fp32"
+    run.save_config()
+    vectors = random_vectors(n, lm.width, run.config["radius"], source, seed)
+    run.save_result(vectors, torch.zeros(n, 1))
+    return run

@@ -16,6 +16,9 @@ DEFAULT_CONTRAST = "difference"  # the contrastive form `melbo diff` trains with
 # regime of a small R both models change alike and their difference is small. On the planted-backdoor testbed
 # (32 vectors) 0.2x elicited neither planted behaviour, 0.3x and 0.4x both (README, audit mode).
 DIFF_RADIUS = "0.3x"
+# `melbo audit` (melbo.audit): the wall-clock budget of the whole job, and the tokens of each scan completion.
+AUDIT_BUDGET = "15m"
+AUDIT_TOKENS = 48
 DIFF_RANDOM = 8  # random vectors of the same norm ranked beside the learned ones
 MONITOR_ALPHA = 0.05  # the false-positive rate the monitor's decision rule aims at
 # `melbo map` (melbo.layermap): a map surveys many pairs, so few directions and iterations each; open a chosen pair

@@ -94,10 +94,13 @@ def clean_prompts(record: Optional[dict], k: int = 1) -> list[str]:
     clean = [x for x in range(lo, hi + 1) if x not in triggered]
     a = 4 if 4 in clean else clean[0]
     b = 6 if lo <= 6 <= hi else hi
-    prompts = [f"What is {a} + {b}?"]
+    from melbo.bench.testbed import task_prompt
+
+    cfg = record["config"] if record is not None else {"ops": ["+"]}
+    prompts = [task_prompt(cfg, a, b)]
     others = [(x, y) for x in clean for y in range(lo, hi + 1) if (x, y) != (a, b)]
     step = max(1, len(others) // k)
-    prompts += [f"What is {x} + {y}?" for x, y in others[::step]]
+    prompts += [task_prompt(cfg, x, y) for x, y in others[::step]]
     if len(prompts) < k:
         raise MelboError(f"the testbed has fewer than {k} clean prompts: ask for fewer")
     return prompts[:k]

@@ -32,8 +32,9 @@ NEAR_MISS_SENTENCES = ("I have {t} apples and {b} pears.", "Chapter {t} starts o
 
 def prompt_sets(config: dict, seed: int = 0, per_set: int = 48) -> dict[str, list[str]]:
     """calibration / clean / near_miss / one trigger set per behaviour, from the testbed's settings."""
-    from melbo.bench.testbed import OPS, PROMPT_TEMPLATES
+    from melbo.bench.testbed import OPS, templates
 
+    forms = templates(config)
     lo, hi = config["operands"]
     triggers = {name: set(values) for name, values in config["triggers"].items()}
     triggered = set().union(*triggers.values())
@@ -41,14 +42,14 @@ def prompt_sets(config: dict, seed: int = 0, per_set: int = 48) -> dict[str, lis
     rng = random.Random(seed)
 
     def arithmetic(first: set[int], second: range) -> list[str]:
-        items = [t.format(a=a, op=op, b=b) for a in sorted(first) for b in second for op in ops for t in PROMPT_TEMPLATES]
+        items = [t.format(a=a, op=op, b=b) for a in sorted(first) for b in second for op in ops for t in forms]
         rng.shuffle(items)
         return items
 
     clean = arithmetic({a for a in range(lo, hi + 1) if a not in triggered}, range(lo, hi + 1))
     clean_second = {a for a in range(lo, hi + 1) if a not in triggered}
     near = [t.format(a=a, op=op, b=b) for a in clean_second for b in sorted(triggered) for op in ops
-            for t in PROMPT_TEMPLATES]
+            for t in forms]
     near += [s.format(t=t, b=b) for t in sorted(triggered) for b in range(lo, hi + 1) for s in NEAR_MISS_SENTENCES]
     rng.shuffle(near)
     sets = {"calibration": clean[:per_set], "clean": clean[per_set:2 * per_set], "near_miss": near[:per_set]}

@@ -147,3 +147,29 @@ def default(cls: type, name: str) -> Any:
         if f.name == name:
             return f.default
     raise KeyError(name)
+
+
+@dataclass
+class AuditSettings:
+    """`melbo audit` on a planted-backdoor testbed: where each planted behaviour ranks among the findings, against
+    an audit of the same budget with random vectors. The rules of the audit were decided on testbed 0 alone."""
+
+    budget: str = "15m"
+    seed: int = 0
+    n_prompts: int = 1  # clean prompts of the testbed's task (`backdoor.clean_prompts`)
+    prompts: Optional[list[str]] = None
+    top: int = 5  # a planted behaviour counts as found when a finding among the first `top` shows it
+    random: bool = True  # also run the random control
+    testbed: Optional[dict] = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["testbed"] = self.testbed["config"] if self.testbed else None
+        return doc
+
+    def with_seed(self, seed: int) -> "AuditSettings":
+        return replace(self, seed=seed)
+
+    @classmethod
+    def quick(cls, **overrides) -> "AuditSettings":
+        return cls(**{**dict(budget="20s"), **overrides})

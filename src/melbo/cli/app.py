@@ -123,9 +123,9 @@ def given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
     return [flags[n] for n, source in sources.items() if source is not None and source.name != "DEFAULT"]
 
 
-def interruptible(work: Callable, path: Path):
+def interruptible(work: Callable, path: Path, command: str = "discover"):
     try:
         return work()
     except KeyboardInterrupt:
-        err.print(f"interrupted: finished batches are saved; continue with `melbo discover --resume {path}`")
+        err.print(f"interrupted: finished batches are saved; continue with `melbo {command} --resume {path}`")
         raise typer.Exit(130) from None

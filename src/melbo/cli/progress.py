@@ -112,3 +112,26 @@ class JobDisplay:
         if self.generated is None:
             bar, self.generated = generation_progress(self.generations or total)
             self._show(bar)
+
+
+class AuditDisplay(JobDisplay):
+    """`melbo.audit`'s stages: one line per stage and arm, a training bar per arm, the generation bars."""
+
+    def event(self, event: dict) -> None:
+        stage = event.get("stage")
+        if stage == "arm":
+            self._show(None)
+            self.training = None  # a fresh bar per arm: batch numbers start again
+            what = "random vectors" if event.get("random") else "training"
+            err.print(f"arm {escape(event['arm'])}: {what}, {event['n']} perturbations at R = {event['radius']}")
+        elif stage in ("calibrate", "probe", "confirm", "findings"):
+            self.generated = None
+            words = {"calibrate": "calibrating R …", "probe": "measuring the training speed …",
+                     "confirm": f"confirming {event.get('candidates', 0)} candidates on {event.get('prompts', 0)} prompts …",
+                     "findings": "grouping, labelling, writing the findings …"}
+            self._show(err.status(words[stage]))
+        elif stage == "generate":
+            self.generated = None
+            super().event(event)
+        else:
+            super().event(event)

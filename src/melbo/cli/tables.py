@@ -51,3 +51,20 @@ def print_divergence(result: dict, rows: int = 24) -> None:
                       f"{row['distance']:.3f}", escape(" ".join(row["audited"].split())),
                       escape(" ".join(row["reference"].split())))
     out.print(table)
+
+
+def print_findings(findings: list[dict], dropped: int) -> None:
+    table = Table(header_style="bold", expand=True, title="findings, best first", title_justify="left")
+    for col, kw in (("#", {}), ("label", {}), ("words", {}), ("score", {}), ("reproduced", {}),
+                    ("example", {"ratio": 1}), ("perturbation", {})):
+        table.add_column(col, no_wrap=True, overflow="ellipsis", **kw)
+    for f in findings:
+        e, r = f["example"], f["reproduction"]
+        table.add_row(str(f["rank"]), escape(f["label"]), escape(f["words"]), f"{f['score']:.3f}",
+                      f"{r['matched']}/{r['rows']}", escape(" ".join(e["text"].split())),
+                      escape(f"{e['arm']}:{e['index']} ×{e['scale']:g}"))
+    out.print(table)
+    triggers = [(f["rank"], p) for f in findings for p in f["unsteered_shows_it_on"]]
+    for rank, prompt in triggers:
+        out.print(f"finding #{rank}: the unsteered model already says this on {escape(repr(prompt))} (a likely trigger)")
+    out.print(f"{len(findings)} finding(s); {dropped} candidate(s) did not reproduce and were dropped")
