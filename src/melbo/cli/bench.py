@@ -13,11 +13,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from melbo.bench.settings import (ArithmeticSettings, BackdoorSettings, BenchSettings, DiffSettings, MonitorSettings,
+from melbo.bench.settings import (ArithmeticSettings, AuditSettings, BackdoorSettings, BenchSettings, DiffSettings, MonitorSettings,
                                   RefusalSettings, default)
 from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ThreadsOpt, app, err, interruptible, load, out, parse_positions
 from melbo.cli.catalog import record
-from melbo.cli.progress import JobDisplay, plant_progress
+from melbo.cli.progress import AuditDisplay, JobDisplay, plant_progress
 from melbo.errors import MelboError
 
 
@@ -304,3 +304,41 @@ def testbed_backdoor(
     how = "found in the cache" if bed.cached else f"trained in {bed.wall_seconds:.0f} s"
     out.print(f"testbed {how} ({time.perf_counter() - started:.1f} s): [bold]{bed.path}[/]", soft_wrap=True)
     out.print(f"merged model (for --model): [bold]{bed.merged_dir}[/]", soft_wrap=True)
+
+
+@bench_app.command("audit")
+def bench_audit_command(
+    model: str = TestbedModelOpt,
+    budget: str = typer.Option(default(AuditSettings, "budget"), help="Each audit's wall-clock budget, e.g. 15m."),
+    prompt: Optional[str] = CleanPromptOpt,
+    n_prompts: int = typer.Option(1, "--prompts", help="Audit K clean prompts of the testbed's task (ignored with --prompt)."),
+    top: int = typer.Option(default(AuditSettings, "top"), help="Found: a finding among the first TOP shows it."),
+    random: bool = typer.Option(True, "--random/--no-random", help="Also run the random control of the same budget."),
+    seed: int = typer.Option(0, help="Discovery seed (the first one with --seeds)."),
+    seeds: int = typer.Option(1, help="Repeat over K seeds and aggregate (each seed's audits go to OUT/seed-S)."),
+    quick: bool = typer.Option(False, "--quick", help="A 20-second budget (checks the output, not the numbers)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory (default runs/bench-audit-<time>)."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """melbo audit on a planted testbed: the rank of each planted behaviour among the findings, and the random control."""
+    from melbo.audit import parse_budget
+    from melbo.bench.common import check_seeds, get_bench, print_result, run_seeds
+
+    check_seeds(seeds)
+    parse_budget(budget)
+    path = _bench_path(out_dir, "audit")
+    spec, bed = _testbed(model)
+    if bed is None:
+        raise MelboError(f"{model} is not a melbo testbed: give a directory `melbo testbed backdoor` wrote")
+    settings = AuditSettings(budget="20s" if quick and budget == default(AuditSettings, "budget") else budget,
+                             seed=seed, prompts=[prompt] if prompt else None, n_prompts=n_prompts, top=top,
+                             random=random, testbed=bed)
+    lm = load(spec, device, dtype, None, threads)
+    display = AuditDisplay()
+    with display:
+        result = interruptible(lambda: run_seeds(get_bench("audit"), lm, path, settings, seeds, display.event,
+                                                 display.advance), path, "audit")
+    out.print(f"bench.json and the audits written to [bold]{escape(str(path))}[/]")
+    print_result(result, out)
