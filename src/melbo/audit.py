@@ -392,12 +392,10 @@ class _Job:
 
     # ---- scan
     def _scan(self) -> tuple[list[fnd.Observation], np.ndarray]:
-        from melbo.evaluation import embed
-
         file = self.path / OBSERVATIONS
         if file.exists() and "scan" in self.state["stages"]:
             observations = [fnd.Observation(**json.loads(line)) for line in file.read_text().splitlines() if line]
-            return observations, embed([o.text for o in observations])
+            return observations, fnd.behaviour_embeddings(observations)
         began = time.perf_counter()
         if self.reference is None:
             total = (sum(a.n for a in self.arms) + 1) * len(self.prompts)
@@ -484,16 +482,18 @@ class _Job:
         return out
 
     def _fill_distances(self, observations: list[fnd.Observation]) -> np.ndarray:
+        """Set each observation's distance from its unsteered answer (whole texts); return the behaviour
+        embeddings (novel texts) that grouping and matching use."""
         from melbo.evaluation import embed
 
-        embeddings = embed([o.text for o in observations])
+        whole = embed([o.text for o in observations])
         refs = sorted({o.unsteered for o in observations})
         ref_emb = dict(zip(refs, embed(refs)))
-        for o, e in zip(observations, embeddings):
+        for o, e in zip(observations, whole):
             o.distance = float(1.0 - e @ ref_emb[o.unsteered])
             if self.reference is None:
                 o.divergence = o.distance
-        return embeddings
+        return fnd.behaviour_embeddings(observations)
 
     # ---- confirmation
     def _confirm(self, observations, embeddings, candidates: list[fnd.Behaviour]) -> list[dict]:
@@ -522,10 +522,13 @@ class _Job:
             rows = self._generate_confirmation(vectors, prompts)
             confirm_obs = self._observe(rows, lambda r: (*variant_of[r["vector"]][0], variant_of[r["vector"]][1]))
             confirm_emb = self._fill_distances(confirm_obs)
+            unsteered_emb = {}  # the unsteered answer of each prompt, as a behaviour embedding: its whole text
+            for o in confirm_obs:
+                unsteered_emb.setdefault(o.unsteered, None)
             from melbo.evaluation import embed
 
-            refs = sorted({o.unsteered for o in confirm_obs})
-            unsteered_emb = dict(zip(refs, embed(refs)))
+            keys = list(unsteered_emb)
+            unsteered_emb = dict(zip(keys, embed(keys)))
             for k, b in enumerate(chosen):
                 keys = {key for kk, key in picks if kk == k}
                 mine = [j for j, o in enumerate(confirm_obs) if o.perturbation in keys]

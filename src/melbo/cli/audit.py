@@ -198,5 +198,6 @@ def audit_command(
                 lm, texts, path, reference=ref, budget=budget, seed=seed, chat=chat, max_new_tokens=max_new_tokens,
                 random_baseline=random_baseline, progress=display.event, on_batch=display.advance), path, "audit")
     print_findings(result.findings, len(result.candidates))
+    record(result.path / "runs")  # every arm's run into the catalogue: `melbo catalog search` finds the findings' text
     out.print(f"audit written to [bold]{escape(str(result.path))}[/] in {time.perf_counter() - started:.0f} s; "
               f"report: [bold]{escape(str(result.path / 'report.html'))}[/]")

@@ -152,9 +152,32 @@ def run_page(run_id: int, state: State):
         samples = {p.id: next(iter(catalog.completions(p.id)), None) for p in perturbations}
         unsteered = catalog.unsteered(run_id)
     run, problem = state.readable_run(entry)
+    if entry.kind == "diff":  # most divergent first: the order an auditor reads a diff in
+        perturbations = sorted(perturbations, key=lambda p: -(p.metrics or {}).get("kl", float("-inf")))
     return state.page("run.html", run=entry, perturbations=perturbations, clusters=_clusters(perturbations),
                       samples=samples, unsteered=unsteered, plots=_available_plots(run),
-                      live=_live_context(entry, perturbations, run), problem=problem)
+                      live=_live_context(entry, perturbations, run), problem=problem,
+                      audit=_audit_dir(entry) is not None)
+
+
+@router.get("/runs/{run_id}/findings", response_class=HTMLResponse)
+def findings_page(run_id: int, state: State):
+    """The findings of the audit a run belongs to (an audit's arms are its runs), each linked to its behaviour."""
+    from melbo.audit import load as load_audit
+
+    with state.catalog() as catalog:
+        entry = _run_entry(catalog, run_id)
+        where = _audit_dir(entry)
+        if where is None:
+            raise HTTPException(404, f"run {run_id} is not part of a finished audit")
+        result = load_audit(where)
+        links = {}
+        for f in result.findings:
+            arm = catalog.run_by_path(where / "runs" / f["example"]["arm"])
+            if arm is not None:
+                links[f["rank"]] = catalog.perturbation_at(arm.id, f["example"]["index"]).id
+    return state.page("findings.html", run=entry, findings=result.findings, dropped=len(result.candidates),
+                      settings=result.state.get("settings", {}), links=links)
 
 
 @router.get("/runs/{run_id}/plots/{name}.png")
@@ -280,6 +303,15 @@ def _similar(catalog, item) -> list:
         return catalog.similar(item.run_id, item.index, k=5)
     except MelboError:  # e.g. no other run of this model: the page shows none
         return []
+
+
+def _audit_dir(entry) -> Optional[Path]:
+    """AUDIT when the run lives at AUDIT/runs/ARM of a finished audit (melbo.audit), else None."""
+    from melbo.audit import FINDINGS
+
+    path = Path(entry.path)
+    audit = path.parent.parent
+    return audit if path.parent.name == "runs" and (audit / FINDINGS).is_file() else None
 
 
 def _clusters(perturbations) -> list[tuple[str, list]]:
