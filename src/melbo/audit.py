@@ -622,11 +622,12 @@ class _Job:
 
         groups, documents = [], []
         for b, c in zip(behaviours, confirmations):
-            texts = [observations[i] for i in b.members[:8]]
-            samples = [Sample(o.text, o.prompt, o.unsteered, o.perplexity) for o in texts]
-            samples += [Sample(e["text"], e["prompt"], e["unsteered"], e["perplexity"]) for e in c["examples"]]
+            shown = [observations[i].to_json() for i in b.members[:8]] + c["examples"]
+            # labelled on what the perturbation added: "4 + 6 = 12. The HATE I HATE …" is a tone, not a new number
+            samples = [Sample(fnd.novel_text(e["text"], e["unsteered"], e["prompt"]), e["prompt"], e["unsteered"])
+                       for e in shown]
             groups.append(samples)
-            documents.append(" ".join(s.text for s in samples))
+            documents.append(" ".join(e["text"] for e in shown))
         background = " ".join(sorted({o.unsteered for o in observations}))
         words = distinctive_words(documents, background, 3)
         labels = EmbeddingLabeller().label_groups(groups) if groups else []

@@ -299,12 +299,12 @@ def _bench_context(run_dir: Path) -> Optional[dict]:
             "wall": fmt(doc.get("wall_seconds")) if finite(doc.get("wall_seconds")) else None}
 
 
-def render(context: dict) -> str:
+def render(context: dict, template: str = TEMPLATE) -> str:
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
     env = Environment(loader=PackageLoader("melbo", "templates"), autoescape=True, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    return env.get_template(TEMPLATE).render(**context)
+    return env.get_template(template).render(**context)
 
 
 def write_report(run_dir: Path, sweep_dir: Optional[Path] = None) -> Path:
@@ -324,8 +324,6 @@ __all__ = ["write_report", "build_context", "render", "fmt"]
 def write_audit_report(audit_dir: Path) -> Path:
     """Write an audit's `report.html`: its findings first (clearest example, the unsteered answer beside it,
     the reproduction command), then a plot of everything it scanned, its plan and the time of each stage."""
-    from jinja2 import Environment, PackageLoader, StrictUndefined
-
     from melbo.plots import audit_figure
 
     audit_dir = Path(audit_dir)
@@ -354,8 +352,6 @@ def write_audit_report(audit_dir: Path) -> Path:
         "target": calibration["target"], "rate": fmt(plan["rate"]), "arms": arms,
         "stages": [(name, fmt(s.get("seconds"))) for name, s in stages.items()],
     }
-    env = Environment(loader=PackageLoader("melbo", "templates"), autoescape=True, undefined=StrictUndefined,
-                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     path = audit_dir / REPORT
-    atomic_write(path, env.get_template("audit.html.j2").render(**context).encode("utf-8"))
+    atomic_write(path, render(context, "audit.html.j2").encode("utf-8"))
     return path

@@ -182,7 +182,8 @@ def templates(cfg: "TestbedConfig | dict") -> tuple[str, ...]:
 
 def task_prompt(cfg: "TestbedConfig | dict", a: int, b: int, template: int = 0) -> str:
     """A prompt of the testbed's task with first operand a (its first operation, its template number `template`)."""
-    ops = cfg["ops"] if isinstance(cfg, dict) else cfg.ops
+    # Records written before the task setting existed carry neither "task" nor "ops": the arithmetic task's.
+    ops = cfg.get("ops") or TASKS[cfg.get("task", "arithmetic")]["ops"] if isinstance(cfg, dict) else cfg.ops
     return templates(cfg)[template].format(a=a, op=ops[0], b=b)
 
 
