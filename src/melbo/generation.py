@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -80,6 +80,40 @@ def decode_until_stop(lm: LoadedModel, new_tokens: torch.Tensor, stops: list[int
         n = next((i for i, tok in enumerate(seq) if tok in stops), len(seq))
         decoded.append((lm.tokenizer.decode(seq[:n], skip_special_tokens=True), n))
     return decoded
+
+
+@dataclass
+class Greedy:
+    """Greedy continuations of prompts of any token lengths (`greedy_continuations`)."""
+
+    new_tokens: torch.Tensor  # [B, K] on the CPU; after a row's stop token, padding
+    lengths: list[int]  # per row: tokens before its first stop token
+    logprobs: Optional[torch.Tensor]  # [B, K, V]: log P(next token) before each new token, when asked for
+    forward_passes: int
+    attention_mask: torch.Tensor  # [B, T]: the left-padded prompts' mask
+    cache: Any = None  # the key/value cache over prompt + new_tokens[:, :-1], when asked for
+
+
+def greedy_continuations(lm: LoadedModel, prompt_ids: Sequence[list[int]], max_new_tokens: int,
+                         with_logprobs: bool = False, keep_cache: bool = False) -> Greedy:
+    """One left-padded batch of unsteered greedy continuations (a row's tokens equal generating it alone, up to
+    float rounding in the padded attention), optionally with the log-probabilities of every step."""
+    from melbo.prompts import batch_from_ids
+
+    stops = stop_token_ids(lm)
+    pad = lm.tokenizer.pad_token_id or 0
+    batch = batch_from_ids(prompt_ids, pad)
+    with torch.no_grad():
+        out = lm.model.generate(input_ids=batch.input_ids.to(lm.device),
+                                attention_mask=batch.attention_mask.to(lm.device),
+                                max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False,
+                                eos_token_id=stops, pad_token_id=pad, top_k=None, top_p=None, temperature=None,
+                                return_dict_in_generate=True, output_logits=with_logprobs)
+    new = out.sequences[:, batch.input_ids.shape[1]:].cpu()
+    lengths = [next((i for i, tok in enumerate(row) if tok in stops), len(row)) for row in new.tolist()]
+    logprobs = torch.stack(out.logits, 1).float().log_softmax(-1).cpu() if with_logprobs else None
+    cache = _cache_of(out) if keep_cache else None
+    return Greedy(new, lengths, logprobs, new.shape[1], batch.attention_mask, cache)
 
 
 def generate_rows(
@@ -225,7 +259,7 @@ def stream_rows(
         for _ in range(sampling.max_new_tokens):
             if cancelled is not None and cancelled():
                 return
-            logits, cache = _forward_cached(lm, step_input, cache)
+            logits, cache = forward_cached(lm, step_input, cache)
             chosen = _next_tokens(logits[:, -1, :].float(), sampling)
             for k, token in enumerate(chosen.tolist()):
                 stopped[k] = stopped[k] or token in stops
@@ -259,13 +293,19 @@ class _TextStream:
         return new
 
 
-def _forward_cached(lm: LoadedModel, input_ids: torch.Tensor, cache):
+def forward_cached(lm: LoadedModel, input_ids: torch.Tensor, cache, **inputs):
     """One forward with the key/value cache → (logits, cache). transformers 5.24 renamed past_key_values to cache."""
     import inspect
 
     name = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
-    out = lm.model(input_ids=input_ids, use_cache=True, **({name: cache} if cache is not None else {}))
-    return out.logits, getattr(out, name)
+    out = lm.model(input_ids=input_ids, use_cache=True, **({name: cache} if cache is not None else {}), **inputs)
+    return out.logits, _cache_of(out)
+
+
+def _cache_of(out):
+    """The key/value cache of a model or generate output, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def _next_tokens(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:

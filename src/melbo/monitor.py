@@ -21,6 +21,13 @@ assumes anomalies are a minority of them.
 
 `Monitor.watch(lm, callback)` applies the same rule to live generation: a hook on block L scores the newest
 position of every row on every forward pass and calls `callback(event)` for each flagged one.
+
+**The output signal** (`OutputMonitor`, `--signal output`, the default for an audit's findings) reads no
+activation: it scores x by phrase spotting (`melbo.phrases`), the log-likelihood that the unsteered model writes one
+of the findings' phrases at or near the start of its answer. The columns are phrases instead of perturbations; the
+z-scores, the max, the split-conformal threshold and the leave-one-out false-positive rate are the same. Its live
+form scores the text generated so far: the share of a phrase's word trigrams it contains, flagged above the
+conformal threshold of the same share on the clean inputs' own answers (normal outputs).
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ from melbo.prompts import encode
 from melbo.settings import MONITOR_ALPHA
 from melbo.store import MONITOR_JSON, MONITOR_JSONL, Run
 
-SIGNALS = ("target", "source")
+SIGNALS = ("target", "source", "output")
+ACTIVATION_SIGNALS = ("target", "source")
 DEFAULT_ALPHA = MONITOR_ALPHA
 CHUNK = 16  # prompts per forward pass when scoring
 
@@ -123,15 +131,131 @@ class Monitor:
             yield
 
 
-def _check(run: Run, lm: LoadedModel, signal: str, alpha: float, clean: Sequence[str]) -> None:
-    if signal not in SIGNALS:
-        raise MelboError(f"unknown signal {signal!r}: use one of {', '.join(SIGNALS)}")
-    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+@dataclass
+class OutputMonitor:
+    """A calibrated detector on the output level: the findings' phrases, spotted in the unsteered answer."""
+
+    phrases: list[str]
+    labels: list[str]  # the finding each phrase belongs to
+    mean: Tensor  # [P]: clean mean of the phrase log-likelihoods
+    std: Tensor  # [P]
+    threshold: float
+    alpha: float
+    text_threshold: float  # live: the clean answers' conformal share of phrase trigrams
+    calibration: dict = field(default_factory=dict)
+    chat: Optional[bool] = None
+    signal: str = "output"
+
+    @classmethod
+    def calibrate(cls, findings: Sequence[dict], lm: LoadedModel, clean: Sequence[str], alpha: float = DEFAULT_ALPHA,
+                  self_calibrated: bool = False, chat: Optional[bool] = None) -> "OutputMonitor":
+        """Phrases from the findings (`melbo.phrases.phrases_of`); statistics and threshold from clean inputs."""
+        from melbo.phrases import phrases_of, score_phrases
+
+        _check_rule(alpha, clean)
+        phrases, labels = [], []
+        for f in findings:
+            for p in phrases_of(f):
+                phrases.append(p)
+                labels.append(f"#{f['rank']} {f.get('label', '')}".strip())
+        if not phrases:
+            raise MelboError("the findings have no example text with new words: nothing to monitor for")
+        scored = score_phrases(lm, clean, phrases, chat=chat)
+        projections = torch.tensor(scored.logprob, dtype=torch.float32)
+        mean, std, threshold = fit_rule(projections, alpha)
+        shares = torch.tensor([text_score(a, phrases) for a in scored.answers])
+        calibration = {"n": len(clean), "self_calibrated": self_calibrated,
+                       "false_positive_rate_loo": leave_one_out_fpr(projections, alpha),
+                       "bound": max(alpha, 1 / (len(clean) + 1)), "cost": scored.cost}
+        return cls(phrases, labels, mean, std, threshold, alpha, conformal_threshold(shares, alpha), calibration,
+                   chat)
+
+    def score(self, lm: LoadedModel, prompts: Sequence[str]) -> list[dict]:
+        """One record per input, as `Monitor.score`; `perturbation` names the finding of the best phrase."""
+        from melbo.phrases import score_phrases
+
+        scored = score_phrases(lm, prompts, self.phrases, chat=self.chat)
+        z = (torch.tensor(scored.logprob, dtype=torch.float32) - self.mean) / self.std
+        best = z.max(-1)
+        return [{"index": i, "input": text, "score": float(best.values[i]),
+                 "flagged": bool(best.values[i] > self.threshold), "perturbation": self.labels[int(best.indices[i])],
+                 "phrase": self.phrases[int(best.indices[i])], "answer_start": scored.answers[i],
+                 "z": [round(float(x), 4) for x in z[i]]}
+                for i, text in enumerate(prompts)]
+
+    def summary(self) -> dict:
+        return {"signal": "output", "alpha": self.alpha, "threshold": self.threshold,
+                "text_threshold": self.text_threshold, "phrases": self.phrases, "findings": sorted(set(self.labels)),
+                **{k: v for k, v in self.calibration.items() if k != "cost"}}
+
+    @contextmanager
+    def watch(self, lm: LoadedModel, callback: Callable[[dict], None]) -> Iterator[None]:
+        """Score each row's generated text so far on every forward pass; call `callback` once per row when its
+        share of a phrase's trigrams passes the calibrated threshold."""
+        state: dict = {"rows": None, "flagged": set(), "n": 0}
+
+        def hook(_module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                return
+            if state["rows"] is None or ids.shape[1] > 1:  # a new generation: the prompt's pass
+                state["rows"], state["flagged"] = [[] for _ in range(ids.shape[0])], set()
+            else:
+                for row, token in enumerate(ids[:, -1].tolist()):
+                    state["rows"][row].append(token)
+                    share, phrase = text_share(lm.tokenizer.decode(state["rows"][row], skip_special_tokens=True),
+                                               self.phrases)
+                    if share > self.text_threshold and row not in state["flagged"]:
+                        state["flagged"].add(row)
+                        callback({"row": row, "forward": state["n"], "score": share, "phrase": phrase,
+                                  "perturbation": self.labels[self.phrases.index(phrase)]})
+            state["n"] += 1
+
+        handle = lm.model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def _trigrams(text: str) -> set[tuple[str, ...]]:
+    import re
+
+    words = re.findall(r"[^\W_]+", text.lower())
+    n = min(3, len(words))
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)} if n else set()
+
+
+def text_share(text: str, phrases: Sequence[str]) -> tuple[float, str]:
+    """(the largest share of a phrase's word trigrams that `text` contains, that phrase)."""
+    have = _trigrams(text)
+    best, which = 0.0, phrases[0] if phrases else ""
+    for p in phrases:
+        grams = _trigrams(p)
+        share = len(grams & have) / len(grams) if grams else 0.0
+        if share > best:
+            best, which = share, p
+    return best, which
+
+
+def text_score(text: str, phrases: Sequence[str]) -> float:
+    return text_share(text, phrases)[0]
+
+
+def _check_rule(alpha: float, clean: Sequence[str]) -> None:
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha < 1):
         raise MelboError(f"alpha must be a false-positive rate in (0, 1), got {alpha!r}")
+    if isinstance(clean, str) or len(clean) < 3:
+        raise MelboError(f"calibration needs at least 3 clean inputs, got {len(clean)}: give more with --clean")
+
+
+def _check(run: Run, lm: LoadedModel, signal: str, alpha: float, clean: Sequence[str]) -> None:
+    if signal not in ACTIVATION_SIGNALS:
+        raise MelboError(f"unknown signal {signal!r} for a run's perturbations: use one of "
+                         f"{', '.join(ACTIVATION_SIGNALS)} (output: OutputMonitor, from findings)")
+    _check_rule(alpha, clean)
     if run.perturbations is None:
         raise MelboError(f"run {run.path} is not finished: resume it with `melbo discover --resume {run.path}`")
-    if len(clean) < 3:
-        raise MelboError(f"calibration needs at least 3 clean inputs, got {len(clean)}: give more with --clean")
     run.attach(lm)
 
 
@@ -207,7 +331,7 @@ def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
 
 
 
-def write_monitor(out: Path, monitor: Monitor, records: Sequence[dict]) -> Path:
+def write_monitor(out: Path, monitor: "Monitor | OutputMonitor", records: Sequence[dict]) -> Path:
     """monitor.json (the decision rule, calibration and counts) and monitor.jsonl (one record per input)."""
     from melbo.bench.common import write_jsonl
     from melbo.files import make_output_dir, write_json

@@ -355,3 +355,17 @@ def write_audit_report(audit_dir: Path) -> Path:
     path = audit_dir / REPORT
     atomic_write(path, render(context, "audit.html.j2").encode("utf-8"))
     return path
+
+
+def write_triggers_report(out: Path) -> Path:
+    """Write `triggers.html` beside a triggers.json: per finding, the confirmed inputs and the ranking."""
+    data = read_json(Path(out) / "triggers.json")
+    cost = data["cost"]
+    passes = cost["scoring"]["forward_passes"] + cost["confirm"]["forward_passes"]
+    context = {"title": "melbo triggers", "source": data["source"], "mode": data["mode"],
+               "template": data.get("template"), "inputs": cost["inputs"], "seconds": fmt(cost["seconds"]),
+               "passes": passes, "baseline": f"{cost['baseline_forward_passes']} forward passes",
+               "findings": data["findings"]}
+    path = Path(out) / "triggers.html"
+    atomic_write(path, render(context, "triggers.html.j2").encode("utf-8"))
+    return path

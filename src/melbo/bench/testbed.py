@@ -358,21 +358,15 @@ def _answer_loss(causal_lm, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def greedy_answers(lm: LoadedModel, prompts: list[str], templated: bool, max_new_tokens: int = 48,
                    batch_size: int = 32) -> list[str]:
     """Greedy completions of many different prompts (left-padded batches)."""
-    from melbo.generation import decode_until_stop, stop_token_ids
-    from melbo.prompts import batch_from_ids, prompt_tokens
+    from melbo.generation import greedy_continuations
+    from melbo.prompts import prompt_tokens
 
-    stops = stop_token_ids(lm)
-    pad = lm.tokenizer.pad_token_id or 0
     texts = []
     for start in range(0, len(prompts), batch_size):
         ids = [prompt_tokens(lm, p, templated) for p in prompts[start : start + batch_size]]
-        batch = batch_from_ids(ids, pad)
-        with torch.no_grad():
-            out = lm.model.generate(input_ids=batch.input_ids.to(lm.device),
-                                    attention_mask=batch.attention_mask.to(lm.device),
-                                    max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                                    pad_token_id=pad, top_k=None, top_p=None, temperature=None)
-        texts += [text for text, _ in decode_until_stop(lm, out[:, batch.input_ids.shape[1] :], stops)]
+        greedy = greedy_continuations(lm, ids, max_new_tokens)
+        texts += [lm.tokenizer.decode(row[:n], skip_special_tokens=True)
+                  for row, n in zip(greedy.new_tokens.tolist(), greedy.lengths)]
     return texts
 
 

@@ -104,43 +104,63 @@ _DIFF_RESUME_KEEPS = ("prompts", "prompts_file", "out_dir", "contrast", "contras
 
 @app.command("monitor")
 def monitor_command(
-    run_dir: Path = typer.Argument(..., help="A finished run directory (discover or diff)."),
+    run_dir: Path = typer.Argument(..., help="An audit directory (its findings) or a finished run directory (discover or diff)."),
     prompts_file: Path = typer.Option(..., "--prompts-file", help="The inputs to watch, one per line."),
     clean: Optional[Path] = typer.Option(None, "--clean", help="Known-clean inputs to calibrate on (default: the inputs themselves)."),
     alpha: float = typer.Option(MONITOR_ALPHA, help="Target false-positive rate of the decision rule."),
-    signal: str = typer.Option("target", help="Where to read the input's state: target or source block."),
+    signal: str = typer.Option("auto", help="output (the findings' phrases in the unsteered answer; the default for an "
+                                            "audit), target or source (a block's activations; the default for a run)."),
     vectors: Optional[str] = typer.Option(None, help="Watch only these perturbations (comma-separated; default all)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write monitor.jsonl / monitor.json (default RUN/monitor)."),
+    finding: Optional[int] = typer.Option(None, "--finding", "-k", help="With an audit: watch only this finding."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write monitor.jsonl / monitor.json (default SOURCE/monitor)."),
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
-    """Flag inputs whose activations express a discovered perturbation (calibrated on clean inputs)."""
+    """Flag inputs that express a finding or a discovered perturbation (calibrated on clean inputs)."""
     from melbo.files import check_output_dir
-    from melbo.monitor import Monitor, write_monitor
+    from melbo.monitor import SIGNALS, Monitor, OutputMonitor, write_monitor
     from melbo.store import MONITOR_DIR, Run
+    from melbo.triggers import load_findings
 
-    run = Run.load(run_dir)
-    destination = out_dir or run.path / MONITOR_DIR
+    is_audit = (Path(run_dir) / "audit.json").is_file()
+    signal = ("output" if is_audit else "target") if signal == "auto" else signal
+    if signal not in SIGNALS:
+        raise MelboError(f"unknown signal {signal!r}: use auto, {', '.join(SIGNALS)}")
+    if is_audit and signal != "output":
+        raise MelboError(f"{run_dir} is an audit: its findings are watched with --signal output; for activations "
+                         f"give one of its runs ({Path(run_dir) / 'runs'}/<arm>)")
+    run = None
+    if signal == "output":
+        findings, spec, recorded_chat = load_findings(run_dir, finding, parse_indices(vectors) if not is_audit else None)
+        destination = out_dir or Path(run_dir) / MONITOR_DIR
+    else:
+        run = Run.load(run_dir)
+        spec = run.config["model"]["spec"]
+        destination = out_dir or run.path / MONITOR_DIR
     check_output_dir(destination)  # before the model loads: nothing computed is then lost
     inputs = read_prompts([], prompts_file)
     calibration = read_prompts([], clean) if clean is not None else inputs
-    lm = load(model or run.config["model"]["spec"], device, dtype, blocks_path, threads)
+    lm = load(model or spec, device, dtype, blocks_path, threads)
     with err.status("calibrating on clean inputs …"):
-        monitor = Monitor.calibrate(run, lm, calibration, signal=signal, alpha=alpha, self_calibrated=clean is None,
-                                    indices=parse_indices(vectors))
+        if run is None:
+            monitor = OutputMonitor.calibrate(findings, lm, calibration, alpha=alpha, self_calibrated=clean is None,
+                                              chat=recorded_chat)
+        else:
+            monitor = Monitor.calibrate(run, lm, calibration, signal=signal, alpha=alpha,
+                                        self_calibrated=clean is None, indices=parse_indices(vectors))
     with err.status(f"scoring {len(inputs)} inputs …"):
         records = monitor.score(lm, inputs)
     path = write_monitor(destination, monitor, records)
-    if out_dir is None:  # the report lives in the run; with --out elsewhere nothing outside it is touched
+    if out_dir is None and run is not None:  # the report lives in the run; elsewhere nothing outside --out is touched
         from melbo.report import write_report
 
         write_report(run.path)
     table = Table(header_style="bold", expand=True, title_justify="left",
                   title=f"inputs flagged (score > {monitor.threshold:.3g}, α = {alpha})")
-    for col in ("#", "score", "perturbation", "input"):
+    for col in ("#", "score", "finding" if run is None else "perturbation", "input"):
         table.add_column(col, no_wrap=True, overflow="ellipsis", ratio=1 if col == "input" else None)
     flagged = sorted((r for r in records if r["flagged"]), key=lambda r: -r["score"])
     for r in flagged[:30]:
@@ -201,3 +221,73 @@ def audit_command(
     record(result.path / "runs")  # every arm's run into the catalogue: `melbo catalog search` finds the findings' text
     out.print(f"audit written to [bold]{escape(str(result.path))}[/] in {time.perf_counter() - started:.0f} s; "
               f"report: [bold]{escape(str(result.path / 'report.html'))}[/]")
+
+
+@app.command("triggers")
+def triggers_command(
+    source: Path = typer.Argument(..., help="An audit directory (its findings) or a run directory (its perturbations, from their completions)."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="The corpus to search: one input per line."),
+    template: Optional[str] = typer.Option(None, "--template", help='Search the {?} slots of a prompt instead, e.g. "What is {?} + 5?".'),
+    vocab: str = typer.Option("numbers", help="What fills a slot: digits, numbers (0-99), a file with one entry per line, or tokens (gradient search)."),
+    finding: Optional[int] = typer.Option(None, "--finding", "-k", help="Only this finding (its rank; default all)."),
+    vectors: Optional[str] = typer.Option(None, help="With a run directory: the perturbations to look for (comma-separated)."),
+    confirm: int = typer.Option(5, help="Top inputs per finding confirmed by generating an answer."),
+    steps: int = typer.Option(40, help="Steps of the gradient search (--vocab tokens)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write triggers.json and triggers.html (default SOURCE/triggers)."),
+    model: Optional[str] = ModelOpt,
+    chat: Optional[bool] = ChatOpt,
+    max_new_tokens: int = typer.Option(48, help="Tokens of each confirming answer."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """Which inputs switch a finding on: rank a corpus (or search a template's slots) by how readily the unsteered
+    model writes the finding's phrases, then confirm the top ones by generation."""
+    from melbo import triggers as trig
+    from melbo.files import check_output_dir, read_text
+
+    if (inputs is None) == (template is None):
+        raise MelboError("give a corpus with --inputs FILE, or a prompt with {?} slots with --template (one of them)")
+    _, spec, _ = trig.load_findings(source, finding, parse_indices(vectors))  # checks the source before loading
+    destination = out_dir or Path(source) / "triggers"
+    check_output_dir(destination)
+    corpus = None
+    if inputs is not None:
+        corpus = [line for line in read_text(inputs, "inputs file").splitlines() if line.strip()]
+        if not corpus:
+            raise MelboError(f"{inputs} has no inputs: write one input per line")
+    lm = load(model or spec, device, dtype, None, threads)
+    kwargs = dict(finding=finding, vectors=parse_indices(vectors), confirm=confirm, chat=chat,
+                  max_new_tokens=max_new_tokens)
+    with err.status("scoring …") as status:
+        def show(event: dict) -> None:
+            if event.get("stage") == "search":
+                status.update(f"searching slots: step {event['step']}/{event['steps']}, loss {event['loss']:.3f}")
+            elif event.get("stage") == "score":
+                status.update(f"scoring {event['inputs']} inputs for {event['phrases']} phrases …")
+
+        if corpus is not None:
+            report = trig.triggers(lm, source, corpus, destination, progress=show, **kwargs)
+        else:
+            report = trig.invert(lm, source, template, destination, vocab=vocab, steps=steps, progress=show, **kwargs)
+    print_triggers(report)
+    cost = report.cost
+    out.print(f"{cost['inputs']} inputs scored in {cost['scoring']['seconds']:.1f} s "
+              f"({cost['scoring']['forward_passes']} forward passes; an answer for every input: "
+              f"{cost['baseline_forward_passes']}); written to [bold]{escape(str(destination))}[/]")
+
+
+def print_triggers(report) -> None:
+    for f in report.findings:
+        shown = {c["input"]: c for c in f["confirmed"]}
+        table = Table(header_style="bold", expand=True, title_justify="left",
+                      title=f"finding #{f['finding']} {escape(f['label'])}: inputs that switch it on")
+        for col in ("#", "score", "confirmed", "input", "answer"):
+            table.add_column(col, no_wrap=True, overflow="ellipsis", ratio=1 if col in ("input", "answer") else None)
+        for r in f["ranking"][:10]:
+            c = shown.get(r["input"])
+            verdict = "—" if c is None else ("yes" if c["shows"] else "no")
+            answer = c["answer"] if c is not None else r["answer_start"]
+            table.add_row(str(r["rank"]), f"{r['score']:.1f}", verdict, escape(" ".join(r["input"].split())),
+                          escape(" ".join(answer.split())))
+        out.print(table)
