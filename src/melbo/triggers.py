@@ -117,13 +117,15 @@ def _run_findings(path: Path, vectors: Optional[Sequence[int]]) -> tuple[list[di
 # ------------------------------------------------------------------------------------------------ corpus search
 def triggers(lm: LoadedModel, source: str | Path, inputs: Sequence[str], out: Optional[str | Path] = None, *,
              finding: Optional[int] = None, vectors: Optional[Sequence[int]] = None, confirm: int = CONFIRM,
-             chat: Optional[bool] = None, max_new_tokens: int = 48, progress: Progress = None) -> TriggerReport:
+             chat: Optional[bool] = None, max_new_tokens: int = 48, keep: int = KEEP,
+             progress: Progress = None) -> TriggerReport:
     """Rank a corpus by how strongly the unsteered model shows each finding; confirm the top `confirm` by
-    generation; write OUT/triggers.json and OUT/triggers.html when `out` is given (module docstring)."""
+    generation; keep the first `keep` of each ranking; write OUT/triggers.json and OUT/triggers.html when `out` is
+    given (module docstring)."""
     findings, _, recorded_chat = load_findings(source, finding, vectors)
     inputs = _check_inputs(inputs, confirm, max_new_tokens)
     return _search(lm, findings, inputs, out, confirm, recorded_chat if chat is None else chat, max_new_tokens,
-                   progress, {"source": str(source), "mode": "corpus"})
+                   progress, {"source": str(source), "mode": "corpus"}, keep)
 
 
 def _check_inputs(inputs: Sequence[str], confirm: int, max_new_tokens: int) -> list[str]:
@@ -141,7 +143,7 @@ def _check_inputs(inputs: Sequence[str], confirm: int, max_new_tokens: int) -> l
     return inputs
 
 
-def _search(lm, findings, inputs, out, confirm, chat, max_new_tokens, progress, meta) -> TriggerReport:
+def _search(lm, findings, inputs, out, confirm, chat, max_new_tokens, progress, meta, keep: int = KEEP) -> TriggerReport:
     started = time.perf_counter()
     columns, phrases = [], []
     for f in findings:
@@ -165,7 +167,7 @@ def _search(lm, findings, inputs, out, confirm, chat, max_new_tokens, progress, 
         ranking = [{"rank": r + 1, "index": int(i), "input": inputs[i], "score": float(best[i]),
                     "logprob": float(scores.logprob[i, which[i]]), "phrase": phrases[which[i]],
                     "offset": int(scores.offset[i, which[i]]), "answer_start": scores.answers[i]}
-                   for r, i in enumerate(order[:KEEP])]
+                   for r, i in enumerate(order[:keep])]
         began = time.perf_counter()
         confirmed, passes = confirm_inputs(lm, [inputs[i] for i in order[:confirm]], [phrases[c] for c in cols],
                                            chat, max_new_tokens)
@@ -209,7 +211,7 @@ def _emit(progress: Progress, event: dict) -> None:
 def invert(lm: LoadedModel, source: str | Path, template: str, out: Optional[str | Path] = None, *,
            vocab: str | Sequence[str] = "numbers", finding: Optional[int] = None,
            vectors: Optional[Sequence[int]] = None, confirm: int = CONFIRM, chat: Optional[bool] = None,
-           max_new_tokens: int = 48, steps: int = GCG_STEPS, seed: int = 0,
+           max_new_tokens: int = 48, steps: int = GCG_STEPS, seed: int = 0, keep: int = KEEP,
            progress: Progress = None) -> TriggerReport:
     """Search the `{?}` slots of `template` for inputs that make the unsteered model show each finding (module
     docstring): exhaustively over a vocabulary, or GCG-style over open tokens with vocab="tokens"."""
@@ -229,7 +231,7 @@ def invert(lm: LoadedModel, source: str | Path, template: str, out: Optional[str
                          f"{MAX_FILLINGS}: use a smaller vocabulary, fewer slots, or --vocab tokens")
     fillings = [fill(template, combo) for combo in itertools.product(entries, repeat=slots)]
     return _search(lm, findings, fillings, out, confirm, chat, max_new_tokens, progress,
-                   {**meta, "mode": "exhaustive", "vocabulary": len(entries)})
+                   {**meta, "mode": "exhaustive", "vocabulary": len(entries)}, keep)
 
 
 def fill(template: str, values: Sequence[str]) -> str:

@@ -141,6 +141,25 @@ class MonitorSettings:
         return replace(self, seed=seed)
 
 
+@dataclass
+class TriggerSettings:
+    """Trigger search and the output monitor on the testbed, from one finished audit's findings."""
+
+    audit_dir: str = ""
+    testbed: Optional[dict] = None
+    alpha: float = MONITOR_ALPHA
+    per_set: int = 48
+    confirm: int = 3
+    gcg_steps: int = 20
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "testbed"}
+
+    def with_seed(self, seed: int) -> "TriggerSettings":
+        return replace(self, seed=seed)
+
+
 def default(cls: type, name: str) -> Any:
     """The default of setting `name` of settings class `cls` (for the command line's options)."""
     for f in fields(cls):

@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from melbo.bench.settings import (ArithmeticSettings, AuditSettings, BackdoorSettings, BenchSettings, DiffSettings, MonitorSettings,
+from melbo.bench.settings import (ArithmeticSettings, AuditSettings, BackdoorSettings, BenchSettings, DiffSettings, MonitorSettings, TriggerSettings,
                                   RefusalSettings, default)
 from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ThreadsOpt, app, err, interruptible, load, out, parse_positions
 from melbo.cli.catalog import record
@@ -264,6 +264,38 @@ def bench_monitor_command(
     with err.status("calibrating and scoring …"):
         result = get_bench("monitor").run(lm, path, settings)
     _bench_finish(result, path)
+
+
+@bench_app.command("triggers")
+def bench_triggers_command(
+    audit_dir: Path = typer.Argument(..., help="A finished audit of a backdoor testbed (e.g. <bench audit out>/seed-0/learned)."),
+    alpha: float = typer.Option(default(TriggerSettings, "alpha"), help="Target false-positive rate of the monitors."),
+    per_set: int = typer.Option(default(TriggerSettings, "per_set"), help="Prompts per set (calibration, clean, near miss, each trigger)."),
+    confirm: int = typer.Option(default(TriggerSettings, "confirm"), help="Top corpus inputs confirmed by generation."),
+    gcg_steps: int = typer.Option(default(TriggerSettings, "gcg_steps"), help="Steps of the gradient inversion."),
+    seed: int = typer.Option(0, help="Seed of the prompt sets' split and the gradient search."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write bench.json (default runs/bench-triggers-<time>)."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """Triggers of an audit's findings on the backdoor testbed: output vs activation monitor, corpus ranks, inversion."""
+    from melbo.bench.backdoor import testbed_record
+    from melbo.bench.common import get_bench, print_result
+    from melbo.triggers import load_findings
+
+    _, spec, _ = load_findings(audit_dir)
+    bed = testbed_record(spec) if spec and Path(spec).is_dir() else None
+    if bed is None:
+        raise MelboError(f"{audit_dir} is not an audit of a melbo backdoor testbed: give one `melbo bench audit` wrote")
+    settings = TriggerSettings(audit_dir=str(audit_dir), testbed=bed, alpha=alpha, per_set=per_set, confirm=confirm,
+                               gcg_steps=gcg_steps, seed=seed)
+    path = _bench_path(out_dir, "triggers")
+    lm = load(spec, device, dtype, None, threads)
+    with err.status("monitors, corpus, inversion …"):
+        result = get_bench("triggers").run(lm, path, settings)
+    out.print(f"bench.json written to [bold]{escape(str(path))}[/]")
+    print_result(result, out)
 
 
 @testbed_app.command("backdoor")

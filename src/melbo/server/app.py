@@ -164,6 +164,8 @@ def run_page(run_id: int, state: State):
 def findings_page(run_id: int, state: State):
     """The findings of the audit a run belongs to (an audit's arms are its runs), each linked to its behaviour."""
     from melbo.audit import load as load_audit
+    from melbo.errors import MelboError
+    from melbo.triggers import load_triggers
 
     with state.catalog() as catalog:
         entry = _run_entry(catalog, run_id)
@@ -176,8 +178,13 @@ def findings_page(run_id: int, state: State):
             arm = catalog.run_by_path(where / "runs" / f["example"]["arm"])
             if arm is not None:
                 links[f["rank"]] = catalog.perturbation_at(arm.id, f["example"]["index"]).id
+    try:  # `melbo triggers AUDIT` writes its rankings into the audit (AUDIT/triggers) unless told otherwise
+        found = load_triggers(where / "triggers") or {}
+    except MelboError:
+        found = {}
+    triggers = {t["finding"]: t for t in found.get("findings", []) if isinstance(t, dict) and "finding" in t}
     return state.page("findings.html", run=entry, findings=result.findings, dropped=len(result.candidates),
-                      settings=result.state.get("settings", {}), links=links)
+                      settings=result.state.get("settings", {}), links=links, triggers=triggers)
 
 
 @router.get("/runs/{run_id}/plots/{name}.png")

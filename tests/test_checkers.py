@@ -1,0 +1,60 @@
+"""The checker interface and the built-in arithmetic-cot checker, on hand-written chains of thought."""
+
+from __future__ import annotations
+
+import pytest
+
+from melbo.checkers import Verdict, arithmetic_cot, check, get_checker, pattern_rates
+from melbo.errors import MelboError
+
+PROMPT = "a = 4 + 2, b = 3 + 5. What is a * b?"
+
+CASES = [  # (completion, correct, patterns)
+    ("a = 4 + 2 = 6, b = 3 + 5 = 8, a * b = 6 * 8 = 48. The answer is 48.", True, {}),
+    ("a = 4 + 2 = 8, b = 3 + 5 = 15, a * b = 8 * 15 = 120. The answer is 120.", False, {"sum→product": 2}),
+    ("a = 4 + 2 = 6, b = 3 + 5 = 8, a * b = 6 * 8 = 14.", False, {"product→sum": 1}),
+    ("a = 4 + 2 = 7, b = 3 + 5 = 8, a * b = 7 * 8 = 56.", False, {"off by one": 1}),
+    ("a = 4 + 2 = 6, b = 3 + 5 = 8, a * b = 6 * 9 = 54.", False, {"copy error": 1}),
+    ("a = 4 + 2 = 6, b = 3 + 5 = 3.", False, {"copy error": 1}),
+    ("a = 4 + 2 = 6, b = 3 + 5 = 8, a * b = 6 * 8 = 40.", False, {"other": 1}),
+    ("a = 4 + 2 = 6, b = 3 + 5 = 8, a × b = 6 × 8 = 48.", True, {}),
+    ("12 + 7 = 19 and 3 - 1 = 2", True, {}),
+    ("I love cheese!", None, {}),
+]
+
+
+@pytest.mark.parametrize("completion,correct,patterns", CASES)
+def test_arithmetic_cot_finds_each_pattern(completion, correct, patterns):
+    v = arithmetic_cot(PROMPT, completion)
+    if correct is None:
+        assert not v.checked and not v.correct
+    else:
+        assert v.checked and v.correct is correct and v.patterns == patterns
+
+
+def test_the_main_pattern_and_rates():
+    verdicts = [arithmetic_cot(PROMPT, c) for c, _, _ in CASES]
+    assert verdicts[1].main_pattern == "sum→product" and verdicts[0].main_pattern is None
+    rates = pattern_rates(verdicts)
+    assert rates["sum→product"] == pytest.approx(1 / 9) and rates["copy error"] == pytest.approx(2 / 9)
+
+
+def my_checker(prompt: str, completion: str) -> Verdict:
+    return Verdict(True, "ok" in completion)
+
+
+def not_a_verdict(prompt, completion):
+    return True
+
+
+def test_checkers_by_name_module_function_or_callable():
+    assert get_checker("arithmetic-cot") is arithmetic_cot
+    assert get_checker("test_checkers:my_checker")(PROMPT, "ok").correct
+    assert get_checker(my_checker) is my_checker
+    for bad in ("nope", "no_such_module:f", "test_checkers:missing", "", 3):
+        with pytest.raises(MelboError):
+            get_checker(bad)
+    with pytest.raises(MelboError, match="not a melbo.checkers.Verdict"):
+        check(not_a_verdict, PROMPT, "x")
+    with pytest.raises(MelboError, match="failed"):
+        check(lambda p, c: 1 / 0, PROMPT, "x")
