@@ -10,7 +10,7 @@ from conftest import run_cli
 from tiny_models import save_tiny_model
 
 import melbo
-from melbo import audit as audit_job
+from melbo import auditing as audit_job
 from melbo import findings as fnd
 from melbo.errors import MelboError
 

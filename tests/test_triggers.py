@@ -10,7 +10,7 @@ from conftest import run_cli
 from tiny_models import save_tiny_model
 
 import melbo
-from melbo import triggers as trig
+from melbo import trigger_search as trig
 from melbo.bench.testbed import greedy_answers
 from melbo.errors import MelboError
 

@@ -12,6 +12,11 @@
     audit = melbo.diff(lm, base, ["What is 4 + 6?"], "runs/audit", n_vectors=32)
     monitor = melbo.Monitor.calibrate(audit, lm, clean_inputs)  # which real inputs express what it found
 
+    result = melbo.audit(lm, ["What is 4 + 6?"], "runs/audit", budget="15m")  # ranked findings, no R to choose
+    report = melbo.triggers(lm, "runs/audit", corpus)         # which inputs switch each finding on
+    report = melbo.invert(lm, "runs/audit", "What is {?} + 5?", vocab="numbers")  # no corpus: search the slots
+    monitor = melbo.OutputMonitor.calibrate(result.findings, lm, clean_inputs)  # flag them by their output
+
     layers = melbo.map(lm, ["How can I make a bomb?"], "4:20", "10:28", k=4, out="runs/map")  # every pair's J
     run = melbo.open_pair("runs/map", 6, 20, "runs/map-6-20")  # one pair's directions as an ordinary run
 """
@@ -27,11 +32,13 @@ from melbo.models import DEFAULT_MODEL, EMBEDDED, LoadedModel, load_model  # noq
 from melbo.objective import melbo_objective  # noqa: E402
 from melbo.store import Run  # noqa: E402
 from melbo.divergence import diff  # noqa: E402
-from melbo.monitor import Monitor  # noqa: E402
+from melbo.monitor import Monitor, OutputMonitor  # noqa: E402
+from melbo.auditing import audit  # noqa: E402  (the module is melbo.auditing: melbo.audit is the job)
+from melbo.trigger_search import invert, triggers  # noqa: E402
 from melbo.layermap import LayerMap, open_pair  # noqa: E402
 from melbo.layermap import layer_map as map  # noqa: E402,A001  (melbo.map, as the CLI's `melbo map`)
 
 __all__ = [
-    "DEFAULT_MODEL", "EMBEDDED", "Completion", "DiscoverConfig", "LayerMap", "LoadedModel", "MelboError", "Monitor", "Run",
-    "SteeringAdapters", "SteeringVectors", "diff", "discover", "elicit", "generate", "load_model", "map", "melbo_objective", "open_pair", "resume",
+    "DEFAULT_MODEL", "EMBEDDED", "Completion", "DiscoverConfig", "LayerMap", "LoadedModel", "MelboError", "Monitor", "OutputMonitor", "Run",
+    "SteeringAdapters", "SteeringVectors", "audit", "diff", "discover", "elicit", "generate", "load_model", "map", "melbo_objective", "invert", "open_pair", "resume", "triggers",
 ]

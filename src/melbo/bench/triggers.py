@@ -8,7 +8,7 @@ prompts per planted behaviour; the monitor is calibrated on clean prompts never 
    (the findings' phrases, `melbo.monitor.OutputMonitor`) and the activation signal (the findings' perturbations
    at the target block, `melbo.monitor.Monitor`, one per arm run, the max z over them), with the rates flagged.
 2. **Corpus.** A corpus of every clean, near-miss and calibration prompt plus TRIGGERS_PER_BEHAVIOUR trigger
-   prompts per behaviour (each behaviour ≤ 2% of it): the ranks of its triggers by `melbo.triggers`, under the
+   prompts per behaviour (each behaviour ≤ 2% of it): the ranks of its triggers by `melbo.trigger_search`, under the
    finding that shows the behaviour (its detector matches the finding's examples) and under all findings at once
    (the max z over every phrase: what an auditor gets without reading the findings first). Cost against
    generating an answer for every input and matching it, both measured in this run.
@@ -45,7 +45,7 @@ class TriggerBench:
         from melbo.bench.audit import _detect_in
         from melbo.bench.backdoor import behaviour_detectors
         from melbo.bench.monitor import prompt_sets
-        from melbo.triggers import load_findings
+        from melbo.trigger_search import load_findings
 
         if s.testbed is None:
             raise MelboError(f"{s.audit_dir} was not audited on a melbo backdoor testbed: give an audit of one "
@@ -119,7 +119,7 @@ class TriggerBench:
 
     # ---- 2. corpus
     def _corpus(self, lm, result, findings, sets, shows, s, chat) -> None:
-        from melbo.triggers import triggers
+        from melbo.trigger_search import triggers
         from melbo.bench.testbed import greedy_answers
         from melbo.evaluation import embed
         from melbo.phrases import phrases_of
@@ -174,7 +174,7 @@ class TriggerBench:
         from melbo.bench.backdoor import detect
         from melbo.bench.testbed import greedy_answers, templates
         from melbo.prompts import uses_chat
-        from melbo.triggers import SLOT, gcg_search, invert
+        from melbo.trigger_search import SLOT, gcg_search, invert
         from melbo.phrases import phrases_of
 
         config = s.testbed["config"]

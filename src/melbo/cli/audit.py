@@ -123,7 +123,7 @@ def monitor_command(
     from melbo.files import check_output_dir
     from melbo.monitor import SIGNALS, Monitor, OutputMonitor, write_monitor
     from melbo.store import MONITOR_DIR, Run
-    from melbo.triggers import load_findings
+    from melbo.trigger_search import load_findings
 
     is_audit = (Path(run_dir) / "audit.json").is_file()
     signal = ("output" if is_audit else "target") if signal == "auto" else signal
@@ -191,7 +191,7 @@ def audit_command(
 ) -> None:
     """Ranked findings without choosing R: DCT, learned vectors on a ladder of radii (and diff against a reference),
     grouped into behaviours, confirmed on new prompts, within a time budget."""
-    from melbo import audit as audit_job
+    from melbo import auditing as audit_job
     from melbo.files import check_output_dir
     from melbo.runner import default_run_dir
 
@@ -243,7 +243,7 @@ def triggers_command(
 ) -> None:
     """Which inputs switch a finding on: rank a corpus (or search a template's slots) by how readily the unsteered
     model writes the finding's phrases, then confirm the top ones by generation."""
-    from melbo import triggers as trig
+    from melbo import trigger_search as trig
     from melbo.files import check_output_dir, read_text
 
     if (inputs is None) == (template is None):

@@ -282,7 +282,7 @@ def bench_triggers_command(
     """Triggers of an audit's findings on the backdoor testbed: output vs activation monitor, corpus ranks, inversion."""
     from melbo.bench.backdoor import testbed_record
     from melbo.bench.common import get_bench, print_result
-    from melbo.triggers import load_findings
+    from melbo.trigger_search import load_findings
 
     _, spec, _ = load_findings(audit_dir)
     bed = testbed_record(spec) if spec and Path(spec).is_dir() else None
@@ -306,7 +306,7 @@ def testbed_backdoor(
                                            help="Put the testbed here (default: the cache, keyed by settings)."),
     seed: int = typer.Option(0, help="Random seed (another seed plants another model)."),
     force: bool = typer.Option(False, "--force", help="Retrain even when a testbed of these settings exists."),
-    task: str = typer.Option("arithmetic", help="The task's prompt templates: arithmetic (the seed's) or compare."),
+    task: str = typer.Option("arithmetic", help="The task: arithmetic (the seed's), compare, or cot (the seed's algorithmic backdoor: a chain of thought with + switched to * on one operand pair)."),
     plant: Optional[List[str]] = typer.Option(None, "--plant", help="NAME=OPERANDS=PHRASE, e.g. 'ad=6,11=Buy it "
                                               "now!' (repeatable; default: the seed's cheese and hate backdoors)."),
     repeats: int = typer.Option(3, help="How many times a behaviour's phrase is repeated."),
@@ -355,7 +355,7 @@ def bench_audit_command(
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """melbo audit on a planted testbed: the rank of each planted behaviour among the findings, and the random control."""
-    from melbo.audit import parse_budget
+    from melbo.auditing import parse_budget
     from melbo.bench.common import check_seeds, get_bench, print_result, run_seeds
 
     check_seeds(seeds)

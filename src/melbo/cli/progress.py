@@ -115,7 +115,7 @@ class JobDisplay:
 
 
 class AuditDisplay(JobDisplay):
-    """`melbo.audit`'s stages: one line per stage and arm, a training bar per arm, the generation bars."""
+    """`melbo.auditing`'s stages: one line per stage and arm, a training bar per arm, the generation bars."""
 
     def event(self, event: dict) -> None:
         stage = event.get("stage")

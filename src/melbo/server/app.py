@@ -163,9 +163,9 @@ def run_page(run_id: int, state: State):
 @router.get("/runs/{run_id}/findings", response_class=HTMLResponse)
 def findings_page(run_id: int, state: State):
     """The findings of the audit a run belongs to (an audit's arms are its runs), each linked to its behaviour."""
-    from melbo.audit import load as load_audit
+    from melbo.auditing import load as load_audit
     from melbo.errors import MelboError
-    from melbo.triggers import load_triggers
+    from melbo.trigger_search import load_triggers
 
     with state.catalog() as catalog:
         entry = _run_entry(catalog, run_id)
@@ -314,7 +314,7 @@ def _similar(catalog, item) -> list:
 
 def _audit_dir(entry) -> Optional[Path]:
     """AUDIT when the run lives at AUDIT/runs/ARM of a finished audit (melbo.audit), else None."""
-    from melbo.audit import FINDINGS
+    from melbo.auditing import FINDINGS
 
     path = Path(entry.path)
     audit = path.parent.parent

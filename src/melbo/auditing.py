@@ -1,4 +1,4 @@
-"""`melbo.audit`: from a model and a prompt or a few to a short, ranked list of findings, within a time budget.
+"""`melbo.auditing`: from a model and a prompt or a few to a short, ranked list of findings, within a time budget.
 
     result = melbo.audit(lm, ["What is 4 + 6?"], "runs/audit", budget=900)           # no R to choose
     result = melbo.audit(lm, prompts, "runs/audit", reference=base, budget=900)     # what a fine-tune added

@@ -4,7 +4,7 @@
 unsteered model is to write the finding's phrases, at its answer's start or a few tokens in, as a robust z-score
 against the corpus. The inputs are ranked by their best phrase, and the first `confirm` are confirmed the slow way:
 a greedy answer (`max_new_tokens`), matched to the finding's phrases by embedding similarity (≥ MATCH, as the
-audit matches behaviours). A finding is an audit's (`melbo.audit`), or a run's perturbation, whose phrases then
+audit matches behaviours). A finding is an audit's (`melbo.auditing`), or a run's perturbation, whose phrases then
 come from its stored completions.
 
 `invert(lm, source, template)` is for when no corpus holds the trigger: `{?}` in the template marks a slot.
@@ -69,7 +69,7 @@ def load_findings(source: str | Path, finding: Optional[int] = None,
     findings of their completions); `finding` picks one by its rank."""
     path = Path(source)
     if (path / "audit.json").is_file():
-        from melbo.audit import load
+        from melbo.auditing import load
 
         result = load(path)
         findings = result.findings
