@@ -186,4 +186,15 @@ def test_serve_shows_an_audits_findings_beside_the_unsteered_answer(lm, tmp_path
 
         assert html.escape(first["example"]["text"].strip()[:20]) in page.text
         assert f"/behaviours/" in page.text and html.escape(first["reproduce"][:30]) in page.text
+        assert "Inputs that switch it on" not in page.text
+        # `melbo triggers AUDIT` writes AUDIT/triggers/triggers.json: the page then lists each finding's triggers
+        (tmp_path / "a" / "triggers").mkdir()
+        (tmp_path / "a" / "triggers" / "triggers.json").write_text(json.dumps({"findings": [
+            {"finding": first["rank"], "label": "x", "phrases": ["p"],
+             "ranking": [{"rank": 1, "score": 9.5, "input": "What is 7 + 2?"}],
+             "confirmed": [{"input": "What is 7 + 2?", "answer": "I love <b>cheese</b>", "match": 0.9,
+                            "shows": True}]}]}))
+        page = client.get(f"/runs/{ids[first['example']['arm']]}/findings")
+        assert "Inputs that switch it on" in page.text and "What is 7 + 2?" in page.text
+        assert "&lt;b&gt;cheese" in page.text  # model text is escaped
         assert client.get(f"/runs/{other}/findings").status_code == 404

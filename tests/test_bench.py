@@ -237,7 +237,7 @@ def test_seeds_repeat_and_aggregate(tmp_path):
 
 
 def test_registry_names_every_bench():
-    assert bench_names() == ["arithmetic", "refusal", "backdoor", "diff", "monitor", "audit", "triggers"]
+    assert bench_names() == ["arithmetic", "refusal", "backdoor", "diff", "monitor", "audit", "triggers", "subtle"]
     for name in bench_names():
         bench = get_bench(name)
         assert bench.name == name and isinstance(bench.title, str) and hasattr(bench.settings, "__dataclass_fields__")

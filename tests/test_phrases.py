@@ -70,7 +70,8 @@ def test_phrase_of_starts_at_the_new_words():
     finding = {"example": {"text": "I love cheese! I love cheese!", "unsteered": "3 + 4 = 7.", "prompt": "What is 3 + 4?"},
                "examples": [{"text": "i LOVE cheese! I love", "unsteered": "", "prompt": ""},
                             {"text": "Cheese is great", "unsteered": "", "prompt": ""}]}
-    assert phrases_of(finding) == ["I love cheese! I love cheese!", "i LOVE cheese! I love", "Cheese is great"]
+    assert phrases_of(finding, limit=3) == ["I love cheese! I love cheese!", "i LOVE cheese! I love", "Cheese is great"]
+    assert phrases_of(finding) == ["I love cheese! I love cheese!", "i LOVE cheese! I love"]  # MAX_PHRASES
 
 
 def test_corpus_z_is_robust_to_the_few_that_stand_out():

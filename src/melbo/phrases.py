@@ -38,7 +38,7 @@ from melbo.models import LoadedModel
 
 PHRASE_WORDS = 6  # words of an example's new span that make a phrase
 PHRASE_TOKENS = 8  # and at most this many tokens of it
-MAX_PHRASES = 4  # phrases per finding: its clearest example first, then its confirmation examples
+MAX_PHRASES = 2  # phrases per finding: its clearest example, then its first confirmation example
 WINDOW = 4  # tokens of a phrase scored together (module docstring)
 OFFSETS = 12  # K: answer tokens before which a phrase may start
 VERIFY = 3  # (offset, window) pairs per phrase that the screen passes on to teacher forcing
@@ -139,7 +139,11 @@ def score_phrases(lm: LoadedModel, inputs: Sequence[str], phrases: Sequence[str]
         answers += [lm.tokenizer.decode(row[:n], skip_special_tokens=True)
                     for row, n in zip(greedy.new_tokens.tolist(), greedy.lengths)]
         rows = _screen(greedy, variants, verify)
-        values = _teacher_forced(lm, greedy, rows, cost)
+        # phrases of one behaviour share windows ("I love cheese! I love" / "love cheese! I love cheese"): each
+        # distinct (input, offset, window) is teacher-forced once
+        unique = list(dict.fromkeys((b, j, tuple(w)) for b, _, j, w in rows))
+        computed = dict(zip(unique, _teacher_forced(lm, greedy, [(b, 0, j, list(w)) for b, j, w in unique], cost)))
+        values = [computed[(b, j, tuple(w))] for b, _, j, w in rows]
         for (b, p, j, _), value in zip(rows, values):
             if value > logprob[start + b, p]:
                 logprob[start + b, p], best_offset[start + b, p] = value, j
@@ -171,8 +175,6 @@ def _teacher_forced(lm: LoadedModel, greedy, rows: list[tuple[int, int, int, lis
     cache, an attention mask that hides the answer tokens from its offset on, and positions that continue from the
     offset; only the window's tokens are computed. Equal to teacher-forcing prompt + answer[:offset] + window
     (tests/test_phrases.py checks it against that hand computation)."""
-    import copy
-
     from melbo.generation import forward_cached
 
     cached = greedy.cache.get_seq_length()
@@ -188,8 +190,7 @@ def _teacher_forced(lm: LoadedModel, greedy, rows: list[tuple[int, int, int, lis
         rows_of = torch.tensor([b for b, *_ in part])
         mask = torch.cat([greedy.attention_mask[rows_of], answer, torch.ones_like(ids)], 1)
         positions = torch.stack([real[b] + j + torch.arange(width) for b, _, j, _ in part])
-        cache = copy.deepcopy(greedy.cache)
-        cache.reorder_cache(rows_of.to(lm.device))
+        cache = _cache_rows(greedy.cache, rows_of.to(lm.device))
         with torch.no_grad():
             logits, _ = forward_cached(lm, ids.to(lm.device), cache, attention_mask=mask.to(lm.device),
                                        position_ids=positions.to(lm.device))
@@ -201,3 +202,17 @@ def _teacher_forced(lm: LoadedModel, greedy, rows: list[tuple[int, int, int, lis
         cost["forward_passes"] += 1
         cost["tokens"] += int(ids.numel())
     return values
+
+
+def _cache_rows(cache, rows: torch.Tensor):
+    """A cache holding the given rows of `cache` (repeats allowed), leaving `cache` as it was. Layers are copied
+    shallowly: reorder_cache and the forward pass replace a layer's tensors rather than edit them."""
+    import copy
+
+    if hasattr(cache, "layers"):
+        selected = copy.copy(cache)
+        selected.layers = [copy.copy(layer) for layer in cache.layers]
+    else:  # older transformers: key/value lists
+        selected = copy.deepcopy(cache)
+    selected.reorder_cache(rows)
+    return selected

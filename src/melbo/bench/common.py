@@ -149,7 +149,8 @@ class Bench(Protocol):
 # name → the module that defines it as BENCHMARK (imported on use: the benches import torch)
 _REGISTRY = {"arithmetic": "melbo.bench.arithmetic", "refusal": "melbo.bench.refusal",
              "backdoor": "melbo.bench.backdoor", "diff": "melbo.bench.diff", "monitor": "melbo.bench.monitor",
-             "audit": "melbo.bench.audit", "triggers": "melbo.bench.triggers"}
+             "audit": "melbo.bench.audit", "triggers": "melbo.bench.triggers",
+             "subtle": "melbo.bench.subtle"}
 
 
 def bench_names() -> list[str]:

@@ -142,6 +142,31 @@ class MonitorSettings:
 
 
 @dataclass
+class SubtleSettings(BenchSettings):
+    """The algorithmic backdoor (`melbo testbed backdoor --task cot`): does any perturbation make the chain of
+    thought switch + to * consistently, learned against random vectors of the same norm, per arm?"""
+
+    n_vectors: int = 32
+    steps: int = 100
+    radius: str = "0.3x"
+    max_new_tokens: int = 48  # a whole chain of thought is ~35 tokens
+    n_prompts: int = 4  # clean prompts of the task the perturbations are tried on (training uses the first)
+    consistent: float = 0.5  # a perturbation elicits the pattern when at least this share of prompts shows it
+    arms: Optional[dict[str, dict]] = None  # name → settings that differ from the first arm's (default: ARMS)
+    testbed: Optional[dict] = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc = super().to_json()
+        doc["testbed"] = self.testbed["config"] if self.testbed else None
+        return doc
+
+    @classmethod
+    def quick(cls, **overrides) -> "SubtleSettings":
+        return cls(**{**dict(n_vectors=2, n_random=2, steps=2, max_new_tokens=8, n_prompts=2,
+                             arms={"vectors": {}}), **overrides})
+
+
+@dataclass
 class TriggerSettings:
     """Trigger search and the output monitor on the testbed, from one finished audit's findings."""
 

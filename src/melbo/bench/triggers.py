@@ -63,6 +63,9 @@ class TriggerBench:
         self._corpus(lm, result, findings, sets, shows, s, chat)
         self._inversion(lm, result, findings, shows, compiled, s, chat)
         result.wall_seconds = time.perf_counter() - started
+        from melbo.files import make_output_dir
+
+        make_output_dir(Path(out))
         result.write(out)
         return result
 
@@ -182,7 +185,7 @@ class TriggerBench:
         triggered = {v for values in config["triggers"].values() for v in values}
         second = next(b for b in range(lo, hi + 1) if b not in triggered)
         op = config["ops"][0]
-        template = templates(config)[0].replace("{a}", SLOT).format(op=op, b=second)
+        template = templates(config)[0].format(a="\x00", op=op, b=second).replace("\x00", SLOT)
         table = result.table(f"inversion of {template!r}", ["behaviour", "finding", "exhaustive: rank of the first "
                              "true trigger", "fillings", "gradient: prompt found", "its answer shows it", "seconds"])
         for name, f in shows.items():

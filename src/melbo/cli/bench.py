@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from melbo.bench.settings import (ArithmeticSettings, AuditSettings, BackdoorSettings, BenchSettings, DiffSettings, MonitorSettings, TriggerSettings,
+from melbo.bench.settings import (ArithmeticSettings, AuditSettings, BackdoorSettings, BenchSettings, DiffSettings, MonitorSettings, SubtleSettings, TriggerSettings,
                                   RefusalSettings, default)
 from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ThreadsOpt, app, err, interruptible, load, out, parse_positions
 from melbo.cli.catalog import record
@@ -264,6 +264,22 @@ def bench_monitor_command(
     with err.status("calibrating and scoring …"):
         result = get_bench("monitor").run(lm, path, settings)
     _bench_finish(result, path)
+
+
+@bench_command("subtle", SubtleSettings)
+def bench_subtle_command(
+    model: str = typer.Option(..., "--model", "-m", help="A cot testbed's merged model (melbo testbed backdoor --task cot)."),
+    n_prompts: int = typer.Option(default(SubtleSettings, "n_prompts"), "--prompts", help="Clean prompts each perturbation is read on."),
+    shared: dict = None,
+) -> None:
+    """The algorithmic backdoor: do perturbations make the chain of thought switch + to * consistently (vs random)?"""
+    path = _bench_path(shared["out_dir"], "subtle")
+    spec, bed = _testbed(model)
+    if bed is None or bed["config"].get("task") != "cot":
+        raise MelboError(f"{model} is not a cot testbed: plant one with `melbo testbed backdoor --task cot`")
+    settings = _settings(SubtleSettings, shared, n_prompts=n_prompts, testbed=bed)
+    lm = load(spec, shared["device"], shared["dtype"], None, shared["threads"])
+    _run_bench("subtle", lm, path, settings, shared["seeds"])
 
 
 @bench_app.command("triggers")
