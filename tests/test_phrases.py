@@ -44,8 +44,8 @@ def by_hand(lm, text: str, phrase: str, offsets: int) -> float:
 
 
 def test_scorer_equals_teacher_forcing_by_hand(tiny):
-    # verify large enough to teacher-force every (offset, window): the screen then drops nothing
-    scores = score_phrases(tiny, INPUTS, PHRASES, offsets=5, verify=1000)
+    # verify large enough, and no floor, to teacher-force every (offset, window): the screen then drops nothing
+    scores = score_phrases(tiny, INPUTS, PHRASES, offsets=5, verify=1000, floor=-np.inf)
     for i, text in enumerate(INPUTS):
         for p, phrase in enumerate(PHRASES):
             assert scores.logprob[i, p] == pytest.approx(by_hand(tiny, text, phrase, 5), abs=2e-4)
@@ -53,6 +53,10 @@ def test_scorer_equals_teacher_forcing_by_hand(tiny):
     screened = score_phrases(tiny, INPUTS, PHRASES, offsets=5)
     assert np.all(screened.logprob <= scores.logprob + 1e-5)
     assert screened.cost["forward_passes"] > 0 and len(screened.answers) == len(INPUTS)
+    # a floor above some first tokens: those pairs get the bound first/|w| instead of a teacher-forced value
+    floored = score_phrases(tiny, INPUTS, PHRASES, offsets=5, verify=1000, floor=-5.55)
+    assert np.all((np.abs(floored.logprob - scores.logprob) < 1e-5) | (floored.logprob >= scores.logprob - 1e-5))
+    assert floored.cost["tokens"] < scores.cost["tokens"]  # fewer rows teacher-forced
 
 
 def test_scores_are_deterministic(tiny):

