@@ -10,7 +10,7 @@ from tiny_models import save_tiny_model
 
 from melbo.errors import MelboError
 from melbo.models import load_model
-from melbo.phrases import PhraseScores, corpus_z, phrase_of, phrases_of, score_phrases, windows
+from melbo.phrases import corpus_z, phrase_of, phrases_of, score_phrases, windows
 
 INPUTS = ["abc", "hello there", "zq", "the cat sat on"]
 PHRASES = ["xyz wvu", "hello world again"]
