@@ -121,3 +121,29 @@ def test_conversion_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, mo
     with pytest.raises(MelboError, match="No space left on device.*free space"):
         _dequantise_into(tmp_path / "model.gguf", tmp_path / "converted")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_already_in_memory_is_taken_as_it_is(tmp_path):
+    import melbo
+    from tiny_models import byte_tokenizer, tiny_model
+
+    model, tokenizer = tiny_model("llama"), byte_tokenizer()
+    lm = melbo.load_model(model, tokenizer=tokenizer)
+    assert lm.model is model and lm.depth == 4 and lm.model_id.endswith("@memory")
+    assert not any(p.requires_grad for p in model.parameters())
+    run = melbo.discover(lm, ["abc"], tmp_path / "run", n_vectors=2, steps=2, radius="1.0", source=1, target=3)
+    assert len(run) == 2 and run.config["model"]["id"] == lm.model_id
+
+    class LanguageModel:  # nnsight's wrapper: the transformers model and its tokenizer inside
+        def __init__(self):
+            self._model, self.tokenizer = model, tokenizer
+
+    assert melbo.load_model(LanguageModel()).model is model
+
+    class HookedTransformer:
+        pass
+
+    for bad, message in ((model, "needs its tokenizer"), (HookedTransformer(), "HookedTransformer"),
+                         (object(), "model spec must be text")):
+        with pytest.raises(melbo.MelboError, match=message):
+            melbo.load_model(bad)

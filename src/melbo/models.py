@@ -209,16 +209,19 @@ class LoadedModel:
 
 
 def load_model(
-    spec: str = DEFAULT_MODEL,
+    spec: "str | nn.Module" = DEFAULT_MODEL,
     *,
+    tokenizer: object = None,
     device: str = "cpu",
     dtype: str = "float32",
     blocks_path: str | None = None,
 ) -> LoadedModel:
-    """Load any causal LM by spec (see module docstring). `device="auto"` spreads a model over all GPUs."""
+    """Load any causal LM by spec (see module docstring). `device="auto"` spreads a model over all GPUs.
+
+    A model already in memory is taken as it is (its device and dtype are kept): a transformers causal LM with
+    `tokenizer=` its tokenizer, or an nnsight `LanguageModel` (its underlying model and tokenizer)."""
     if not isinstance(spec, str):
-        raise MelboError(f"model spec must be text, got {spec!r}: give an embedded name ({', '.join(EMBEDDED)}), "
-                         "a directory, a .gguf file or a hub id")
+        return _in_memory(spec, tokenizer, blocks_path)
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise MelboError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     _check_device(device)
@@ -229,6 +232,32 @@ def load_model(
     model, tokenizer = _from_pretrained(directory, spec, device, DTYPES[dtype])
     path, blocks = find_blocks(model, blocks_path)
     return LoadedModel(model, tokenizer, blocks, path, model_id, spec, source_hash)
+
+
+def _in_memory(model: object, tokenizer: object, blocks_path: str | None) -> LoadedModel:
+    """A LoadedModel around a model the caller already holds (see `load_model`)."""
+    from transformers import PreTrainedModel
+
+    kind = type(model).__name__
+    if kind == "HookedTransformer":
+        raise MelboError("a TransformerLens HookedTransformer runs its own forward pass: pass the Hugging Face model "
+                         "it was built from (AutoModelForCausalLM) with tokenizer=")
+    if kind == "LanguageModel" and isinstance(getattr(model, "_model", None), PreTrainedModel):  # nnsight
+        tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        model = model._model
+    if not isinstance(model, PreTrainedModel):
+        raise MelboError(f"model spec must be text or a transformers causal LM, got {model!r:.60}: give an embedded "
+                         f"name ({', '.join(EMBEDDED)}), a directory, a .gguf file, a hub id or a loaded model")
+    if tokenizer is None or not callable(tokenizer):
+        raise MelboError("a model in memory needs its tokenizer: load_model(model, tokenizer=tokenizer)")
+    model.eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    path, blocks = find_blocks(model, blocks_path)
+    name = Path(str(getattr(model.config, "_name_or_path", "") or model.config.model_type)).name or "model"
+    # no content hash: hashing every weight of a large model would cost more than loading it
+    return LoadedModel(model, tokenizer, blocks, path, f"{name}@memory", f"memory:{name}", None)
 
 
 def _check_device(device: str) -> None:
