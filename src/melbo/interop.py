@@ -1,0 +1,57 @@
+"""melbo's steering vectors in the formats other interpretability tools apply.
+
+A melbo vector θ of a run is added to the output of block s (the residual stream after the block) at every
+position. The same intervention, written for:
+- **steering-vectors** (`steering_vectors.SteeringVector`): `layer_activations={s: θ}` on a `decoder_block`,
+  applied by `vector.apply(model)`; its default patches every token position, as melbo does;
+- **TransformerLens**: a forward hook on `blocks.{s}.hook_resid_post` that adds θ (`transformer_lens_hooks`, for
+  `model.hooks(fwd_hooks=...)` or `run_with_hooks`);
+- **llama.cpp** control vectors: `melbo export --format llamacpp` (`melbo.export`), whose layer numbering is
+  one-based (`direction.{s+1}`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from melbo.errors import MelboError
+from melbo.intervention import SteeringVectors
+from melbo.store import Run
+
+
+def _vector(source: "Run | SteeringVectors", index: int) -> tuple[torch.Tensor, int]:
+    vectors = source.perturbations if isinstance(source, Run) else source
+    if not isinstance(vectors, SteeringVectors):
+        raise MelboError("only steering vectors convert (this run holds adapters): export adapters with "
+                         "`melbo export --format peft`")
+    if not (isinstance(index, int) and 0 <= index < len(vectors)):
+        raise MelboError(f"vector index {index!r} is out of range: there are {len(vectors)} (0..{len(vectors) - 1})")
+    return vectors.vectors[index].detach().clone(), vectors.layer
+
+
+def to_steering_vector(source: "Run | SteeringVectors", index: int, scale: float = 1.0):
+    """Vector `index` (times `scale`) as a steering-vectors `SteeringVector` (pip install steering-vectors)."""
+    try:
+        from steering_vectors import SteeringVector
+    except ImportError:
+        raise MelboError("steering-vectors is not installed: pip install --no-deps steering-vectors") from None
+    theta, layer = _vector(source, index)
+    return SteeringVector(layer_activations={layer: theta * scale}, layer_type="decoder_block")
+
+
+def transformer_lens_hooks(source: "Run | SteeringVectors", indices: Sequence[int] | int,
+                           scale: float = 1.0) -> list[tuple[str, Callable]]:
+    """(hook name, hook) pairs that add the sum of the chosen vectors to `blocks.{s}.hook_resid_post`."""
+    indices = [indices] if isinstance(indices, int) else list(indices)
+    if not indices:
+        raise MelboError("choose at least one vector index")
+    parts = [_vector(source, i) for i in indices]
+    theta = torch.stack([t for t, _ in parts]).sum(0) * scale
+    layer = parts[0][1]
+
+    def add(activation: torch.Tensor, hook=None) -> torch.Tensor:
+        return activation + theta.to(activation.device, activation.dtype)
+
+    return [(f"blocks.{layer}.hook_resid_post", add)]

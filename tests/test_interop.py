@@ -1,0 +1,43 @@
+"""melbo vectors applied by the real steering-vectors package give melbo's own logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import melbo
+from melbo.errors import MelboError
+from melbo.interop import to_steering_vector, transformer_lens_hooks
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_steering_vectors_package_reproduces_melbo_logits(arch, tmp_path):
+    pytest.importorskip("steering_vectors")
+    from tiny_models import save_tiny_model
+
+    lm = melbo.load_model(str(save_tiny_model(tmp_path / "m", arch)))
+    run = melbo.discover(lm, ["abc"], tmp_path / "run", n_vectors=2, steps=3, radius="2.0", source=1, target=3)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with run.steer(1, scale=0.5):
+        expected = lm.model(input_ids=ids).logits
+    with torch.no_grad():
+        plain = lm.model(input_ids=ids).logits
+    vector = to_steering_vector(run, 1, scale=0.5)
+    with vector.apply(lm.model):
+        got = lm.model(input_ids=ids).logits
+    assert not torch.allclose(plain, expected, atol=1e-4)  # the vector does change the model
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_transformer_lens_hook_names_and_sum(tmp_path):
+    from tiny_models import save_tiny_model
+
+    lm = melbo.load_model(str(save_tiny_model(tmp_path / "m", "llama")))
+    run = melbo.discover(lm, ["abc"], tmp_path / "run", n_vectors=2, steps=2, radius="2.0", source=1, target=3)
+    ((name, hook),) = transformer_lens_hooks(run, [0, 1], scale=2.0)
+    assert name == "blocks.1.hook_resid_post"
+    x = torch.zeros(1, 3, lm.width)
+    expected = 2.0 * (run.perturbations.vectors[0] + run.perturbations.vectors[1])
+    torch.testing.assert_close(hook(x)[0, 2], expected)
+    with pytest.raises(MelboError, match="out of range"):
+        to_steering_vector(run, 5)
