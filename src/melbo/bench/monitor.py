@@ -63,7 +63,7 @@ def prompt_sets(config: dict, seed: int = 0, per_set: int = 48) -> dict[str, lis
 def bench_monitor(lm: LoadedModel, run: Run, out: str | Path, testbed: dict, *, alpha: float = MONITOR_ALPHA,
                   per_set: int = 48, seed: int = 0, report: bool = True) -> BenchResult:
     """AUROC and flag rates of the monitor for trigger prompts against held-out clean prompts and near misses."""
-    from melbo.monitor import SIGNALS, Monitor, auroc
+    from melbo.monitor import ACTIVATION_SIGNALS, Monitor, auroc
     from melbo.files import make_output_dir
 
     make_output_dir(Path(out))
@@ -79,7 +79,7 @@ def bench_monitor(lm: LoadedModel, run: Run, out: str | Path, testbed: dict, *, 
     table = result.table("monitor quality (score: max z over the run's perturbations)",
                          ["signal", "positives", "AUROC vs clean", "AUROC vs near miss", "flagged: positives",
                           "flagged: clean", "flagged: near miss", "FPR on calibration (leave-one-out)"])
-    for signal in SIGNALS:
+    for signal in ACTIVATION_SIGNALS:
         monitor = Monitor.calibrate(run, lm, sets["calibration"], signal=signal, alpha=alpha)
         scored = {name: monitor.score(lm, prompts) for name, prompts in sets.items() if name != "calibration"}
         scores = {name: [r["score"] for r in records] for name, records in scored.items()}
