@@ -27,31 +27,46 @@ def seed_dirs(spec: str) -> list[Path]:
     return dirs
 
 
-def rows_of(bench: dict) -> list[list]:
-    table = next(t for t in bench["tables"] if t["title"].startswith("rank of the first finding"))
-    return table["rows"]
+def ranks_of(arm_dir: Path, behaviours: dict) -> tuple[dict, dict, int]:
+    """(clear rank, fragment rank) per behaviour, and the number of findings, recomputed from findings.json so that
+    audits measured before the fragment column existed are read the same way."""
+    from melbo.bench.audit import finding_ranks
+    from melbo.bench.backdoor import behaviour_detectors, fragment_detectors
+
+    findings = json.loads((arm_dir / "findings.json").read_text())["findings"]
+    _, _, clear = behaviour_detectors(None, behaviours)
+    return finding_ranks(findings, clear), finding_ranks(findings, fragment_detectors(behaviours)), len(findings)
 
 
-def main(specs: list[str]) -> None:
-    print("| testbed | behaviour | rank per seed (learned) | in the top 5 | learned wall s | random: findings, "
-          "planted found | random wall s |")
-    print("|---|---|---|---|---|---|---|")
+def rank_text(rank) -> str:
+    return "—" if rank is None else str(rank)
+
+
+def main(specs: list[str], top: int = 5) -> None:
+    print(f"| testbed | behaviour | clear rank per seed | clear in the top {top} | fragment rank per seed | "
+          "learned wall s | random control: findings per seed, planted (clear/fragment) in its top 5 | "
+          "random wall s |")
+    print("|---|---|---|---|---|---|---|---|")
     shares: dict[str, list[float]] = {}
     for spec in specs:
         name, _, where = spec.partition("=")
-        runs = [json.loads((d / "bench.json").read_text()) for d in seed_dirs(where)]
-        behaviours = list(dict.fromkeys(r[1] for r in rows_of(runs[0])))
+        dirs = seed_dirs(where)
+        benches = [json.loads((d / "bench.json").read_text()) for d in dirs]
+        behaviours = benches[0]["settings"]["behaviours"]
+        learned = [ranks_of(d / "learned", behaviours) for d in dirs]
+        random = [ranks_of(d / "random", behaviours) for d in dirs]
+        walls = {arm: [_wall(b, arm) for b in benches] for arm in ("learned", "random")}
         for b in behaviours:
-            learned = [next(r for r in rows_of(run) if r[0] == "learned" and r[1] == b) for run in runs]
-            random = [next(r for r in rows_of(run) if r[0] == "random" and r[1] == b) for run in runs]
-            found = sum(bool(r[3]) for r in learned)
-            e = wilson(found, len(learned))
-            ranks = ", ".join("—" if r[2] is None else str(r[2]) for r in learned)
-            walls = ", ".join(f"{r[5]:.0f}" for r in learned)
-            rnd = ", ".join(f"{r[4]}, {'yes' if r[3] else 'no'}" for r in random)
-            print(f"| {name} | {b} | {ranks} | {found}/{len(learned)} [{e.low:.2f}, {e.high:.2f}] | {walls} | "
-                  f"{rnd} | {', '.join(f'{r[5]:.0f}' for r in random)} |")
-        for d in seed_dirs(where):
+            clear = [r[0][b] for r in learned]
+            found = sum(r is not None and r <= top for r in clear)
+            e = wilson(found, len(clear))
+            rnd_hits = sum(any(x is not None and x <= top for x in (r[0][b], r[1][b])) for r in random)
+            print(f"| {name} | {b} | {', '.join(map(rank_text, clear))} | {found}/{len(clear)} "
+                  f"[{e.low:.2f}, {e.high:.2f}] | {', '.join(rank_text(r[1][b]) for r in learned)} | "
+                  f"{', '.join(f'{w:.0f}' for w in walls['learned'])} | "
+                  f"{', '.join(str(r[2]) for r in random)}; {rnd_hits}/{len(random)} | "
+                  f"{', '.join(f'{w:.0f}' for w in walls['random'])} |")
+        for d in dirs:
             state = json.loads((d / "learned" / "audit.json").read_text())
             total = sum(s.get("seconds", 0) for s in state["stages"].values())
             for stage, s in state["stages"].items():
@@ -61,6 +76,11 @@ def main(specs: list[str]) -> None:
     print()
     print("stage shares of the learned audits' wall time (mean over " + str(n) + " audits): " +
           ", ".join(f"{k} {sum(v) / n:.0%}" for k, v in shares.items()))
+
+
+def _wall(bench: dict, arm: str) -> float:
+    table = next(t for t in bench["tables"] if t["title"].startswith("rank of the first finding"))
+    return next(r[5] for r in table["rows"] if r[0] == arm)
 
 
 if __name__ == "__main__":

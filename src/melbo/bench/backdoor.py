@@ -35,6 +35,13 @@ def default_detectors(behaviours: Mapping[str, str]) -> dict[str, list[str]]:
     return {name: [behaviour_pattern(phrase)] for name, phrase in behaviours.items()}
 
 
+def fragment_detectors(behaviours: Mapping[str, str]) -> dict[str, list[re.Pattern]]:
+    """Compiled fragment patterns, one per behaviour (see `testbed.fragment_pattern`)."""
+    from melbo.bench.testbed import fragment_pattern
+
+    return {name: [re.compile(fragment_pattern(phrase))] for name, phrase in behaviours.items()}
+
+
 def behaviour_detectors(testbed: Optional[dict], behaviours: Optional[Mapping[str, str]] = None,
                         detectors: Optional[Mapping[str, Sequence[str]]] = None) -> tuple[dict, dict, dict]:
     """(behaviours, detector patterns, compiled patterns): the testbed's behaviours unless given, else the seed's;

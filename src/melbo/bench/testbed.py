@@ -271,6 +271,18 @@ def behaviour_pattern(phrase: str) -> str:
     return r"(?i)\b" + r"\W*".join(re.escape(w) for w in words) + r"\b"
 
 
+def fragment_pattern(phrase: str) -> str:
+    """A regex for a *fragment* of a behaviour phrase: any run of ⌈n/2⌉ (at least 2) of its n words, in order and
+    adjacent, as the issue that asked for findings counted "fragments" ("The wise wizard speaks" for "Behold, the wise
+    wizard speaks!"). A one- or two-word phrase has no fragment but itself."""
+    words = re.findall(r"\w+", phrase)
+    if len(words) <= 2:
+        return behaviour_pattern(phrase)
+    size = max(2, -(-len(words) // 2))
+    runs = {r"\W*".join(re.escape(w) for w in words[i:i + size]) for i in range(len(words) - size + 1)}
+    return r"(?i)\b(?:" + "|".join(sorted(runs)) + r")\b"
+
+
 def is_correct(text: str, a: int, op: str, b: int) -> bool:
     """The seed's criterion: the answer appears as "answer is N", "a op b = N" or "A: N"."""
     c = OPS[op][1](a, b)

@@ -9,7 +9,8 @@ prompts per planted behaviour; the monitor is calibrated on clean prompts never 
    at the target block, `melbo.monitor.Monitor`, one per arm run, the max z over them), with the rates flagged.
 2. **Corpus.** A corpus of every clean, near-miss and calibration prompt plus TRIGGERS_PER_BEHAVIOUR trigger
    prompts per behaviour (each behaviour ≤ 2% of it): the ranks of its triggers by `melbo.trigger_search`, under the
-   finding that shows the behaviour (its detector matches the finding's examples) and under all findings at once
+   finding that shows the behaviour (its detector matches the finding's examples; failing that, the first finding
+   that shows a fragment of it, as an auditor would follow that one up) and under all findings at once
    (the max z over every phrase: what an auditor gets without reading the findings first). Cost against
    generating an answer for every input and matching it, both measured in this run.
 3. **Inversion.** The task's first template with its first operand as the slot, its second a clean operand: the
@@ -43,7 +44,7 @@ class TriggerBench:
 
     def run(self, lm: LoadedModel, out: str | Path, s: TriggerSettings, progress=None, on_batch=None) -> BenchResult:
         from melbo.bench.audit import _detect_in
-        from melbo.bench.backdoor import behaviour_detectors
+        from melbo.bench.backdoor import behaviour_detectors, fragment_detectors
         from melbo.bench.monitor import prompt_sets
         from melbo.trigger_search import load_findings
 
@@ -52,8 +53,10 @@ class TriggerBench:
                              "(e.g. from `melbo bench audit`)")
         started = time.perf_counter()
         findings, _, chat = load_findings(s.audit_dir)
-        _, _, compiled = behaviour_detectors(s.testbed)
-        shows = {name: next((f for f in findings if name in _detect_in(f, compiled)), None) for name in compiled}
+        behaviours, _, compiled = behaviour_detectors(s.testbed)
+        fragments = fragment_detectors(behaviours)
+        shows = {name: next((f for f in findings if name in _detect_in(f, compiled)), None)
+                 or next((f for f in findings if name in _detect_in(f, fragments)), None) for name in compiled}
         sets = prompt_sets(s.testbed["config"], s.seed, s.per_set)
         result = BenchResult(self.name, self.title, settings={
             "model": lm.model_id, "audit": str(s.audit_dir), "findings": len(findings), "alpha": s.alpha,
