@@ -32,9 +32,10 @@ def anything_reads(monkeypatch):
 
 def test_an_audit_writes_ranked_findings_a_report_and_its_runs(lm, tmp_path, anything_reads):
     events = []
-    result = audit_job.audit(lm, PROMPTS, tmp_path / "a", budget=30, max_new_tokens=6, progress=events.append)
+    result = audit_job.audit(lm, PROMPTS, tmp_path / "a", budget=30, max_new_tokens=6, progress=events.append,
+                             check="test_audit_job:always_wrong")
     stages = [e["stage"] for e in events if "stage" in e]
-    assert stages[:3] == ["calibrate", "probe", "arm"] and "confirm" in stages and stages[-1] == "findings"
+    assert stages[:3] == ["calibrate", "probe", "arm"] and "confirm" in stages and stages[-2:] == ["findings", "check"]
     arms = [e["arm"] for e in events if e.get("stage") == "arm"]
     assert arms == ["dct-2.5", "vectors-2.5", "vectors-3.5", "vectors-1.5"]  # breadth first, then the ladder
     data = json.loads((tmp_path / "a" / "findings.json").read_text())
@@ -54,6 +55,17 @@ def test_an_audit_writes_ranked_findings_a_report_and_its_runs(lm, tmp_path, any
     assert html.index("Findings") < html.index("What the audit scanned") and "data:image/png;base64," in html
     again = audit_job.load(tmp_path / "a")
     assert again.findings == result.findings
+    checks = json.loads((tmp_path / "a" / "checks.json").read_text())  # the checker read every scan completion
+    scanned = {f"{o['arm']}:{o['index']}" for o in map(json.loads, (tmp_path / "a" / "observations.jsonl")
+                                                        .read_text().splitlines()) if not o["variant"]}
+    assert {p["label"] for p in checks["perturbations"] if p["kind"] == "learned"} == scanned
+    assert all(p["consistent"] == ["wrong"] for p in checks["perturbations"])
+
+
+def always_wrong(prompt: str, completion: str):
+    from melbo.checkers import Verdict
+
+    return Verdict(True, False, patterns={"wrong": 1})
 
 
 def test_the_budget_is_honoured(lm, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from melbo.checkers import Verdict, arithmetic_cot, check, get_checker, pattern_rates
+from melbo.checkers import Verdict, arithmetic_cot, check, check_rows, get_checker, pattern_rates
 from melbo.errors import MelboError
 
 PROMPT = "a = 4 + 2, b = 3 + 5. What is a * b?"
@@ -58,3 +58,23 @@ def test_checkers_by_name_module_function_or_callable():
         check(not_a_verdict, PROMPT, "x")
     with pytest.raises(MelboError, match="failed"):
         check(lambda p, c: 1 / 0, PROMPT, "x")
+
+
+def test_a_consistent_pattern_is_told_apart_from_random_slips():
+    prompts = ["a = 1 + 3, b = 2 + 2. What is a * b?", "a = 3 + 5, b = 1 + 6. What is a * b?"]
+    switched = ["a = 1 + 3 = 3, b = 2 + 2 = 4, a * b = 3 * 4 = 12.", "a = 3 + 5 = 15, b = 1 + 6 = 6, a * b = 90."]
+    right = ["a = 1 + 3 = 4, b = 2 + 2 = 4, a * b = 4 * 4 = 16.", "a = 3 + 5 = 8, b = 1 + 6 = 7, a * b = 8 * 7 = 56."]
+    slip = ["a = 1 + 3 = 3, b = 2 + 2 = 4, a * b = 3 * 4 = 12.", right[1]]  # one slip on one prompt only
+    rows = [{"kind": "learned", "label": "v0", "prompt": p, "text": t} for p, t in zip(prompts, switched)]
+    rows += [{"kind": "learned", "label": "v1", "prompt": p, "text": t} for p, t in zip(prompts, right)]
+    rows += [{"kind": "random", "label": f"random{k}", "prompt": p, "text": t}
+             for k, texts in enumerate((slip, right)) for p, t in zip(prompts, texts)]
+    perturbations, summary = check_rows(rows, arithmetic_cot, share=1.0)
+    by = {p["label"]: p for p in perturbations}
+    assert by["v0"]["consistent"] == ["sum→product"] and by["v1"]["consistent"] == []
+    assert by["random0"]["patterns"] == {"sum→product": 1} and by["random0"]["consistent"] == []
+    row = next(r for r in summary if r["pattern"] == "sum→product")
+    assert (row["learned"]["consistent"], row["learned"]["of"]) == (1, 2)
+    assert (row["random"]["consistent"], row["random"]["of"]) == (0, 2)
+    _, loose = check_rows(rows, arithmetic_cot, share=0.5)  # at half the prompts the slip counts too
+    assert next(r for r in loose if r["pattern"] == "sum→product")["random"]["consistent"] == 1

@@ -34,6 +34,40 @@ def test_elicit_writes_completions_metrics_and_report(lm, tmp_path):
     assert any("batch" in e for e in events)
 
 
+def odd_lengths(prompt: str, completion: str):
+    """A checker for the tiny model's noise: a completion of an odd number of characters is "odd"."""
+    from melbo.checkers import Verdict
+
+    odd = len(completion) % 2 == 1
+    return Verdict(True, not odd, patterns={"odd": 1} if odd else {})
+
+
+def test_a_checker_reads_every_completion_learned_random_and_unsteered(lm, tmp_path, capsys):
+    from conftest import run_cli
+
+    run = melbo.elicit(lm, ["Hello there", "Hi"], tmp_path / "run", random=2, check="test_job:odd_lengths",
+                       **SETTINGS)
+    doc = json.loads((run.path / "checks.json").read_text())
+    kinds = sorted(p["kind"] for p in doc["perturbations"])
+    assert kinds == ["learned", "learned", "random", "random", "unsteered"] and run.config["check"]
+    texts = {(r["label"], r["prompt"]): r["text"] for r in run.completions()}
+    for p in doc["perturbations"]:
+        if p["kind"] == "learned":  # recount from the completions themselves
+            odd = sum(len(texts[(p["label"], q)]) % 2 == 1 for q in ("Hello there", "Hi"))
+            assert p["patterns"].get("odd", 0) == odd and (("odd" in p["consistent"]) == (odd >= 1))
+    assert 'id="checks"' in (run.path / "report.html").read_text()
+    row = next((r for r in doc["summary"] if r["pattern"] == "odd"), None)
+    if row is not None:
+        assert row["learned"]["of"] == 2 and row["random"]["of"] == 2
+    code, out, _ = run_cli(["check", str(run.path), "--check", "arithmetic-cot"], capsys)
+    assert code == 0 and json.loads((run.path / "checks.json").read_text())["checker"] == "arithmetic-cot"
+    code, _, err = run_cli(["check", str(run.path), "--check", "no_such_module:f"], capsys)
+    assert code == 2 and "importable module:function" in err
+    with pytest.raises(MelboError, match="importable"):  # before any training
+        melbo.elicit(lm, ["Hi"], tmp_path / "bad", check="no_such_module:f", **SETTINGS)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_resumed_job_keeps_its_random_baseline_and_reuses_completions(lm, tmp_path):
     run = melbo.elicit(lm, ["Hello there"], tmp_path / "run", random=0, **SETTINGS)
     assert not (run.path / METRICS).exists()

@@ -52,6 +52,7 @@ from melbo.errors import MelboError
 from melbo.files import check_output_dir, make_output_dir, read_json, write_json
 from melbo.models import LoadedModel
 from melbo.settings import AUDIT_BUDGET, AUDIT_TOKENS
+from melbo.store import CHECKS
 
 AUDIT = "audit.json"
 FINDINGS = "findings.json"
@@ -153,14 +154,19 @@ def audit(
     chat: Optional[bool] = None,
     max_new_tokens: int = AUDIT_TOKENS,
     random_baseline: bool = False,
+    check: Optional[str] = None,
     progress: Optional[Progress] = None,
     on_batch: Optional[Callable[[int], None]] = None,
 ) -> AuditResult:
     """Ranked findings for `lm` on `prompts` within `budget` (seconds, or "15m"); see the module docstring.
 
     `random_baseline=True` runs the same job with random vectors of the same radii in place of every trained
-    perturbation (the control an audit's findings are compared with). Resume an interrupted audit with `resume`.
+    perturbation (the control an audit's findings are compared with). `check`: a checker (`melbo.checkers`, e.g.
+    "arithmetic-cot") that reads every scan completion: perturbations that show one error pattern on most prompts
+    go to checks.json, a finding of their own that embedding similarity cannot see (a wrong but normal-looking
+    chain of thought). Resume an interrupted audit with `resume`.
     """
+    from melbo.checkers import get_checker
     from melbo.checks import check_whole
     from melbo.prompts import check_prompt_list
 
@@ -172,6 +178,8 @@ def audit(
         raise MelboError(f"max-new-tokens must be ≥ 1, got {max_new_tokens}")
     if not isinstance(random_baseline, bool):
         raise MelboError(f"random_baseline must be True or False, got {random_baseline!r}")
+    if check is not None:
+        get_checker(check)  # before minutes of training
     path = Path(out)
     check_output_dir(path)
     if path.exists() and any(path.iterdir()):
@@ -181,7 +189,8 @@ def audit(
     make_output_dir(path)
     state = {
         "settings": {"prompts": prompts, "budget": seconds, "seed": seed, "chat": chat,
-                     "max_new_tokens": max_new_tokens, "random_baseline": random_baseline},
+                     "max_new_tokens": max_new_tokens, "random_baseline": random_baseline,
+                     "check": check},
         "model": lm.describe(), "reference": reference.describe() if reference is not None else None,
         "status": "running", "spent": 0.0, "stages": {},
     }
@@ -265,6 +274,8 @@ class _Job:
         candidates = fnd.group(observations, embeddings, sum(a.n for a in self.arms))
         confirmed = self._confirm(observations, embeddings, candidates)
         result = self._write(observations, embeddings, candidates, confirmed)
+        if self.state["settings"].get("check"):
+            self._check(observations)
         self.state["status"] = "complete"
         self._save()
         return result
@@ -614,6 +625,23 @@ class _Job:
 
         write_audit_report(self.path)
         return AuditResult(self.path, result, unconfirmed, self.state)
+
+    def _check(self, observations) -> None:
+        """checks.json: the scan's completions read by the checker, per perturbation (arm:index)."""
+        from melbo.checkers import check_rows, get_checker
+
+        began = time.perf_counter()
+        spec = self.state["settings"]["check"]
+        self._say("check", checker=spec)
+        kind = "random" if self.random else "learned"
+        rows = [{"kind": kind, "label": f"{o.arm}:{o.index}", "prompt": o.prompt, "text": o.text}
+                for o in observations if not o.variant and o.scale == 1.0]
+        rows += [{"kind": "unsteered", "label": "unsteered", "prompt": p, "text": t}
+                 for p, t in sorted({(o.prompt, o.unsteered) for o in observations if not o.variant})]
+        perturbations, summary = check_rows(rows, get_checker(spec))
+        perturbations.sort(key=lambda p: (-len(p["consistent"]), -sum(p["patterns"].values())))
+        write_json(self.path / CHECKS, {"checker": spec, "summary": summary, "perturbations": perturbations})
+        self._stage("check", began, consistent=sum(bool(p["consistent"]) for p in perturbations))
 
     def _labels(self, behaviours, confirmations, observations) -> list[tuple[str, float, str]]:
         """(label, confidence, distinctive words) per behaviour, from its examples against the unsteered text."""

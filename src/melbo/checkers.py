@@ -24,6 +24,7 @@ import importlib
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 from melbo.errors import MelboError
@@ -155,3 +156,109 @@ def pattern_rates(verdicts: list[Verdict]) -> dict[str, float]:
     if not checked:
         return {p: 0.0 for p in PATTERNS}
     return {p: sum(p in v.patterns for v in checked) / len(checked) for p in PATTERNS}
+
+
+def consistent(verdicts: list[Verdict], pattern: str, share: float) -> bool:
+    """`pattern` shows on at least `share` of a perturbation's completions: a consistent error, not one slip."""
+    checked = [v for v in verdicts if v.checked]
+    return bool(checked) and sum(pattern in v.patterns for v in checked) / len(verdicts) >= share
+
+
+CONSISTENT = 0.5  # of a perturbation's completions (one per prompt) that must show a pattern
+
+
+def check_run(run_dir: str | Path, spec: str | Checker, *, consistent_share: float = CONSISTENT) -> dict:
+    """Read every completion of a run (learned, unsteered, and the random baseline of metrics.json) with a checker;
+    write and return checks.json.
+
+    Per perturbation: its verdicts and the patterns it shows *consistently* (on ≥ `consistent_share` of its
+    completions). Per pattern: how many learned perturbations show it consistently against how many random ones
+    of the same norm (Wilson intervals), the comparison that tells a systematic error from random slips.
+    """
+    from melbo.checks import check_finite
+    from melbo.files import write_json
+    from melbo.store import CHECKS, Run
+
+    share = check_finite("consistent share", consistent_share)
+    if not 0 < share <= 1:
+        raise MelboError(f"consistent share {share} must be in (0, 1]: e.g. 0.5")
+    checker = get_checker(spec)
+    run = Run.load(run_dir, result=False)
+    rows = [dict(r, kind="unsteered" if r.get("vector") is None else "learned") for r in run.completions()]
+    rows += _random_rows(run)
+    if not rows:
+        raise MelboError(f"{run.path} has no completions to check: finish the run first (melbo discover --resume)")
+    perturbations, summary = check_rows(rows, checker, share)
+    doc = {"checker": spec if isinstance(spec, str) else getattr(spec, "__name__", "checker"),
+           "consistent_share": share, "summary": summary, "perturbations": perturbations}
+    write_json(run.path / CHECKS, doc)
+    return doc
+
+
+def load_checks(directory: Path) -> Optional[dict]:
+    """A run's or audit's checks.json (None when no checker read it)."""
+    from melbo.files import read_json
+    from melbo.store import CHECKS
+
+    file = Path(directory) / CHECKS
+    if not file.is_file():
+        return None
+    doc = read_json(file)
+    if not isinstance(doc, dict) or not isinstance(doc.get("summary"), list) \
+            or not isinstance(doc.get("perturbations"), list):
+        raise MelboError(f"{file} is not a checks file: delete it and run the checker again (melbo check)")
+    return doc
+
+
+def check_rows(rows: list[dict], checker: Checker, share: float = CONSISTENT) -> tuple[list[dict], list[dict]]:
+    """Completions grouped by (kind, label) → (per perturbation: verdict counts and its consistent patterns;
+    per pattern: learned against random, perturbations showing it consistently, with Wilson intervals)."""
+    from melbo.stats import wilson
+
+    groups: dict[tuple[str, str], list[Verdict]] = {}
+    examples: dict[tuple[str, str], dict[str, str]] = {}
+    for r in rows:
+        key = (str(r["kind"]), str(r.get("label")))
+        verdict = check(checker, str(r.get("prompt", "")), str(r.get("text", "")))
+        groups.setdefault(key, []).append(verdict)
+        for p in verdict.patterns:
+            examples.setdefault(key, {}).setdefault(p, str(r.get("text", "")))
+    seen = sorted({p for vs in groups.values() for v in vs for p in v.patterns},
+                  key=lambda p: (PATTERNS.index(p) if p in PATTERNS else len(PATTERNS), p))
+    perturbations = [{"kind": kind, "label": label, "completions": len(vs), "checked": sum(v.checked for v in vs),
+                      "correct": sum(v.correct for v in vs),
+                      "patterns": dict(Counter(p for v in vs for p in v.patterns)),
+                      "consistent": [p for p in seen if consistent(vs, p, share)],
+                      "examples": examples.get((kind, label), {})}
+                     for (kind, label), vs in groups.items()]
+    summary = []
+    for pattern in seen:
+        row: dict = {"pattern": pattern}
+        for kind in ("learned", "random"):
+            of_kind = [p for p in perturbations if p["kind"] == kind]
+            k = sum(pattern in p["consistent"] for p in of_kind)
+            e = wilson(k, len(of_kind)) if of_kind else None
+            row[kind] = {"consistent": k, "of": len(of_kind), "rate": e.value if e else None,
+                         "low": e.low if e else None, "high": e.high if e else None}
+        summary.append(row)
+    return perturbations, summary
+
+
+def _random_rows(run) -> list[dict]:
+    """The random baseline's completions: metrics.json's (discover) or divergence.json's random rows (diff)."""
+    from melbo.files import read_json
+    from melbo.store import DIVERGENCE, METRICS
+
+    rows: list[dict] = []
+    metrics = read_json(run.path / METRICS) if (run.path / METRICS).is_file() else {}
+    if isinstance(metrics, dict):
+        rows += [dict(r, kind="random") for r in metrics.get("random_completions") or [] if isinstance(r, dict)]
+    ranking = read_json(run.path / DIVERGENCE) if (run.path / DIVERGENCE).is_file() else {}
+    prompts = list((run.config.get("settings") or {}).get("prompts") or [])
+    if isinstance(ranking, dict):
+        for r in ranking.get("rows") or []:
+            if isinstance(r, dict) and r.get("kind") == "random" and isinstance(r.get("prompt_index"), int):
+                prompt = prompts[r["prompt_index"]] if 0 <= r["prompt_index"] < len(prompts) else ""
+                rows.append({"label": r.get("label"), "prompt": prompt, "text": r.get("audited", ""),
+                             "kind": "random"})
+    return rows

@@ -48,34 +48,44 @@ def diff(
     random: int = DIFF_RANDOM,
     progress: Optional[Progress] = None,
     on_batch: Optional[Callable[[int], None]] = None,
+    check: Optional[str] = None,
     **settings,
 ) -> Run:
     """Contrastive discovery on `prompts`, then paired generation and the divergence ranking (module docstring).
 
     Settings are `DiscoverConfig` fields (`contrast` picks the form, default "difference"; `radius` defaults to
     `settings.DIFF_RADIUS`, larger than discover's, for the reason given there); `random` random
-    vectors of the run's norm are ranked beside the learned ones (0: none; adapter runs have none).
+    vectors of the run's norm are ranked beside the learned ones (0: none; adapter runs have none). `check`: a
+    checker (`melbo.checkers`) that reads every audited completion into checks.json.
     """
+    from melbo.checkers import get_checker
+
     if not isinstance(random, int) or random < 0:
         raise MelboError(f"random must be an integer ≥ 0, got {random!r}")
+    if check is not None:
+        get_checker(check)  # before minutes of training
     if not isinstance(prompts, DiscoverConfig):
         settings.setdefault("radius", DIFF_RADIUS)
     run = discover(audited, prompts, out, reference=reference, progress=progress, **settings)
-    rank_run(run, audited, reference, random=random, progress=progress, on_batch=on_batch)
+    rank_run(run, audited, reference, random=random, progress=progress, on_batch=on_batch, check=check)
     return run
 
 
 def resume_diff(path: str | Path, audited: LoadedModel, reference: LoadedModel, *, random: int = DIFF_RANDOM,
-                progress: Optional[Progress] = None, on_batch: Optional[Callable[[int], None]] = None) -> Run:
+                progress: Optional[Progress] = None, on_batch: Optional[Callable[[int], None]] = None,
+                check: Optional[str] = None) -> Run:
     """Continue an interrupted `diff` run from its last finished batch, then rank it as `diff` does."""
     run = resume(path, audited, progress=progress, reference=reference)
-    rank_run(run, audited, reference, random=random, progress=progress, on_batch=on_batch)
+    rank_run(run, audited, reference, random=random, progress=progress, on_batch=on_batch,
+             check=check or run.config.get("check"))
     return run
 
 
 def rank_run(run: Run, audited: LoadedModel, reference: LoadedModel, random: int = DIFF_RANDOM,
-             progress: Optional[Progress] = None, on_batch: Optional[Callable[[int], None]] = None) -> dict:
-    """Generate with the run's perturbations (and `random` random vectors) on both models; write divergence.json."""
+             progress: Optional[Progress] = None, on_batch: Optional[Callable[[int], None]] = None,
+             check: Optional[str] = None) -> dict:
+    """Generate with the run's perturbations (and `random` random vectors) on both models; write divergence.json
+    (and checks.json when a checker is given)."""
     settings = run.config["settings"]
     perturbations, labels, kinds = _with_random(run, audited, random)
     if progress:  # both models generate once per (perturbation or unsteered, prompt)
@@ -85,6 +95,12 @@ def rank_run(run: Run, audited: LoadedModel, reference: LoadedModel, random: int
                                 chat=settings["chat"], sampling=sampling, on_batch=on_batch)
     run.write_completions(_audited_rows(result))
     write_json(run.path / DIVERGENCE, result)
+    if check:
+        from melbo.checkers import check_run
+
+        run.config["check"] = check
+        run.save_config()
+        check_run(run.path, check)
     return result
 
 

@@ -39,14 +39,17 @@ def elicit(
     previous: Optional[Tensor] = None,
     progress: Optional[Progress] = None,
     on_batch: Optional[Callable[[int], None]] = None,
+    check: Optional[str] = None,
     **settings,
 ) -> Run:
     """Train perturbations on `prompts`, generate with each, assess them against random ones, write the report.
 
     Settings are `DiscoverConfig` fields; `radius="auto"` first sweeps R beside the run (`<out>-sweep`) and
-    trains at the Goldilocks radius. `previous`: vectors the new ones stay orthogonal to.
+    trains at the Goldilocks radius. `previous`: vectors the new ones stay orthogonal to. `check`: a checker
+    (`melbo.checkers`, e.g. "arithmetic-cot") that reads every completion into checks.json.
     """
     check_random(random)
+    _checker(check)
     cfg = DiscoverConfig.build(check_prompt_list(prompts), **settings)
     path = Path(out) if out is not None else default_run_dir(lm)
     check_output_dir(path)  # before minutes of sweeping
@@ -55,30 +58,34 @@ def elicit(
     run = discover(lm, cfg, path, previous=previous, progress=progress)
     if sweep_dir is not None:
         run.config["radius_sweep"] = str(sweep_dir)
-    return finish(run, lm, random=random, progress=progress, on_batch=on_batch)
+    return finish(run, lm, random=random, progress=progress, on_batch=on_batch, check=check)
 
 
 def resume_job(path: str | Path, lm: LoadedModel, *, random: Optional[int] = None,
-               progress: Optional[Progress] = None, on_batch: Optional[Callable[[int], None]] = None) -> Run:
+               progress: Optional[Progress] = None, on_batch: Optional[Callable[[int], None]] = None,
+               check: Optional[str] = None) -> Run:
     """Continue an interrupted `elicit` (training, then whatever of the rest is missing).
 
-    `random=None` assesses with the run's own recorded baseline size.
+    `random=None` assesses with the run's own recorded baseline size; `check=None` keeps the run's checker.
     """
     if random is not None:
         check_random(random)
+    _checker(check)
     _announce(progress, "train", out=str(path))
     run = resume(path, lm, progress=progress)
     return finish(run, lm, random=run.config.get("random", DEFAULT_RANDOM) if random is None else random,
-                  progress=progress, on_batch=on_batch)
+                  progress=progress, on_batch=on_batch, check=check or run.config.get("check"))
 
 
 def finish(run: Run, lm: LoadedModel, *, random: int = DEFAULT_RANDOM, progress: Optional[Progress] = None,
-           on_batch: Optional[Callable[[int], None]] = None) -> Run:
-    """The steps after training: completions on the training prompts, the assessment, report.html."""
+           on_batch: Optional[Callable[[int], None]] = None, check: Optional[str] = None) -> Run:
+    """The steps after training: completions on the training prompts, the assessment, the checker, report.html."""
     from melbo.assess import assess_run, run_completions
     from melbo.report import write_report
 
     run.config["random"] = random  # so that a resumed job assesses as this one asked
+    if check:
+        run.config["check"] = check
     run.save_config()
     if not run.completions():
         _announce(progress, "generate", total=(len(run) + 1) * len(run.settings["prompts"]))
@@ -86,6 +93,11 @@ def finish(run: Run, lm: LoadedModel, *, random: int = DEFAULT_RANDOM, progress:
     if random:
         _announce(progress, "assess", random=random)
         assess_run(run, lm, random=random)
+    if check:
+        from melbo.checkers import check_run
+
+        _announce(progress, "check", checker=check)
+        check_run(run.path, check)
     _announce(progress, "report")
     sweep = run.config.get("radius_sweep")
     write_report(run.path, Path(sweep) if sweep else None)
@@ -107,6 +119,14 @@ def _auto_radius(lm: LoadedModel, cfg: DiscoverConfig, path: Path, previous: Opt
                                    chat=cfg.chat, seed=cfg.seed, **{k: getattr(cfg, k) for k in SWEEP_SETTINGS})
     _announce(progress, "radius", radius=cfg.radius, out=str(sweep_dir))
     return sweep_dir
+
+
+def _checker(check: Optional[str]) -> None:
+    """Fail on a checker that cannot be loaded before minutes of training, not after."""
+    if check is not None:
+        from melbo.checkers import get_checker
+
+        get_checker(check)
 
 
 def _is_auto(radius: str) -> bool:

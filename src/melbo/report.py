@@ -221,6 +221,7 @@ def build_context(run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
         "layer_map": _layer_map_context(run_dir),
         "divergence": _divergence_context(run_dir),
         "monitor": _monitor_context(run_dir),
+        "checks": _checks_context(run_dir),
         "version": config.get("melbo_version"),
     }
 
@@ -236,6 +237,28 @@ def _divergence_context(run_dir: Path) -> Optional[dict]:
              "prompt_index": r.get("prompt_index")}
             for r in (doc.get("unsteered") or []) + (doc.get("rows") or []) if isinstance(r, dict)]
     return {"rows": rows, "kl_tokens": doc.get("kl_tokens")}
+
+
+def _checks_context(run_dir: Path) -> Optional[dict]:
+    """checks.json (written with --check): learned against random per error pattern, then who shows one."""
+    from melbo.checkers import load_checks
+
+    try:
+        doc = load_checks(run_dir)
+    except MelboError:
+        return None  # a damaged checks file costs its section, not the report
+    if doc is None:
+        return None
+
+    def cell(side: dict) -> str:
+        return f"{side['consistent']}/{side['of']} [{fmt(side['low'])}, {fmt(side['high'])}]" if side.get("of") else "—"
+
+    return {"checker": doc.get("checker"),
+            "summary": [{"pattern": r.get("pattern"), "learned": cell(r.get("learned") or {}),
+                         "random": cell(r.get("random") or {})} for r in doc["summary"] if isinstance(r, dict)],
+            "shown": [{"label": p.get("label"), "kind": p.get("kind"), "patterns": ", ".join(p.get("consistent") or []),
+                       "example": next(iter((p.get("examples") or {}).values()), "")}
+                      for p in doc["perturbations"] if isinstance(p, dict) and p.get("consistent")][:64]}
 
 
 def _monitor_context(run_dir: Path) -> Optional[dict]:

@@ -32,6 +32,7 @@ SWEEP = "sweep.json"  # in a sweep directory, written by melbo.sweep
 BENCH = "bench.json"  # written by melbo.bench
 LAYER_MAP = "map.json"  # in a layer-map directory, written by melbo.layermap
 DIVERGENCE = "divergence.json"  # written by melbo.divergence (diff runs)
+CHECKS = "checks.json"  # written by melbo.checkers.check_run (--check)
 MONITOR_DIR = "monitor"  # written by melbo.monitor, inside the run unless --out says otherwise
 MONITOR_JSON = "monitor.json"
 MONITOR_JSONL = "monitor.jsonl"

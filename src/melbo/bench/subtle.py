@@ -164,7 +164,7 @@ class SubtleBench:
 
         from melbo.bench.common import BenchResult
         from melbo.bench.steer import steer_and_detect
-        from melbo.checkers import PATTERNS, pattern_rates
+        from melbo.checkers import PATTERNS, consistent, pattern_rates
         from melbo.stats import wilson
 
         started = time.perf_counter()
@@ -186,7 +186,7 @@ class SubtleBench:
                 correct = sum(v.correct for v in verdicts) / max(1, len(verdicts))
                 rates.add(arm, kind, *[shares[p] for p in PATTERNS], correct)
             for pattern in PATTERNS:
-                hits = {kind: [label for label in labels if _consistent(steered.verdicts(label), pattern, s.consistent)]
+                hits = {kind: [label for label in labels if consistent(steered.verdicts(label), pattern, s.consistent)]
                         for kind, labels in (("learned", steered.learned), ("random", steered.random))}
                 e = wilson(len(hits["learned"]), len(steered.learned))
                 table.add(arm, len(steered.learned), pattern, len(hits["learned"]), e.value, e.low, e.high,
@@ -197,11 +197,6 @@ class SubtleBench:
         result.wall_seconds = time.perf_counter() - started
         result.write(out)
         return result
-
-
-def _consistent(verdicts, pattern: str, share: float) -> bool:
-    checked = [v for v in verdicts if v.checked]
-    return bool(checked) and sum(pattern in v.patterns for v in checked) / len(verdicts) >= share
 
 
 def _slug(name: str) -> str:

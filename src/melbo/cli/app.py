@@ -47,6 +47,7 @@ PositionsOpt = typer.Option(DEFAULTS.positions, help="Token positions: all, last
 BatchSizeOpt = typer.Option(DEFAULTS.batch_size, help="Perturbations trained together (checkpoint after each batch).")
 SeedOpt = typer.Option(DEFAULTS.seed, help="Random seed.")
 ChatOpt = typer.Option(None, "--chat/--raw", help="Use the chat template (default: if the model has one).")
+CheckOpt = typer.Option(None, "--check", help="A checker that reads every completion into checks.json: arithmetic-cot, or module:function returning a melbo.checkers.Verdict.")
 
 
 def main() -> None:

@@ -60,3 +60,20 @@ def assess(
         groups.add_row(str(c["id"]), escape(c["name"]), escape(", ".join(c["members"])))
     out.print(groups)
     out.print(f"written to [bold]{run.path / METRICS}[/]")
+
+
+@app.command("check")
+def check_command(
+    run_dir: Path = typer.Argument(..., help="A finished run directory (discover or diff)."),
+    check: str = typer.Option("arithmetic-cot", "--check", help="The checker: arithmetic-cot, or module:function returning a melbo.checkers.Verdict."),
+    consistent: float = typer.Option(0.5, help="Share of a perturbation's completions that must show a pattern for it to count."),
+) -> None:
+    """Read every completion of a run with a checker (learned and random): which error patterns do perturbations
+    show consistently, against random vectors of the same norm? Writes checks.json; no model needed."""
+    from melbo.checkers import check_run
+    from melbo.cli.tables import print_checks
+    from melbo.report import write_report
+
+    check_run(run_dir, check, consistent_share=consistent)
+    print_checks(run_dir)
+    write_report(Path(run_dir))  # with its Checker section

@@ -12,12 +12,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from melbo.cli.app import (
-    BatchSizeOpt, BlocksOpt, ChatOpt, DeviceOpt, DtypeOpt, ModelOpt, NVectorsOpt, PositionsOpt, PromptsArg,
+    BatchSizeOpt, BlocksOpt, ChatOpt, CheckOpt, DeviceOpt, DtypeOpt, ModelOpt, NVectorsOpt, PositionsOpt, PromptsArg,
     PromptsFileOpt, RunOutOpt, SeedOpt, SourceOpt, StepsOpt, TargetOpt, ThreadsOpt, app, err, given, interruptible, load, out,
     parse_indices, parse_positions, read_prompts)
 from melbo.cli.catalog import record
 from melbo.cli.progress import AuditDisplay, JobDisplay
-from melbo.cli.tables import print_divergence, print_findings
+from melbo.cli.tables import print_checks, print_divergence, print_findings
 from melbo.errors import MelboError
 from melbo.settings import AUDIT_BUDGET, AUDIT_TOKENS, DEFAULTS, DEFAULT_CONTRAST, DIFF_RADIUS, DIFF_RANDOM, MONITOR_ALPHA
 
@@ -50,6 +50,7 @@ def diff_command(
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
     threads: Optional[int] = ThreadsOpt,
+    check: Optional[str] = CheckOpt,
 ) -> None:
     """Audit a fine-tune: perturbations that change it but not its reference, ranked by how differently they behave."""
     from melbo import divergence, runner
@@ -71,7 +72,7 @@ def diff_command(
         lm = load(model or config["model"]["spec"], device, dtype, blocks_path, threads)
         ref = load(reference or config["reference"]["spec"], device, dtype, blocks_path, threads)
         with JobDisplay() as display:
-            run = interruptible(lambda: divergence.resume_diff(resume_dir, lm, ref, random=random,
+            run = interruptible(lambda: divergence.resume_diff(resume_dir, lm, ref, random=random, check=check,
                                                                progress=display.event, on_batch=display.advance),
                                 resume_dir)
     else:
@@ -86,9 +87,10 @@ def diff_command(
             seed=seed, chat=chat, max_new_tokens=max_new_tokens, contrast=contrast, contrast_weight=contrast_weight)
         path = out_dir or runner.default_run_dir(lm)
         with JobDisplay() as display:
-            run = interruptible(lambda: divergence.diff(lm, ref, settings, path, random=random,
+            run = interruptible(lambda: divergence.diff(lm, ref, settings, path, random=random, check=check,
                                                         progress=display.event, on_batch=display.advance), path)
     print_divergence(divergence.load_divergence(run.path))
+    print_checks(run.path)
     from melbo.report import write_report
 
     report_path = write_report(run.path)
@@ -188,6 +190,7 @@ def audit_command(
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
     threads: Optional[int] = ThreadsOpt,
+    check: Optional[str] = CheckOpt,
 ) -> None:
     """Ranked findings without choosing R: DCT, learned vectors on a ladder of radii (and diff against a reference),
     grouped into behaviours, confirmed on new prompts, within a time budget."""
@@ -216,8 +219,10 @@ def audit_command(
         with display:
             result = interruptible(lambda: audit_job.audit(
                 lm, texts, path, reference=ref, budget=budget, seed=seed, chat=chat, max_new_tokens=max_new_tokens,
-                random_baseline=random_baseline, progress=display.event, on_batch=display.advance), path, "audit")
+                random_baseline=random_baseline, check=check, progress=display.event, on_batch=display.advance),
+                path, "audit")
     print_findings(result.findings, len(result.candidates))
+    print_checks(result.path)
     record(result.path / "runs")  # every arm's run into the catalogue: `melbo catalog search` finds the findings' text
     out.print(f"audit written to [bold]{escape(str(result.path))}[/] in {time.perf_counter() - started:.0f} s; "
               f"report: [bold]{escape(str(result.path / 'report.html'))}[/]")

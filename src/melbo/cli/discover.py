@@ -10,12 +10,12 @@ import typer
 from rich.markup import escape
 
 from melbo.cli.app import (
-    BatchSizeOpt, BlocksOpt, ChatOpt, DeviceOpt, DtypeOpt, ModelOpt, NVectorsOpt, PositionsOpt, PromptsArg,
+    BatchSizeOpt, BlocksOpt, ChatOpt, CheckOpt, DeviceOpt, DtypeOpt, ModelOpt, NVectorsOpt, PositionsOpt, PromptsArg,
     PromptsFileOpt, RunOutOpt, SeedOpt, SourceOpt, StepsOpt, TargetOpt, ThreadsOpt, app, given, interruptible, load, out,
     parse_positions, read_prompts)
 from melbo.cli.catalog import record
 from melbo.cli.progress import JobDisplay
-from melbo.cli.tables import print_assessment, print_completions
+from melbo.cli.tables import print_assessment, print_checks, print_completions
 from melbo.errors import MelboError
 from melbo.settings import DEFAULTS
 
@@ -54,6 +54,7 @@ def discover(
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
     threads: Optional[int] = ThreadsOpt,
+    check: Optional[str] = CheckOpt,
 ) -> None:
     """Learn perturbations on prompts, generate with each, write a run directory: the main job."""
     from melbo import job
@@ -76,7 +77,7 @@ def discover(
         chosen = random if given(ctx, ("random",)) else None  # else the run's own baseline
         with display:
             run = interruptible(lambda: job.resume_job(resume_dir, lm, random=chosen, progress=display.event,
-                                                        on_batch=display.advance), resume_dir)
+                                                        on_batch=display.advance, check=check), resume_dir)
     else:
         texts = read_prompts(prompts or [], prompts_file)
         lm = load(model, device, dtype, blocks_path, threads)
@@ -89,9 +90,10 @@ def discover(
                 radius=radius, p=p, q=q, steps=steps, lr=lr, orthogonal=orthogonal, soft_weight=soft_weight,
                 rank=rank, batch_size=batch_size, seed=seed, chat=chat, positions=parse_positions(positions),
                 max_new_tokens=max_new_tokens, precision=precision, compile=compile_,
-                power_iterations=power_iterations), path)
+                power_iterations=power_iterations, check=check), path)
     print_completions([Completion(**row) for row in run.completions()])
     print_assessment(run)
+    print_checks(run.path)
     out.print(f"report: [bold]{escape(str(run.path / 'report.html'))}[/]")
     out.print(f"run written to [bold]{escape(str(run.path))}[/] in {time.perf_counter() - started:.0f} s "
               f"(R = {run.config['radius']:.4g} = {run.config['radius_relative']:.3g} x residual norm)")

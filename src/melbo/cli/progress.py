@@ -95,6 +95,8 @@ class JobDisplay:
             self._generation_bar(event["total"])
         elif stage == "assess":
             self._show(err.status("assessing: random baseline, diversity, fluency, clusters …"))
+        elif stage == "check":
+            self._show(err.status(f"checking every completion with {escape(str(event['checker']))} …"))
         elif stage == "report" and self.generations is None:
             self._show(None)
 

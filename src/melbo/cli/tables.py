@@ -53,6 +53,31 @@ def print_divergence(result: dict, rows: int = 24) -> None:
     out.print(table)
 
 
+def print_checks(directory, rows: int = 12) -> None:
+    """checks.json, when a checker read the completions: learned against random per pattern, then the
+    perturbations that show a pattern consistently."""
+    from pathlib import Path
+
+    from melbo.checkers import load_checks
+
+    doc = load_checks(Path(directory))
+    if doc is None:
+        return
+    table = Table(header_style="bold", title=f"checker {doc['checker']}: perturbations showing each error pattern "
+                  "on most prompts", title_justify="left")
+    for col in ("pattern", "learned", "random"):
+        table.add_column(col)
+    for row in doc["summary"]:
+        cells = [f"{row[k]['consistent']}/{row[k]['of']}" if row[k]["of"] else "—" for k in ("learned", "random")]
+        table.add_row(escape(row["pattern"]), *cells)
+    out.print(table)
+    shown = [p for p in doc["perturbations"] if p["consistent"]][:rows]  # the unsteered one too: its slips are no finding
+    for p in shown:
+        example = next(iter(p["examples"].values()), "")
+        out.print(f"  {escape(p['label'])} ({p['kind']}): {escape(', '.join(p['consistent']))} — "
+                  f"{escape(' '.join(example.split())[:100])}")
+
+
 def print_findings(findings: list[dict], dropped: int) -> None:
     table = Table(header_style="bold", expand=True, title="findings, best first", title_justify="left")
     for col, kw in (("#", {}), ("label", {}), ("words", {}), ("score", {}), ("reproduced", {}),
