@@ -197,7 +197,7 @@ def test_serve_shows_an_audits_findings_beside_the_unsteered_answer(lm, tmp_path
         import html
 
         assert html.escape(first["example"]["text"].strip()[:20]) in page.text
-        assert f"/behaviours/" in page.text and html.escape(first["reproduce"][:30]) in page.text
+        assert "/behaviours/" in page.text and html.escape(first["reproduce"][:30]) in page.text
         assert "Inputs that switch it on" not in page.text
         # `melbo triggers AUDIT` writes AUDIT/triggers/triggers.json: the page then lists each finding's triggers
         (tmp_path / "a" / "triggers").mkdir()

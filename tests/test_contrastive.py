@@ -1,10 +1,8 @@
 """Contrastive objectives: exact against a hand computation, zero for identical models, runs and resume."""
 
-import json
-
 import pytest
 import torch
-from conftest import run_cli, tiny_lm
+from conftest import tiny_lm
 from test_objective import prompts_ids
 
 from melbo.contrastive import ContrastiveObjective, check_pair, kl_divergence
@@ -13,7 +11,6 @@ from melbo.intervention import add_to_block_output
 from melbo.methods import Setting, SteeringAdapterMethod, SteeringVectorMethod
 from melbo.prompts import batch_from_ids
 from melbo.runner import discover, resume
-from melbo.store import Run
 
 S, T = 1, 2
 

@@ -1,7 +1,5 @@
 """Steered generation: batched across perturbations, identical to one at a time."""
 
-import torch
-
 from melbo.arithmetic import random_vectors
 from melbo.generation import Sampling, generate
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_lm
 
-from melbo.runner import DiscoverConfig, discover, resume
+from melbo.runner import discover, resume
 from melbo.errors import MelboError
 from melbo.methods import Setting, SteeringVectorMethod
 from melbo.objective import MelboObjective, TargetProbe
