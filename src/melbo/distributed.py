@@ -214,7 +214,9 @@ def release_workers() -> None:
 
 def _connect(address: Optional[str]) -> int:
     """Start local Ray with this machine's cores, or join `address`; return the CPUs Ray can schedule on."""
-    import ray
+    from melbo.extras import require
+
+    ray = require("ray")
 
     if not ray.is_initialized():
         quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,

@@ -23,6 +23,10 @@ def serve(
     dtype: str = DtypeOpt,
 ) -> None:
     """Browse runs and behaviours, try perturbations live, chat, label and export, in a local web app."""
+    from melbo.extras import require
+
+    for module in ("fastapi", "uvicorn", "multipart"):
+        require(module)
     from melbo.server import serve as serving
     from melbo.server.serving import TOKEN_ENV
 
