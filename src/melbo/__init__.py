@@ -23,22 +23,40 @@
 
 __version__ = "0.1.0"
 
-from melbo.runner import DiscoverConfig, discover, resume  # noqa: E402
-from melbo.job import elicit  # noqa: E402
-from melbo.errors import MelboError  # noqa: E402
-from melbo.generation import Completion, generate  # noqa: E402
-from melbo.intervention import SteeringAdapters, SteeringVectors  # noqa: E402
-from melbo.models import DEFAULT_MODEL, EMBEDDED, LoadedModel, load_model  # noqa: E402
-from melbo.objective import melbo_objective  # noqa: E402
-from melbo.store import Run  # noqa: E402
-from melbo.divergence import diff  # noqa: E402
-from melbo.monitor import Monitor, OutputMonitor  # noqa: E402
-from melbo.auditing import audit  # noqa: E402  (the module is melbo.auditing: melbo.audit is the job)
-from melbo.trigger_search import invert, triggers  # noqa: E402
-from melbo.layermap import LayerMap, open_pair  # noqa: E402
-from melbo.layermap import layer_map as map  # noqa: E402,A001  (melbo.map, as the CLI's `melbo map`)
+# Names resolve on first use (PEP 562), so that `import melbo` (and `melbo --help`, `melbo models`) loads no torch.
+_EXPORTS = {
+    "DiscoverConfig": "melbo.runner", "discover": "melbo.runner", "resume": "melbo.runner",
+    "elicit": "melbo.job",
+    "MelboError": "melbo.errors",
+    "Completion": "melbo.generation", "generate": "melbo.generation",
+    "SteeringAdapters": "melbo.intervention", "SteeringVectors": "melbo.intervention",
+    "DEFAULT_MODEL": "melbo.models", "EMBEDDED": "melbo.models", "LoadedModel": "melbo.models",
+    "load_model": "melbo.models",
+    "melbo_objective": "melbo.objective",
+    "Run": "melbo.store",
+    "diff": "melbo.divergence",
+    "Monitor": "melbo.monitor", "OutputMonitor": "melbo.monitor",
+    "audit": "melbo.auditing",  # the module is melbo.auditing: melbo.audit is the job
+    "invert": "melbo.trigger_search", "triggers": "melbo.trigger_search",
+    "LayerMap": "melbo.layermap", "open_pair": "melbo.layermap",
+    "map": ("melbo.layermap", "layer_map"),  # melbo.map, as the CLI's `melbo map`
+    "check_run": "melbo.checkers",
+    "to_steering_vector": "melbo.interop", "to_repeng": "melbo.interop", "transformer_lens_hooks": "melbo.interop",
+}
 
-__all__ = [
-    "DEFAULT_MODEL", "EMBEDDED", "Completion", "DiscoverConfig", "LayerMap", "LoadedModel", "MelboError", "Monitor", "OutputMonitor", "Run",
-    "SteeringAdapters", "SteeringVectors", "audit", "diff", "discover", "elicit", "generate", "load_model", "map", "melbo_objective", "invert", "open_pair", "resume", "triggers",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'melbo' has no attribute {name!r}")
+    module, attr = _EXPORTS[name] if isinstance(_EXPORTS[name], tuple) else (_EXPORTS[name], name)
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -6,8 +6,11 @@ position. The same intervention, written for:
   applied by `vector.apply(model)`; its default patches every token position, as melbo does;
 - **TransformerLens**: a forward hook on `blocks.{s}.hook_resid_post` that adds θ (`transformer_lens_hooks`, for
   `model.hooks(fwd_hooks=...)` or `run_with_hooks`);
-- **llama.cpp** control vectors: `melbo export --format llamacpp` (`melbo.export`), whose layer numbering is
-  one-based (`direction.{s+1}`).
+- **repeng** (`repeng.ControlVector`): `directions={s: θ}` for its `ControlModel`, which adds a direction to the
+  output of the block of the same index (`to_repeng`);
+- **llama.cpp** control vectors: `melbo export --format llamacpp` (`melbo.export`): `direction.{s}`, which
+  llama.cpp adds to the output of block s. repeng's `ControlVector.import_gguf` reads those files as they are, and
+  its ControlModel adds `directions[s]` at the same block, so a melbo GGUF also works in repeng.
 """
 
 from __future__ import annotations
@@ -39,6 +42,24 @@ def to_steering_vector(source: "Run | SteeringVectors", index: int, scale: float
         raise MelboError("steering-vectors is not installed: pip install --no-deps steering-vectors") from None
     theta, layer = _vector(source, index)
     return SteeringVector(layer_activations={layer: theta * scale}, layer_type="decoder_block")
+
+
+def to_repeng(source: "Run | SteeringVectors", index: int, scale: float = 1.0, model_type: str | None = None):
+    """Vector `index` (times `scale`) as a repeng `ControlVector` for `ControlModel(model, [s])` (pip install
+    --no-deps repeng). repeng 0.4 names `np.float_` in its annotations, gone in numpy 2: it is aliased first."""
+    import numpy as np
+
+    if not hasattr(np, "float_"):
+        np.float_ = np.float64  # repeng 0.4's annotations only; nothing computes with it
+    try:
+        from repeng import ControlVector
+    except ImportError:
+        raise MelboError("repeng is not installed: pip install --no-deps repeng") from None
+    theta, layer = _vector(source, index)
+    if model_type is None:
+        model = source.config.get("model", {}) if isinstance(source, Run) else {}
+        model_type = str(model.get("architecture") or "unknown")
+    return ControlVector(model_type=model_type, directions={layer: (theta * scale).float().numpy()})
 
 
 def transformer_lens_hooks(source: "Run | SteeringVectors", indices: Sequence[int] | int,
