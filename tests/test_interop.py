@@ -74,3 +74,22 @@ def test_repeng_control_model_reproduces_melbo_logits_and_reads_the_gguf(tmp_pat
         again = controlled(input_ids=ids).logits
     controlled.unwrap()
     torch.testing.assert_close(again, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_nnsight_intervention_with_a_melbo_vector_gives_melbo_logits(tmp_path):
+    from nnsight import LanguageModel
+
+    from tiny_models import byte_tokenizer, tiny_model
+
+    model, tokenizer = tiny_model("llama"), byte_tokenizer()
+    wrapped = LanguageModel(model, tokenizer=tokenizer)
+    lm = melbo.load_model(wrapped)  # melbo trains on the model nnsight wraps
+    run = melbo.discover(lm, ["abc"], tmp_path / "run", n_vectors=2, steps=3, radius="2.0", source=1, target=3)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with run.steer(1):
+        expected = lm.model(input_ids=ids).logits
+    theta = run.perturbations.vectors[1]
+    with wrapped.trace(ids):  # the same intervention in nnsight's own terms: add θ to block 1's output
+        wrapped.model.layers[1].output[:] += theta
+        logits = wrapped.output.logits.save()
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)

@@ -134,11 +134,10 @@ def test_a_model_already_in_memory_is_taken_as_it_is(tmp_path):
     run = melbo.discover(lm, ["abc"], tmp_path / "run", n_vectors=2, steps=2, radius="1.0", source=1, target=3)
     assert len(run) == 2 and run.config["model"]["id"] == lm.model_id
 
-    class LanguageModel:  # nnsight's wrapper: the transformers model and its tokenizer inside
-        def __init__(self):
-            self._model, self.tokenizer = model, tokenizer
+    from nnsight import LanguageModel, TransformersModel  # the real package: its wrappers, its attribute names
 
-    assert melbo.load_model(LanguageModel()).model is model
+    for wrapper in (LanguageModel, TransformersModel):
+        assert melbo.load_model(wrapper(model, tokenizer=tokenizer)).model is model
 
     class HookedTransformer:
         pass

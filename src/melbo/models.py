@@ -219,7 +219,7 @@ def load_model(
     """Load any causal LM by spec (see module docstring). `device="auto"` spreads a model over all GPUs.
 
     A model already in memory is taken as it is (its device and dtype are kept): a transformers causal LM with
-    `tokenizer=` its tokenizer, or an nnsight `LanguageModel` (its underlying model and tokenizer)."""
+    `tokenizer=` its tokenizer, or an nnsight `LanguageModel` or `TransformersModel` (the model it wraps, and its tokenizer)."""
     if not isinstance(spec, str):
         return _in_memory(spec, tokenizer, blocks_path)
     if not isinstance(dtype, str) or dtype not in DTYPES:
@@ -242,9 +242,15 @@ def _in_memory(model: object, tokenizer: object, blocks_path: str | None) -> Loa
     if kind == "HookedTransformer":
         raise MelboError("a TransformerLens HookedTransformer runs its own forward pass: pass the Hugging Face model "
                          "it was built from (AutoModelForCausalLM) with tokenizer=")
-    if kind == "LanguageModel" and isinstance(getattr(model, "_model", None), PreTrainedModel):  # nnsight
-        tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-        model = model._model
+    if type(model).__module__.split(".")[0] == "nnsight":  # LanguageModel, TransformersModel: the module wrapped
+        inner = next((m for m in (getattr(model, "_module", None), getattr(model, "_model", None))
+                      if isinstance(m, PreTrainedModel)), None)
+        if inner is not None:
+            tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+            if any(p.is_meta for p in inner.parameters()):  # built from a repo id, weights not loaded yet
+                raise MelboError("this nnsight LanguageModel has not loaded its weights yet: create it with "
+                                 "dispatch=True (or pass melbo the model's name instead)")
+            model = inner
     if not isinstance(model, PreTrainedModel):
         raise MelboError(f"model spec must be text or a transformers causal LM, got {model!r:.60}: give an embedded "
                          f"name ({', '.join(EMBEDDED)}), a directory, a .gguf file, a hub id or a loaded model")
