@@ -322,11 +322,13 @@ def leave_one_out_fpr(projections: Tensor, alpha: float) -> float:
 
 
 def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
-    """P(score of a positive > score of a negative), ties counting half (Mann–Whitney)."""
+    """P(score of a positive > score of a negative), ties counting half (Mann–Whitney): sklearn's ROC AUC."""
+    from sklearn.metrics import roc_auc_score
+
     if not positive or not negative:
         return float("nan")
-    pos, neg = torch.tensor(positive)[:, None], torch.tensor(negative)[None, :]
-    return float(((pos > neg).float() + 0.5 * (pos == neg).float()).mean())
+    labels = [1] * len(positive) + [0] * len(negative)
+    return float(roc_auc_score(labels, [float(x) for x in positive] + [float(x) for x in negative]))
 
 
 

@@ -9,25 +9,26 @@
   problems). Only the discordant pairs carry information: under "no difference" each of them goes either way with
   probability 1/2, so the two-sided p is a binomial tail.
 
-Pure Python (stdlib only): the inputs are tens to hundreds of outcomes.
+The arithmetic is scipy.stats' (`binomtest(...).proportion_ci(method="wilson")`, `bootstrap(method=
+"percentile")`, `binomtest` for McNemar's binomial tail); this module fixes the conventions the benches share
+(95%, seeded resamples, None where there is nothing to estimate) and the `Estimate` they report.
 """
 
 from __future__ import annotations
 
-import math
-import random
 from dataclasses import asdict, dataclass
-from statistics import NormalDist
 from typing import Optional, Sequence
+
+import numpy as np
+from scipy import stats
 
 CONFIDENCE = 0.95  # every interval the benches report
 BOOTSTRAP_RESAMPLES = 2000
 
 
-def _z(confidence: float) -> float:
+def _check_confidence(confidence: float) -> None:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    return NormalDist().inv_cdf(0.5 + confidence / 2)
 
 
 @dataclass(frozen=True)
@@ -56,22 +57,28 @@ def wilson(hits: int, n: int, confidence: float = CONFIDENCE) -> Estimate:
     """The rate hits/n with its Wilson score interval (value None when n is 0)."""
     if n < 0 or hits < 0 or hits > n:
         raise ValueError(f"need 0 ≤ hits ≤ n, got {hits}/{n}")
+    _check_confidence(confidence)
     if n == 0:
         return Estimate(None, None, None, 0, "wilson")
-    z = _z(confidence)
     p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    ci = stats.binomtest(int(hits), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
     # clamp: at 0/n and n/n the bound equals the estimate exactly, rounding must not put it outside
-    return Estimate(p, max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)), n, "wilson")
+    return Estimate(p, max(0.0, min(p, float(ci.low))), min(1.0, max(p, float(ci.high))), n, "wilson")
 
 
-def _percentiles(stats: list[float], confidence: float) -> tuple[float, float]:
-    stats = sorted(stats)
-    tail = (1 - confidence) / 2
-    lo = stats[max(0, math.floor(tail * len(stats)))]
-    hi = stats[min(len(stats) - 1, math.ceil((1 - tail) * len(stats)) - 1)]
-    return lo, hi
+def _percentile_interval(samples: tuple, statistic, seed: int, resamples: int, confidence: float,
+                         paired: bool = False) -> tuple[float, float]:
+    res = stats.bootstrap(samples, statistic, paired=paired, vectorized=True, n_resamples=resamples,
+                          confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _mean(x, axis=-1):
+    return np.mean(x, axis=axis)
+
+
+def _mean_difference(x, y, axis=-1):
+    return np.mean(x, axis=axis) - np.mean(y, axis=axis)
 
 
 def bootstrap_mean(values: Sequence[float], *, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES,
@@ -83,9 +90,9 @@ def bootstrap_mean(values: Sequence[float], *, seed: int = 0, resamples: int = B
     mean = sum(xs) / len(xs)
     if len(xs) == 1:
         return Estimate(mean, None, None, 1, "bootstrap")
-    rng = random.Random(seed)
-    means = [sum(rng.choices(xs, k=len(xs))) / len(xs) for _ in range(resamples)]
-    lo, hi = _percentiles(means, confidence)
+    if min(xs) == max(xs):  # no spread: every resample has this mean (scipy would warn of a degenerate interval)
+        return Estimate(mean, mean, mean, len(xs), "bootstrap")
+    lo, hi = _percentile_interval((np.asarray(xs),), _mean, seed, resamples, confidence)
     return Estimate(mean, min(lo, mean), max(hi, mean), len(xs), "bootstrap")
 
 
@@ -102,10 +109,9 @@ def bootstrap_difference(a: Sequence[float], b: Sequence[float], *, paired: bool
         return Estimate(None, None, None, 0, "bootstrap")
     xs, ys = [float(v) for v in a], [float(v) for v in b]
     diff = sum(xs) / len(xs) - sum(ys) / len(ys)
-    rng = random.Random(seed)
-    diffs = [sum(rng.choices(xs, k=len(xs))) / len(xs) - sum(rng.choices(ys, k=len(ys))) / len(ys)
-             for _ in range(resamples)]
-    lo, hi = _percentiles(diffs, confidence)
+    if len(xs) < 2 or len(ys) < 2 or (min(xs) == max(xs) and min(ys) == max(ys)):
+        return Estimate(diff, diff, diff, min(len(xs), len(ys)), "bootstrap")
+    lo, hi = _percentile_interval((np.asarray(xs), np.asarray(ys)), _mean_difference, seed, resamples, confidence)
     return Estimate(diff, min(lo, diff), max(hi, diff), min(len(xs), len(ys)), "bootstrap")
 
 
@@ -131,8 +137,7 @@ def mcnemar_p(only_x: int, only_y: int) -> float:
     n = only_x + only_y
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(only_x, only_y) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    return min(1.0, float(stats.binomtest(min(only_x, only_y), n, 0.5).pvalue))
 
 
 def mcnemar(x: Sequence[bool], y: Sequence[bool]) -> Paired:
