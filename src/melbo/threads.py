@@ -23,7 +23,7 @@ from melbo.checks import is_whole
 from melbo.errors import MelboError
 from melbo.settings import THREADS
 
-WINDOW = 0.2  # seconds of /proc/stat sampled: 20 scheduler ticks per core at the usual USER_HZ of 100
+WINDOW = 0.2  # seconds of CPU counters sampled: 20 scheduler ticks per core at the usual USER_HZ of 100
 BUSY = 0.5  # a core busy for more than this fraction of the window is not free
 
 
@@ -47,18 +47,18 @@ def physical_cores(allowed: list[int]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _cpu_times() -> dict[int, tuple[int, int]]:
-    """Per core: (ticks not idle, all ticks) since boot, from /proc/stat."""
+def _cpu_times() -> dict[int, tuple[float, float]]:
+    """Per logical CPU: (seconds not idle, all seconds) since boot (psutil: /proc/stat on Linux, the OS's own
+    counters elsewhere)."""
+    import psutil
+
     times = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            name, *fields = line.split()
-            if not name.startswith("cpu") or name == "cpu":
-                continue
-            # user nice system idle iowait irq softirq steal (guest time is already inside user/nice)
-            ticks = [int(x) for x in fields[:8]]
-            idle = ticks[3] + ticks[4]
-            times[int(name[3:])] = (sum(ticks) - idle, sum(ticks))
+    for cpu, t in enumerate(psutil.cpu_times(percpu=True)):
+        fields = t._asdict()
+        # guest time is already inside user and nice on Linux: counting it again would inflate "busy"
+        total = sum(v for k, v in fields.items() if k not in ("guest", "guest_nice"))
+        idle = fields.get("idle", 0.0) + fields.get("iowait", 0.0)
+        times[cpu] = (total - idle, total)
     return times
 
 
@@ -90,7 +90,7 @@ def free_cores(window: float = WINDOW) -> int:
     cores = physical_cores(allowed_cores())
     try:
         busy, own = core_busy(window)
-    except (OSError, ValueError):  # no /proc (not Linux): assume the affinity set is free, as torch does
+    except (OSError, ValueError, RuntimeError):  # counters unreadable: assume the affinity set is free, as torch does
         return len(cores)
     return count_free(busy, cores, own)
 
