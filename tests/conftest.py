@@ -12,16 +12,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import tiny_model  # noqa: E402
+from tiny_models import byte_tokenizer, tiny_model  # noqa: E402
 
 from melbo.layers import find_blocks  # noqa: E402
 from melbo.models import LoadedModel  # noqa: E402
 
 
 def tiny_lm(arch: str = "llama", seed: int = 0) -> LoadedModel:
+    """A tiny random model with a real (byte-level) tokenizer: prompts go through melbo's own encoding."""
     model = tiny_model(arch, seed).requires_grad_(False)
     path, blocks = find_blocks(model)
-    return LoadedModel(model, None, blocks, path, f"tiny-{arch}", f"tiny-{arch}")
+    tokenizer = byte_tokenizer()
+    tokenizer.padding_side = "left"
+    return LoadedModel(model, tokenizer, blocks, path, f"tiny-{arch}", f"tiny-{arch}")
 
 
 @pytest.fixture(scope="session")

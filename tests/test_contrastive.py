@@ -110,21 +110,7 @@ def _settings(**kw):
     return dict(n_vectors=4, batch_size=2, steps=6, source=1, target=3, radius="2.0", **kw)
 
 
-@pytest.fixture
-def raw_prompts(monkeypatch):
-    """Tiny models have no tokenizer: encode a prompt as the ids of its characters."""
-    from melbo import runner as module
-    from melbo.prompts import token_mask
-
-    def encode(lm, prompts, chat=None, positions="all"):
-        batch = batch_from_ids([[3 + ord(c) % 250 for c in p] for p in prompts])
-        batch.token_mask = token_mask(batch, positions)
-        return batch
-
-    monkeypatch.setattr(module, "encode", encode)
-
-
-def test_diff_run_records_reference_trains_and_resumes_bitwise(tmp_path, raw_prompts):
+def test_diff_run_records_reference_trains_and_resumes_bitwise(tmp_path):
     aud, ref = tiny_lm("llama", seed=0), tiny_lm("llama", seed=1)
     whole = discover(aud, ["abcdef"], tmp_path / "whole", reference=ref, **_settings())
     assert whole.config["contrast"] == "difference" and whole.config["reference"]["id"] == ref.model_id
@@ -146,7 +132,7 @@ def test_diff_run_records_reference_trains_and_resumes_bitwise(tmp_path, raw_pro
     assert torch.equal(resumed.vectors, whole.vectors)
 
 
-def test_diff_differs_from_plain_discovery(tmp_path, raw_prompts):
+def test_diff_differs_from_plain_discovery(tmp_path):
     aud, ref = tiny_lm("llama", seed=0), tiny_lm("llama", seed=1)
     plain = discover(aud, ["abcdef"], tmp_path / "plain", **_settings())
     contrast = discover(aud, ["abcdef"], tmp_path / "diff", reference=ref, **_settings())

@@ -79,26 +79,6 @@ def _settings(**kw):
     return dict(n_vectors=5, batch_size=2, steps=8, source=1, target=3, radius="2.0", **kw)
 
 
-@pytest.fixture(autouse=True)
-def raw_prompts(request, monkeypatch):
-    """Tiny models have no tokenizer: encode a prompt as the ids of its characters (the embedded model's tests
-    tokenise for real)."""
-    from melbo import runner as module
-
-    if "smol" in request.fixturenames:
-        return
-    from melbo.prompts import token_mask
-
-    def encode(lm, prompts, chat=None, positions="all"):
-        if not prompts or not all(p.strip() for p in prompts):
-            raise MelboError("empty prompt: give at least one non-blank prompt")
-        batch = batch_from_ids([[3 + ord(c) % 250 for c in p] for p in prompts])
-        batch.token_mask = token_mask(batch, positions)
-        return batch
-
-    monkeypatch.setattr(module, "encode", encode)
-
-
 def test_interrupted_run_resumes_to_identical_vectors(tmp_path):
     lm = tiny_lm()
     whole = discover(lm, ["abcdef"], tmp_path / "whole", **_settings())
