@@ -25,6 +25,7 @@ from melbo.errors import MelboError
 from melbo.generation import Completion, Sampling, generate
 from melbo.intervention import SteeringVectors
 from melbo.models import LoadedModel
+from melbo.settings import DEFAULT_RANDOM
 from melbo.numbers import jsonable
 from melbo.files import write_json
 from melbo.store import METRICS, Run
@@ -63,7 +64,7 @@ def learned_and_random(run: Run, lm: LoadedModel, random: int, seed: int = 0,
     return learned, randoms
 
 
-def assess_run(run: Run, lm: LoadedModel, random: int = 4, seed: int = 0,
+def assess_run(run: Run, lm: LoadedModel, random: int = DEFAULT_RANDOM, seed: int = 0,
                on_batch: Optional[Callable[[int], None]] = None) -> dict:
     """Score, cluster and compare a run with K random vectors of its radius; write and return metrics.json.
 

@@ -22,11 +22,10 @@ from melbo.errors import MelboError
 from melbo.models import LoadedModel
 from melbo.prompts import check_prompt_list
 from melbo.runner import Progress, default_run_dir, discover, resume, validate
-from melbo.settings import DEFAULTS, DiscoverConfig
+from melbo.settings import DEFAULT_RANDOM, DEFAULTS, DiscoverConfig
 from melbo.files import check_output_dir
 from melbo.store import Run
 
-DEFAULT_RANDOM = 4  # random vectors of the run's radius that the assessment compares the learned ones with
 SWEEP_SETTINGS = ("p", "q", "lr", "orthogonal", "soft_weight", "positions", "precision")  # the sweep trains with these
 
 

@@ -19,6 +19,7 @@ DIFF_RADIUS = "0.3x"
 # `melbo audit` (melbo.audit): the wall-clock budget of the whole job, and the tokens of each scan completion.
 AUDIT_BUDGET = "15m"
 AUDIT_TOKENS = 48
+DEFAULT_RANDOM = 4  # random vectors of a run's radius that `discover`'s assessment compares the learned ones with
 DIFF_RANDOM = 8  # random vectors of the same norm ranked beside the learned ones
 MONITOR_ALPHA = 0.05  # the false-positive rate the monitor's decision rule aims at
 # `melbo map` (melbo.layermap): a map surveys many pairs, so few directions and iterations each; open a chosen pair

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
-from melbo.settings import MONITOR_ALPHA
+from melbo.settings import DEFAULTS, MONITOR_ALPHA
 
 # Which settings are not plain JSON (loaded models, compiled testbed records) and stay out of bench.json.
 _NOT_RECORDED = ("reference",)
@@ -23,8 +23,8 @@ class BenchSettings:
 
     n_vectors: int = 16
     n_random: Optional[int] = None  # random vectors of the same norm (None: as many as learned)
-    steps: int = 150
-    radius: str = "0.2x"
+    steps: int = DEFAULTS.steps
+    radius: str = DEFAULTS.radius
     max_new_tokens: int = 48
     seed: int = 0
     batch_size: int = 16  # vectors trained together

@@ -11,12 +11,13 @@ from rich.table import Table
 
 from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, err, load, out
 from melbo.errors import MelboError
+from melbo.settings import DEFAULT_RANDOM
 
 
 @app.command("assess")
 def assess(
     run_dir: Path = typer.Argument(..., help="A run directory written by `melbo discover`."),
-    random: int = typer.Option(4, help="Compare with K random vectors of the run's radius (0: skip)."),
+    random: int = typer.Option(DEFAULT_RANDOM, help="Compare with K random vectors of the run's radius (0: skip)."),
     seed: int = typer.Option(0, help="Seed of the random vectors."),
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,

@@ -17,7 +17,7 @@ from melbo.cli.catalog import record
 from melbo.cli.progress import JobDisplay
 from melbo.cli.tables import print_assessment, print_checks, print_completions
 from melbo.errors import MelboError
-from melbo.settings import DEFAULTS
+from melbo.settings import DEFAULT_RANDOM, DEFAULTS
 
 
 @app.command()
@@ -46,7 +46,7 @@ def discover(
     positions: str = PositionsOpt,
     orthogonal_to: Optional[Path] = typer.Option(None, help="Keep new vectors orthogonal to this run's vectors."),
     max_new_tokens: int = typer.Option(DEFAULTS.max_new_tokens, help="Tokens to generate per completion."),
-    random: int = typer.Option(4, help="Random vectors of the same R to compare against (0: skip the assessment)."),
+    random: int = typer.Option(DEFAULT_RANDOM, help="Random vectors of the same R to compare against (0: skip the assessment)."),
     power_iterations: int = typer.Option(DEFAULTS.power_iterations, help="Power iterations (methods jacobian and dct)."),
     precision: str = typer.Option(DEFAULTS.precision, help="Training matmuls: auto (bf16 on AMX/AVX512-BF16 CPUs and GPUs), fp32, bf16."),
     compile_: bool = typer.Option(DEFAULTS.compile, "--compile/--no-compile", help="torch.compile the blocks after the source: faster steps after a minute or more of compiling (long runs)."),

@@ -26,6 +26,7 @@ from melbo.intervention import Perturbations
 from melbo.models import LoadedModel
 from melbo.objective import MelboObjective, Objective, TargetProbe
 from melbo.prompts import PromptBatch
+from melbo.settings import DEFAULTS
 
 if TYPE_CHECKING:
     from melbo.settings import DiscoverConfig
@@ -43,7 +44,7 @@ class Setting:
     width: int
     rank: int = 1
     orthogonal: str = "hard"  # "hard" | "soft" | "none"
-    steps: int = 150
+    steps: int = DEFAULTS.steps
     lr: float = 0.05
     soft_weight: float = 1.0
     power_iterations: int = 20
