@@ -80,8 +80,10 @@ def print_checks(directory, rows: int = 12) -> None:
 
 def print_findings(findings: list[dict], dropped: int) -> None:
     table = Table(header_style="bold", expand=True, title="findings, best first", title_justify="left")
-    for col, kw in (("#", {}), ("label", {}), ("words", {}), ("score", {}), ("reproduced", {}),
-                    ("example", {"ratio": 1}), ("perturbation", {})):
+    # short columns keep their width on a narrow terminal (rank and score matter most); the example takes the rest
+    for col, kw in (("#", {"min_width": 2}), ("label", {"max_width": 12}), ("words", {"max_width": 14}),
+                    ("score", {"min_width": 5}), ("rep.", {"min_width": 4}),
+                    ("example", {"ratio": 1, "min_width": 12}), ("perturbation", {"max_width": 14})):
         table.add_column(col, no_wrap=True, overflow="ellipsis", **kw)
     for f in findings:
         e, r = f["example"], f["reproduction"]
