@@ -73,3 +73,10 @@ def test_a_tiny_cot_testbed_and_the_quick_subtle_bench(tmp_path):
     for row in elicit["rows"]:
         cell = dict(zip(elicit["columns"], row))
         assert 0 <= cell["learned"] <= cell["vectors"] == 2 and 0 <= cell["random"] <= 2
+    from melbo.checkers import arithmetic_cot
+
+    rows = [json.loads(line) for line in (tmp_path / "bench" / "bench_completions.jsonl").read_text().splitlines()]
+    assert {r["label"] for r in rows} >= {"unsteered", "v0", "v1", "random0", "random1"}
+    for r in rows:  # every chain is stored with the verdict the table was counted from
+        v = arithmetic_cot(r["prompt"], r["text"])
+        assert (r["checked"], r["correct"], r["patterns"]) == (v.checked, v.correct, v.patterns)

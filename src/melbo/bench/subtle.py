@@ -162,7 +162,7 @@ class SubtleBench:
         from dataclasses import replace
         from pathlib import Path
 
-        from melbo.bench.common import BenchResult
+        from melbo.bench.common import BenchResult, write_jsonl
         from melbo.bench.steer import steer_and_detect
         from melbo.checkers import PATTERNS, consistent, pattern_rates
         from melbo.stats import wilson
@@ -174,12 +174,15 @@ class SubtleBench:
                              "clean prompts (95% Wilson interval)", ["arm", "vectors", "pattern", "learned", "rate",
                                                                      "low", "high", "random", "random rate", "which"])
         rates = result.table("share of all chains showing each pattern", ["arm", "vectors", *PATTERNS, "correct"])
+        rows: list[dict] = []  # every chain with its verdict: bench_completions.jsonl, for reading and for labels
         for arm, changes in (s.arms or ARMS).items():
             settings = replace(s, **{k: v for k, v in changes.items() if k != "discover"},
                                discover={**s.discover, **changes.get("discover", {})})
             steered = steer_and_detect(lm, prompts[:1], Path(out) / _slug(arm), settings,
                                        lambda c: arithmetic_cot(c.prompt, c.text), test_prompts=prompts,
                                        progress=progress, on_batch=on_batch)
+            rows += [{"arm": arm, "label": c.label, "prompt": c.prompt, "text": c.text, "checked": v.checked,
+                      "correct": v.correct, "patterns": v.patterns} for c, v in zip(steered.completions, steered.found)]
             for kind, labels in (("learned", steered.learned), ("random", steered.random)):
                 verdicts = [v for label in labels for v in steered.verdicts(label)]
                 shares = pattern_rates(verdicts)
@@ -195,6 +198,7 @@ class SubtleBench:
                 result.add_rate(f"{arm}: learned", f"elicits {pattern}", len(hits["learned"]), len(steered.learned))
                 result.add_rate(f"{arm}: random", f"elicits {pattern}", len(hits["random"]), len(steered.random))
         result.wall_seconds = time.perf_counter() - started
+        write_jsonl(Path(out) / "bench_completions.jsonl", rows)
         result.write(out)
         return result
 
