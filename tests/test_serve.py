@@ -258,7 +258,7 @@ def test_chat_streams_a_steered_reply(client, app, tiny):
     ({"max_new_tokens": SERVE_MAX_NEW_TOKENS + 1}, f"between 1 and {SERVE_MAX_NEW_TOKENS}"),
     ({"max_new_tokens": 0}, "between 1 and"),
     ({"max_new_tokens": "many"}, "whole number"),
-    ({"scale": 1e9}, "outside"),
+    ({"scale": 1e9}, "between -50 and 50"),
     ({"scale": "nan"}, "finite"),
     ({"perturbations": [7]}, "out of range"),
     ({"perturbations": []}, "at least one"),
@@ -271,7 +271,7 @@ def test_live_input_is_bounded_with_a_clear_message(client, app, tiny, change, m
     if message is None:
         assert response.status_code == 200
     else:
-        assert response.status_code == 400 and message in response.json()["error"]
+        assert response.status_code == 422 and message in response.json()["error"]
 
 
 def test_live_without_javascript_renders_the_finished_columns(client, app, tiny):
@@ -632,3 +632,134 @@ def test_in_a_real_browser(smol_run):
             browser.close()
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------------------------------------ hostile inputs
+def _post(client, app, path: str, body) -> "object":
+    """A POST with a raw JSON text (Python's json reads Infinity and NaN, which json= cannot send)."""
+    text = body if isinstance(body, str) else json.dumps(body)
+    return client.post(path, content=text.encode(), headers={"X-CSRF-Token": _csrf(app),
+                                                              "Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize("kind, text, message", [
+    ("live", '{"prompt": "Hi", "perturbations": [0], "max_new_tokens": Infinity}', "whole number"),
+    ("live", '{"prompt": "Hi", "perturbations": [Infinity]}', "whole number"),
+    ("live", '{"prompt": "Hi", "perturbations": [NaN]}', "whole number"),
+    ("live", '{"prompt": "Hi", "perturbations": [0], "scale": 1' + "0" * 400 + "}", "between -50 and 50"),
+    ("live", '{"prompt": "Hi", "perturbations": [0], "scale": -Infinity}', "finite"),
+    ("live", '{"prompt": "Hi", "perturbations": [0], "max_new_tokens": 1' + "0" * 400 + "}", "between 1 and"),
+    ("live", '{"prompt": "Hi", "perturbations": [1' + "0" * 400 + "]}", "out of range"),
+    ("chat", '{"messages": [{"role": "user", "content": "Hi"}], "perturbation": Infinity}', "whole number"),
+    ("chat", '{"messages": [{"role": "user", "content": "Hi"}], "perturbation": -1}', "out of range"),
+    ("chat", '{"messages": [{"role": "user", "content": "Hi"}], "scale": NaN}', "finite"),
+    ("chat", '{"messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": true}', "whole number"),
+])
+def test_non_finite_and_huge_numbers_are_a_422_with_a_message(client, app, tiny, kind, text, message):
+    response = _post(client, app, f"/api/runs/{tiny['run_id']}/{kind}", text)
+    assert response.status_code == 422 and message in response.json()["error"], response.text
+    assert len(response.json()["error"]) < 300 and "\n" not in response.json()["error"]  # one line, no 401 digits
+
+
+def _broken_copy(tiny, tmp_path, config=None, metrics=None):
+    """A copy of the tiny run with its config.json changed by `config(dict)` or its metrics.json replaced,
+    catalogued alone; returns (app, run id, first behaviour id)."""
+    import shutil
+
+    from melbo.store import CONFIG, METRICS
+
+    copy = Path(shutil.copytree(tiny["run"].path, tmp_path / "run"))
+    with Catalog(tmp_path / "catalog.sqlite") as cat:  # first: the catalogue refuses damaged metrics itself
+        run_id = cat.add_run(copy)
+        pid = cat.perturbations(run_id)[0].id
+    if config is not None:
+        data = json.loads((copy / CONFIG).read_text())
+        config(data)
+        (copy / CONFIG).write_text(json.dumps(data))
+    if metrics is not None:
+        (copy / METRICS).write_text(json.dumps(metrics))
+    engine = Engine()
+    engine.use_model(tiny["lm"])
+    return create_app(tmp_path / "catalog.sqlite", engine=engine), run_id, pid
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: c["model"].update(depth="abc"), "model.depth"),
+    (lambda c: c["model"].pop("architecture"), "model.architecture"),
+    (lambda c: c["model"].update(depth=None, architecture=["x"]), "model."),
+])
+def test_a_gguf_export_of_a_run_with_a_damaged_config_says_so(tiny, tmp_path, damage, message):
+    app, _, pid = _broken_copy(tiny, tmp_path, config=damage)
+    with TestClient(app, base_url=LOCAL) as client:
+        response = client.get(f"/behaviours/{pid}/export/gguf")
+        assert 400 <= response.status_code < 500 and message in response.text, response.text
+        assert client.get(f"/behaviours/{pid}/export/safetensors").status_code == 200  # the rest still works
+
+
+@pytest.mark.parametrize("metrics", [{"learned": 5}, [1, 2], {"learned": {"perturbations": [5, "x"]}},
+                                     {"learned": {"perturbations": [], "diversity": "lots"}, "random": []}])
+def test_a_plot_of_damaged_metrics_is_a_4xx_not_a_500(tiny, tmp_path, metrics):
+    app, run_id, _ = _broken_copy(tiny, tmp_path, metrics=metrics)
+    with TestClient(app, base_url=LOCAL) as client:
+        response = client.get(f"/runs/{run_id}/plots/learned-vs-random.png")
+        assert response.status_code in (404, 422) and "<h1>" in response.text, response.text
+        assert client.get(f"/runs/{run_id}").status_code == 200  # the run's page still shows
+
+
+def test_unknown_plot_names_are_refused_before_anything_is_cached(client, app, tiny):
+    cache = app.app.state.melbo.plots
+    for k in range(50):
+        response = client.get(f"/runs/{tiny['run_id']}/plots/nothing-{k}-{'x' * 2000}.png")
+        assert response.status_code == 404 and "learned-vs-random" in response.text  # names the plots there are
+    assert len(cache) == 0
+    assert client.get(f"/runs/{tiny['run_id']}/plots/curves.png").status_code == 200
+    assert len(cache) == 1
+
+
+def test_the_plot_cache_keeps_within_its_byte_budget():
+    from melbo.server.app import PngCache
+
+    cache = PngCache(budget=1000)
+    for k in range(10):
+        cache.put(("run", k), b"x" * 300)
+    assert cache.size <= 1000 and len(cache) == 3
+    assert cache.get(("run", 9)) == b"x" * 300 and cache.get(("run", 0)) is None  # the oldest went first
+    cache.get(("run", 7))  # used: now the newest
+    cache.put(("run", 10), b"y" * 300)
+    assert cache.get(("run", 7)) is not None and cache.get(("run", 8)) is None
+    cache.put(("run", "huge"), b"z" * 5000)  # over the whole budget: served, never kept
+    assert cache.get(("run", "huge")) is None and cache.size <= 1000
+
+
+async def _asgi_get(app, raw_path: bytes, query: bytes = b"") -> tuple[int, dict]:
+    """One GET straight into the ASGI app, with a raw path no HTTP client would send as it is (//evil.com/)."""
+    from urllib.parse import unquote
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": unquote(raw_path.decode("latin-1")), "raw_path": raw_path, "root_path": "",
+             "query_string": query, "server": ("192.0.2.7", 8765), "client": ("192.0.2.9", 5000),
+             "headers": [(b"host", b"192.0.2.7:8765")]}
+    started = {}
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            started.update(status=message["status"],
+                           headers={k.decode().lower(): v.decode() for k, v in message["headers"]})
+
+    await app(scope, receive, send)
+    return started["status"], started["headers"]
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b"//evil.com/", "/"), (b"/\\evil.com/", "/"), (b"/%09/evil.com", "/%09/evil.com"), (b"///evil.com", "/"),
+    (b"/\\\\evil.com", "/"), (b"/runs/1", "/runs/1"), (b"/search", "/search?q=x"), (b"", "/"),
+])
+def test_the_token_redirect_stays_on_this_site(tiny, raw, expected):
+    token = "a-long-enough-token"
+    app = create_app(tiny["catalog"], token=token)
+    query = f"token={token}" + ("&q=x" if raw == b"/search" else "")
+    status, headers = asyncio.run(_asgi_get(app, raw, query.encode()))
+    assert status == 303 and headers["location"] == expected

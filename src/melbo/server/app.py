@@ -11,9 +11,11 @@ import io
 import json
 import math
 import tempfile
+import threading
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jinja2 import Environment, FileSystemLoader
 
 from melbo.errors import MelboError
+from melbo.server.bodies import BadBody, ChatBody, LiveBody
 from melbo.server.live import ChatRequest, Engine, LiveRequest, chat_work, live_work
 from melbo.server.security import CSRF_FIELD, Guard, new_secret
 from melbo.settings import (SERVE_MAX_COLUMNS, SERVE_MAX_NEW_TOKENS, SERVE_MAX_PROMPT_CHARS, SERVE_MAX_SCALE,
@@ -34,6 +37,7 @@ MAX_NOTE = 5000
 EXPORTS = {"safetensors": "the perturbation as a melbo safetensors file",
            "gguf": "a llama.cpp control vector (--control-vector)",
            "peft": "a PEFT LoRA adapter directory, zipped"}
+PLOT_CACHE_BYTES = 32 * 1024 * 1024  # rendered PNGs kept: a few hundred runs' plots, not every name ever asked for
 
 
 def create_app(catalog_path: Optional[str | Path] = None, model_spec: Optional[str] = None, *,
@@ -52,6 +56,7 @@ def create_app(catalog_path: Optional[str | Path] = None, model_spec: Optional[s
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(router)
     app.add_exception_handler(MelboError, _melbo_error)
+    app.add_exception_handler(BadBody, _bad_body)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _bad_address)
     return Guard(app, state.csrf, token)
@@ -64,8 +69,8 @@ class _State:
         self.catalog_path, self.engine, self.csrf = catalog_path, engine, csrf
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True,
                                      trim_blocks=True, lstrip_blocks=True)
-        self.runs: dict[tuple, Any] = {}  # loaded Run per (catalogue id, path, config.json's mtime)
-        self.plots: dict[tuple, Optional[bytes]] = {}  # PNG per (that key, plot name)
+        self.runs: dict[int, tuple] = {}  # catalogue id -> (its run_key, the loaded Run): one version per run
+        self.plots = PngCache(PLOT_CACHE_BYTES)  # PNG per (run_key, plot name)
 
     def catalog(self):
         """A connection per request: opening one is cheap, and none is shared by the threads requests run on."""
@@ -82,9 +87,10 @@ class _State:
         from melbo.store import Run
 
         key = self.run_key(entry)
-        if key not in self.runs:
-            self.runs[key] = Run.load(entry.path)
-        return self.runs[key]
+        known = self.runs.get(entry.id)
+        if known is None or known[0] != key:  # a rewritten config.json replaces the old Run, never piles up
+            known = self.runs[entry.id] = (key, Run.load(entry.path))
+        return known[1]
 
     @staticmethod
     def run_key(entry) -> tuple:
@@ -107,6 +113,10 @@ LIMITS = {"prompt_chars": SERVE_MAX_PROMPT_CHARS, "max_new_tokens": SERVE_MAX_NE
 
 async def _melbo_error(request: Request, exc: MelboError):
     return _error(request, 400, str(exc))
+
+
+async def _bad_body(request: Request, exc: BadBody):
+    return _error(request, 422, str(exc))
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -189,14 +199,18 @@ def findings_page(run_id: int, state: State):
 
 @router.get("/runs/{run_id}/plots/{name}.png")
 def plot(run_id: int, name: str, state: State):
+    if name not in PLOTS:  # before any lookup or cache entry: the names a client can invent are endless
+        raise HTTPException(404, f"no plot named {name[:40]!r}: runs have {' and '.join(PLOTS)}")
     with state.catalog() as catalog:
         entry = _run_entry(catalog, run_id)
     key = (state.run_key(entry), name)
-    if key not in state.plots:
-        state.plots[key] = _plot_png(state.run(entry), name)
-    if state.plots[key] is None:
-        raise HTTPException(404, f"run {run_id} has no {name} plot")
-    return Response(state.plots[key], media_type="image/png")
+    png = state.plots.get(key)
+    if png is None:
+        png = _plot_png(state.run(entry), name, run_id)
+        if png is None:  # not cached: the run may still be writing its metrics
+            raise HTTPException(404, f"run {run_id} has no {name} plot")
+        state.plots.put(key, png)
+    return Response(png, media_type="image/png")
 
 
 @router.get("/behaviours/{perturbation_id}", response_class=HTMLResponse)
@@ -274,20 +288,19 @@ async def live_form(run_id: int, request: Request, state: State):
         entry = _run_entry(catalog, run_id)
     run = state.run(entry)
     form = await request.form()
-    body = {"prompt": form.get("prompt"), "perturbations": [_int(v, "perturbation") for v in
-                                                              form.getlist("perturbations")],
-            "scale": _float(form.get("scale"), "scale"), "max_new_tokens": _int(form.get("max_new_tokens"),
-                                                                                  "max new tokens"),
-            "random": form.get("random") == "on"}
+    # the form's text fields as they came: the body model reads "4" as 4 and says what is wrong with "abc"
+    body = {k: form.get(k) for k in ("prompt", "scale", "max_new_tokens") if form.get(k) is not None}
+    body.update(perturbations=form.getlist("perturbations"), random=form.get("random") == "on")
+    asked = _live_request(body, len(run))
     columns, texts = [], []
-    async for event in _in_line(state, live_work(run, _live_request(body, len(run))), request):
+    async for event in _in_line(state, live_work(run, asked), request):
         if "error" in event:
             raise MelboError(event["error"])
         columns = event.get("columns", columns)
         texts = texts or [""] * len(columns)
         for k, delta in enumerate(event.get("delta", [])):
             texts[k] += delta
-    return state.page("live_result.html", run=entry, prompt=body["prompt"], columns=list(zip(columns, texts)))
+    return state.page("live_result.html", run=entry, prompt=asked.prompt, columns=list(zip(columns, texts)))
 
 
 # ------------------------------------------------------------------------------------------------ lookups
@@ -359,77 +372,15 @@ def _bounded_text(value, what: str, limit: int) -> str:
     return value
 
 
-def _int(value, what: str) -> int:
-    if isinstance(value, bool):
-        raise MelboError(f"{what} must be a whole number")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise MelboError(f"{what} must be a whole number, got {str(value)[:40]!r}") from None
-
-
-def _float(value, what: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise MelboError(f"{what} must be a number, got {str(value)[:40]!r}") from None
-    if not math.isfinite(number):
-        raise MelboError(f"{what} must be a finite number")
-    return number
-
-
-def _common(body: dict) -> tuple[float, int]:
-    scale = _float(body.get("scale", 1.0), "scale")
-    if abs(scale) > SERVE_MAX_SCALE:
-        raise MelboError(f"scale {scale:g} is outside ±{SERVE_MAX_SCALE:g}: choose a smaller one")
-    tokens = _int(body.get("max_new_tokens", 64), "max new tokens")
-    if not 1 <= tokens <= SERVE_MAX_NEW_TOKENS:
-        raise MelboError(f"max new tokens must be between 1 and {SERVE_MAX_NEW_TOKENS}, got {tokens}")
-    return scale, tokens
-
-
 def _live_request(body: dict, count: int) -> LiveRequest:
-    prompt = _bounded_text(body.get("prompt"), "prompt", SERVE_MAX_PROMPT_CHARS)
-    if not prompt.strip():
-        raise MelboError("empty prompt: type something to generate from")
-    raw = body.get("perturbations") or []
-    if not isinstance(raw, list):
-        raise MelboError("perturbations must be a list of indices")
-    indices = tuple(dict.fromkeys(_int(i, "perturbation") for i in raw))
-    if not indices:
-        raise MelboError("pick at least one perturbation to compare with the unsteered model")
-    if len(indices) > SERVE_MAX_COLUMNS:
-        raise MelboError(f"{len(indices)} perturbations picked: at most {SERVE_MAX_COLUMNS} stream side by side")
-    for i in indices:
-        if not 0 <= i < count:
-            raise MelboError(f"perturbation {i} is out of range: this run has 0..{count - 1}")
-    scale, tokens = _common(body)
-    random = body.get("random", False)
-    if not isinstance(random, bool):
-        raise MelboError("random must be true or false")
-    return LiveRequest(prompt, indices, scale, tokens, random=random)
+    live = LiveBody.parse(body, count)
+    return LiveRequest(live.prompt, tuple(live.perturbations), live.scale, live.max_new_tokens, random=live.random)
 
 
 def _chat_request(body: dict, count: int) -> ChatRequest:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise MelboError("messages must be a non-empty list of {role, content}")
-    total = 0
-    for m in messages:
-        if not (isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)):
-            raise MelboError("each message needs a role (user or assistant) and text content")
-        total += len(m["content"])
-    if total > SERVE_MAX_PROMPT_CHARS:
-        raise MelboError(f"the conversation has {total} characters, more than the limit of {SERVE_MAX_PROMPT_CHARS}: "
-                         "start a new chat")
-    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
-        raise MelboError("the last message must be the user's, and not empty")
-    index = body.get("perturbation")
-    index = None if index in (None, "", "none") else _int(index, "perturbation")
-    if index is not None and not 0 <= index < count:
-        raise MelboError(f"perturbation {index} is out of range: this run has 0..{count - 1}")
-    scale, tokens = _common(body)
-    return ChatRequest(tuple({"role": m["role"], "content": m["content"]} for m in messages), index, scale, tokens)
+    chat = ChatBody.parse(body, count)
+    messages = tuple({"role": m.role, "content": m.content} for m in chat.messages)
+    return ChatRequest(messages, chat.perturbation, chat.scale, chat.max_new_tokens)
 
 
 async def _run_and_json(state: _State, run_id: int, request: Request):
@@ -442,6 +393,8 @@ async def _run_and_json(state: _State, run_id: int, request: Request):
         body = await request.json()
     except (ValueError, UnicodeDecodeError):
         raise MelboError("the request body is not JSON") from None
+    except RecursionError:  # [[[[…]]]] a thousand deep: json gives up before any field is read
+        raise BadBody("the request body nests too deeply: send a flat JSON object") from None
     if not isinstance(body, dict):
         raise MelboError("the request body must be a JSON object")
     return run, body
@@ -481,22 +434,59 @@ def _available_plots(run) -> list[str]:
     return found
 
 
-def _plot_png(run, name: str) -> Optional[bytes]:
-    """The report's own plots (melbo.plots), as PNG bytes."""
+def _plot_png(run, name: str, run_id: int) -> Optional[bytes]:
+    """The report's own plots (melbo.plots), as PNG bytes; None when the run has no data for it."""
     import base64
 
     from melbo import plots
     from melbo.files import read_json
     from melbo.store import METRICS
 
-    if name == "learned-vs-random" and (run.path / METRICS).exists():
-        figure = plots.learned_vs_random_figure(read_json(run.path / METRICS))
-    elif name == "curves" and run.curves is not None:
-        figure = plots.curves_figure(run.curves.tolist())
-    else:
-        return None
-    encoded = plots.png(figure)
+    try:
+        if name == "learned-vs-random" and (run.path / METRICS).exists():
+            metrics = read_json(run.path / METRICS)
+            figure = plots.learned_vs_random_figure(metrics) if isinstance(metrics, dict) else None
+        elif name == "curves" and run.curves is not None:
+            figure = plots.curves_figure(run.curves.tolist())
+        else:
+            return None
+        encoded = plots.png(figure)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        # the run's files are the user's to edit: a shape the plotting code does not expect is their mistake
+        raise HTTPException(422, f"run {run_id}'s {METRICS if name == 'learned-vs-random' else 'curves'} cannot "
+                                 f"be plotted ({type(exc).__name__}): re-run `melbo report` on it") from None
     return base64.b64decode(encoded) if encoded else None
+
+
+class PngCache:
+    """Rendered plots, least recently used first out, within a byte budget. Routes run in a thread pool: locked."""
+
+    def __init__(self, budget: int):
+        self.budget, self.size = budget, 0
+        self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: tuple) -> Optional[bytes]:
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key: tuple, png: bytes) -> None:
+        if len(png) > self.budget:  # served once, never kept: it would push out everything else
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            self.size -= len(old) if old is not None else 0
+            self._items[key] = png
+            self.size += len(png)
+            while self.size > self.budget:
+                _, dropped = self._items.popitem(last=False)
+                self.size -= len(dropped)
 
 
 def _exports_for(run) -> dict[str, str]:
@@ -522,9 +512,8 @@ def _export(state: _State, run, index: int, fmt: str, run_id: int) -> tuple[str,
                                              "index": index})
             return f"{stem}.safetensors", (out / "x.safetensors").read_bytes(), "application/octet-stream"
         if fmt == "gguf":
-            info = run.config["model"]
-            [path] = exporting.export_llamacpp(run.perturbations, out, info["architecture"], int(info["depth"]),
-                                               [index])
+            architecture, depth = _gguf_model(run, run_id)
+            [path] = exporting.export_llamacpp(run.perturbations, out, architecture, depth, [index])
             return f"{stem}.gguf", path.read_bytes(), "application/octet-stream"
         engine = state.engine
         lm = engine.run_sync(lambda: engine.model_for(run))
@@ -534,3 +523,18 @@ def _export(state: _State, run, index: int, fmt: str, run_id: int) -> tuple[str,
             for file in sorted(directory.iterdir()):
                 archive.write(file, f"{stem}/{file.name}")
         return f"{stem}-peft.zip", buffer.getvalue(), "application/zip"
+
+
+def _gguf_model(run, run_id: int) -> tuple[str, int]:
+    """The model's architecture and depth from the run's config.json, which a user may have edited or damaged."""
+    model = run.config.get("model")
+    model = model if isinstance(model, dict) else {}
+    architecture, depth = model.get("architecture"), model.get("depth")
+    fix = "restore the run's config.json as `melbo discover` wrote it, or export safetensors instead"
+    if not isinstance(architecture, str) or not architecture.strip():
+        raise HTTPException(422, f"run {run_id}'s config.json has no model.architecture (got "
+                                 f"{str(architecture)[:40]!r}), which a gguf file needs: {fix}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 0 < depth <= 100_000:
+        raise HTTPException(422, f"run {run_id}'s config.json has no usable model.depth (got {str(depth)[:40]!r}), "
+                                 f"which a gguf file needs: {fix}")
+    return architecture, depth

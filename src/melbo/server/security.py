@@ -16,7 +16,7 @@ import hmac
 import json
 import secrets
 from typing import Optional
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 TOKEN_COOKIE = "melbo_token"
 CSRF_FIELD = "csrf"
@@ -123,12 +123,26 @@ async def _refuse(send, status: int, message: str) -> None:
 async def _set_token_cookie(send, scope, query: dict, token: str) -> None:
     """The token arrived in the URL: keep it in an HttpOnly cookie and redirect to the URL without it."""
     rest = urlencode({k: v for k, v in query.items() if k != "token"}, doseq=True)
-    location = scope.get("path", "/") + (f"?{rest}" if rest else "")
+    location = _same_site_path(scope) + (f"?{rest}" if rest else "")
     cookie = f"{TOKEN_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
     await send({"type": "http.response.start", "status": 303,
                 "headers": [(b"location", location.encode()), (b"set-cookie", cookie.encode()),
                             (b"content-length", b"0")]})
     await send({"type": "http.response.body", "body": b""})
+
+
+def _same_site_path(scope) -> str:
+    """The request's path as a Location that stays on this site, else "/".
+
+    `//evil.com/` (or `/\\evil.com`, which browsers read the same) is another site to a browser: an open redirect.
+    The raw, still percent-encoded path is used, so a decoded tab or newline (which browsers drop from URLs,
+    turning `/%09/evil.com` into `//evil.com`) never reaches the header."""
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1") if isinstance(raw, bytes) else quote(scope.get("path", "/"))
+    printable = all(33 <= ord(c) <= 126 for c in path)
+    if not printable or not path.startswith("/") or path[1:2] in ("/", "\\"):
+        return "/"
+    return path
 
 
 async def _read_body(receive) -> Optional[bytes]:
