@@ -334,3 +334,48 @@ def test_a_write_that_sqlite_refuses_is_one_line(tmp_path, run_dir):
             cat._db.execute("ROLLBACK")
         other.set_label(1, "x")  # and once it is free, the write goes through
         assert cat.perturbation(1).human_label == "x"
+
+
+# ---------------------------------------------------------------------------------------------------- issue 23
+HUGE = "99999999999999999999"  # past SQLite's signed 64-bit integers: an OverflowError if it reached a query
+
+
+@pytest.mark.parametrize("args", [["search", "bomb", "--limit", HUGE], ["show", HUGE], ["label", f"1:v{HUGE}", "x"],
+                                  ["label", f"{HUGE}:v1", "x"], ["similar", "1:v1", "-k", HUGE]])
+def test_integers_past_sqlites_range_are_one_line(args, tmp_path, run_dir, capsys):
+    db = str(tmp_path / "c.sqlite")
+    assert run_cli(["catalog", "add", str(run_dir), "--catalog", db], capsys)[0] == 0
+    code, _, err = run_cli(["catalog", *args, "--catalog", db], capsys)
+    assert code == 2 and "whole number from 0 to" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_an_unrelated_sqlite_database_is_refused_and_left_alone(tmp_path, capsys):
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY, owner TEXT)")
+    code, _, err = run_cli(["catalog", "list", "--catalog", str(other)], capsys)
+    assert code == 2 and "not a melbo catalogue" in err and "accounts" in err and "Traceback" not in err
+    with sqlite3.connect(other) as db:
+        names = [r[0] for r in db.execute("SELECT name FROM sqlite_master")]
+        assert names == ["accounts"] and db.execute("PRAGMA user_version").fetchone()[0] == 0
+
+
+def test_a_full_disk_creating_a_catalogue_names_the_fix_and_leaves_no_file(tmp_path, monkeypatch):
+    import melbo.catalog as catalog
+
+    def full(db, upto=SCHEMA_VERSION):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(catalog, "migrate", full)
+    with pytest.raises(MelboError, match="free space on"):
+        Catalog(tmp_path / "new.sqlite")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("model, field", [({"id": ["a", "b"], "spec": "tiny"}, "model.id"),
+                                          ({"id": "x", "spec": 5}, "model.spec")])
+def test_a_run_config_of_the_wrong_types_is_named_malformed(model, field, tmp_path, run_dir):
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "model": model, "source": 10**30}))
+    with Catalog(tmp_path / "c.sqlite") as cat, pytest.raises(MelboError, match=f"malformed config.json.*{field}"):
+        cat.add_run(run_dir)

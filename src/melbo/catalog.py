@@ -208,6 +208,7 @@ class Catalog:
         self.path = Path(path).expanduser() if path is not None else default_path()
         check_db_path(self.path)
         self._lock = threading.RLock()
+        new = not self.path.exists()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # check_same_thread=False: a web server hands one catalogue to worker threads; the lock serialises them.
@@ -217,14 +218,16 @@ class Catalog:
         self._db.row_factory = sqlite3.Row
         try:
             self._db.execute("PRAGMA foreign_keys = ON")
+            _check_foreign(self._db, self.path)
             self._db.execute("PRAGMA journal_mode = WAL")  # readers (the web app) never block the writer
             migrate(self._db)
-        except sqlite3.DatabaseError as exc:
+        except BaseException as exc:
             self._db.close()
-            raise MelboError(f"the catalogue {self.path} is not a melbo catalogue ({exc}): "
-                             "delete it (runs can be added again) or give another --catalog") from exc
-        except MelboError:
-            self._db.close()
+            if new:  # a catalogue that could not be set up is not left behind half made (a 0-byte file)
+                for leftover in (self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm"))):
+                    leftover.unlink(missing_ok=True)
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise _open_error(self.path, exc) from exc
             raise
 
     def close(self) -> None:
@@ -336,7 +339,8 @@ class Catalog:
         return _perturbation_entry(rows[0])
 
     def perturbation_at(self, run_id: int, index: int) -> PerturbationEntry:
-        rows = self._query(_PERTURBATIONS + " WHERE p.run_id = ? AND p.idx = ?", (run_id, _whole(index, "index")))
+        rows = self._query(_PERTURBATIONS + " WHERE p.run_id = ? AND p.idx = ?",
+                           (_whole(run_id, "run id"), _whole(index, "index")))
         if not rows:
             n = self.run(run_id).n
             raise MelboError(f"run {run_id} has no perturbation v{index}: it has v0..v{n - 1}" if n else
@@ -353,10 +357,11 @@ class Catalog:
         """The run's unsteered completions (the reference every perturbation is compared with)."""
         return [CompletionEntry(r["prompt"], r["text"], r["scale"], r["prompt_index"], r["sample"])
                 for r in self._query("SELECT * FROM completions WHERE run_id = ? AND perturbation_id IS NULL "
-                                     "ORDER BY prompt_index, sample, id", (run_id,))]
+                                     "ORDER BY prompt_index, sample, id", (_whole(run_id, "run id"),))]
 
     def clusters(self, run_id: int) -> list[dict]:
         """The run's behaviour clusters: [{"number", "name", "no_change", "members": [perturbation ids]}]."""
+        run_id = _whole(run_id, "run id")
         clusters = [dict(number=r["number"], name=r["name"], no_change=bool(r["no_change"]), members=[])
                     for r in self._query("SELECT * FROM clusters WHERE run_id = ? ORDER BY number", (run_id,))]
         by_number = {c["number"]: c for c in clusters}
@@ -448,6 +453,23 @@ _PERTURBATIONS = ("SELECT p.*, c.name AS cluster_name FROM perturbations p "
                   "LEFT JOIN clusters c ON c.run_id = p.run_id AND c.number = p.cluster")
 
 
+def _check_foreign(db: sqlite3.Connection, path: Path) -> None:
+    """Refuse another program's SQLite database: migrating it would add melbo's tables beside its own."""
+    if db.execute("PRAGMA user_version").fetchone()[0] != 0:
+        return  # melbo's, or newer than this melbo (migrate says which)
+    tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    if tables:
+        raise MelboError(f"{path} is an SQLite database but not a melbo catalogue (it has tables such as "
+                         f"{tables[0][0]!r}): give another --catalog path")
+
+
+def _open_error(path: Path, exc: sqlite3.DatabaseError) -> MelboError:
+    if "full" in str(exc):  # SQLITE_FULL: "database or disk is full"
+        return MelboError(f"cannot create the catalogue {path} ({exc}): free space on {path.parent.resolve()}")
+    return MelboError(f"the catalogue {path} is not a melbo catalogue ({exc}): "
+                      "delete it (runs can be added again) or give another --catalog")
+
+
 def _run_entry(r: sqlite3.Row) -> RunEntry:
     return RunEntry(r["id"], r["path"], r["kind"], r["model"], r["method"], r["n"], r["created"], r["title"])
 
@@ -466,9 +488,12 @@ def _unit(blob: Optional[bytes]) -> Optional[np.ndarray]:
     return v / norm if norm > 0 else None
 
 
+SQLITE_MAX = 2**63 - 1  # SQLite integers are signed 64-bit: a larger one is an OverflowError, not "not found"
+
+
 def _whole(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise MelboError(f"{what} must be a whole number ≥ 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SQLITE_MAX:
+        raise MelboError(f"{what} must be a whole number from 0 to {SQLITE_MAX}, got {value!r}")
     return value
 
 
@@ -535,6 +560,7 @@ def _snapshot(path: Path, run, rows: list[dict], labeller: Any) -> _Snapshot:
     from melbo.intervention import SteeringVectors
 
     config = run.config
+    _check_catalogued_config(path, config)
     steered = [r["vector"] for r in rows if r["vector"] is not None]
     n = len(run) if run.perturbations is not None else 1 + max(steered, default=-1)
     names = {r["vector"]: r["label"] for r in rows if r["vector"] is not None}
@@ -558,9 +584,31 @@ def _snapshot(path: Path, run, rows: list[dict], labeller: Any) -> _Snapshot:
         run={"path": str(path.resolve()), "kind": kind, "model": config["model"]["id"],
              "model_spec": config["model"].get("spec"), "method": config["method"], "n": n,
              "created": config.get("created"), "title": title, "source": config.get("source"),
-             "radius": float(radius) if isinstance(radius, (int, float)) else None,
+             "radius": _finite(radius),
              "config": json.dumps(config, sort_keys=True)},
         perturbations=perturbations, completions=rows, clusters=clusters)
+
+
+def _finite(value: Any) -> Optional[float]:
+    """A config number as a finite float, else None (a huge integer or Infinity is no radius to compare)."""
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    except OverflowError:
+        return None
+    return number if number is not None and math.isfinite(number) else None
+
+
+def _check_catalogued_config(path: Path, config: dict) -> None:
+    """The config fields the catalogue stores must have their types, or the insert fails as a database error."""
+    model = config["model"]
+    wrong = [name for name, value, types in (
+        ("model.id", model["id"], str), ("model.spec", model.get("spec"), (str, type(None))),
+        ("method", config["method"], str), ("created", config.get("created"), (str, type(None))),
+        ("source", config.get("source"), (int, type(None)))) if not isinstance(value, types)
+        or isinstance(value, bool) or (isinstance(value, int) and not -SQLITE_MAX <= value <= SQLITE_MAX)]
+    if wrong:
+        raise MelboError(f"run {path} has a malformed config.json ({', '.join(wrong)} of the wrong type): "
+                         "restore it, or re-run the discovery")
 
 
 def _assessment(path: Path, n: int) -> tuple[dict[int, dict], dict[int, Optional[int]], list[dict]]:
