@@ -456,3 +456,81 @@ def test_help_and_no_arguments_still_show_the_help(capsys):
     assert code == 0 and "Usage:" in stdout and "--steps" in stdout
     code, stdout, _ = run_cli([], capsys)
     assert code == 2 and "Usage:" in stdout and "discover" in stdout
+
+
+# ------------------------------------------------------------------------------------------------ issue 23: export
+def _edit_config(run: Path, edit) -> None:
+    config = json.loads((run / "config.json").read_text())
+    edit(config)
+    (run / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["model"].update(depth="abc"), "model.depth 'abc'"),
+    (lambda c: c["model"].update(depth=math.inf), "model.depth inf"),  # 1e400 in the file reads as inf
+    (lambda c: c["model"].pop("architecture"), "no model.architecture"),
+    (lambda c: c["model"].update(architecture=None), "no model.architecture (got None)"),
+])
+def test_export_llamacpp_of_a_damaged_model_config_is_one_line(edit, message, run_dir, tmp_path, capsys):
+    run = _copy_run(run_dir, tmp_path)
+    _edit_config(run, edit)
+    code, _, stderr = run_cli(["export", str(run), "-f", "llamacpp", "--out", str(tmp_path / "cv")], capsys)
+    one_line(code, stderr, message)
+    assert not (tmp_path / "cv").exists() or not list((tmp_path / "cv").iterdir())
+
+
+@pytest.mark.parametrize("vectors, message", [
+    (lambda v: v * math.nan, "NaN or infinite"),
+    (lambda v: v * math.inf, "NaN or infinite"),
+    (lambda v: v[:, :10], "not of the width"),
+    (lambda v: v.to(torch.int32), "int32 numbers, not floats"),
+])
+def test_a_runs_damaged_vectors_are_refused_where_they_are_loaded(vectors, message, run_dir, tmp_path, capsys):
+    from melbo.intervention import SteeringVectors
+
+    run = _copy_run(run_dir, tmp_path)
+    stored = SteeringVectors.load(run / SteeringVectors.FILE)
+    SteeringVectors(vectors(stored.vectors).contiguous(), stored.layer).save(run / SteeringVectors.FILE)
+    code, _, stderr = run_cli(["export", str(run), "-f", "llamacpp", "--out", str(tmp_path / "cv")], capsys)
+    one_line(code, stderr, message, "re-run the discovery")
+    assert not (tmp_path / "cv").exists()
+    with pytest.raises(MelboError, match=message):
+        melbo.Run.load(run)
+
+
+def test_export_of_a_run_without_vectors_says_so(run_dir, tmp_path, capsys):
+    from melbo.intervention import SteeringVectors
+
+    run = _copy_run(run_dir, tmp_path)
+    stored = SteeringVectors.load(run / SteeringVectors.FILE)
+    SteeringVectors(stored.vectors[:0].contiguous(), stored.layer).save(run / SteeringVectors.FILE)
+    code, _, stderr = run_cli(["export", str(run), "-f", "llamacpp", "--out", str(tmp_path / "cv")], capsys)
+    one_line(code, stderr, "no perturbations", "nothing to export")
+
+
+def test_export_llamacpp_refuses_another_model(run_dir, tmp_path, capsys):
+    code, _, stderr = run_cli(["export", str(run_dir), "-f", "llamacpp", "-m", "gpt2", "--out", str(tmp_path / "cv")],
+                              capsys)
+    one_line(code, stderr, "not gpt2", "leave out --model")
+    config = json.loads((run_dir / "config.json").read_text())
+    code, _, stderr = run_cli(["export", str(run_dir), "-f", "llamacpp", "-m", config["model"]["spec"],
+                               "--out", str(tmp_path / "cv")], capsys)
+    assert code == 0, stderr
+
+
+def test_export_llamacpp_on_a_full_disk_writes_all_or_nothing(run_dir, tmp_path, monkeypatch, capsys):
+    import gguf
+
+    real, calls = gguf.GGUFWriter.write_tensors_to_file, []
+
+    def full_on_the_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            _disk_full()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_on_the_second)
+    out = tmp_path / "cv"
+    code, _, stderr = run_cli(["export", str(run_dir), "-f", "llamacpp", "--out", str(out)], capsys)
+    one_line(code, stderr, "free space on")
+    assert list(out.iterdir()) == []

@@ -22,10 +22,13 @@ from melbo.errors import MelboError
 from melbo.intervention import SteeringAdapters, SteeringVectors
 from melbo.layers import find_mlp_out
 from melbo.models import LoadedModel
-from melbo.files import check_output_file, make_output_dir, replacing, save_tensors, write_json
+from melbo.files import make_output_dir, replacing_all, save_tensors, write_json
 
 
 def _select(n: int, indices: Sequence[int] | None) -> list[int]:
+    if n == 0:
+        raise MelboError("the run holds no perturbations, so there is nothing to export: re-run the discovery with -n 1 "
+                         "or more")
     if indices is None:
         return list(range(n))
     chosen = list(dict.fromkeys(int(i) for i in indices))
@@ -59,25 +62,25 @@ def export_llamacpp(
     out_dir = Path(out_dir)
     make_output_dir(out_dir)
     paths = [out_dir / f"v{i}.gguf" for i in chosen]
-    for path in paths:
-        check_output_file(path)  # all before the first write
-    for i, path in zip(chosen, paths):
-        _write_control_vector(path, vectors.vectors[i], layer, model_hint, layer_count)
+    with replacing_all(paths) as tmps:  # a full disk at v1 leaves no v0 behind
+        for i, tmp in zip(chosen, tmps):
+            _write_control_vector(tmp, vectors.vectors[i], layer, model_hint, layer_count)
     return paths
 
 
 def _write_control_vector(path: Path, vector: torch.Tensor, layer: int, model_hint: str, layer_count: int) -> None:
     import gguf
 
-    with replacing(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), "controlvector")  # also writes general.architecture
+    writer = gguf.GGUFWriter(str(path), "controlvector")  # also writes general.architecture
+    try:
         writer.add_string("controlvector.model_hint", str(model_hint))
         writer.add_uint32("controlvector.layer_count", int(layer_count))
         writer.add_tensor(f"direction.{layer}", vector.detach().to("cpu", torch.float32).numpy())
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
+    finally:
+        writer.close()  # the file is closed before a failure removes it
 
 
 # ------------------------------------------------------------------------------------------------ PEFT

@@ -75,6 +75,25 @@ def replacing(path: Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def replacing_all(paths: list[Path]) -> Iterator[list[Path]]:
+    """Temporaries beside all `paths`, renamed over them only once every one is written: all the files or none."""
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        check_output_file(path)
+    tmps = [path.with_name(path.name + ".tmp") for path in paths]
+    try:
+        yield tmps
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+    except BaseException as exc:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, SafetensorError)):
+            raise _write_error(paths[0], exc) from exc
+        raise
+
+
 def _write_error(path: Path, exc: BaseException) -> MelboError:
     reason = getattr(exc, "strerror", None) or str(exc)
     full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "StorageFull" in reason

@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import torch
 from torch import Tensor
 
 from melbo.errors import MelboError
@@ -73,7 +75,9 @@ class Run:
         if not (self.path / kind.FILE).exists():  # --resume would find the run complete and stop: no loop
             raise MelboError(f"run {self.path} is complete but its result {kind.FILE} is missing: "
                              "run `melbo discover` again into a new --out")
-        return kind.load(self.path / kind.FILE)
+        perturbations = kind.load(self.path / kind.FILE)
+        _check_artifact(self.path / kind.FILE, perturbations, self.config["model"])
+        return perturbations
 
     def attach(self, model: LoadedModel) -> None:
         """Bind a loaded model to this run, refusing a model other than the one it was trained on."""
@@ -173,6 +177,28 @@ def _check_run_config(file: Path, config: Any) -> None:
     if missing:
         raise MelboError(f"{file} is not a melbo run config (no {', '.join(missing)}): "
                          "give a run directory `melbo discover` wrote")
+
+
+def _check_artifact(file: Path, perturbations: Perturbations, model: dict) -> None:
+    """Every use of a run's result (steering, export, catalogue) trusts it: float tensors, finite, of the width of
+    the model the run names. A hand-edited or foreign file fails here, once, not as garbage in a GGUF."""
+    fix = "re-run the discovery into a new --out"
+    if isinstance(perturbations, SteeringVectors):
+        tensors, ranks, width = [perturbations.vectors], (2,), perturbations.vectors.shape[-1]
+    else:
+        tensors, ranks = [perturbations.a, perturbations.b], (3, 3)
+        width = perturbations.b.shape[1] if perturbations.b.dim() > 1 else None
+        if not math.isfinite(perturbations.radius):
+            raise MelboError(f"{file} records a radius of {perturbations.radius}: {fix}")
+    for t in tensors:
+        if not t.dtype.is_floating_point:
+            raise MelboError(f"{file} holds {str(t.dtype).removeprefix('torch.')} numbers, not floats: {fix}")
+        if not bool(torch.isfinite(t).all()):
+            raise MelboError(f"{file} holds NaN or infinite numbers: {fix}")
+    expected = model.get("width")
+    if [t.dim() for t in tensors] != list(ranks) or (isinstance(expected, int) and width != expected):
+        raise MelboError(f"{file} holds perturbations of shape {tuple(tensors[-1].shape)}, not of the width "
+                         f"{expected} of model {model.get('id')}: {fix}")
 
 
 def _artifact_metadata(config: dict) -> dict:

@@ -37,8 +37,8 @@ def export(
     if kind == "llamacpp":
         if not isinstance(run.perturbations, SteeringVectors):  # vectors and jacobian runs both hold vectors
             raise MelboError(f"run {run_dir} holds steering adapters, which llama.cpp cannot load: use --format peft")
-        info = run.config["model"]
-        paths = exporting.export_llamacpp(run.perturbations, out_dir, info["architecture"], int(info["depth"]), indices)
+        hint, depth = _llamacpp_model(run, model)
+        paths = exporting.export_llamacpp(run.perturbations, out_dir, hint, depth, indices)
     elif kind == "peft":
         if isinstance(run.perturbations, SteeringVectors):
             raise MelboError(f"run {run_dir} holds steering vectors, not adapters: use --format llamacpp")
@@ -49,3 +49,17 @@ def export(
         raise MelboError(f"unknown export format {fmt!r}: use --format llamacpp or --format peft")
     for path in paths:
         out.print(str(path), highlight=False, soft_wrap=True)
+
+
+def _llamacpp_model(run, model: Optional[str]) -> tuple[str, int]:
+    """The model hint and depth a control vector records, from the run's config (no model is loaded for them)."""
+    info, config = run.config["model"], run.path / "config.json"
+    if model is not None and model not in (info["id"], info["spec"]):  # not loaded, so it must be the run's own
+        raise MelboError(f"run {run.path} was made with model {info['spec']}, not {model}: "
+                         "leave out --model (llama.cpp export reads the run's config)")
+    hint, depth = info.get("architecture"), info.get("depth")
+    if not isinstance(hint, str) or not hint.strip():
+        raise MelboError(f"{config} records no model.architecture (got {hint!r}): restore it, e.g. \"llama\"")
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 0 < depth < 2**31:
+        raise MelboError(f"{config} records model.depth {depth!r}, not a number of blocks: restore it")
+    return hint, depth
