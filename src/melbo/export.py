@@ -27,8 +27,8 @@ from melbo.files import make_output_dir, replacing_all, save_tensors, write_json
 
 def _select(n: int, indices: Sequence[int] | None) -> list[int]:
     if n == 0:
-        raise MelboError("the run holds no perturbations, so there is nothing to export: re-run the discovery with -n 1 "
-                         "or more")
+        raise MelboError("the run holds no perturbations, so there is nothing to export: "
+                         "re-run the discovery with -n 1 or more")
     if indices is None:
         return list(range(n))
     chosen = list(dict.fromkeys(int(i) for i in indices))
