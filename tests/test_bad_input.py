@@ -534,3 +534,19 @@ def test_export_llamacpp_on_a_full_disk_writes_all_or_nothing(run_dir, tmp_path,
     code, _, stderr = run_cli(["export", str(run_dir), "-f", "llamacpp", "--out", str(out)], capsys)
     one_line(code, stderr, "free space on")
     assert list(out.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ issue 23: report
+@pytest.mark.parametrize("metrics, message", [
+    ({"learned": 5}, "learned of the wrong type"),
+    ({"learned": {"perturbations": 5}}, "learned.perturbations"),
+    ({"clusters": "x"}, "clusters of the wrong type"),
+    ({"learned": {"perturbations": [{"vector": "abc"}]}}, "malformed metrics.json"),
+    ({"learned": {"perturbations": [5]}}, "malformed metrics.json"),
+])
+def test_report_of_a_malformed_metrics_file_is_one_line(metrics, message, run_dir, tmp_path, capsys):
+    run = _copy_run(run_dir, tmp_path)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    code, _, stderr = run_cli(["report", str(run)], capsys)
+    one_line(code, stderr, message)
+    assert not (run / "report.html").exists()

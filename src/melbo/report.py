@@ -37,6 +37,21 @@ def _read_optional_json(path: Path) -> Any:
     return read_json(path) if path.exists() else None
 
 
+def _metrics(path: Path) -> Optional[dict]:
+    """metrics.json, its parts of the types the report reads (a hand-edited file is one line, not a traceback)."""
+    metrics = _read_optional_json(path)
+    if not isinstance(metrics, dict):
+        return None
+    parts = {"learned": dict, "random": dict, "clusters": list, "random_completions": list}
+    wrong = [k for k, kind in parts.items() if metrics.get(k) is not None and not isinstance(metrics[k], kind)]
+    wrong += [f"{k}.perturbations" for k in ("learned", "random") if isinstance(metrics.get(k), dict)
+              and not isinstance(metrics[k].get("perturbations") or [], list)]
+    if wrong:
+        raise MelboError(f"{path} is malformed ({', '.join(wrong)} of the wrong type): "
+                         "run `melbo assess` again to rewrite it")
+    return metrics
+
+
 def _curves(run: Run) -> Optional[list[list[float]]]:
     curves = run.curves
     if curves is None or curves.ndim != 2 or curves.numel() == 0:
@@ -123,8 +138,7 @@ def build_context(run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
     prompts = [str(p) for p in settings.get("prompts") or []]
     completions = run.completions() if run is not None else []
     curves = _curves(run) if run is not None else None
-    metrics = _read_optional_json(run_dir / METRICS)
-    metrics = metrics if isinstance(metrics, dict) else None
+    metrics = _metrics(run_dir / METRICS)
     sweep = None
     if sweep_dir is not None:
         sweep_file = Path(sweep_dir) / SWEEP if Path(sweep_dir).is_dir() else Path(sweep_dir)
@@ -335,7 +349,12 @@ def write_report(run_dir: Path, sweep_dir: Optional[Path] = None) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise MelboError(f"run directory {run_dir} does not exist: give the directory `melbo discover` wrote")
-    page = render(build_context(run_dir, Path(sweep_dir) if sweep_dir is not None else None))
+    try:
+        context = build_context(run_dir, Path(sweep_dir) if sweep_dir is not None else None)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # a hand-edited file, deeper down
+        raise MelboError(f"run {run_dir} has a malformed metrics.json, sweep.json or completions.jsonl "
+                         f"({type(exc).__name__}: {exc}): run `melbo assess` again, or restore the file") from exc
+    page = render(context)
     path = run_dir / REPORT
     atomic_write(path, page.encode("utf-8"))
     return path
