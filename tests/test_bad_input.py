@@ -550,3 +550,61 @@ def test_report_of_a_malformed_metrics_file_is_one_line(metrics, message, run_di
     code, _, stderr = run_cli(["report", str(run)], capsys)
     one_line(code, stderr, message)
     assert not (run / "report.html").exists()
+
+
+# ------------------------------------------------------------------------------------------------ issue 23: strict JSON
+def _strict(path: Path):
+    def refuse(constant):
+        raise AssertionError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_write_json_and_jsonl_write_strict_json(tmp_path):
+    from melbo.bench.common import write_jsonl
+    from melbo.files import write_json
+
+    write_json(tmp_path / "a.json", {"threshold": math.nan, "top": [math.inf, -math.inf, 1.5], "n": 3})
+    assert _strict(tmp_path / "a.json") == {"threshold": None, "top": [None, None, 1.5], "n": 3}
+    write_jsonl(tmp_path / "b.jsonl", [{"score": math.nan}])
+    assert json.loads((tmp_path / "b.jsonl").read_text(), parse_constant=lambda c: 1 / 0) == {"score": None}
+
+
+def test_monitor_writes_a_nan_threshold_as_null(tmp_path):
+    from melbo.monitor import write_monitor
+
+    class Broken:  # a monitor whose clean scores overflowed
+        def summary(self):
+            return {"signal": "target", "alpha": 0.05, "threshold": math.nan}
+
+    write_monitor(tmp_path / "m", Broken(), [{"index": 0, "score": math.nan, "flagged": False}])
+    assert _strict(tmp_path / "m" / "monitor.json")["threshold"] is None
+    assert json.loads((tmp_path / "m" / "monitor.jsonl").read_text(), parse_constant=lambda c: 1 / 0)["score"] is None
+
+
+def test_monitor_checks_both_outputs_before_writing_either(run_dir, tmp_path, capsys):
+    out = tmp_path / "mon"
+    out.mkdir()
+    (tmp_path / "precious").write_text("keep me\n")
+    (out / "monitor.jsonl").symlink_to(tmp_path / "precious")
+    prompts = tmp_path / "inputs.txt"
+    prompts.write_text("Hello\nHi there\n")
+    code, _, stderr = run_cli(["monitor", str(run_dir), "--prompts-file", str(prompts), "--out", str(out)], capsys)
+    one_line(code, stderr, "monitor.jsonl", "not a regular file")
+    assert sorted(p.name for p in out.iterdir()) == ["monitor.jsonl"]
+    assert (tmp_path / "precious").read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fluency-floor", "nan"], "fluency-floor must be a finite number"),
+    (["--fluency-floor", "inf"], "fluency-floor must be a finite number"),
+    (["--fluency-floor", "-1"], "fluency-floor must be > 0"),
+    (["--fluency-factor", "inf"], "fluency-factor must be a finite number"),
+])
+def test_sweep_refuses_a_fluency_bound_that_is_not_a_finite_positive_number(flags, message, model_dir, tmp_path,
+                                                                            capsys):
+    out = tmp_path / "sweep"
+    code, _, stderr = run_cli(["sweep", PROMPT, "--radii", "1x", "-n", "1", "--steps", "1", "--out", str(out),
+                               "--model", str(model_dir), *flags], capsys)
+    one_line(code, stderr, message)
+    assert not out.exists()

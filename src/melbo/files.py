@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from melbo.errors import MelboError
+from melbo.numbers import jsonable
 
 
 def check_output_file(path: Path) -> None:
@@ -136,7 +137,13 @@ def load_tensors(path: Path) -> dict[str, Tensor]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Strict JSON (other tools refuse NaN and Infinity): a number that is not finite is written as null."""
+    atomic_write(path, (json.dumps(jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
+
+
+def json_line(obj: Any) -> str:
+    """One line of a .jsonl file, strict JSON as `write_json` writes it."""
+    return json.dumps(jsonable(obj), allow_nan=False)
 
 
 def read_json(path: Path) -> Any:

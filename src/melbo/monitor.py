@@ -338,8 +338,19 @@ def write_monitor(out: Path, monitor: "Monitor | OutputMonitor", records: Sequen
     from melbo.bench.common import write_jsonl
     from melbo.files import make_output_dir, write_json
 
+    check_monitor_outputs(out)
     make_output_dir(out)
     flagged = sum(r["flagged"] for r in records)
+    # both write strict JSON: a NaN threshold or score (a model that overflowed) is written as null
     write_json(out / MONITOR_JSON, {**monitor.summary(), "inputs": len(records), "flagged": flagged})
     write_jsonl(out / MONITOR_JSONL, records)
     return out
+
+
+def check_monitor_outputs(out: Path) -> None:
+    """Refuse an --out where either file cannot be written, before the first is: both files or neither."""
+    from melbo.files import check_output_dir, check_output_file
+
+    check_output_dir(out)
+    for name in (MONITOR_JSON, MONITOR_JSONL):
+        check_output_file(Path(out) / name)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from melbo.errors import MelboError
 from melbo.files import (
-    as_path, atomic_write, load_metadata, load_tensors, read_json, read_text, save_tensors, write_json)
+    as_path, atomic_write, json_line, load_metadata, load_tensors, read_json, read_text, save_tensors, write_json)
 from melbo.intervention import Perturbations, SteeringVectors
 from melbo.models import LoadedModel
 
@@ -164,7 +164,7 @@ class Run:
         return load_tensors(file), done
 
     def write_completions(self, rows: list[dict]) -> None:
-        atomic_write(self.path / COMPLETIONS, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        atomic_write(self.path / COMPLETIONS, "".join(json_line(r) + "\n" for r in rows).encode())
 
 
 def _check_run_config(file: Path, config: Any) -> None:

@@ -26,6 +26,7 @@ from typing import Callable, Optional, Sequence
 from melbo import evaluation
 from melbo.errors import MelboError
 from melbo.models import LoadedModel
+from melbo.checks import check_finite
 from melbo.numbers import finite_or_none, fmt
 from melbo.plots import sweep_figure
 from melbo.assess import run_completions
@@ -99,8 +100,7 @@ def sweep(
     training events merged in.
     """
     specs, relative = parse_radii(radii)
-    if not fluency_factor > 0:
-        raise MelboError(f"fluency factor must be > 0, got {fluency_factor}")
+    check_floor(fluency_factor, fluency_floor)
     pairs = [tuple(p) for p in layer_pairs] if layer_pairs else [(source, target)]
     out = Path(out)
     check_output_dir(out)
@@ -139,6 +139,14 @@ def sweep(
     write_json(out / SWEEP, result)
     plot(result, out / PLOT)
     return result
+
+
+def check_floor(fluency_factor: float, fluency_floor: Optional[float]) -> None:
+    """Before any training: a NaN or infinite floor would make every point unfluent and sweep.json not JSON."""
+    if check_finite("fluency_factor", fluency_factor) <= 0:
+        raise MelboError(f"fluency-factor must be > 0, got {fluency_factor}")
+    if fluency_floor is not None and check_finite("fluency_floor", fluency_floor) <= 0:
+        raise MelboError(f"fluency-floor must be > 0, got {fluency_floor}")
 
 
 def run_point(lm: LoadedModel, prompts: list[str], path: str, where: dict, settings: dict,

@@ -18,7 +18,6 @@ a "Benchmark" section.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -272,6 +271,6 @@ def short(text: str, width: int = 80) -> str:
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    from melbo.files import atomic_write
+    from melbo.files import atomic_write, json_line
 
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    atomic_write(path, "".join(json_line(r) + "\n" for r in rows).encode())

@@ -122,8 +122,7 @@ def monitor_command(
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Flag inputs that express a finding or a discovered perturbation (calibrated on clean inputs)."""
-    from melbo.files import check_output_dir
-    from melbo.monitor import SIGNALS, Monitor, OutputMonitor, write_monitor
+    from melbo.monitor import SIGNALS, Monitor, OutputMonitor, check_monitor_outputs, write_monitor
     from melbo.store import MONITOR_DIR, Run
     from melbo.trigger_search import load_findings
 
@@ -142,7 +141,7 @@ def monitor_command(
         run = Run.load(run_dir)
         spec = run.config["model"]["spec"]
         destination = out_dir or run.path / MONITOR_DIR
-    check_output_dir(destination)  # before the model loads: nothing computed is then lost
+    check_monitor_outputs(destination)  # before the model loads: nothing computed is then lost
     inputs = read_prompts([], prompts_file)
     calibration = read_prompts([], clean) if clean is not None else inputs
     lm = load(model or spec, device, dtype, blocks_path, threads)

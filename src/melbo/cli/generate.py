@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -56,8 +55,8 @@ def generate(
         completions = generation.generate(lm, perturbations, texts, labels=labels, scale=scale,
                                           chat=run.settings["chat"], sampling=sampling, on_batch=advance)
     if out_file is not None:
-        from melbo.files import atomic_write, make_output_dir
+        from melbo.files import atomic_write, json_line, make_output_dir
 
         make_output_dir(out_file.parent)
-        atomic_write(out_file, "".join(json.dumps(c.to_json()) + "\n" for c in completions).encode())
+        atomic_write(out_file, "".join(json_line(c.to_json()) + "\n" for c in completions).encode())
     print_completions(completions)

@@ -47,6 +47,7 @@ def sweep_command(
     texts = read_prompts(prompts or [], prompts_file)
     specs, relative = sweeping.parse_radii(radii)
     pairs = sweeping.parse_layer_pairs(layers)
+    sweeping.check_floor(fluency_factor, fluency_floor)
     if pairs and (source is not None or target is not None):
         raise MelboError("give either --layers or --source/--target, not both")
     path = out_dir or Path("runs") / f"sweep-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
