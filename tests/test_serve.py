@@ -569,10 +569,18 @@ def test_in_a_real_browser(smol_run):
             assert page.locator(".column").count() == 3  # unsteered, v1, random
             assert page.evaluate("window.__updates") > 4  # many small updates, not one answer
 
-            if os.environ.get("MELBO_SCREENSHOT") == "1":
+            if os.environ.get("MELBO_SCREENSHOT") == "1":  # the README's picture: a behaviour without the planted XSS
+                shot = browser.new_page(viewport={"width": 1200, "height": 900})
+                shot.goto(f"{server.url}/behaviours/{smol_run['ids'][0]}")
+                shot.fill("textarea[name=prompt]", "Write one sentence about ships.")
+                shot.fill("input[name=max_new_tokens]", "24")
+                shot.check("input[name=random]")
+                shot.click("form.live-form button[type=submit]")
+                sync_api.expect(shot.locator("form.live-form .queue")).to_have_text("done", timeout=60_000)
                 docs = Path(__file__).resolve().parents[1] / "docs"
                 docs.mkdir(exist_ok=True)
-                page.screenshot(path=str(docs / "serve.png"), full_page=True)
+                shot.screenshot(path=str(docs / "serve.png"), full_page=True)
+                shot.close()
 
             # a second tab waits in line, and sees its place; closing the first tab mid-stream stops its
             # generation (a few forwards, not the 200 asked for) and the second one's turn comes
