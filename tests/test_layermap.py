@@ -152,3 +152,29 @@ def test_cli_map_on_the_default_model(tmp_path, capsys):
     assert "heatmap:" in stdout and "best pairs of 2" in stdout and "6 → 20" in stdout
     ranking = json.loads((tmp_path / "map" / "ranking.json").read_text())
     assert all(r["gain"] > 0 and r["singular_values"][0] >= r["singular_values"][1] for r in ranking)
+
+
+# ---- issue 23
+@pytest.mark.parametrize("radius", ["1e300", "1e30x", "2e19"])
+def test_open_pair_refuses_a_radius_whose_vectors_overflow(full_map, tmp_path, capsys, radius):
+    out = tmp_path / "pair"
+    code, _, err = run_cli(["open-pair", str(full_map.path), "1:3", "--radius", radius, "--out", str(out)], capsys)
+    assert code == 2 and "beyond float32's range" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_full_disk_writing_the_map_names_free_space(lm, tmp_path, monkeypatch):
+    import melbo.files
+    from safetensors import SafetensorError
+
+    real = melbo.files.save_file
+
+    def full(tensors, filename, metadata=None):
+        if "map.safetensors" in filename:  # as safetensors words ENOSPC: no errno reaches Python
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(melbo.files, "save_file", full)
+    with pytest.raises(MelboError, match="free space on"):
+        melbo.map(lm, PROMPTS, "0:1", "2", k=1, out=tmp_path / "m", iterations=1)
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -95,9 +96,13 @@ def replacing_all(paths: list[Path]) -> Iterator[list[Path]]:
         raise
 
 
+# A full disk as safetensors' Rust side words it (no errno reaches Python): "StorageFull", "os error 28", …
+_FULL = re.compile(r"StorageFull|QuotaExceeded|No space left|Disk quota|os error (28|122)\b", re.IGNORECASE)
+
+
 def _write_error(path: Path, exc: BaseException) -> MelboError:
     reason = getattr(exc, "strerror", None) or str(exc)
-    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "StorageFull" in reason
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or bool(_FULL.search(str(exc)))
     fix = f"free space on {path.parent.resolve()}" if full else "choose another --out"
     return MelboError(f"cannot write {path} ({reason}): {fix}")
 

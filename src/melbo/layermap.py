@@ -299,10 +299,9 @@ def _assemble(path: Path, settings: MapSettings) -> "LayerMap":
     save_tensors(path / TENSORS, tensors)
     result = LayerMap(path, read_json(path / LAYER_MAP), tensors)
     write_json(path / RANKING, result.ranking())
-    from melbo.plots import layer_map_figure
+    from melbo.plots import layer_map_figure, save_figure
 
-    figure = layer_map_figure(result.gains(), settings.sources, settings.targets)
-    figure.savefig(path / HEATMAP)
+    save_figure(layer_map_figure(result.gains(), settings.sources, settings.targets), path / HEATMAP)
     result.config["status"] = "complete"
     write_json(path / LAYER_MAP, result.config)
     shutil.rmtree(path / PAIRS, ignore_errors=True)
@@ -365,6 +364,17 @@ class LayerMap:
         return {name: self.tensors[name][i, j] for name in ("singular_values", "directions", "history", "norms")}
 
 
+def _scaled(directions: Tensor, absolute: float, radius: str) -> Tensor:
+    """The unit directions times R, refusing an R whose vectors (or their squared norms, which every layer norm
+    computes) overflow float32: such a run would store infinite vectors, and steer into NaN."""
+    limit = math.sqrt(torch.finfo(torch.float32).max)
+    vectors = directions.float() * absolute
+    if not (math.isfinite(absolute) and absolute < limit and bool(torch.isfinite(vectors).all())):
+        raise MelboError(f"radius {radius} gives vectors of norm {absolute:.3g}, beyond float32's range "
+                         f"(keep it under {limit:.2g}): give a smaller --radius, e.g. {MAP_RADIUS}")
+    return vectors
+
+
 def open_pair(map_dir: str | Path, source: int, target: int, out: str | Path,
               radius: str = MAP_RADIUS) -> Run:
     """Write one pair's directions as a finished jacobian run (vectors = directions · R) that generate, chat and
@@ -376,6 +386,7 @@ def open_pair(map_dir: str | Path, source: int, target: int, out: str | Path,
     value, relative = parse_radius(radius)
     norm = float(pair["norms"][0])
     absolute = value * norm if relative else value
+    vectors = _scaled(pair["directions"], absolute, radius)
     out = Path(out)
     check_output_dir(out)
     if out.exists() and any(out.iterdir()):
@@ -396,5 +407,5 @@ def open_pair(map_dir: str | Path, source: int, target: int, out: str | Path,
     }
     run = Run(out, config)
     run.save_config()
-    run.save_result(SteeringVectors(pair["directions"] * absolute, source), pair["history"])
+    run.save_result(SteeringVectors(vectors, source), pair["history"])
     return run

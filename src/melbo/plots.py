@@ -1,6 +1,6 @@
 """Every plot melbo draws (the report's and the radius sweep's), as matplotlib figures without pyplot.
 
-`png(figure)` encodes one for the self-contained report; `figure.savefig(path)` writes it to a file.
+`png(figure)` encodes one for the self-contained report; `save_figure(figure, path)` writes it to a file.
 """
 
 from __future__ import annotations
@@ -36,6 +36,15 @@ def png(fig) -> Optional[str]:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def save_figure(fig, path) -> None:
+    """Write the figure as a PNG file atomically (a full disk is one line, and leaves no half-written file)."""
+    from melbo.files import atomic_write
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write(path, buffer.getvalue())
 
 
 def _style(ax) -> None:

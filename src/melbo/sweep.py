@@ -28,7 +28,7 @@ from melbo.errors import MelboError
 from melbo.models import LoadedModel
 from melbo.checks import check_finite
 from melbo.numbers import finite_or_none, fmt
-from melbo.plots import sweep_figure
+from melbo.plots import save_figure, sweep_figure
 from melbo.assess import run_completions
 from melbo.runner import DiscoverConfig, discover, parse_radius, resume, validate
 from melbo.files import check_output_dir, make_output_dir, write_json
@@ -260,7 +260,7 @@ def plot(result: dict, path: Path) -> None:
     """sweep.png: the report's sweep figure (diversity and median perplexity against R, floor, chosen R)."""
     figure = sweep_figure(result)
     if figure is not None:
-        figure.savefig(path)
+        save_figure(figure, path)
 
 
 def _point_name(spec: str, source: Optional[int], target: Optional[int], with_layers: bool) -> str:
