@@ -235,6 +235,8 @@ def test_context_length_ignores_a_tokenizers_sentinel(lm):
         (["generate", "RUN", "-p", "Hi", "--temperature", "inf"], "temperature must be a finite number"),
         (["generate", "RUN", "-p", "Hi", "--temperature", "nan"], "temperature must be a finite number"),
         (["chat", "RUN", "--scale", "inf", "--turns", "TURNS"], "scale must be a finite number"),
+        (["chat", "RUN", "--scale", "1e30", "--turns", "TURNS"], "between -100 and 100"),
+        (["chat", "RUN", "--scale", "-101", "--turns", "TURNS"], "the model writes nothing or noise"),
         (["discover", PROMPT, "--lr", "inf"], "lr must be a finite number"),
         (["discover", PROMPT, "--p", "inf"], "p must be a finite number"),
         (["discover", PROMPT, "--q", "nan"], "q must be"),
@@ -271,6 +273,8 @@ def test_chat_scale_command_refuses_non_finite(lm, run_dir):
     session = ChatSession(lm, run.perturbations, 0)
     with pytest.raises(MelboError, match="scale must be a finite number"):
         session.command("/scale nan")
+    with pytest.raises(MelboError, match="too large"):
+        session.command("/scale 1e30")
     assert session.scale == 1.0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from melbo.checks import check_finite
+from melbo.checks import check_scale
 from melbo.errors import MelboError
 from melbo.generation import Sampling, generate_rows
 from melbo.intervention import Perturbations
@@ -26,7 +26,7 @@ class ChatSession:
 
     def __post_init__(self):
         uses_chat(self.lm, True)  # chat needs a template: say so up front
-        self.scale = check_finite("scale", self.scale)
+        self.scale = check_scale(self.scale)
         if self.vector is not None:
             self.select(self.vector)
 
@@ -60,7 +60,7 @@ class ChatSession:
                 self.select(int(arg))
                 return f"[vector {self.vector} on, scale {self.scale}]"
             if name == "/scale":
-                self.scale = check_finite("scale", float(arg))
+                self.scale = check_scale(float(arg))
                 return f"[scale {self.scale}]"
         except ValueError:
             raise MelboError(f"{name} needs a number, e.g. {name} 2") from None

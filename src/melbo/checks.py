@@ -32,6 +32,18 @@ def check_finite(name: str, value: Any) -> float:
     return float(value)
 
 
+MAX_SCALE = 100.0  # scale 1 is the trained radius; 100× it already drowns the model's own activations
+
+
+def check_scale(value: Any) -> float:
+    """A steering scale: finite, and within ±MAX_SCALE (far beyond it a model writes nothing, or noise, or NaN)."""
+    scale = check_finite("scale", value)
+    if abs(scale) > MAX_SCALE:
+        raise MelboError(f"scale {value!r} is too large: give one between -{MAX_SCALE:g} and {MAX_SCALE:g} "
+                         "(1 is the trained radius; far beyond it the model writes nothing or noise)")
+    return scale
+
+
 def check_whole(name: str, value: Any) -> int:
     if not is_whole(value):
         raise MelboError(f"{option(name)} must be a whole number, got {value!r}")

@@ -28,7 +28,7 @@ def chat(
 ) -> None:
     """Multi-turn chat with a steered model (/vector N, /scale X, /off, /reset, /quit)."""
     from melbo.chat import HELP, ChatSession
-    from melbo.checks import check_finite
+    from melbo.checks import check_scale
     from melbo.generation import Sampling
     from melbo.files import read_text
     from melbo.store import Run
@@ -37,7 +37,7 @@ def chat(
     if turns is not None and not turns.is_file():
         raise MelboError(f"turns file {turns} does not exist: check the path")
     lines = read_text(turns, "turns file").splitlines() if turns is not None else None
-    check_finite("scale", scale)
+    check_scale(scale)
     lm = load(model or run.config["model"]["spec"], device, dtype, None, threads)
     run.attach(lm)
     session = ChatSession(lm, run.perturbations, vector, scale,
