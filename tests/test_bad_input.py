@@ -612,3 +612,52 @@ def test_sweep_refuses_a_fluency_bound_that_is_not_a_finite_positive_number(flag
                                "--model", str(model_dir), *flags], capsys)
     one_line(code, stderr, message)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ issue 23: diff
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-other") / "base", seed=1)
+
+
+def test_diff_of_a_model_against_itself_is_refused(model_dir, tmp_path, capsys):
+    out = tmp_path / "d"
+    code, _, stderr = run_cli(["diff", PROMPT, "-m", str(model_dir), "-r", str(model_dir), "-n", "1", "--steps", "1",
+                               "--out", str(out)], capsys)
+    one_line(code, stderr, "the same model", "every KL would be 0", "--reference")
+    assert not out.exists()
+
+
+def test_an_interrupted_diff_names_diff_resume_with_its_reference(model_dir, other_model_dir, tmp_path, monkeypatch,
+                                                                   capsys):
+    from melbo import divergence
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(divergence, "diff", interrupted)
+    out = tmp_path / "d"
+    code, _, stderr = run_cli(["diff", PROMPT, "-m", str(model_dir), "-r", str(other_model_dir), "--out", str(out)],
+                              capsys)
+    assert code == 130 and f"melbo diff --resume {out} -r {other_model_dir}" in " ".join(stderr.split())
+    assert "discover" not in stderr
+
+
+def test_diff_resume_keeps_the_recorded_random_count(lm, model_dir, other_model_dir, tmp_path, capsys):
+    from melbo import divergence
+
+    ref = melbo.load_model(str(other_model_dir))
+
+    def interrupt(event):
+        if event.get("batch") == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "d"
+    with pytest.raises(KeyboardInterrupt):
+        divergence.diff(lm, ref, [PROMPT], out, random=0, n_vectors=2, batch_size=1, steps=1, max_new_tokens=2,
+                        progress=interrupt)
+    assert json.loads((out / "config.json").read_text())["random"] == 0
+    code, _, stderr = run_cli(["diff", "--resume", str(out), "-m", str(model_dir), "-r", str(other_model_dir)], capsys)
+    assert code == 0, stderr
+    labels = {r["label"] for r in json.loads((out / "divergence.json").read_text())["rows"]}
+    assert labels == {"v0", "v1"}

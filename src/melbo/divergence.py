@@ -66,16 +66,23 @@ def diff(
         get_checker(check)  # before minutes of training
     if not isinstance(prompts, DiscoverConfig):
         settings.setdefault("radius", DIFF_RADIUS)
-    run = discover(audited, prompts, out, reference=reference, progress=progress, **settings)
+    run = discover(audited, prompts, out, reference=reference, progress=progress, record={"random": random},
+                   **settings)
     rank_run(run, audited, reference, random=random, progress=progress, on_batch=on_batch, check=check)
     return run
 
 
-def resume_diff(path: str | Path, audited: LoadedModel, reference: LoadedModel, *, random: int = DIFF_RANDOM,
+def resume_diff(path: str | Path, audited: LoadedModel, reference: LoadedModel, *, random: Optional[int] = None,
                 progress: Optional[Progress] = None, on_batch: Optional[Callable[[int], None]] = None,
                 check: Optional[str] = None) -> Run:
-    """Continue an interrupted `diff` run from its last finished batch, then rank it as `diff` does."""
+    """Continue an interrupted `diff` run from its last finished batch, then rank it as `diff` does.
+
+    `random` None: the count the run recorded (runs before it was recorded: DIFF_RANDOM)."""
     run = resume(path, audited, progress=progress, reference=reference)
+    if random is None:
+        random = run.config.get("random", DIFF_RANDOM)
+    if not isinstance(random, int) or isinstance(random, bool) or random < 0:
+        raise MelboError(f"random must be an integer ≥ 0, got {random!r}")
     rank_run(run, audited, reference, random=random, progress=progress, on_batch=on_batch,
              check=check or run.config.get("check"))
     return run

@@ -131,12 +131,14 @@ def discover(
     previous: Optional[Tensor] = None,
     reference: Optional[LoadedModel] = None,
     progress: Optional[Progress] = None,
+    record: Optional[dict] = None,
     **settings,
 ) -> Run:
     """Train perturbations on `prompts` and write a run directory. Settings are `DiscoverConfig` fields.
 
     With a `reference` model the run is contrastive (`melbo.contrastive`): the objective rewards changes the
     audited model `lm` makes and the reference does not (`contrast` picks the form; default "difference").
+    `record`: more config fields, saved with the first config (diff's random count, which its resume reuses).
     """
     if isinstance(prompts, DiscoverConfig) and settings:
         raise MelboError(f"pass settings either in the DiscoverConfig or as keywords, not both ({', '.join(settings)})")
@@ -153,7 +155,7 @@ def discover(
         raise MelboError(f"earlier vectors have width {previous.shape[-1]}, the model {lm.width}: use this model's")
     batch = encode(lm, cfg.prompts, cfg.chat, cfg.positions)  # validates prompts and token positions
     path.mkdir(parents=True, exist_ok=True)
-    run = Run(path, _initial_config(lm, cfg, source, target, reference), model=lm)
+    run = Run(path, {**_initial_config(lm, cfg, source, target, reference), **(record or {})}, model=lm)
     run.save_config()  # first, so that an interruption from here on leaves a resumable run
     if previous is not None:
         save_tensors(path / PREVIOUS, {"vectors": previous})

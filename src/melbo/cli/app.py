@@ -124,9 +124,13 @@ def given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
     return [flags[n] for n, source in sources.items() if source is not None and source.name != "DEFAULT"]
 
 
-def interruptible(work: Callable, path: Path, command: str = "discover"):
+def interruptible(work: Callable, path: Path, command: str = "discover", *more: str):
+    """Run `work`; on Ctrl-C, name the command that continues it (`more`: the arguments it needs beside --resume)."""
+    import shlex
+
     try:
         return work()
     except KeyboardInterrupt:
-        err.print(f"interrupted: finished batches are saved; continue with `melbo {command} --resume {path}`")
+        again = " ".join(shlex.quote(str(a)) for a in ("melbo", command, "--resume", path, *more))
+        err.print(f"interrupted: finished batches are saved; continue with `{escape(again)}`", highlight=False)
         raise typer.Exit(130) from None

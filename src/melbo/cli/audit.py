@@ -71,16 +71,18 @@ def diff_command(
             raise MelboError(f"{resume_dir} is not a diff run: resume it with `melbo discover --resume {resume_dir}`")
         lm = load(model or config["model"]["spec"], device, dtype, blocks_path, threads)
         ref = load(reference or config["reference"]["spec"], device, dtype, blocks_path, threads)
+        kept = random if given(ctx, ("random",)) else None  # else the count the run recorded
         with JobDisplay() as display:
-            run = interruptible(lambda: divergence.resume_diff(resume_dir, lm, ref, random=random, check=check,
+            run = interruptible(lambda: divergence.resume_diff(resume_dir, lm, ref, random=kept, check=check,
                                                                progress=display.event, on_batch=display.advance),
-                                resume_dir)
+                                resume_dir, "diff", "-r", reference or config["reference"]["spec"])
     else:
         if reference is None:
             raise MelboError("diff compares two models: give the reference with --reference (e.g. the base model)")
         texts = read_prompts(prompts or [], prompts_file)
         lm = load(model, device, dtype, blocks_path, threads)
         ref = load(reference, device, dtype, blocks_path, threads)
+        _check_not_itself(lm, ref)
         settings = runner.DiscoverConfig(
             prompts=texts, method=method, n_vectors=n_vectors, source=source, target=target, radius=radius,
             steps=steps, orthogonal=orthogonal, positions=parse_positions(positions), batch_size=batch_size,
@@ -88,7 +90,8 @@ def diff_command(
         path = out_dir or runner.default_run_dir(lm)
         with JobDisplay() as display:
             run = interruptible(lambda: divergence.diff(lm, ref, settings, path, random=random, check=check,
-                                                        progress=display.event, on_batch=display.advance), path)
+                                                        progress=display.event, on_batch=display.advance),
+                                path, "diff", "-r", reference)
     print_divergence(divergence.load_divergence(run.path))
     print_checks(run.path)
     from melbo.report import write_report
@@ -97,6 +100,13 @@ def diff_command(
     out.print(f"run written to [bold]{escape(str(run.path))}[/] in {time.perf_counter() - started:.0f} s; "
               f"report: [bold]{escape(str(report_path))}[/]")
     record(run.path)  # into the catalogue (melbo catalog); trouble there is one warning line, never a failure
+
+
+def _check_not_itself(lm, ref) -> None:
+    """A model diffed against itself: every perturbation changes both alike, every KL is 0 — minutes for nothing."""
+    if lm.model_id == ref.model_id and lm.source_hash == ref.source_hash:
+        raise MelboError(f"the audited model and the reference are the same model ({lm.model_id}): every KL would "
+                         "be 0; give its base model or an earlier checkpoint as --reference")
 
 
 _DIFF_RESUME_KEEPS = ("prompts", "prompts_file", "out_dir", "contrast", "contrast_weight", "method", "n_vectors",
