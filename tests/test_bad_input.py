@@ -661,3 +661,31 @@ def test_diff_resume_keeps_the_recorded_random_count(lm, model_dir, other_model_
     assert code == 0, stderr
     labels = {r["label"] for r in json.loads((out / "divergence.json").read_text())["rows"]}
     assert labels == {"v0", "v1"}
+
+
+# ------------------------------------------------------------------------------------------------ issue 23: bench
+@pytest.mark.parametrize("command", ["monitor", "triggers"])
+def test_bench_per_set_0_names_per_set(command, run_dir, tmp_path, capsys):
+    out = tmp_path / "b"
+    code, _, stderr = run_cli(["bench", command, str(run_dir), "--per-set", "0", "--out", str(out)], capsys)
+    one_line(code, stderr, "per-set must be a whole number ≥ 1")
+    assert not out.exists()
+
+
+def test_bench_diff_refuses_an_unknown_contrast_before_anything(model_dir, tmp_path, capsys):
+    out = tmp_path / "b"
+    code, _, stderr = run_cli(["bench", "diff", "--model", str(model_dir), "--contrast", "difference", "--contrast",
+                               "bogus", "--out", str(out)], capsys)
+    one_line(code, stderr, "unknown contrast 'bogus'")
+    assert not out.exists()
+
+
+def test_bench_diff_checks_every_arm_before_training_the_first(lm, other_model_dir, tmp_path):
+    from melbo.bench.common import get_bench
+    from melbo.bench.settings import DiffSettings
+
+    settings = DiffSettings.quick(prompts=[PROMPT], behaviours={"pirate": "arr"}, reference=melbo.load_model(
+        str(other_model_dir)), arms={"discover": {}, "diff": {"contrast": "bogus"}}, report=False)
+    with pytest.raises(MelboError, match="unknown contrast 'bogus'"):
+        get_bench("diff").run(lm, tmp_path / "b", settings)
+    assert not (tmp_path / "b").exists()

@@ -52,7 +52,7 @@ class DiffBench:
         from melbo.bench.steer import random_control
         from melbo.divergence import rank_perturbations
         from melbo.generation import Sampling
-        from melbo.runner import discover
+        from melbo.runner import DiscoverConfig, discover, validate
 
         arms = dict(DEFAULT_ARMS if s.arms is None else s.arms)
         if not arms:
@@ -64,6 +64,8 @@ class DiffBench:
         out = Path(out)
         if out.exists() and any(out.iterdir()):
             raise MelboError(f"{out} already exists and is not empty: choose another --out")
+        for extra in arms.values():  # every arm's settings before the first trains: a bad last arm loses nothing
+            validate(audited, DiscoverConfig.build(prompts, **{**s.discover_settings(), "orthogonal": "hard", **extra}))
         started = time.perf_counter()
         sampling = Sampling(max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)
         outcomes: dict[str, dict] = {}

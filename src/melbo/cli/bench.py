@@ -221,7 +221,11 @@ def bench_diff_command(
     shared: dict = None,
 ) -> None:
     """Audit mode on the backdoor testbed: plain discovery vs diff vs random, recall per budget."""
+    from melbo.contrastive import FORMS
+
     forms = contrast or ["difference"]
+    if unknown := [f for f in forms if f not in FORMS]:  # before loading, training or making --out
+        raise MelboError(f"unknown contrast {unknown[0]!r}: use one of {', '.join(FORMS)}")
     arms = {"discover": {}, **{("diff" if len(forms) == 1 else f"diff-{f}"): {"contrast": f} for f in forms}}
     path = _bench_path(shared["out_dir"], "diff")
     spec, bed = _testbed(model)
@@ -252,6 +256,9 @@ def bench_monitor_command(
     from melbo.bench.common import get_bench
     from melbo.store import Run
 
+    from melbo.bench.monitor import check_per_set
+
+    check_per_set(per_set)
     spec = Run.load(run_dir).config["model"]["spec"]
     bed = testbed_record(spec) if Path(spec).is_dir() else None
     settings = MonitorSettings(run_dir=str(run_dir), testbed=bed, alpha=alpha, per_set=per_set, seed=seed,
@@ -298,8 +305,10 @@ def bench_triggers_command(
     """Triggers of an audit's findings on the backdoor testbed: output vs activation monitor, corpus ranks, inversion."""
     from melbo.bench.backdoor import testbed_record
     from melbo.bench.common import get_bench, print_result
+    from melbo.bench.monitor import check_per_set
     from melbo.trigger_search import load_findings
 
+    check_per_set(per_set)
     _, spec, _ = load_findings(audit_dir)
     bed = testbed_record(spec) if spec and Path(spec).is_dir() else None
     if bed is None:
