@@ -15,7 +15,8 @@ The built-in `arithmetic-cot` parses every `x + y = z` and `x * y = z` step of a
 - `copy error`: a step uses a value for a variable other than the one the chain computed for it earlier, or
   copies an operand as the result;
 - `other`: any other wrong result.
-A completion with no arithmetic step has no verdict on correctness (`checked` is False).
+A step's result is a number: in "6 + 2 = 6 + 2" the right side is an expression, not a claimed result, so it is no
+step. A completion with no arithmetic step has no verdict on correctness (`checked` is False).
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ from melbo.errors import MelboError
 PATTERNS = ("sum→product", "product→sum", "off by one", "copy error", "other")
 _NUMBER = r"(-?\d+(?:\.\d+)?)"
 _OP = r"([+*×x·\-])"
-_STEP = re.compile(rf"(?:\b([a-z])\s*=\s*)?{_NUMBER}\s*{_OP}\s*{_NUMBER}\s*=\s*{_NUMBER}")
+# a step's result is a number, not the start of another expression: "6 + 2 = 6 + 2" restates the sum (a loop
+# steered models fall into, often cut off as "= 6 +"), it does not claim 6 + 2 = 6 (hand labels,
+# tests/data/cot_labels.jsonl)
+_STEP = re.compile(rf"(?:\b([a-z])\s*=\s*)?{_NUMBER}\s*{_OP}\s*{_NUMBER}\s*=\s*{_NUMBER}(?!\d|\.\d|\s*{_OP}\s*(?:-?\d|$))")
 _USE = re.compile(rf"\b([a-z])\s*{_OP}\s*([a-z])\s*=\s*{_NUMBER}\s*{_OP}\s*{_NUMBER}")
 _OPS = {"+": "+", "*": "*", "×": "*", "x": "*", "·": "*", "-": "-"}
 
