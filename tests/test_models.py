@@ -146,3 +146,14 @@ def test_a_model_already_in_memory_is_taken_as_it_is(tmp_path):
                          (object(), "model spec must be text")):
         with pytest.raises(melbo.MelboError, match=message):
             melbo.load_model(bad)
+
+
+def test_the_command_lines_placement_defaults():
+    import torch
+
+    from melbo.models import placement
+
+    gpu = torch.cuda.is_available()
+    assert placement("best", "auto") == (("cuda", "bfloat16") if gpu else ("cpu", "float32"))
+    assert placement("cpu", "auto") == ("cpu", "float32")  # bf16 only where it pays
+    assert placement("cuda:1", "float16") == ("cuda:1", "float16")  # explicit values pass through

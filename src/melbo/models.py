@@ -222,6 +222,7 @@ def load_model(
     `tokenizer=` its tokenizer, or an nnsight `LanguageModel` or `TransformersModel` (the model it wraps, and its tokenizer)."""
     if not isinstance(spec, str):
         return _in_memory(spec, tokenizer, blocks_path)
+    device, dtype = placement(device, dtype)
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise MelboError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     _check_device(device)
@@ -264,6 +265,18 @@ def _in_memory(model: object, tokenizer: object, blocks_path: str | None) -> Loa
     name = Path(str(getattr(model.config, "_name_or_path", "") or model.config.model_type)).name or "model"
     # no content hash: hashing every weight of a large model would cost more than loading it
     return LoadedModel(model, tokenizer, blocks, path, f"{name}@memory", f"memory:{name}", None)
+
+
+def placement(device: str, dtype: str) -> tuple[str, str]:
+    """The command line's defaults made concrete: device "best" is the first CUDA GPU when one is visible, else the
+    CPU; dtype "auto" is bfloat16 on a GPU (half the memory, the tensor cores' format) and float32 on the CPU (where
+    bf16 matmuls are slow without AMX and generation gains little). Other values pass through unchanged."""
+    if device == "best":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        on_gpu = isinstance(device, str) and (device == "auto" or device.startswith("cuda"))
+        dtype = "bfloat16" if on_gpu and torch.cuda.is_available() else "float32"
+    return device, dtype
 
 
 def _check_device(device: str) -> None:

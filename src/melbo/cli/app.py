@@ -30,8 +30,8 @@ out = Console()
 err = Console(stderr=True)
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Embedded name, local HF directory, .gguf file or hub id.")
-DeviceOpt = typer.Option("cpu", help="cpu, cuda, cuda:N, or auto (spread over all GPUs).")
-DtypeOpt = typer.Option("float32", help="float32, bfloat16 or float16.")
+DeviceOpt = typer.Option("best", help="best (a CUDA GPU when one is visible, else cpu), cpu, cuda, cuda:N, or auto (spread over all GPUs).")
+DtypeOpt = typer.Option("auto", help="auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16.")
 BlocksOpt = typer.Option(None, "--blocks-path", help="Dotted path of the decoder block list, for unknown architectures.")
 ThreadsOpt = typer.Option(THREADS, "--threads", help="torch threads (default: the free cores; OMP_NUM_THREADS if set).")
 
