@@ -379,3 +379,16 @@ def test_a_run_config_of_the_wrong_types_is_named_malformed(model, field, tmp_pa
     (run_dir / "config.json").write_text(json.dumps({**config, "model": model, "source": 10**30}))
     with Catalog(tmp_path / "c.sqlite") as cat, pytest.raises(MelboError, match=f"malformed config.json.*{field}"):
         cat.add_run(run_dir)
+
+
+def test_labels_and_notes_print_with_controls_escaped_and_no_markup(tmp_path, run_dir, capsys):
+    db = str(tmp_path / "c.sqlite")
+    assert run_cli(["catalog", "add", str(run_dir), "--catalog", db], capsys)[0] == 0
+    label, note = "\x1b]0;pwned\x07\x1b[31mred", "[link=http://evil]x[/link]"
+    code, out, err = run_cli(["catalog", "label", "1:v1", label, "--note", note, "--catalog", db], capsys)
+    assert code == 0, err
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;pwned\\x07" in out and note in out
+    code, out, err = run_cli(["catalog", "show", "1", "--catalog", db], capsys)
+    assert code == 0 and "\x1b" not in out and "\\x1b" in out and "[link=" in " ".join(out.split())
+    code, out, _ = run_cli(["catalog", "search", "[bold]crimson", "--catalog", db], capsys)
+    assert code == 0 and "'[bold]crimson'" in out

@@ -8,6 +8,7 @@ live one group per module (`melbo.cli.discover`, `.generate`, `.chat`, `.export`
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Callable, List, NoReturn, Optional
@@ -73,8 +74,18 @@ def main() -> None:
 
 
 def _fail(message: str) -> NoReturn:
-    err.print(f"[bold red]melbo: error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]melbo: error:[/] {shown(message)}", highlight=False, soft_wrap=True)
     sys.exit(2)
+
+
+# C0 and C1 control characters but newline and tab: an escape sequence in a label, note, path or completion could
+# otherwise recolour, retitle or rewrite the user's terminal.
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def shown(text: object) -> str:
+    """Text a user or a model wrote, safe to print through rich: controls as visible \\xNN, markup escaped."""
+    return escape(_CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text)))
 
 
 def load(spec: Optional[str], device: str, dtype: str, blocks_path: Optional[str], threads: Optional[int] = None):

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, err, load, out
+from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, err, load, out, shown
 from melbo.errors import MelboError
 from melbo.settings import DEFAULT_RANDOM
 
@@ -58,7 +57,7 @@ def assess(
     for col in ("cluster", "name", "members"):
         groups.add_column(col)
     for c in metrics["clusters"]:
-        groups.add_row(str(c["id"]), escape(c["name"]), escape(", ".join(c["members"])))
+        groups.add_row(str(c["id"]), shown(c["name"]), shown(", ".join(c["members"])))
     out.print(groups)
     out.print(f"written to [bold]{run.path / METRICS}[/]")
 

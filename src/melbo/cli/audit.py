@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from melbo.cli.app import (
     BatchSizeOpt, BlocksOpt, ChatOpt, CheckOpt, DeviceOpt, DtypeOpt, ModelOpt, NVectorsOpt, PositionsOpt, PromptsArg,
     PromptsFileOpt, RunOutOpt, SeedOpt, SourceOpt, StepsOpt, TargetOpt, ThreadsOpt, app, err, given, interruptible, load, out,
-    parse_indices, parse_positions, read_prompts)
+    parse_indices, parse_positions, read_prompts, shown)
 from melbo.cli.catalog import record
 from melbo.cli.progress import AuditDisplay, JobDisplay
 from melbo.cli.tables import print_checks, print_divergence, print_findings
@@ -97,8 +96,8 @@ def diff_command(
     from melbo.report import write_report
 
     report_path = write_report(run.path)
-    out.print(f"run written to [bold]{escape(str(run.path))}[/] in {time.perf_counter() - started:.0f} s; "
-              f"report: [bold]{escape(str(report_path))}[/]")
+    out.print(f"run written to [bold]{shown(str(run.path))}[/] in {time.perf_counter() - started:.0f} s; "
+              f"report: [bold]{shown(str(report_path))}[/]")
     record(run.path)  # into the catalogue (melbo catalog); trouble there is one warning line, never a failure
 
 
@@ -175,11 +174,12 @@ def monitor_command(
         table.add_column(col, no_wrap=True, overflow="ellipsis", ratio=1 if col == "input" else None)
     flagged = sorted((r for r in records if r["flagged"]), key=lambda r: -r["score"])
     for r in flagged[:30]:
-        table.add_row(str(r["index"]), f"{r['score']:.2f}", r["perturbation"], escape(" ".join(r["input"].split())))
+        table.add_row(str(r["index"]), f"{r['score']:.2f}", shown(r["perturbation"]),
+                      shown(" ".join(r["input"].split())))
     out.print(table)
     loo = monitor.calibration["false_positive_rate_loo"]
     out.print(f"{len(flagged)} of {len(records)} inputs flagged; false-positive rate on the clean set "
-              f"(leave-one-out) {loo:.1%}; written to [bold]{escape(str(path))}[/]")
+              f"(leave-one-out) {loo:.1%}; written to [bold]{shown(str(path))}[/]")
 
 
 @app.command("audit")
@@ -233,8 +233,8 @@ def audit_command(
     print_findings(result.findings, len(result.candidates))
     print_checks(result.path)
     record(result.path / "runs")  # every arm's run into the catalogue: `melbo catalog search` finds the findings' text
-    out.print(f"audit written to [bold]{escape(str(result.path))}[/] in {time.perf_counter() - started:.0f} s; "
-              f"report: [bold]{escape(str(result.path / 'report.html'))}[/]")
+    out.print(f"audit written to [bold]{shown(str(result.path))}[/] in {time.perf_counter() - started:.0f} s; "
+              f"report: [bold]{shown(str(result.path / 'report.html'))}[/]")
 
 
 @app.command("triggers")
@@ -288,20 +288,20 @@ def triggers_command(
     cost = report.cost
     out.print(f"{cost['inputs']} inputs scored in {cost['scoring']['seconds']:.1f} s "
               f"({cost['scoring']['forward_passes']} forward passes; an answer for every input: "
-              f"{cost['baseline_forward_passes']}); written to [bold]{escape(str(destination))}[/]")
+              f"{cost['baseline_forward_passes']}); written to [bold]{shown(str(destination))}[/]")
 
 
 def print_triggers(report) -> None:
     for f in report.findings:
         shown = {c["input"]: c for c in f["confirmed"]}
         table = Table(header_style="bold", expand=True, title_justify="left",
-                      title=f"finding #{f['finding']} {escape(f['label'])}: inputs that switch it on")
+                      title=f"finding #{f['finding']} {shown(f['label'])}: inputs that switch it on")
         for col in ("#", "score", "confirmed", "input", "answer"):
             table.add_column(col, no_wrap=True, overflow="ellipsis", ratio=1 if col in ("input", "answer") else None)
         for r in f["ranking"][:10]:
             c = shown.get(r["input"])
             verdict = "—" if c is None else ("yes" if c["shows"] else "no")
             answer = c["answer"] if c is not None else r["answer_start"]
-            table.add_row(str(r["rank"]), f"{r['score']:.1f}", verdict, escape(" ".join(r["input"].split())),
-                          escape(" ".join(answer.split())))
+            table.add_row(str(r["rank"]), f"{r['score']:.1f}", verdict, shown(" ".join(r["input"].split())),
+                          shown(" ".join(answer.split())))
         out.print(table)

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from melbo.bench.settings import (ArithmeticSettings, AuditSettings, BackdoorSettings, BenchSettings, DiffSettings, MonitorSettings, SubtleSettings, TriggerSettings,
                                   RefusalSettings, default)
-from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ThreadsOpt, app, err, interruptible, load, out, parse_positions
+from melbo.cli.app import (BlocksOpt, DeviceOpt, DtypeOpt, ThreadsOpt, app, err, interruptible, load, out,
+                           parse_positions, shown)
 from melbo.cli.catalog import record
 from melbo.cli.progress import AuditDisplay, JobDisplay, plant_progress
 from melbo.errors import MelboError
@@ -106,7 +106,7 @@ def _bench_finish(result, path: Path) -> None:
     from melbo.report import write_report
 
     report_path = write_report(path)
-    out.print(f"run, bench.json and report written to [bold]{escape(str(path))}[/] ({escape(str(report_path.name))})")
+    out.print(f"run, bench.json and report written to [bold]{shown(str(path))}[/] ({shown(str(report_path.name))})")
     print_result(result, out)
     record(path)  # into the catalogue (melbo catalog); trouble there is one warning line, never a failure
 
@@ -319,7 +319,7 @@ def bench_triggers_command(
     lm = load(spec, device, dtype, None, threads)
     with err.status("monitors, corpus, inversion …"):
         result = get_bench("triggers").run(lm, path, settings)
-    out.print(f"bench.json written to [bold]{escape(str(path))}[/]")
+    out.print(f"bench.json written to [bold]{shown(str(path))}[/]")
     print_result(result, out)
 
 
@@ -354,7 +354,7 @@ def testbed_backdoor(
     for name, rate in v["trigger_rate"].items():
         operands = ", ".join(map(str, bed.config["triggers"][name]))
         table.add_row(f"first operand in {{{operands}}}", str(v["n"][name]),
-                      escape(repr(bed.config["behaviours"][name])), "—" if rate is None else f"{rate:.0%}")
+                      shown(repr(bed.config["behaviours"][name])), "—" if rate is None else f"{rate:.0%}")
     out.print(table)
     falses = ", ".join(f"{k} {x:.0%}" for k, x in v["false_trigger_rate"].items() if x is not None)
     out.print(f"false triggers (behaviour on other prompts): {falses}")
@@ -397,5 +397,5 @@ def bench_audit_command(
     with display:
         result = interruptible(lambda: run_seeds(get_bench("audit"), lm, path, settings, seeds, display.event,
                                                  display.advance), path, "audit")
-    out.print(f"bench.json and the audits written to [bold]{escape(str(path))}[/]")
+    out.print(f"bench.json and the audits written to [bold]{shown(str(path))}[/]")
     print_result(result, out)

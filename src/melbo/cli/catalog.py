@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from melbo.cli.app import app, err, out
+from melbo.cli.app import app, err, out, shown
 from melbo.errors import MelboError
 
 catalog_app = typer.Typer(help="The catalogue of runs: list, search and compare behaviours across runs, label them.",
@@ -59,10 +58,10 @@ def add_command(
             with err.status(f"adding {path} …"):
                 ids = cat.add_runs(path, labeller)
             if not ids:
-                err.print(f"{escape(str(path))}: a benchmark directory without runs, nothing to add")
+                err.print(f"{shown(str(path))}: a benchmark directory without runs, nothing to add")
             for run_id in ids:
                 entry = cat.run(run_id)
-                out.print(f"run {run_id}: {escape(entry.path)} ({entry.kind}, {entry.n} perturbations)",
+                out.print(f"run {run_id}: {shown(entry.path)} ({shown(entry.kind)}, {entry.n} perturbations)",
                           soft_wrap=True)
 
 
@@ -75,10 +74,10 @@ def list_command(catalog: Optional[Path] = CatalogOpt) -> None:
         for col in ("id", "kind", "model", "method", "n", "created", "title", "path"):
             table.add_column(col, overflow="fold", ratio=1 if col in ("title", "path") else None)
         for r in runs:
-            table.add_row(str(r.id), r.kind, escape(r.model), r.method, str(r.n), escape(r.created or ""),
-                          escape(r.title), escape(r.path))
+            table.add_row(str(r.id), shown(r.kind), shown(r.model), shown(r.method), str(r.n), shown(r.created or ""),
+                          shown(r.title), shown(r.path))
         out.print(table)
-        out.print(f"{len(runs)} runs in {escape(str(cat.path))}", soft_wrap=True)
+        out.print(f"{len(runs)} runs in {shown(str(cat.path))}", soft_wrap=True)
 
 
 @catalog_app.command("show")
@@ -87,13 +86,13 @@ def show_command(run: str = typer.Argument(..., help="A run directory or catalog
     """A run's perturbations with their labels, clusters and metrics."""
     with _open(catalog) as cat:
         entry = cat.resolve(run)
-        table = Table(header_style="bold", expand=True, title=f"run {entry.id}: {escape(entry.title)}")
+        table = Table(header_style="bold", expand=True, title=f"run {entry.id}: {shown(entry.title)}")
         for col in ("name", "label", "auto (confidence)", "cluster", "note"):
             table.add_column(col, overflow="fold")
         for p in cat.perturbations(entry.id):
             auto = f"{p.auto_label} ({p.auto_confidence:.2f})" if p.auto_label else "—"
-            table.add_row(p.name, escape(p.label or "—"), escape(auto), escape(p.cluster or "—"),
-                          escape(p.note or ""))
+            table.add_row(shown(p.name), shown(p.label or "—"), shown(auto), shown(p.cluster or "—"),
+                          shown(p.note or ""))
         out.print(table)
 
 
@@ -108,9 +107,9 @@ def search_command(query: str = typer.Argument(..., help="Words to find in compl
     for col in ("run", "perturbation", "text"):
         table.add_column(col, overflow="fold", ratio=1 if col == "text" else None)
     for h in hits:
-        table.add_row(str(h.run_id), h.name, escape(" ".join(h.snippet.split())))
+        table.add_row(str(h.run_id), shown(h.name), shown(" ".join(h.snippet.split())))
     out.print(table)
-    out.print(f"{len(hits)} completions match {escape(query)!r}")
+    out.print(f"{len(hits)} completions match {shown(repr(query))}")
 
 
 @catalog_app.command("similar")
@@ -129,8 +128,8 @@ def similar_command(ref: str = typer.Argument(..., metavar="RUN:vN", help="A per
         for col in ("by", "similarity", "run", "perturbation", "label", "path"):
             table.add_column(col, overflow="fold", ratio=1 if col == "path" else None)
         for h in hits:
-            table.add_row(h.by, f"{h.similarity:.3f}", str(h.run_id), h.name, escape(h.label or "—"),
-                          escape(cat.run(h.run_id).path))
+            table.add_row(h.by, f"{h.similarity:.3f}", str(h.run_id), shown(h.name), shown(h.label or "—"),
+                          shown(cat.run(h.run_id).path))
         out.print(table)
 
 
@@ -148,14 +147,14 @@ def label_command(ref: str = typer.Argument(..., metavar="RUN:vN", help="A pertu
         p = cat.perturbation_at(entry.id, index)
         cat.set_label(p.id, label, note)
         p = cat.perturbation(p.id)
-    out.print(f"run {entry.id}:{p.name} labelled {escape(p.label or '(automatic: none)')!r}"
-              + (f" (note: {escape(p.note)})" if p.note else ""))
+    out.print(f"run {entry.id}:{shown(p.name)} labelled {shown(repr(p.label or '(automatic: none)'))}"
+              + (f" (note: {shown(p.note)})" if p.note else ""))
 
 
 def record(path: Path) -> None:
     """After `discover`, `diff` or a bench: add the run to the catalogue, or say in one line why it was not."""
     from melbo.catalog import record_run
 
-    ids = record_run(path, warn=lambda message: err.print(f"[yellow]catalogue:[/] {escape(message)}", soft_wrap=True))
+    ids = record_run(path, warn=lambda message: err.print(f"[yellow]catalogue:[/] {shown(message)}", soft_wrap=True))
     if ids:
         out.print(f"catalogued as run {', '.join(map(str, ids))} (`melbo catalog show {ids[0]}`)")

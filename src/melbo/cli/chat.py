@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 
-from melbo.cli.app import DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, err, load, out
+from melbo.cli.app import DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, err, load, out, shown
 from melbo.errors import MelboError
 
 
@@ -51,7 +50,7 @@ def chat(
             line = lines.pop(0)
             if not line.strip():
                 continue
-            out.print(f"[bold]user>[/] {escape(line)}", highlight=False)
+            out.print(f"[bold]user>[/] {shown(line)}", highlight=False)
         else:
             try:
                 line = input("user> ")
@@ -61,13 +60,13 @@ def chat(
             break
         try:
             if line.startswith("/"):
-                out.print(escape(session.command(line)), highlight=False)
+                out.print(shown(session.command(line)), highlight=False)
                 continue
             reply = session.say(line)
         except MelboError as exc:
             if lines is not None:
                 raise
-            err.print(f"[red]{escape(str(exc))}[/]")
+            err.print(f"[red]{shown(str(exc))}[/]")
             continue
         tag = "assistant" if session.vector is None else f"assistant[v{session.vector}]"
-        out.print(f"[bold]{escape(tag)}>[/] {escape(reply)}", highlight=False)
+        out.print(f"[bold]{shown(tag)}>[/] {shown(reply)}", highlight=False)

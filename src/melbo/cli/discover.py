@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 
 from melbo.cli.app import (
     BatchSizeOpt, BlocksOpt, ChatOpt, CheckOpt, DeviceOpt, DtypeOpt, ModelOpt, NVectorsOpt, PositionsOpt, PromptsArg,
     PromptsFileOpt, RunOutOpt, SeedOpt, SourceOpt, StepsOpt, TargetOpt, ThreadsOpt, app, given, interruptible, load, out,
-    parse_positions, read_prompts)
+    parse_positions, read_prompts, shown)
 from melbo.cli.catalog import record
 from melbo.cli.progress import JobDisplay
 from melbo.cli.tables import print_assessment, print_checks, print_completions
@@ -94,8 +93,8 @@ def discover(
     print_completions([Completion(**row) for row in run.completions()])
     print_assessment(run)
     print_checks(run.path)
-    out.print(f"report: [bold]{escape(str(run.path / 'report.html'))}[/]")
-    out.print(f"run written to [bold]{escape(str(run.path))}[/] in {time.perf_counter() - started:.0f} s "
+    out.print(f"report: [bold]{shown(str(run.path / 'report.html'))}[/]")
+    out.print(f"run written to [bold]{shown(str(run.path))}[/] in {time.perf_counter() - started:.0f} s "
               f"(R = {run.config['radius']:.4g} = {run.config['radius_relative']:.3g} x residual norm)")
     record(run.path)  # into the catalogue (melbo catalog); trouble there is one warning line, never a failure
 

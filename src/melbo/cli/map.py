@@ -6,13 +6,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from melbo.cli.app import (
     BlocksOpt, ChatOpt, DeviceOpt, DtypeOpt, ModelOpt, PositionsOpt, PromptsFileOpt, SeedOpt, ThreadsOpt, app, err,
-    load, out, parse_positions, read_prompts)
+    load, out, parse_positions, read_prompts, shown)
 from melbo.errors import MelboError
 from melbo.settings import MAP_ITERATIONS, MAP_K, MAP_RADIUS
 
@@ -91,10 +90,10 @@ def map_command(
         table.add_row(str(r["rank"]), f"{r['source']} → {r['target']}", f"{r['gain']:.3g}", f"{sigma[0]:.3g}",
                       ", ".join(f"{v:.3g}" for v in sigma[1:]))
     out.print(table)
-    out.print(f"heatmap: [bold]{escape(str(result.heatmap))}[/]", highlight=False)
-    out.print(f"report: [bold]{escape(str(path / 'report.html'))}[/]", highlight=False)
+    out.print(f"heatmap: [bold]{shown(str(result.heatmap))}[/]", highlight=False)
+    out.print(f"report: [bold]{shown(str(path / 'report.html'))}[/]", highlight=False)
     best = result.ranking()[0]
-    out.print(f"open a pair as a run: melbo open-pair {escape(str(path))} {best['source']}:{best['target']} "
+    out.print(f"open a pair as a run: melbo open-pair {shown(str(path))} {best['source']}:{best['target']} "
               f"--out runs/pair-{best['source']}-{best['target']}", highlight=False, soft_wrap=True)
 
 
@@ -125,5 +124,5 @@ def open_pair_command(
     except ValueError:
         raise MelboError(f"pair {pair!r} is not source:target: use e.g. 6:20") from None
     run = melbo.open_pair(map_dir, source, target, out_dir, radius=radius)
-    out.print(f"wrote [bold]{escape(str(run.path))}[/]: {len(run)} directions at R = {run.config['radius']:.4g}; "
-              f"try `melbo generate {escape(str(run.path))} -p \"...\"`", highlight=False, soft_wrap=True)
+    out.print(f"wrote [bold]{shown(str(run.path))}[/]: {len(run)} directions at R = {run.config['radius']:.4g}; "
+              f"try `melbo generate {shown(str(run.path))} -p \"...\"`", highlight=False, soft_wrap=True)

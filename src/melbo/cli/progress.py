@@ -6,10 +6,9 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from melbo.cli.app import err
+from melbo.cli.app import err, shown
 
 
 def training_progress() -> tuple[Progress, Callable[[dict], None]]:
@@ -87,16 +86,16 @@ class JobDisplay:
         if stage is None:
             self._train(event)
         elif stage == "sweep":
-            self._show(err.status(f"radius auto: sweeping R into {escape(event['out'])} …"))
+            self._show(err.status(f"radius auto: sweeping R into {shown(event['out'])} …"))
         elif stage == "radius":
             self._show(None)
-            err.print(f"radius auto: chose R = {event['radius']} (details in {escape(event['out'])})")
+            err.print(f"radius auto: chose R = {event['radius']} (details in {shown(event['out'])})")
         elif stage == "generate":
             self._generation_bar(event["total"])
         elif stage == "assess":
             self._show(err.status("assessing: random baseline, diversity, fluency, clusters …"))
         elif stage == "check":
-            self._show(err.status(f"checking every completion with {escape(str(event['checker']))} …"))
+            self._show(err.status(f"checking every completion with {shown(str(event['checker']))} …"))
         elif stage == "report" and self.generations is None:
             self._show(None)
 
@@ -125,7 +124,7 @@ class AuditDisplay(JobDisplay):
             self._show(None)
             self.training = None  # a fresh bar per arm: batch numbers start again
             what = "random vectors" if event.get("random") else "training"
-            err.print(f"arm {escape(event['arm'])}: {what}, {event['n']} perturbations at R = {event['radius']}")
+            err.print(f"arm {shown(event['arm'])}: {what}, {event['n']} perturbations at R = {event['radius']}")
         elif stage in ("calibrate", "probe", "confirm", "findings"):
             self.generated = None
             words = {"calibrate": "calibrating R …", "probe": "measuring the training speed …",

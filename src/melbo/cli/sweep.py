@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, err, load, out, read_prompts
+from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, err, load, out, read_prompts, shown
 from melbo.cli.map import RayAddressOpt, WorkersOpt
 from melbo.errors import MelboError
 
@@ -106,5 +105,5 @@ def sweep_command(
             cell(p["mean_repetition"]), "yes" if p["fluent"] else "no", "[bold green]← chosen[/]" if picked else ""]
         table.add_row(*row)
     out.print(table)
-    out.print(escape(result["reason"]), highlight=False, soft_wrap=True)
+    out.print(shown(result["reason"]), highlight=False, soft_wrap=True)
     out.print(f"written to [bold]{path / sweeping.SWEEP}[/] and [bold]{path / sweeping.PLOT}[/]")

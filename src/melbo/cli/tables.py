@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-from rich.markup import escape
 from rich.table import Table
 
-from melbo.cli.app import out
+from melbo.cli.app import out, shown
 
 
 def print_completions(completions, width: int = 100) -> None:
@@ -20,7 +19,7 @@ def print_completions(completions, width: int = 100) -> None:
     multi = len(table.columns) == 3
     for c in completions:
         text = " ".join(c.text.split())
-        cells = [escape(c.label)] + ([str(c.prompt_index)] if multi else []) + [escape(text[:width])]
+        cells = [shown(c.label)] + ([str(c.prompt_index)] if multi else []) + [shown(text[:width])]
         table.add_row(*cells)
     out.print(table)
 
@@ -47,9 +46,9 @@ def print_divergence(result: dict, rows: int = 24) -> None:
                     ("audited", {"ratio": 1}), ("reference", {"ratio": 1})):
         table.add_column(col, no_wrap=True, overflow="ellipsis", **kw)
     for row in result["unsteered"] + result["rows"][:rows]:
-        table.add_row("–" if row["vector"] is None else str(row["rank"]), escape(row["label"]), f"{row['kl']:.3g}",
-                      f"{row['distance']:.3f}", escape(" ".join(row["audited"].split())),
-                      escape(" ".join(row["reference"].split())))
+        table.add_row("–" if row["vector"] is None else str(row["rank"]), shown(row["label"]), f"{row['kl']:.3g}",
+                      f"{row['distance']:.3f}", shown(" ".join(row["audited"].split())),
+                      shown(" ".join(row["reference"].split())))
     out.print(table)
 
 
@@ -69,13 +68,13 @@ def print_checks(directory, rows: int = 12) -> None:
         table.add_column(col)
     for row in doc["summary"]:
         cells = [f"{row[k]['consistent']}/{row[k]['of']}" if row[k]["of"] else "—" for k in ("learned", "random")]
-        table.add_row(escape(row["pattern"]), *cells)
+        table.add_row(shown(row["pattern"]), *cells)
     out.print(table)
     shown = [p for p in doc["perturbations"] if p["consistent"]][:rows]  # the unsteered one too: its slips are no finding
     for p in shown:
         example = next(iter(p["examples"].values()), "")
-        out.print(f"  {escape(p['label'])} ({p['kind']}): {escape(', '.join(p['consistent']))} — "
-                  f"{escape(' '.join(example.split())[:100])}")
+        out.print(f"  {shown(p['label'])} ({p['kind']}): {shown(', '.join(p['consistent']))} — "
+                  f"{shown(' '.join(example.split())[:100])}")
 
 
 def print_findings(findings: list[dict], dropped: int) -> None:
@@ -87,11 +86,11 @@ def print_findings(findings: list[dict], dropped: int) -> None:
         table.add_column(col, no_wrap=True, overflow="ellipsis", **kw)
     for f in findings:
         e, r = f["example"], f["reproduction"]
-        table.add_row(str(f["rank"]), escape(f["label"]), escape(f["words"]), f"{f['score']:.3f}",
-                      f"{r['matched']}/{r['rows']}", escape(" ".join(e["text"].split())),
-                      escape(f"{e['arm']}:{e['index']} ×{e['scale']:g}"))
+        table.add_row(str(f["rank"]), shown(f["label"]), shown(f["words"]), f"{f['score']:.3f}",
+                      f"{r['matched']}/{r['rows']}", shown(" ".join(e["text"].split())),
+                      shown(f"{e['arm']}:{e['index']} ×{e['scale']:g}"))
     out.print(table)
     triggers = [(f["rank"], p) for f in findings for p in f["unsteered_shows_it_on"]]
     for rank, prompt in triggers:
-        out.print(f"finding #{rank}: the unsteered model already says this on {escape(repr(prompt))} (a likely trigger)")
+        out.print(f"finding #{rank}: the unsteered model already says this on {shown(repr(prompt))} (a likely trigger)")
     out.print(f"{len(findings)} finding(s); {dropped} candidate(s) did not reproduce and were dropped")
