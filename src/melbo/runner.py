@@ -21,6 +21,7 @@ from torch import Tensor
 
 from melbo import __version__
 from melbo.calibrate import calibrate_radius, is_calibrate
+from melbo.radius import Radius
 from melbo.calibrate import check_method as check_calibrated_method
 from melbo.checks import check_fields
 from melbo.errors import MelboError
@@ -44,21 +45,14 @@ def default_layers(depth: int) -> tuple[int, int]:
 
 
 def parse_radius(spec: str) -> tuple[float, bool]:
-    """'4.0' → (4.0, absolute); '0.5x' → (0.5, relative to the residual norm)."""
-    text = str(spec).strip().lower()
-    if text == "auto":
+    """'4.0' → (4.0, absolute); '0.5x' → (0.5, relative to the residual norm); see `melbo.radius.Radius`."""
+    radius = Radius.parse(spec)
+    if radius.kind == "auto":
         raise MelboError("radius 'auto' needs a sweep: pass melbo.sweep.goldilocks_radius(lm, prompts) as radius")
-    if is_calibrate(text):
+    if radius.kind == "calibrate":
         raise MelboError("radius 'calibrate' is measured by a discovery run (melbo.calibrate): give a number here, "
                          "e.g. 0.2x")
-    relative = text.endswith("x")
-    try:
-        value = float(text[:-1] if relative else text)
-    except ValueError:
-        raise MelboError(f"radius {spec!r} is not a number: use e.g. 4.0 (absolute) or 0.5x (relative)") from None
-    if not value > 0 or not math.isfinite(value):
-        raise MelboError(f"radius must be > 0, got {spec!r}: use e.g. 4.0 or 0.5x")
-    return value, relative
+    return radius.value, radius.relative
 
 
 def validate(lm: LoadedModel, cfg: DiscoverConfig, earlier: int = 0) -> tuple[int, int]:
@@ -218,8 +212,8 @@ def _record_radius(run: Run, lm: LoadedModel, batch: PromptBatch) -> None:
         run.config["radius_calibration"] = found.record()
         radius = found.radius
     else:
-        value, relative = parse_radius(spec)
-        radius = value * norm if relative else value
+        parse_radius(spec)  # auto and calibrate are settled before this point
+        radius = Radius.parse(spec).resolve(norm)
     run.config.update(radius=radius, radius_relative=radius / norm, residual_norm=norm)
 
 
