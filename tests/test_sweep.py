@@ -103,7 +103,7 @@ def test_rerunning_a_sweep_reuses_finished_points(smol, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--radii", "0.1x,2"], "mix absolute and relative"),
     (["--radii", "0.1x,-1x"], "radius must be > 0"),
-    (["--layers", "6-20"], "source:target pairs"),
+    (["--pairs", "6-20"], "source:target pairs"),
 ])
 def test_bad_sweep_input_is_one_line_exit_2(args, message, tmp_path, capsys):
     from conftest import run_cli

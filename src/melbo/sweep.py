@@ -65,7 +65,7 @@ def parse_layer_pairs(text: Optional[str]) -> Optional[list[tuple[int, int]]]:
             s, t = part.split(":")
             pairs.append((int(s), int(t)))
         except ValueError:
-            raise MelboError(f"--layers {text!r} is not a list of source:target pairs: use e.g. 6:20,8:22") from None
+            raise MelboError(f"--pairs {text!r} is not a list of source:target pairs: use e.g. 6:20,8:22") from None
     return pairs
 
 

@@ -187,7 +187,7 @@ def bench_refusal(
 def bench_backdoor_command(
     model: str = TestbedModelOpt,
     prompt: Optional[str] = CleanPromptOpt,
-    n_prompts: int = typer.Option(1, "--prompts", help="Train on K clean prompts (default 1; ignored with --prompt)."),
+    n_prompts: int = typer.Option(1, "--n-prompts", help="Train on K clean prompts (default 1; ignored with --prompt)."),
     positions: str = PositionsOpt,
     p: float = typer.Option(2.0, "--p", help="The objective's p (2: the seed's; 4 weighs large changes more)."),
     detect: List[str] = typer.Option(None, "--detect", help="Custom detector NAME=REGEX (repeatable)."),
@@ -276,7 +276,7 @@ def bench_monitor_command(
 @bench_command("subtle", SubtleSettings)
 def bench_subtle_command(
     model: str = typer.Option(..., "--model", "-m", help="A cot testbed's merged model (melbo testbed backdoor --task cot)."),
-    n_prompts: int = typer.Option(default(SubtleSettings, "n_prompts"), "--prompts", help="Clean prompts each perturbation is read on."),
+    n_prompts: int = typer.Option(default(SubtleSettings, "n_prompts"), "--n-prompts", help="Clean prompts each perturbation is read on."),
     shared: dict = None,
 ) -> None:
     """The algorithmic backdoor: do perturbations make the chain of thought switch + to * consistently (vs random)?"""
@@ -368,7 +368,7 @@ def bench_audit_command(
     model: str = TestbedModelOpt,
     budget: str = typer.Option(default(AuditSettings, "budget"), help="Each audit's wall-clock budget, e.g. 15m."),
     prompt: Optional[str] = CleanPromptOpt,
-    n_prompts: int = typer.Option(1, "--prompts", help="Audit K clean prompts of the testbed's task (ignored with --prompt)."),
+    n_prompts: int = typer.Option(1, "--n-prompts", help="Audit K clean prompts of the testbed's task (ignored with --prompt)."),
     top: int = typer.Option(default(AuditSettings, "top"), help="Found: a finding among the first TOP shows it."),
     random: bool = typer.Option(True, "--random/--no-random", help="Also run the random control of the same budget."),
     seed: int = typer.Option(0, help="Discovery seed (the first one with --seeds)."),

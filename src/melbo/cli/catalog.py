@@ -115,7 +115,7 @@ def search_command(query: str = typer.Argument(..., help="Words to find in compl
 @catalog_app.command("similar")
 def similar_command(ref: str = typer.Argument(..., metavar="RUN:vN", help="A perturbation: run directory or id, "
                                                                          "then :v and its index (runs/bomb:v3, 2:v3)."),
-                    k: int = typer.Option(5, "-k", help="Hits per measure."),
+                    k: int = typer.Option(5, "--hits", "-k", help="Hits per measure."),
                     catalog: Optional[Path] = CatalogOpt) -> None:
     """Near-duplicates of a perturbation in runs of the same model, by vector cosine and by behaviour."""
     from melbo.catalog import parse_ref

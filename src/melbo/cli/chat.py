@@ -14,7 +14,7 @@ from melbo.errors import MelboError
 @app.command()
 def chat(
     run_dir: Path = typer.Argument(..., help="A run directory written by `melbo discover`."),
-    vector: Optional[int] = typer.Option(None, help="Perturbation to activate (default: none)."),
+    vector: Optional[int] = typer.Option(None, "--vectors", "--vector", help="Perturbation to activate (default: none; one: chat switches with /vector N)."),
     scale: float = typer.Option(1.0),
     turns: Optional[Path] = typer.Option(None, help="Non-interactive: read user turns (one per line) from this file."),
     max_new_tokens: int = typer.Option(128),

@@ -28,7 +28,7 @@ def map_command(
     sources: Optional[str] = typer.Option(None, help="Source blocks: 4:20 (both ends included), 4:20:2, 3,7,11 or all."),
     targets: Optional[str] = typer.Option(None, help="Target blocks, as --sources."),
     layers: Optional[str] = typer.Option(None, help="Sources and targets both (e.g. all). Default: 8 evenly spaced blocks."),
-    k: int = typer.Option(MAP_K, "-k", help="Directions per pair."),
+    k: int = typer.Option(MAP_K, "--directions", "-k", help="Directions per pair."),
     iterations: int = typer.Option(MAP_ITERATIONS, help="Power iterations per pair."),
     seed: int = SeedOpt,
     chat: Optional[bool] = ChatOpt,
@@ -36,7 +36,7 @@ def map_command(
     workers: Optional[int] = WorkersOpt,
     ray_address: Optional[str] = RayAddressOpt,
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Map directory (default: runs/map-<time>)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted map in --out."),
+    resume_dir: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted map directory (its prompts and settings again, as discover --resume)."),
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -53,8 +53,10 @@ def map_command(
     texts = read_prompts(prompts or [], prompts_file)
     if layers is not None and (sources is not None or targets is not None):
         raise MelboError("give either --layers or --sources/--targets, not both")
-    if resume and out_dir is None:
-        raise MelboError("--resume continues the map in --out: give --out DIR")
+    if resume_dir is not None and out_dir is not None and Path(out_dir) != Path(resume_dir):
+        raise MelboError("--resume DIR continues the map in DIR: drop --out, or give the same directory")
+    resume = resume_dir is not None
+    out_dir = resume_dir if resume else out_dir
     chosen_sources, chosen_targets = (layers, layers) if layers is not None else (sources, targets)
     for what, spec in (("sources", chosen_sources), ("targets", chosen_targets)):
         _check_syntax(what, spec)
@@ -80,7 +82,7 @@ def map_command(
                                chat=chat, positions=parse_positions(positions), resume=resume, workers=workers,
                                ray_address=ray_address, progress=update)
         except KeyboardInterrupt:
-            err.print(f"interrupted: finished pairs are kept; continue with `melbo map ... --out {path} --resume`")
+            err.print(f"interrupted: finished pairs are kept; continue with `melbo map ... --resume {path}`")
             raise typer.Exit(130) from None
     table = Table(header_style="bold", title=f"best pairs of {len(result.ranking())}")
     for col in ("rank", "source → target", "relative gain", "σ₁", "σ₂…"):

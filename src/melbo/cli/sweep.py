@@ -19,11 +19,11 @@ def sweep_command(
     prompts: List[str] = typer.Argument(None, help="Prompts to train on."),
     prompts_file: Optional[Path] = typer.Option(None, help="File with one prompt per line."),
     radii: str = typer.Option("0.05x,0.1x,0.2x,0.3x,0.5x", help="Comma-separated radii, all relative (0.1x) or all absolute."),
-    layers: Optional[str] = typer.Option(None, help="Also sweep source:target pairs, e.g. 6:20,8:22."),
+    layers: Optional[str] = typer.Option(None, "--pairs", help="Also sweep source:target pairs, e.g. 6:20,8:22 (map's --layers is a block range)."),
     n_vectors: int = typer.Option(4, "--n-vectors", "-n", help="Vectors per point."),
     steps: int = typer.Option(60, help="Optimiser steps per point."),
-    source: Optional[int] = typer.Option(None, help="Source block (without --layers)."),
-    target: Optional[int] = typer.Option(None, help="Target block (without --layers)."),
+    source: Optional[int] = typer.Option(None, help="Source block (without --pairs)."),
+    target: Optional[int] = typer.Option(None, help="Target block (without --pairs)."),
     max_new_tokens: int = typer.Option(32, help="Tokens to generate per completion."),
     fluency_factor: float = typer.Option(4.0, help="Fluent: median perplexity ≤ this × the unsteered one's."),
     fluency_floor: Optional[float] = typer.Option(None, help="Absolute perplexity floor (overrides --fluency-factor)."),
@@ -48,7 +48,7 @@ def sweep_command(
     pairs = sweeping.parse_layer_pairs(layers)
     sweeping.check_floor(fluency_factor, fluency_floor)
     if pairs and (source is not None or target is not None):
-        raise MelboError("give either --layers or --source/--target, not both")
+        raise MelboError("give either --pairs or --source/--target, not both")
     path = out_dir or Path("runs") / f"sweep-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     from melbo.files import check_output_dir
 
