@@ -41,3 +41,11 @@ def test_import_melbo_loads_no_torch_and_resolves_every_export():
             "assert not missing, missing")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_command_line_loads_no_torch_for_help():
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", "import sys, melbo.cli; sys.exit('torch' in sys.modules)"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, "melbo.cli imported torch: `melbo --help` would take seconds"

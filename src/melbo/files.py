@@ -14,9 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from typing import TYPE_CHECKING
+
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch loads with the first tensor read or written, not with `melbo --help`
+    from torch import Tensor
 
 from melbo.errors import MelboError
 from melbo.numbers import jsonable
@@ -105,6 +108,20 @@ def _write_error(path: Path, exc: BaseException) -> MelboError:
     full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or bool(_FULL.search(str(exc)))
     fix = f"free space on {path.parent.resolve()}" if full else "choose another --out"
     return MelboError(f"cannot write {path} ({reason}): {fix}")
+
+
+def save_file(tensors: dict, filename: str, metadata: Optional[dict[str, str]] = None) -> None:
+    """safetensors' writer, imported on first use (it imports torch)."""
+    from safetensors.torch import save_file as write
+
+    write(tensors, filename, metadata=metadata)
+
+
+def load_file(filename: str) -> dict:
+    """safetensors' reader, imported on first use (it imports torch)."""
+    from safetensors.torch import load_file as read
+
+    return read(filename)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

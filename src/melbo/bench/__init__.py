@@ -11,6 +11,14 @@ Every bench implements `melbo.bench.common.Bench` and is found by name with `get
 Settings (with the full-strength defaults) are in `melbo.bench.settings`; statistics in `melbo.stats`.
 """
 
-from melbo.bench.common import BENCH, Bench, BenchResult, BenchTable, bench_names, get_bench, print_result, run_seeds
-
 __all__ = ["BENCH", "Bench", "BenchResult", "BenchTable", "bench_names", "get_bench", "print_result", "run_seeds"]
+
+
+def __getattr__(name: str):
+    """melbo.bench.common's names, loaded on first use: `melbo.bench.settings` (which the CLI reads for its
+    defaults) must not pull torch in through this package."""
+    if name in __all__:
+        from melbo.bench import common
+
+        return getattr(common, name)
+    raise AttributeError(f"module 'melbo.bench' has no attribute {name!r}")
