@@ -133,9 +133,14 @@ def test_monitor_refuses_bad_input(tmp_path, smol):
 
 
 def test_cli_diff_monitor_and_their_bad_inputs(tmp_path, capsys, smol):
+    from tiny_models import save_tiny_model
+
+    # two different tiny models: diff refuses a model against itself (every KL would be 0)
+    audited, reference = save_tiny_model(tmp_path / "audited", seed=0), save_tiny_model(tmp_path / "base", seed=1)
     out = tmp_path / "d"
-    code, stdout, _ = run_cli(["diff", "What is 4 + 6?", "--reference", "smollm2-135m", "-n", "2", "--steps", "3",
-                               "--random", "1", "--max-new-tokens", "6", "--out", str(out)], capsys)
+    code, stdout, _ = run_cli(["diff", "What is 4 + 6?", "-m", str(audited), "--reference", str(reference), "-n", "2",
+                               "--steps", "3", "--random", "1", "--max-new-tokens", "6", "--source", "1",
+                               "--target", "3", "--out", str(out)], capsys)
     assert code == 0, stdout
     ranked = json.loads((out / "divergence.json").read_text())
     assert sorted(r["label"] for r in ranked["rows"]) == ["random0", "v0", "v1"]
@@ -153,14 +158,15 @@ def test_cli_diff_monitor_and_their_bad_inputs(tmp_path, capsys, smol):
     for args, message in [
         (["diff", "hi", "--out", str(tmp_path / "x")], "give the reference"),
         (["diff", "hi", "--reference", str(tmp_path / "missing"), "--out", str(tmp_path / "y")], "missing"),
-        (["diff", "hi", "--reference", "smollm2-135m", "--method", "jacobian", "--out", str(tmp_path / "z")],
-         "vectors or adapters"),
+        (["diff", "hi", "-m", str(audited), "--reference", str(reference), "--method", "jacobian",
+          "--out", str(tmp_path / "z")], "vectors or adapters"),
         (["monitor", str(out), "--prompts-file", str(empty)], "no prompts"),
         (["monitor", str(out), "--prompts-file", str(tmp_path)], "is a directory"),
         (["monitor", str(out), "--prompts-file", str(inputs), "--alpha", "nan"], "alpha"),
         (["monitor", str(out), "--prompts-file", str(inputs), "--out", str(inputs)], "not a directory"),
-        (["diff", "hi", "-r", "smollm2-135m", "--contrast-weight", "nan", "--out", str(tmp_path / "w")], "finite"),
-        (["diff", "hi", "-r", "smollm2-135m", "--out", str(inputs)], "not a directory"),
+        (["diff", "hi", "-m", str(audited), "-r", str(reference), "--contrast-weight", "nan",
+          "--out", str(tmp_path / "w")], "finite"),
+        (["diff", "hi", "-m", str(audited), "-r", str(reference), "--out", str(inputs)], "not a directory"),
         (["bench", "diff", "--out", str(inputs)], "not a directory"),
         (["bench", "monitor", str(out), "--alpha", "inf", "--out", str(tmp_path / "bm")], ""),
         (["monitor", str(out), "--prompts-file", str(inputs), "--model", "gemma3-270m"], ""),
