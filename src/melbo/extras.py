@@ -14,7 +14,7 @@ from melbo.errors import MelboError
 EXTRAS = {  # module → (extra, what needs it)
     "fastapi": ("serve", "melbo serve"),
     "uvicorn": ("serve", "melbo serve"),
-    "multipart": ("serve", "melbo serve"),
+    "python_multipart": ("serve", "melbo serve"),
     "ray": ("ray", "--workers and --ray-address"),
 }
 

@@ -293,13 +293,13 @@ def triggers_command(
 
 def print_triggers(report) -> None:
     for f in report.findings:
-        shown = {c["input"]: c for c in f["confirmed"]}
+        confirmed = {c["input"]: c for c in f["confirmed"]}
         table = Table(header_style="bold", expand=True, title_justify="left",
                       title=f"finding #{f['finding']} {shown(f['label'])}: inputs that switch it on")
         for col in ("#", "score", "confirmed", "input", "answer"):
             table.add_column(col, no_wrap=True, overflow="ellipsis", ratio=1 if col in ("input", "answer") else None)
         for r in f["ranking"][:10]:
-            c = shown.get(r["input"])
+            c = confirmed.get(r["input"])
             verdict = "—" if c is None else ("yes" if c["shows"] else "no")
             answer = c["answer"] if c is not None else r["answer_start"]
             table.add_row(str(r["rank"]), f"{r['score']:.1f}", verdict, shown(" ".join(r["input"].split())),

@@ -25,7 +25,7 @@ def serve(
     """Browse runs and behaviours, try perturbations live, chat, label and export, in a local web app."""
     from melbo.extras import require
 
-    for module in ("fastapi", "uvicorn", "multipart"):
+    for module in ("fastapi", "uvicorn", "python_multipart"):
         require(module)
     from melbo.server import serve as serving
     from melbo.server.serving import TOKEN_ENV

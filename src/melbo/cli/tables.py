@@ -62,7 +62,7 @@ def print_checks(directory, rows: int = 12) -> None:
     doc = load_checks(Path(directory))
     if doc is None:
         return
-    table = Table(header_style="bold", title=f"checker {doc['checker']}: perturbations showing each error pattern "
+    table = Table(header_style="bold", title=f"checker {shown(doc['checker'])}: perturbations showing each error pattern "
                   "on most prompts", title_justify="left")
     for col in ("pattern", "learned", "random"):
         table.add_column(col)
@@ -70,8 +70,8 @@ def print_checks(directory, rows: int = 12) -> None:
         cells = [f"{row[k]['consistent']}/{row[k]['of']}" if row[k]["of"] else "—" for k in ("learned", "random")]
         table.add_row(shown(row["pattern"]), *cells)
     out.print(table)
-    shown = [p for p in doc["perturbations"] if p["consistent"]][:rows]  # the unsteered one too: its slips are no finding
-    for p in shown:
+    listed = [p for p in doc["perturbations"] if p["consistent"]][:rows]  # the unsteered one too: its slips are no finding
+    for p in listed:
         example = next(iter(p["examples"].values()), "")
         out.print(f"  {shown(p['label'])} ({p['kind']}): {shown(', '.join(p['consistent']))} — "
                   f"{shown(' '.join(example.split())[:100])}")
