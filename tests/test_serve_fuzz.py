@@ -10,7 +10,7 @@ import json
 import random
 
 import pytest
-from test_serve import LOCAL, _csrf, tiny  # noqa: F401  (tiny: the module's run, used as a fixture here)  # noqa: F401  (a fixture, used by name)
+from test_serve import LOCAL, _csrf, tiny  # noqa: F401  (tiny: the module's run, used as a fixture here)
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
