@@ -689,3 +689,11 @@ def test_bench_diff_checks_every_arm_before_training_the_first(lm, other_model_d
     with pytest.raises(MelboError, match="unknown contrast 'bogus'"):
         get_bench("diff").run(lm, tmp_path / "b", settings)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_name_longer_than_the_filesystem_allows_is_one_line(tmp_path, capsys):
+    from conftest import run_cli
+
+    code, _, err = run_cli(["export", str(tmp_path), "--format", "llamacpp", "--out", str(tmp_path / ("x" * 300))],
+                           capsys)
+    assert code == 2 and "longer than 255 bytes" in err and "Traceback" not in err

@@ -36,6 +36,8 @@ def check_output_file(path: Path) -> None:
 def check_output_dir(path: Path) -> None:
     """Refuse an output directory path that is, or lies under, something other than a directory."""
     path = Path(path)
+    if any(len(part.encode()) > 255 for part in path.parts):  # NAME_MAX: exists() itself would raise
+        raise MelboError(f"a name in {str(path)[:80]}… is longer than 255 bytes: choose a shorter --out")
     if path.exists() and not path.is_dir():
         raise MelboError(f"{path} is a file, not a directory: choose another --out")
     _check_ancestors(path)

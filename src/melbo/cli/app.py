@@ -70,6 +70,9 @@ def main() -> None:
     except typer.Abort:
         err.print("melbo: aborted", highlight=False)
         sys.exit(130)
+    except OSError as exc:  # the last line of defence: a path the checks did not foresee (too long, unreadable)
+        where = f": {exc.filename}" if exc.filename else ""
+        _fail(f"{exc.strerror or exc}{where}: check the path or the disk")
     sys.exit(code if isinstance(code, int) else 0)
 
 
