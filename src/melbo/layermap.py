@@ -41,8 +41,7 @@ from melbo.methods.jacobian import jacobian_directions
 from melbo.models import LoadedModel
 from melbo.objective import TargetProbe, residual_norm
 from melbo.prompts import PromptBatch, check_prompt_list, encode
-from melbo.radius import Radius
-from melbo.runner import parse_radius
+from melbo.runner import numeric_radius
 from melbo.settings import MAP_ITERATIONS, MAP_K, MAP_RADIUS, DiscoverConfig
 from melbo.store import LAYER_MAP, Run
 
@@ -384,9 +383,8 @@ def open_pair(map_dir: str | Path, source: int, target: int, out: str | Path,
     check_whole("source", source)
     check_whole("target", target)
     pair = layer_map_.pair(source, target)
-    parse_radius(radius)  # a number: auto and calibrate belong to discovery runs
     norm = float(pair["norms"][0])
-    absolute = Radius.parse(radius).resolve(norm)
+    absolute = numeric_radius(radius).resolve(norm)  # a number: auto and calibrate belong to discovery runs
     vectors = _scaled(pair["directions"], absolute, radius)
     out = Path(out)
     check_output_dir(out)

@@ -46,13 +46,19 @@ def default_layers(depth: int) -> tuple[int, int]:
 
 def parse_radius(spec: str) -> tuple[float, bool]:
     """'4.0' → (4.0, absolute); '0.5x' → (0.5, relative to the residual norm); see `melbo.radius.Radius`."""
+    radius = numeric_radius(spec)
+    return radius.value, radius.relative
+
+
+def numeric_radius(spec: str) -> Radius:
+    """The radius of a spec that must already be a number: auto and calibrate are refused with the fix."""
     radius = Radius.parse(spec)
     if radius.kind == "auto":
         raise MelboError("radius 'auto' needs a sweep: pass melbo.sweep.goldilocks_radius(lm, prompts) as radius")
     if radius.kind == "calibrate":
         raise MelboError("radius 'calibrate' is measured by a discovery run (melbo.calibrate): give a number here, "
                          "e.g. 0.2x")
-    return radius.value, radius.relative
+    return radius
 
 
 def validate(lm: LoadedModel, cfg: DiscoverConfig, earlier: int = 0) -> tuple[int, int]:
@@ -212,8 +218,7 @@ def _record_radius(run: Run, lm: LoadedModel, batch: PromptBatch) -> None:
         run.config["radius_calibration"] = found.record()
         radius = found.radius
     else:
-        parse_radius(spec)  # auto and calibrate are settled before this point
-        radius = Radius.parse(spec).resolve(norm)
+        radius = numeric_radius(spec).resolve(norm)  # auto and calibrate are settled before this point
     run.config.update(radius=radius, radius_relative=radius / norm, residual_norm=norm)
 
 

@@ -73,10 +73,6 @@ def _percentile_interval(samples: tuple, statistic, seed: int, resamples: int, c
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def _mean(x, axis=-1):
-    return np.mean(x, axis=axis)
-
-
 def _mean_difference(x, y, axis=-1):
     return np.mean(x, axis=axis) - np.mean(y, axis=axis)
 
@@ -92,7 +88,7 @@ def bootstrap_mean(values: Sequence[float], *, seed: int = 0, resamples: int = B
         return Estimate(mean, None, None, 1, "bootstrap")
     if min(xs) == max(xs):  # no spread: every resample has this mean (scipy would warn of a degenerate interval)
         return Estimate(mean, mean, mean, len(xs), "bootstrap")
-    lo, hi = _percentile_interval((np.asarray(xs),), _mean, seed, resamples, confidence)
+    lo, hi = _percentile_interval((np.asarray(xs),), np.mean, seed, resamples, confidence)
     return Estimate(mean, min(lo, mean), max(hi, mean), len(xs), "bootstrap")
 
 
