@@ -178,3 +178,11 @@ def test_a_full_disk_writing_the_map_names_free_space(lm, tmp_path, monkeypatch)
     with pytest.raises(MelboError, match="free space on"):
         melbo.map(lm, PROMPTS, "0:1", "2", k=1, out=tmp_path / "m", iterations=1)
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_map_resume_of_a_directory_without_a_map_is_one_line(tmp_path, capsys):
+    from conftest import run_cli
+
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["map", "hi", "--resume", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "holds no map to resume" in err and not list((tmp_path / "empty").iterdir())

@@ -56,6 +56,11 @@ def map_command(
     if resume_dir is not None and out_dir is not None and Path(out_dir) != Path(resume_dir):
         raise MelboError("--resume DIR continues the map in DIR: drop --out, or give the same directory")
     resume = resume_dir is not None
+    from melbo.store import LAYER_MAP
+
+    if resume and not (Path(resume_dir) / LAYER_MAP).is_file():
+        raise MelboError(f"{resume_dir} holds no map to resume (no {LAYER_MAP}): give the directory a map wrote, "
+                         "or start one with --out")
     out_dir = resume_dir if resume else out_dir
     chosen_sources, chosen_targets = (layers, layers) if layers is not None else (sources, targets)
     for what, spec in (("sources", chosen_sources), ("targets", chosen_targets)):
