@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import numpy as np
 
 from melbo.errors import MelboError
-from melbo.files import as_path
+from melbo.files import as_path, disk_full, free_space_fix
 
 ENV = "MELBO_CATALOG"
 FILE_NAME = "catalog.sqlite"
@@ -214,7 +214,8 @@ class Catalog:
             # check_same_thread=False: a web server hands one catalogue to worker threads; the lock serialises them.
             self._db = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
-            raise MelboError(f"cannot open the catalogue {self.path} ({exc}): give a writable --catalog path") from exc
+            fix = free_space_fix(self.path.parent) if disk_full(exc) else "give a writable --catalog path"
+            raise MelboError(f"cannot open the catalogue {self.path} ({exc}): {fix}") from exc
         self._db.row_factory = sqlite3.Row
         try:
             self._db.execute("PRAGMA foreign_keys = ON")
@@ -436,8 +437,7 @@ class Catalog:
                     self._db.execute("BEGIN IMMEDIATE")  # take the write lock now, not halfway through
                     yield
             except sqlite3.Error as exc:
-                full = "full" in str(exc)
-                fix = f"free space on {self.path.parent}" if full else "retry, or give another --catalog"
+                fix = free_space_fix(self.path.parent) if disk_full(exc) else "retry, or give another --catalog"
                 raise MelboError(f"cannot write the catalogue {self.path} ({exc}): {fix}") from exc
 
     def _query(self, sql: str, params: Iterable = ()) -> list[sqlite3.Row]:
@@ -464,8 +464,8 @@ def _check_foreign(db: sqlite3.Connection, path: Path) -> None:
 
 
 def _open_error(path: Path, exc: sqlite3.DatabaseError) -> MelboError:
-    if "full" in str(exc):  # SQLITE_FULL: "database or disk is full"
-        return MelboError(f"cannot create the catalogue {path} ({exc}): free space on {path.parent.resolve()}")
+    if disk_full(exc):  # SQLITE_FULL: "database or disk is full"
+        return MelboError(f"cannot create the catalogue {path} ({exc}): {free_space_fix(path.parent)}")
     return MelboError(f"the catalogue {path} is not a melbo catalogue ({exc}): "
                       "delete it (runs can be added again) or give another --catalog")
 

@@ -22,7 +22,7 @@ from melbo.errors import MelboError
 from melbo.intervention import SteeringAdapters, SteeringVectors
 from melbo.layers import find_mlp_out
 from melbo.models import LoadedModel
-from melbo.files import make_output_dir, replacing_all, save_tensors, write_json
+from melbo.files import json_bytes, make_output_dir, replacing_all, write_tensors
 
 
 def _select(n: int, indices: Sequence[int] | None) -> list[int]:
@@ -142,15 +142,15 @@ def export_peft(
     }
     out_dir = Path(out_dir)
     make_output_dir(out_dir)
-    paths = []
-    for i in chosen:
-        directory = out_dir / f"v{i}"
-        make_output_dir(directory)
-        tensors = {
-            f"{prefix}.lora_A.weight": adapters.a[i].detach().to("cpu", torch.float32).T.contiguous(),
-            f"{prefix}.lora_B.weight": (adapters.b[i].detach().to("cpu", torch.float32) * adapters.radius).contiguous(),
-        }
-        save_tensors(directory / "adapter_model.safetensors", tensors, {"format": "pt"})
-        write_json(directory / "adapter_config.json", config)
-        paths.append(directory)
-    return paths
+    directories = [out_dir / f"v{i}" for i in chosen]
+    files = [d / name for d in directories for name in ("adapter_model.safetensors", "adapter_config.json")]
+    with replacing_all(files) as tmps:  # a full disk at v1 leaves no v0 behind
+        for k, i in enumerate(chosen):
+            tensors = {
+                f"{prefix}.lora_A.weight": adapters.a[i].detach().to("cpu", torch.float32).T.contiguous(),
+                f"{prefix}.lora_B.weight": (adapters.b[i].detach().to("cpu", torch.float32)
+                                            * adapters.radius).contiguous(),
+            }
+            write_tensors(tmps[2 * k], tensors, {"format": "pt"})
+            tmps[2 * k + 1].write_bytes(json_bytes(config))
+    return directories

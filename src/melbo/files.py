@@ -78,38 +78,62 @@ def replacing(path: Path) -> Iterator[Path]:
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, (OSError, SafetensorError)):
-            raise _write_error(path, exc) from exc
+            raise write_error(path, exc) from exc
         raise
 
 
 @contextmanager
 def replacing_all(paths: list[Path]) -> Iterator[list[Path]]:
-    """Temporaries beside all `paths`, renamed over them only once every one is written: all the files or none."""
+    """Temporaries beside all `paths`, renamed over them only once every one is written: all the files or none.
+
+    Folders the paths need are made first, and removed again on failure (so a failed export leaves no `v0/`)."""
     paths = [Path(p) for p in paths]
     for path in paths:
         check_output_file(path)
     tmps = [path.with_name(path.name + ".tmp") for path in paths]
+    made = [folder for folder in dict.fromkeys(p.parent for p in paths) if not folder.exists()]
     try:
+        for folder in made:
+            make_output_dir(folder)
         yield tmps
         for tmp, path in zip(tmps, paths):
             os.replace(tmp, path)
     except BaseException as exc:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
+        for folder in reversed(made):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         if isinstance(exc, (OSError, SafetensorError)):
-            raise _write_error(paths[0], exc) from exc
+            raise write_error(paths[0], exc) from exc
         raise
 
 
-# A full disk as safetensors' Rust side words it (no errno reaches Python): "StorageFull", "os error 28", …
-_FULL = re.compile(r"StorageFull|QuotaExceeded|No space left|Disk quota|os error (28|122)\b", re.IGNORECASE)
+# A full disk as safetensors' Rust side words it (no errno reaches Python): "StorageFull", "os error 28", …, and as
+# SQLite does ("database or disk is full").
+_FULL = re.compile(r"StorageFull|QuotaExceeded|No space left|Disk quota|disk is full|os error (28|122)\b",
+                   re.IGNORECASE)
 
 
-def _write_error(path: Path, exc: BaseException) -> MelboError:
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is a full disk or an exhausted quota, by errno or by the wording of a library without one."""
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or bool(_FULL.search(str(exc)))
+
+
+def free_space_fix(path: Path) -> str:
+    """The fix for a full disk: free space on the filesystem holding `path`, named by its mount point (the folder
+    is in the message already; where to free space is what a user has to look up)."""
+    folder = Path(os.path.abspath(path))
+    mount = folder
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    return f"free space on {mount}"
+
+
+def write_error(path: Path, exc: BaseException, fix: str = "choose another --out") -> MelboError:
+    """One line for a failed write of `path`: a full disk names the filesystem to free, anything else `fix`."""
     reason = getattr(exc, "strerror", None) or str(exc)
-    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or bool(_FULL.search(str(exc)))
-    fix = f"free space on {path.parent.resolve()}" if full else "choose another --out"
-    return MelboError(f"cannot write {path} ({reason}): {fix}")
+    return MelboError(f"cannot write {path} ({reason}): {free_space_fix(path.parent) if disk_full(exc) else fix}")
 
 
 def save_file(tensors: dict, filename: str, metadata: Optional[dict[str, str]] = None) -> None:
@@ -134,7 +158,12 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: Optional[dict[str, str]] = None) -> None:
     with replacing(Path(path)) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        write_tensors(tmp, tensors, metadata)
+
+
+def write_tensors(path: Path, tensors: dict[str, Tensor], metadata: Optional[dict[str, str]] = None) -> None:
+    """A safetensors file written in place: for a temporary of `replacing`/`replacing_all` (else `save_tensors`)."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
 def read_text(path: Path, what: str = "file", fix: str = "save it as UTF-8") -> str:
@@ -162,7 +191,12 @@ def load_tensors(path: Path) -> dict[str, Tensor]:
 
 def write_json(path: Path, obj: Any) -> None:
     """Strict JSON (other tools refuse NaN and Infinity): a number that is not finite is written as null."""
-    atomic_write(path, (json.dumps(jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
+    atomic_write(path, json_bytes(obj))
+
+
+def json_bytes(obj: Any) -> bytes:
+    """`obj` as `write_json` writes it (strict, indented): for a temporary of `replacing_all`."""
+    return (json.dumps(jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
 
 
 def json_line(obj: Any) -> str:

@@ -335,15 +335,16 @@ def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
 
 def write_monitor(out: Path, monitor: "Monitor | OutputMonitor", records: Sequence[dict]) -> Path:
     """monitor.json (the decision rule, calibration and counts) and monitor.jsonl (one record per input)."""
-    from melbo.bench.common import write_jsonl
-    from melbo.files import make_output_dir, write_json
+    from melbo.files import json_bytes, json_line, make_output_dir, replacing_all
 
     check_monitor_outputs(out)
     make_output_dir(out)
     flagged = sum(r["flagged"] for r in records)
-    # both write strict JSON: a NaN threshold or score (a model that overflowed) is written as null
-    write_json(out / MONITOR_JSON, {**monitor.summary(), "inputs": len(records), "flagged": flagged})
-    write_jsonl(out / MONITOR_JSONL, records)
+    # both strict JSON (a NaN threshold or score, from a model that overflowed, is written as null), and both or
+    # neither: a full disk at the records leaves no summary that counts records which are not there
+    with replacing_all([out / MONITOR_JSON, out / MONITOR_JSONL]) as (summary, lines):
+        summary.write_bytes(json_bytes({**monitor.summary(), "inputs": len(records), "flagged": flagged}))
+        lines.write_bytes("".join(json_line(r) + "\n" for r in records).encode())
     return out
 
 
