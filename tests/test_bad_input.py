@@ -232,6 +232,8 @@ def test_context_length_ignores_a_tokenizers_sentinel(lm):
         (["generate", "RUN", "-p", "Hi", "--expr", "+".join(["v0"] * 5000)], "too long"),
         (["generate", "RUN", "-p", "Hi", "--expr", "-" * 3000 + "v0"], "too long"),
         (["generate", "RUN", "-p", "Hi", "--scale", "nan"], "scale must be a finite number"),
+        (["generate", "RUN", "-p", "Hi", "--scale", "1e30"], "between -100 and 100"),
+        (["generate", "RUN", "-p", "Hi", "--scale", "-101"], "the model writes nothing or noise"),
         (["generate", "RUN", "-p", "Hi", "--temperature", "inf"], "temperature must be a finite number"),
         (["generate", "RUN", "-p", "Hi", "--temperature", "nan"], "temperature must be a finite number"),
         (["chat", "RUN", "--scale", "inf", "--turns", "TURNS"], "scale must be a finite number"),
@@ -398,6 +400,8 @@ def test_generate_api_refuses_a_bare_string(lm, run_dir):
         melbo.generate(lm, run.perturbations, "Hi")
     with pytest.raises(MelboError, match="scale must be a finite number"):
         melbo.generate(lm, run.perturbations, ["Hi"], scale=math.nan)
+    with pytest.raises(MelboError, match="between -100 and 100"):
+        melbo.generate(lm, run.perturbations, ["Hi"], scale=1e30)  # it wrote empty replies, which read as a result
 
 
 # ------------------------------------------------------------------------------------------------ defects
@@ -470,8 +474,8 @@ def _edit_config(run: Path, edit) -> None:
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda c: c["model"].update(depth="abc"), "model.depth 'abc'"),
-    (lambda c: c["model"].update(depth=math.inf), "model.depth inf"),  # 1e400 in the file reads as inf
+    (lambda c: c["model"].update(depth="abc"), "model.depth is 'abc', not a whole number"),
+    (lambda c: c["model"].update(depth=math.inf), "model.depth is inf, not a whole number"),  # 1e400 reads as inf
     (lambda c: c["model"].pop("architecture"), "no model.architecture"),
     (lambda c: c["model"].update(architecture=None), "no model.architecture (got None)"),
 ])
@@ -542,11 +546,14 @@ def test_export_llamacpp_on_a_full_disk_writes_all_or_nothing(run_dir, tmp_path,
 
 # ------------------------------------------------------------------------------------------------ issue 23: report
 @pytest.mark.parametrize("metrics, message", [
-    ({"learned": 5}, "learned of the wrong type"),
-    ({"learned": {"perturbations": 5}}, "learned.perturbations"),
-    ({"clusters": "x"}, "clusters of the wrong type"),
-    ({"learned": {"perturbations": [{"vector": "abc"}]}}, "malformed metrics.json"),
-    ({"learned": {"perturbations": [5]}}, "malformed metrics.json"),
+    ({"learned": 5}, "metrics.json is malformed (learned is int, not an object)"),
+    ({"learned": {"perturbations": 5}}, "(learned.perturbations is int, not a list)"),
+    ({"learned": {"perturbations": []}, "clusters": "x"}, "(clusters is str, not a list)"),
+    ({"clusters": []}, "(learned is missing)"),
+    ({"learned": {"perturbations": [{"label": "v0", "vector": "abc"}]}},
+     "(learned.perturbations[0].vector is 'abc', not a whole number)"),
+    ({"learned": {"perturbations": [5]}}, "(learned.perturbations[0] is int, not an object)"),
+    ({"learned": {"perturbations": [], "diversity": 1e400}}, "(learned.diversity is inf, not a finite number)"),
 ])
 def test_report_of_a_malformed_metrics_file_is_one_line(metrics, message, run_dir, tmp_path, capsys):
     run = _copy_run(run_dir, tmp_path)

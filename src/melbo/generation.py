@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from melbo.checks import check_fields, check_finite
+from melbo.checks import check_fields, check_finite, check_scale
 from melbo.errors import MelboError
 from melbo.intervention import Perturbations
 from melbo.models import LoadedModel
@@ -200,7 +200,7 @@ def generate(
 ) -> list[Completion]:
     """Completions for every (perturbation, prompt, sample), unsteered first, in batches across perturbations."""
     prompts = check_prompt_list(prompts)
-    check_finite("scale", scale)
+    check_scale(scale)  # far past ±100 a model writes nothing: an empty reply would look like a result
     if not isinstance(sampling, Sampling):
         raise MelboError(f"sampling must be a melbo.generation.Sampling, got {type(sampling).__name__}: "
                          "pass e.g. Sampling(max_new_tokens=48)")

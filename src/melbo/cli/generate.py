@@ -18,7 +18,7 @@ def generate(
     prompts: List[str] = typer.Option(None, "--prompts", "-p", help="Prompts (repeatable)."),
     prompts_file: Optional[Path] = typer.Option(None, help="File with one prompt per line."),
     vectors: Optional[str] = typer.Option(None, help="Comma-separated vector indices (default: all)."),
-    scale: float = typer.Option(1.0, help="Multiply every perturbation by this (negative subtracts)."),
+    scale: float = typer.Option(1.0, help="Multiply every perturbation by this, within ±100 (negative subtracts)."),
     expr: List[str] = typer.Option(None, "--expr", help='Vector arithmetic, e.g. "v9 - 0.5*v22" (repeatable).'),
     random: int = typer.Option(0, help="Also generate with K random vectors of matched norm (baseline)."),
     max_new_tokens: int = typer.Option(48),
@@ -36,14 +36,14 @@ def generate(
     """Apply a run's perturbations (selected, scaled, combined, or random) to new prompts."""
     from melbo.generation import Sampling
     from melbo.arithmetic import perturbation_set
-    from melbo.checks import check_finite
+    from melbo.checks import check_scale
     from melbo.files import check_output_file
     from melbo.store import Run
     from melbo import generation
 
     if out_file is not None:
         check_output_file(out_file)  # before generating: nothing computed is lost to a bad path
-    check_finite("scale", scale)
+    check_scale(scale)
     run = Run.load(run_dir)
     texts = read_prompts(prompts or [], prompts_file)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, samples=samples, seed=seed)
