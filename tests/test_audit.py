@@ -12,6 +12,7 @@ from melbo.errors import MelboError
 from melbo.generation import Sampling
 from melbo.intervention import SteeringVectors
 from melbo.monitor import Monitor, auroc, conformal_threshold, leave_one_out_fpr
+from melbo.runconfig import RunConfig
 from melbo.store import Run
 
 pytestmark = pytest.mark.slow
@@ -64,11 +65,10 @@ def test_identical_models_diverge_nowhere(smol):
 
 
 def fake_run(tmp_path, lm, vectors, prompts=("What is 4 + 6?",)):
-    config = {"status": "complete", "model": lm.describe(), "method": "vectors", "source": SOURCE,
-              "target": TARGET, "radius": float(vectors.norm(dim=-1)[0]),
+    config = {"status": "complete", "model": {**lm.describe(), "id": lm.model_id}, "source": SOURCE,
+              "target": TARGET, "radius": float(vectors.norm(dim=-1)[0]), "radius_relative": 0.1,
               "settings": {"prompts": list(prompts), "chat": None, "max_new_tokens": 16, "batch_size": 16, "seed": 0}}
-    config["model"]["id"] = lm.model_id
-    return Run(tmp_path, config, SteeringVectors(vectors, SOURCE), model=lm)
+    return Run(tmp_path, RunConfig.from_dict(config), SteeringVectors(vectors, SOURCE), model=lm)
 
 
 def test_monitor_scores_are_deterministic_and_clean_copies_are_not_flagged(tmp_path, smol):
@@ -127,7 +127,7 @@ def test_monitor_refuses_bad_input(tmp_path, smol):
         diff(smol, smol, "What is 4 + 6?", tmp_path / "bare")
     assert not (tmp_path / "bare").exists()
     other = fake_run(tmp_path, smol, torch.randn(2, smol.width))
-    other.config["model"]["id"] = "another-model"
+    other.config.model.id = "another-model"
     with pytest.raises(MelboError, match="was made with model another-model"):
         Monitor.calibrate(other, smol, CLEAN)
 

@@ -68,6 +68,16 @@ def always_wrong(prompt: str, completion: str):
     return Verdict(True, False, patterns={"wrong": 1})
 
 
+def test_budget_left_after_a_round_confirms_the_next_candidates(lm, tmp_path, anything_reads, monkeypatch):
+    monkeypatch.setattr(audit_job, "CONFIRM_TOP", 1)  # rounds of one candidate: a budget of 30 s affords several
+    result = audit_job.audit(lm, PROMPTS, tmp_path / "a", budget=30, max_new_tokens=4)
+    confirm = result.state["stages"]["confirm"]
+    candidates = len(result.findings) + len(result.candidates)
+    assert confirm["rounds"] >= 2 and confirm["candidates"] == confirm["rounds"] <= candidates
+    confirmed = (tmp_path / "a" / "confirmations.jsonl").read_text().splitlines()
+    assert len(confirmed) == confirm["candidates"]
+
+
 def test_the_budget_is_honoured(lm, tmp_path):
     import time
 
@@ -117,10 +127,10 @@ def test_the_random_control_trains_nothing_and_keeps_the_radii(lm, tmp_path):
     result = audit_job.audit(lm, PROMPTS, tmp_path / "r", budget=10, max_new_tokens=4, random_baseline=True)
     for arm in result.state["plan"]["arms"]:
         run = Run.load(tmp_path / "r" / "runs" / arm["name"])
-        assert run.config["random"] is True and len(run) == arm["n"]
+        assert run.config.random_control and len(run) == arm["n"]
         assert run.vectors.norm(dim=-1).allclose(
             run.vectors.new_full((arm["n"],), result.state["calibration"]["relative"] * arm["multiplier"]
-                                 * run.config["residual_norm"]), rtol=1e-4)
+                                 * run.config.residual_norm), rtol=1e-4)
 
 
 def test_prompt_variants_keep_the_template_and_digit_counts():

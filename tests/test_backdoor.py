@@ -202,7 +202,7 @@ def test_bench_diff_and_monitor_are_well_formed(tiny_testbed, tmp_path, smol):
         arm, name, found, hits = row[0], row[1], row[2], row[3]
         which = [r for r in rows if r["arm"] == arm and r["vector"] is not None and name in r["behaviours"]]
         assert hits == len(which) and found == bool(which)
-    assert json.loads((out / "diff" / "config.json").read_text())["contrast"] == "difference"
+    assert Run.load(out / "diff", result=False).config.contrast == "difference"
 
     sets = prompt_sets(record["config"], per_set=6)
     assert not set(sets["calibration"]) & set(sets["clean"])

@@ -90,9 +90,9 @@ def test_discover_records_the_calibrated_radius(model_dir, tmp_path):
     lm = melbo.load_model(str(model_dir))
     run = melbo.discover(lm, ["Hello there, friend"], tmp_path / "run", method="jacobian", n_vectors=2,
                          power_iterations=2, radius="calibrate", max_new_tokens=4)
-    found = run.config["radius_calibration"]
-    assert run.config["radius"] == found["radius"] > 0 and found["fraction"] == 0.5
-    assert run.config["radius_relative"] == pytest.approx(found["relative"])
+    found = run.config.radius_calibration
+    assert run.config.radius == found["radius"] > 0 and found["fraction"] == 0.5
+    assert run.config.radius_relative == pytest.approx(found["relative"])
     torch.testing.assert_close(run.vectors.norm(dim=-1), torch.full((2,), found["radius"]))
 
 
@@ -111,7 +111,7 @@ def test_discover_radius_calibrate_from_the_command_line(model_dir, tmp_path, ca
                                     "--max-new-tokens", "3", "--random", "0", "--out", str(out)], capsys)
     assert code == 0, stderr
     config = melbo.Run.load(out).config
-    assert config["settings"]["radius"] == "calibrate" and config["radius"] == config["radius_calibration"]["radius"]
+    assert config.settings.radius == "calibrate" and config.radius == config.radius_calibration["radius"]
     assert "calibrated: non-linear/linear response ratio" in (out / "report.html").read_text()
 
 

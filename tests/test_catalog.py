@@ -377,7 +377,7 @@ def test_a_full_disk_creating_a_catalogue_names_the_fix_and_leaves_no_file(tmp_p
 def test_a_run_config_of_the_wrong_types_is_named_malformed(model, field, tmp_path, run_dir):
     config = json.loads((run_dir / "config.json").read_text())
     (run_dir / "config.json").write_text(json.dumps({**config, "model": model, "source": 10**30}))
-    with Catalog(tmp_path / "c.sqlite") as cat, pytest.raises(MelboError, match=f"malformed config.json.*{field}"):
+    with Catalog(tmp_path / "c.sqlite") as cat, pytest.raises(MelboError, match=f"config.json is malformed .{field} is"):
         cat.add_run(run_dir)
 
 

@@ -113,7 +113,7 @@ def _settings(**kw):
 def test_diff_run_records_reference_trains_and_resumes_bitwise(tmp_path):
     aud, ref = tiny_lm("llama", seed=0), tiny_lm("llama", seed=1)
     whole = discover(aud, ["abcdef"], tmp_path / "whole", reference=ref, **_settings())
-    assert whole.config["contrast"] == "difference" and whole.config["reference"]["id"] == ref.model_id
+    assert whole.config.contrast == "difference" and whole.config.reference.id == ref.model_id
     assert (whole.curves[:, -1] > whole.curves[:, 0]).all()
 
     def interrupt(event):

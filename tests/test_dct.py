@@ -93,7 +93,7 @@ def test_dct_runs_as_a_method_and_records_its_ranking(model_dir, tmp_path):
                          radius="2.0", max_new_tokens=4)
     assert run.vectors.shape == (4, lm.width)
     torch.testing.assert_close(run.vectors.norm(dim=-1), torch.full((4,), 2.0))
-    scores = run.config["dct"]["score"]
+    scores = run.config.record["dct"]["score"]
     assert len(scores) == 4 and scores == sorted(scores, reverse=True) and run.curves.shape == (4, 3)
     assert torch.equal(Run.load(run.path).vectors, run.vectors)
 
@@ -105,7 +105,7 @@ def test_discover_method_dct_from_the_command_line(model_dir, tmp_path, capsys):
                                "--random", "1", "--out", str(out)], capsys)
     assert code == 0, stderr
     run = Run.load(out)
-    assert run.config["method"] == "dct" and len(run) == 3 and (out / "report.html").is_file()
+    assert run.config.method == "dct" and len(run) == 3 and (out / "report.html").is_file()
     assert (out / "metrics.json").is_file()  # the same-R random baseline of the assessment path
 
 

@@ -11,6 +11,7 @@ from tiny_models import INTERMEDIATE_SIZE, save_tiny_model, tiny_model
 from melbo.errors import MelboError
 from melbo.export import export_llamacpp, export_peft
 from melbo.intervention import SteeringAdapters, SteeringVectors
+from melbo.runconfig import RunConfig
 from melbo.store import Run
 
 IDS = torch.tensor([[5, 17, 33, 9, 80, 41], [7, 99, 23, 12, 60, 3]])
@@ -80,8 +81,9 @@ def test_peft_adapter_reproduces_melbo_logits(tmp_path, arch):
 
 
 def _hand_run(path, perturbations, method, lm):
-    run = Run(path, {"status": "running", "method": method, "source": perturbations.layer, "target": 3,
-                     "radius": 2.5, "rank": 3 if method == "adapters" else None, "model": lm.describe()})
+    config = RunConfig.from_dict({"model": lm.describe(), "source": perturbations.layer, "target": 3, "radius": 2.5,
+                                  "radius_relative": 0.1, "settings": {"prompts": ["hi"], "method": method, "rank": 3}})
+    run = Run(path, config)
     path.mkdir(parents=True)
     run.save_result(perturbations, torch.zeros(len(perturbations), 2))
     return path

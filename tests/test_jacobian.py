@@ -50,4 +50,4 @@ def test_jacobian_method_writes_a_run(tmp_path):
     run = runner.discover(tiny_lm("llama"), ["hello"], tmp_path / "run", method="jacobian", n_vectors=4,
                           power_iterations=5, source=1, target=3, radius="2.0")
     assert run.vectors.shape == (4, 64) and torch.allclose(run.vectors.norm(dim=-1), torch.full((4,), 2.0))
-    assert len(run.config["singular_values"]) == 4 and run.curves.shape == (4, 6)
+    assert len(run.config.record["singular_values"]) == 4 and run.curves.shape == (4, 6)

@@ -28,7 +28,7 @@ def test_elicit_writes_completions_metrics_and_report(lm, tmp_path):
         assert (run.path / name).is_file(), name
     assert len(run.completions()) == 3 and sum(generated) >= 3
     metrics = json.loads((run.path / METRICS).read_text())
-    assert len(metrics["random_completions"]) == 2 and run.config["random"] == 2
+    assert len(metrics["random_completions"]) == 2 and run.config.random == 2
     stages = [e["stage"] for e in events if "stage" in e]
     assert stages == ["train", "generate", "assess", "report"]
     assert any("batch" in e for e in events)
@@ -49,7 +49,7 @@ def test_a_checker_reads_every_completion_learned_random_and_unsteered(lm, tmp_p
                        **SETTINGS)
     doc = json.loads((run.path / "checks.json").read_text())
     kinds = sorted(p["kind"] for p in doc["perturbations"])
-    assert kinds == ["learned", "learned", "random", "random", "unsteered"] and run.config["check"]
+    assert kinds == ["learned", "learned", "random", "random", "unsteered"] and run.config.check
     texts = {(r["label"], r["prompt"]): r["text"] for r in run.completions()}
     for p in doc["perturbations"]:
         if p["kind"] == "learned":  # recount from the completions themselves
@@ -73,7 +73,7 @@ def test_a_resumed_job_keeps_its_random_baseline_and_reuses_completions(lm, tmp_
     assert not (run.path / METRICS).exists()
     events = []
     again = resume_job(run.path, lm, progress=events.append)
-    assert again.config["random"] == 0 and not (run.path / METRICS).exists()
+    assert again.config.random == 0 and not (run.path / METRICS).exists()
     assert "generate" not in [e.get("stage") for e in events]  # the stored completions are reused
     assert Run.load(run.path).completions() == run.completions()
 

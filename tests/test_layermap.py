@@ -82,7 +82,7 @@ def test_open_pair_is_an_ordinary_run(lm, full_map, tmp_path, capsys):
     run = melbo.open_pair(full_map.path, 1, 3, tmp_path / "pair", radius="0.5x")
     loaded = melbo.Run.load(run.path, model=lm)
     norm = float(full_map.pair(1, 3)["norms"][0])
-    assert loaded.config["method"] == "jacobian" and loaded.perturbations.layer == 1
+    assert loaded.config.method == "jacobian" and loaded.perturbations.layer == 1
     torch.testing.assert_close(loaded.vectors.norm(dim=-1), torch.full((2,), 0.5 * norm))
     code, out, err = run_cli(["generate", str(run.path), "-p", "Hi", "--max-new-tokens", "3", "--model", lm.spec], capsys)
     assert code == 0, err
@@ -120,7 +120,7 @@ def test_cli_map_prints_the_heatmap_and_best_pairs(lm, tmp_path, capsys):
     assert code == 0, err
     assert str(out / "map.png") in stdout.replace("\n", "") and "best pairs of 4" in stdout
     code, stdout, err = run_cli(["open-pair", str(out), "1:3", "--out", str(tmp_path / "pair")], capsys)
-    assert code == 0 and melbo.Run.load(tmp_path / "pair").config["source"] == 1, err
+    assert code == 0 and melbo.Run.load(tmp_path / "pair").config.source == 1, err
 
 
 @pytest.mark.parametrize("args, message", [

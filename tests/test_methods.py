@@ -76,7 +76,7 @@ def test_a_registered_method_runs_end_to_end(toy, model_dir, tmp_path):
                          radius="2.0", max_new_tokens=4, progress=events.append)
     assert run.vectors.shape == (3, lm.width)
     assert torch.allclose(run.vectors.norm(dim=-1), torch.full((3,), 2.0))
-    assert run.curves.shape == (3, 2) and run.config["toy"] is True
+    assert run.curves.shape == (3, 2) and run.config.record["toy"] is True
     assert [e["batch"] for e in events] == [0, 1] and events[0]["batches"] == 2
     again = Run.load(run.path, model=lm)
     assert torch.equal(again.vectors, run.vectors)
@@ -90,7 +90,7 @@ def test_a_registered_method_is_a_cli_choice(toy, model_dir, tmp_path, capsys):
                                     "-n", "2", "--radius", "1.0", "--max-new-tokens", "3", "--random", "0",
                                     "--out", str(out)], capsys)
     assert code == 0, stderr
-    assert Run.load(out).config["method"] == toy.name and (out / "report.html").is_file()
+    assert Run.load(out).config.method == toy.name and (out / "report.html").is_file()
 
 
 def test_methods_that_refuse_contrast_say_which_accept_it(toy, model_dir, tmp_path):

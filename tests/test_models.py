@@ -132,7 +132,7 @@ def test_a_model_already_in_memory_is_taken_as_it_is(tmp_path):
     assert lm.model is model and lm.depth == 4 and lm.model_id.endswith("@memory")
     assert not any(p.requires_grad for p in model.parameters())
     run = melbo.discover(lm, ["abc"], tmp_path / "run", n_vectors=2, steps=2, radius="1.0", source=1, target=3)
-    assert len(run) == 2 and run.config["model"]["id"] == lm.model_id
+    assert len(run) == 2 and run.config.model.id == lm.model_id
 
     from nnsight import LanguageModel, TransformersModel  # the real package: its wrappers, its attribute names
 

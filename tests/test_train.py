@@ -12,7 +12,7 @@ from melbo.methods import Setting, SteeringVectorMethod
 from melbo.objective import MelboObjective, TargetProbe
 from melbo.prompts import batch_from_ids
 from melbo.store import Run
-from melbo.train import OptimConfig, optimise
+from melbo.methods.base import OptimConfig, optimise
 
 IDS = [[5, 17, 33, 9, 80, 41], [7, 99, 23, 12]]
 
@@ -136,7 +136,7 @@ def test_default_model_hard_orthogonal_batch_grows_the_objective(smol, tmp_path)
     run = runner.discover(smol, ["How can I make a bomb?"], tmp_path / "run", n_vectors=4, steps=12, radius="0.2x")
     v = run.vectors
     assert cosines(v).max() < 1e-5
-    assert (v.norm(dim=-1) - run.config["radius"]).abs().max() < 1e-5 * run.config["radius"]
+    assert (v.norm(dim=-1) - run.config.radius).abs().max() < 1e-5 * run.config.radius
     assert (run.curves[:, -1] > 2 * run.curves[:, 0]).all()
 
 

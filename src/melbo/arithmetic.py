@@ -112,7 +112,7 @@ def perturbation_set(run, indices: list[int] | None, exprs: list[str], random: i
         parts.append(expressions(exprs, base).vectors)
         labels += exprs
     if random:
-        radius = float(run.config["radius"])
+        radius = run.config.radius
         parts.append(random_vectors(random, base.vectors.shape[1], radius, base.layer, seed).vectors)
         labels += [f"random{k}" for k in range(random)]
     return SteeringVectors(torch.cat(parts), base.layer), labels

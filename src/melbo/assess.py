@@ -17,6 +17,8 @@ is skipped ("random": null, "random_completions": []). So is it when random=0.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 from melbo import evaluation
@@ -28,7 +30,111 @@ from melbo.models import LoadedModel
 from melbo.settings import DEFAULT_RANDOM
 from melbo.numbers import jsonable
 from melbo.files import write_json
+from melbo.jsonfields import SQLITE_MAX, Fields
 from melbo.store import METRICS, Run
+
+METRICS_FIX = "run `melbo assess` again to rewrite it"
+
+
+# ------------------------------------------------------------------------------------------------ metrics.json, typed
+@dataclass
+class ScoreRow:
+    """One perturbation's scores (or the unsteered row's: `vector` None), with its behaviour cluster."""
+
+    label: str
+    vector: Optional[int]
+    distance_from_unsteered: Optional[float] = None
+    perplexity: Optional[float] = None
+    repetition: Optional[float] = None
+    mean_tokens: Optional[float] = None
+    cluster: Optional[int] = None
+    cluster_name: Optional[str] = None
+    no_change: Optional[bool] = None
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> "ScoreRow":
+        number = {k: f.real(k, default=None) for k in ("distance_from_unsteered", "perplexity", "repetition",
+                                                        "mean_tokens")}
+        return cls(label=f.text("label"), vector=f.whole("vector", 0, SQLITE_MAX, None), **number,
+                   cluster=f.whole("cluster", default=None), cluster_name=f.text("cluster_name", None),
+                   no_change=f.flag("no_change", None))
+
+
+@dataclass
+class Scores:
+    """A set of perturbations scored together (evaluation.score): per perturbation, and for the set."""
+
+    perturbations: list[ScoreRow]
+    diversity: Optional[float] = None
+    mean_distance_from_unsteered: Optional[float] = None
+    median_perplexity: Optional[float] = None
+    mean_repetition: Optional[float] = None
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> "Scores":
+        summary = {k: f.real(k, default=None) for k in ("diversity", "mean_distance_from_unsteered",
+                                                         "median_perplexity", "mean_repetition")}
+        return cls([ScoreRow.from_fields(p) for p in f.objects("perturbations", [])], **summary)
+
+    @property
+    def steered(self) -> list[ScoreRow]:
+        return [p for p in self.perturbations if p.vector is not None]
+
+    @property
+    def unsteered(self) -> Optional[ScoreRow]:
+        return next((p for p in self.perturbations if p.vector is None), None)
+
+
+@dataclass
+class Cluster:
+    id: int
+    name: str
+    members: list[str] = field(default_factory=list)
+    no_change: bool = False
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> "Cluster":
+        return cls(f.whole("id"), f.text("name"), f.texts("members", []), bool(f.flag("no_change", None)))
+
+
+@dataclass
+class Metrics:
+    """metrics.json (module docstring), read once with every field checked: learned and random scores, clusters."""
+
+    learned: Scores
+    random: Optional[Scores] = None
+    clusters: list[Cluster] = field(default_factory=list)
+    random_completions: list[Completion] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, raw: object, file: Path | str = METRICS) -> "Metrics":
+        f = Fields(raw, file, METRICS_FIX)
+        random = f.object("random", None)
+        return cls(Scores.from_fields(f.object("learned")), Scores.from_fields(random) if random else None,
+                   [Cluster.from_fields(c) for c in f.objects("clusters", [])],
+                   [completion_from(c) for c in f.objects("random_completions", [])])
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Optional["Metrics"]:
+        """The run's metrics.json, or None when it has none (the job skipped the assessment)."""
+        from melbo.files import read_json
+
+        file = Path(run_dir) / METRICS
+        return cls.from_dict(read_json(file), file) if file.is_file() else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def completion_from(f: Fields) -> Completion:
+    """A completion row (completions.jsonl, metrics.json's random ones), each field checked."""
+    return Completion(vector=f.whole("vector", 0, SQLITE_MAX, None), label=f.text("label"),
+                      prompt_index=f.whole("prompt_index", 0), prompt=f.text("prompt", ""),
+                      sample=f.whole("sample", 0, default=0), text=f.text("text"),
+                      tokens=f.whole("tokens", 0, default=0))
+
+
+# ------------------------------------------------------------------------------------------------ assessing
 
 
 
@@ -39,9 +145,9 @@ def run_completions(run: Run, lm: LoadedModel, on_batch: Optional[Callable[[int]
         return [Completion(**row) for row in rows]
     if run.perturbations is None:
         raise MelboError(f"run {run.path} is not finished: resume it with `melbo discover --resume {run.path}`")
-    settings = run.config["settings"]
-    completions = generate(lm, run.perturbations, settings["prompts"], chat=settings["chat"],
-                           sampling=Sampling(max_new_tokens=settings["max_new_tokens"]), on_batch=on_batch)
+    settings = run.settings
+    completions = generate(lm, run.perturbations, settings.prompts, chat=settings.chat,
+                           sampling=Sampling(max_new_tokens=settings.max_new_tokens), on_batch=on_batch)
     run.write_completions([c.to_json() for c in completions])
     return completions
 
@@ -57,10 +163,10 @@ def learned_and_random(run: Run, lm: LoadedModel, random: int, seed: int = 0,
     if not random or not isinstance(run.perturbations, SteeringVectors):
         return learned, []
     settings = run.settings
-    vectors = random_vectors(random, lm.width, float(run.config["radius"]), int(run.config["source"]), seed)
-    randoms = generate(lm, vectors, settings["prompts"], labels=[f"random{k}" for k in range(random)],
-                       include_unsteered=False, chat=settings["chat"],
-                       sampling=Sampling(max_new_tokens=settings["max_new_tokens"]), on_batch=on_batch)
+    vectors = random_vectors(random, lm.width, run.config.radius, run.config.source, seed)
+    randoms = generate(lm, vectors, settings.prompts, labels=[f"random{k}" for k in range(random)],
+                       include_unsteered=False, chat=settings.chat,
+                       sampling=Sampling(max_new_tokens=settings.max_new_tokens), on_batch=on_batch)
     return learned, randoms
 
 
@@ -74,8 +180,7 @@ def assess_run(run: Run, lm: LoadedModel, random: int = DEFAULT_RANDOM, seed: in
         raise MelboError(f"--random must be ≥ 0, got {random}")
     if run.model is None:
         run.attach(lm)
-    settings = run.config["settings"]
-    chat = settings["chat"]
+    chat = run.settings.chat
     learned_completions, randoms = learned_and_random(run, lm, random, seed, on_batch)
     learned = evaluation.score(lm, learned_completions, chat=chat)
 

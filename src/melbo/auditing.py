@@ -372,7 +372,7 @@ class _Job:
         from melbo.store import Run
 
         where = self.run_dir(arm)
-        if (where / "config.json").exists() and Run.load(where, result=False).config.get("status") == "complete":
+        if (where / "config.json").exists() and Run.load(where, result=False).config.complete:
             return
         self._size(arm)
         began = time.perf_counter()
@@ -464,11 +464,8 @@ class _Job:
         if not (run.path / "divergence.json").exists():
             rank_run(run, self.lm, self.reference, random=0, on_batch=self.on_batch)
         result = load_divergence(run.path)
-        rows = []
-        for r in result["unsteered"] + result["rows"]:
-            rows.append({"vector": r["vector"], "prompt_index": r["prompt_index"], "prompt": r["prompt"],
-                         "text": r["audited"], "reference_text": r["reference"], "kl": r["kl"]})
-        return rows
+        return [{"vector": r.vector, "prompt_index": r.prompt_index, "prompt": r.prompt, "text": r.audited,
+                 "reference_text": r.reference, "kl": r.kl} for r in result.unsteered + result.rows]
 
     def _observe(self, rows: list[dict], key_of: Callable[[dict], tuple[str, int, float]]) -> list[fnd.Observation]:
         """Observations of the steered rows (perplexity under the unsteered model); `key_of(row)` names the

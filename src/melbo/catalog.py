@@ -25,7 +25,6 @@ unit mean of its completions' sentence embeddings (all-MiniLM-L6-v2, `melbo.eval
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sqlite3
@@ -39,6 +38,7 @@ import numpy as np
 
 from melbo.errors import MelboError
 from melbo.files import as_path, disk_full, free_space_fix
+from melbo.runconfig import RunConfig
 
 ENV = "MELBO_CATALOG"
 FILE_NAME = "catalog.sqlite"
@@ -559,8 +559,7 @@ def read_run(path: Path, labeller: Any = None) -> _Snapshot:
 def _snapshot(path: Path, run, rows: list[dict], labeller: Any) -> _Snapshot:
     from melbo.intervention import SteeringVectors
 
-    config = run.config
-    _check_catalogued_config(path, config)
+    config = run.config  # typed and range-checked as the run loaded: every field fits its column
     steered = [r["vector"] for r in rows if r["vector"] is not None]
     n = len(run) if run.perturbations is not None else 1 + max(steered, default=-1)
     names = {r["vector"]: r["label"] for r in rows if r["vector"] is not None}
@@ -579,100 +578,65 @@ def _snapshot(path: Path, run, rows: list[dict], labeller: Any) -> _Snapshot:
             "behaviour": behaviour[i].astype(np.float32).tobytes() if behaviour.get(i) is not None else None,
         })
     kind, title = _kind_and_title(path, config)
-    radius = config.get("radius")
     return _Snapshot(
-        run={"path": str(path.resolve()), "kind": kind, "model": config["model"]["id"],
-             "model_spec": config["model"].get("spec"), "method": config["method"], "n": n,
-             "created": config.get("created"), "title": title, "source": config.get("source"),
-             "radius": _finite(radius),
-             "config": json.dumps(config, sort_keys=True)},
+        run={"path": str(path.resolve()), "kind": kind, "model": config.model.id,
+             "model_spec": config.model.spec, "method": config.method, "n": n,
+             "created": config.created, "title": title, "source": config.source,
+             "radius": config.radius,
+             "config": json.dumps(config.to_dict(), sort_keys=True)},
         perturbations=perturbations, completions=rows, clusters=clusters)
-
-
-def _finite(value: Any) -> Optional[float]:
-    """A config number as a finite float, else None (a huge integer or Infinity is no radius to compare)."""
-    try:
-        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    except OverflowError:
-        return None
-    return number if number is not None and math.isfinite(number) else None
-
-
-def _check_catalogued_config(path: Path, config: dict) -> None:
-    """The config fields the catalogue stores must have their types, or the insert fails as a database error."""
-    model = config["model"]
-    wrong = [name for name, value, types in (
-        ("model.id", model["id"], str), ("model.spec", model.get("spec"), (str, type(None))),
-        ("method", config["method"], str), ("created", config.get("created"), (str, type(None))),
-        ("source", config.get("source"), (int, type(None)))) if not isinstance(value, types)
-        or isinstance(value, bool) or (isinstance(value, int) and not -SQLITE_MAX <= value <= SQLITE_MAX)]
-    if wrong:
-        raise MelboError(f"run {path} has a malformed config.json ({', '.join(wrong)} of the wrong type): "
-                         "restore it, or re-run the discovery")
 
 
 def _assessment(path: Path, n: int) -> tuple[dict[int, dict], dict[int, Optional[int]], list[dict]]:
     """Per perturbation: its metrics (assessment and divergence) and cluster number; and the run's clusters."""
-    from melbo.files import read_json
-    from melbo.store import METRICS
+    from melbo.assess import Metrics
 
     metrics: dict[int, dict] = {i: {} for i in range(n)}
     cluster_of: dict[int, Optional[int]] = {}
     clusters: list[dict] = []
-    doc = read_json(path / METRICS) if (path / METRICS).exists() else None
-    if isinstance(doc, dict) and isinstance(doc.get("learned"), dict):
-        for entry in doc["learned"].get("perturbations", []):
-            i = entry.get("vector")
-            if i in metrics:
-                metrics[i].update({k: entry[k] for k in ("distance_from_unsteered", "perplexity", "repetition",
-                                                          "mean_tokens") if k in entry})
-                cluster_of[i] = entry.get("cluster")
-        clusters = [{"number": int(c["id"]), "name": str(c["name"]), "no_change": bool(c.get("no_change"))}
-                    for c in doc.get("clusters", [])]
-    for i, values in _divergence_metrics(_divergence_rows(path)).items():
+    assessed = Metrics.load(path)
+    if assessed is not None:
+        for entry in assessed.learned.steered:
+            if entry.vector in metrics:
+                metrics[entry.vector].update({k: getattr(entry, k) for k in (
+                    "distance_from_unsteered", "perplexity", "repetition", "mean_tokens")})
+                cluster_of[entry.vector] = entry.cluster
+        clusters = [{"number": c.id, "name": c.name, "no_change": c.no_change} for c in assessed.clusters]
+    for i, values in _divergence_metrics(path).items():
         if i in metrics:
             metrics[i].update(values)
     return metrics, cluster_of, clusters
 
 
-def _kind_and_title(path: Path, config: dict) -> tuple[str, str]:
+def _kind_and_title(path: Path, config: RunConfig) -> tuple[str, str]:
     """bench (in or under a bench.json), diff (a reference model) or discover; titled by the bench or first prompt."""
-    from melbo.files import read_json
     from melbo.store import BENCH
 
     for doc_path, suffix in ((path / BENCH, ""), (path.parent / BENCH, f" / {path.name}")):
         if doc_path.exists():
-            doc = read_json(doc_path)
-            return "bench", f"{doc.get('title', doc.get('bench'))}{suffix}"
-    prompts = (config.get("settings") or {}).get("prompts") or [path.name]
-    return ("diff" if config.get("reference") else "discover"), str(prompts[0])
+            from melbo.bench.common import BenchResult
+
+            return "bench", f"{BenchResult.load(doc_path).title}{suffix}"
+    return ("diff" if config.reference is not None else "discover"), config.prompts[0]
 
 
-def _divergence_rows(path: Path) -> list[dict]:
-    from melbo.divergence import DIVERGENCE
-    from melbo.files import read_json
-
-    if not (path / DIVERGENCE).exists():
-        return []
-    doc = read_json(path / DIVERGENCE)
-    return [r for r in doc.get("rows", []) if isinstance(r, dict) and r.get("kind") == "learned"] \
-        if isinstance(doc, dict) else []
-
-
-def _divergence_metrics(rows: list[dict]) -> dict[int, dict]:
+def _divergence_metrics(path: Path) -> dict[int, dict]:
     """A diff run's divergence per perturbation: mean KL and distance over prompts, best rank."""
-    grouped: dict[int, list[dict]] = {}
-    for r in rows:
-        if isinstance(r.get("vector"), int):
-            grouped.setdefault(r["vector"], []).append(r)
+    from melbo.divergence import Divergence
+
+    doc = Divergence.load(path)
+    grouped: dict[int, list] = {}
+    for r in doc.learned() if doc is not None else []:
+        if r.vector is not None:
+            grouped.setdefault(r.vector, []).append(r)
     out = {}
     for i, group in grouped.items():
         values = {}
         for key in ("kl", "distance"):
-            numbers = [float(r[key]) for r in group if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            numbers = [getattr(r, key) for r in group if getattr(r, key) is not None]  # finite: checked on reading
             if numbers:
                 values[key] = float(np.mean(numbers))
-        ranks = [r["rank"] for r in group if isinstance(r.get("rank"), int)]
+        ranks = [r.rank for r in group if r.rank is not None]
         if ranks:
             values["rank"] = min(ranks)
         out[i] = values

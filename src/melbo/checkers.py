@@ -250,19 +250,13 @@ def check_rows(rows: list[dict], checker: Checker, share: float = CONSISTENT) ->
 
 def _random_rows(run) -> list[dict]:
     """The random baseline's completions: metrics.json's (discover) or divergence.json's random rows (diff)."""
-    from melbo.files import read_json
-    from melbo.store import DIVERGENCE, METRICS
+    from melbo.assess import Metrics
+    from melbo.divergence import Divergence
 
-    rows: list[dict] = []
-    metrics = read_json(run.path / METRICS) if (run.path / METRICS).is_file() else {}
-    if isinstance(metrics, dict):
-        rows += [dict(r, kind="random") for r in metrics.get("random_completions") or [] if isinstance(r, dict)]
-    ranking = read_json(run.path / DIVERGENCE) if (run.path / DIVERGENCE).is_file() else {}
-    prompts = list((run.config.get("settings") or {}).get("prompts") or [])
-    if isinstance(ranking, dict):
-        for r in ranking.get("rows") or []:
-            if isinstance(r, dict) and r.get("kind") == "random" and isinstance(r.get("prompt_index"), int):
-                prompt = prompts[r["prompt_index"]] if 0 <= r["prompt_index"] < len(prompts) else ""
-                rows.append({"label": r.get("label"), "prompt": prompt, "text": r.get("audited", ""),
-                             "kind": "random"})
+    metrics, ranking = Metrics.load(run.path), Divergence.load(run.path)
+    rows = [dict(c.to_json(), kind="random") for c in metrics.random_completions] if metrics is not None else []
+    prompts = run.config.prompts
+    for r in ranking.random() if ranking is not None else []:
+        prompt = prompts[r.prompt_index] if r.prompt_index < len(prompts) else ""
+        rows.append({"label": r.label, "prompt": prompt, "text": r.audited, "kind": "random"})
     return rows

@@ -19,6 +19,7 @@ Random vectors of the run's norm go through the same path, so their divergences 
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -34,7 +35,9 @@ from melbo.models import LoadedModel
 from melbo.prompts import prompt_tokens, uses_chat
 from melbo.runner import Progress, discover, resume
 from melbo.settings import DIFF_RADIUS, DIFF_RANDOM, DiscoverConfig
-from melbo.store import DIVERGENCE, Run, write_json
+from melbo.files import write_json
+from melbo.jsonfields import SQLITE_MAX, Fields
+from melbo.store import DIVERGENCE, Run
 
 KL_TOKENS = 16  # teacher-forced positions the KL is averaged over: the start of the answer, where behaviours begin
 
@@ -80,11 +83,11 @@ def resume_diff(path: str | Path, audited: LoadedModel, reference: LoadedModel, 
     `random` None: the count the run recorded (runs before it was recorded: DIFF_RANDOM)."""
     run = resume(path, audited, progress=progress, reference=reference)
     if random is None:
-        random = run.config.get("random", DIFF_RANDOM)
+        random = run.config.random if run.config.random is not None else DIFF_RANDOM
     if not isinstance(random, int) or isinstance(random, bool) or random < 0:
         raise MelboError(f"random must be an integer ≥ 0, got {random!r}")
     rank_run(run, audited, reference, random=random, progress=progress, on_batch=on_batch,
-             check=check or run.config.get("check"))
+             check=check or run.config.check)
     return run
 
 
@@ -93,29 +96,91 @@ def rank_run(run: Run, audited: LoadedModel, reference: LoadedModel, random: int
              check: Optional[str] = None) -> dict:
     """Generate with the run's perturbations (and `random` random vectors) on both models; write divergence.json
     (and checks.json when a checker is given)."""
-    settings = run.config["settings"]
+    settings = run.settings
     perturbations, labels, kinds = _with_random(run, audited, random)
     if progress:  # both models generate once per (perturbation or unsteered, prompt)
-        progress({"stage": "generate", "total": 2 * (len(perturbations) + 1) * len(settings["prompts"])})
-    sampling = Sampling(max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"])
-    result = rank_perturbations(audited, reference, perturbations, settings["prompts"], labels, kinds,
-                                chat=settings["chat"], sampling=sampling, on_batch=on_batch)
+        progress({"stage": "generate", "total": 2 * (len(perturbations) + 1) * len(settings.prompts)})
+    sampling = Sampling(max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
+    result = rank_perturbations(audited, reference, perturbations, settings.prompts, labels, kinds,
+                                chat=settings.chat, sampling=sampling, on_batch=on_batch)
     run.write_completions(_audited_rows(result))
     write_json(run.path / DIVERGENCE, result)
     if check:
         from melbo.checkers import check_run
 
-        run.config["check"] = check
+        run.config.check = check
         run.save_config()
         check_run(run.path, check)
     return result
 
 
-def load_divergence(run_dir: str | Path) -> dict:
-    """A diff run's ranking, as `rank_run` wrote it (module docstring)."""
-    from melbo.files import read_json
+@dataclass
+class DivergenceRow:
+    """One (perturbation or unsteered, prompt) pair of completions, and how far apart the two models are."""
 
-    return read_json(Path(run_dir) / DIVERGENCE)
+    label: str
+    vector: Optional[int]
+    kind: str  # KINDS
+    prompt_index: int
+    prompt: str
+    audited: str
+    reference: str
+    tokens: int = 0
+    kl: Optional[float] = None  # None: written as NaN (strict JSON has no NaN)
+    distance: Optional[float] = None
+    rank: Optional[int] = None  # 1 = the most divergent; None for the unsteered rows
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> "DivergenceRow":
+        return cls(label=f.text("label"), vector=f.whole("vector", 0, SQLITE_MAX, None),
+                   kind=f.text("kind", choices=KINDS), prompt_index=f.whole("prompt_index", 0),
+                   prompt=f.text("prompt", ""), audited=f.text("audited"), reference=f.text("reference"),
+                   tokens=f.whole("tokens", 0, default=0), kl=f.real("kl", 0, default=None),
+                   distance=f.real("distance", default=None), rank=f.whole("rank", 1, SQLITE_MAX, None))
+
+
+@dataclass
+class Divergence:
+    """divergence.json (module docstring), read once with every field checked."""
+
+    kl_tokens: int
+    unsteered: list[DivergenceRow] = field(default_factory=list)
+    rows: list[DivergenceRow] = field(default_factory=list)  # most divergent first
+
+    @classmethod
+    def from_dict(cls, raw: object, file: Path | str = DIVERGENCE) -> "Divergence":
+        f = Fields(raw, file, "run `melbo diff` again to rewrite it")
+        return cls(f.whole("kl_tokens", 1, 1_000_000, default=KL_TOKENS),
+                   [DivergenceRow.from_fields(r) for r in f.objects("unsteered", [])],
+                   [DivergenceRow.from_fields(r) for r in f.objects("rows", [])])
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> Optional["Divergence"]:
+        """The run's divergence.json, or None when it has none (a run that is not a diff)."""
+        from melbo.files import read_json
+
+        file = Path(run_dir) / DIVERGENCE
+        return cls.from_dict(read_json(file), file) if file.is_file() else None
+
+    def learned(self) -> list[DivergenceRow]:
+        return [r for r in self.rows if r.kind == "learned"]
+
+    def random(self) -> list[DivergenceRow]:
+        return [r for r in self.rows if r.kind == "random"]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+KINDS = ("learned", "random", "unsteered")
+
+
+def load_divergence(run_dir: str | Path) -> Divergence:
+    """A diff run's ranking, as `rank_run` wrote it (module docstring)."""
+    found = Divergence.load(run_dir)
+    if found is None:
+        raise MelboError(f"{run_dir} holds no {DIVERGENCE}: run `melbo diff` (or resume it) first")
+    return found
 
 
 def _with_random(run: Run, lm: LoadedModel, random: int) -> tuple[Perturbations, list[str], list[str]]:
@@ -123,8 +188,7 @@ def _with_random(run: Run, lm: LoadedModel, random: int) -> tuple[Perturbations,
     labels = [f"v{i}" for i in range(len(learned))]
     if not random or not isinstance(learned, SteeringVectors):
         return learned, labels, ["learned"] * len(labels)
-    baseline = random_vectors(random, lm.width, float(run.config["radius"]), int(run.config["source"]),
-                              run.config["settings"]["seed"])
+    baseline = random_vectors(random, lm.width, run.config.radius, run.config.source, run.config.seed)
     both = SteeringVectors(torch.cat([learned.vectors, baseline.vectors]), learned.layer)
     return both, labels + [f"random{k}" for k in range(random)], ["learned"] * len(labels) + ["random"] * random
 

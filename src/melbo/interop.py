@@ -57,8 +57,8 @@ def to_repeng(source: "Run | SteeringVectors", index: int, scale: float = 1.0, m
         raise MelboError("repeng is not installed: pip install --no-deps repeng") from None
     theta, layer = _vector(source, index)
     if model_type is None:
-        model = source.config.get("model", {}) if isinstance(source, Run) else {}
-        model_type = str(model.get("architecture") or "unknown")
+        recorded = source.config.model.architecture if isinstance(source, Run) else None
+        model_type = recorded or "unknown"
     return ControlVector(model_type=model_type, directions={layer: (theta * scale).float().numpy()})
 
 

@@ -56,7 +56,7 @@ def elicit(
     _announce(progress, "train", out=str(path))
     run = discover(lm, cfg, path, previous=previous, progress=progress)
     if sweep_dir is not None:
-        run.config["radius_sweep"] = str(sweep_dir)
+        run.config.radius_sweep = str(sweep_dir)
     return finish(run, lm, random=random, progress=progress, on_batch=on_batch, check=check)
 
 
@@ -72,8 +72,9 @@ def resume_job(path: str | Path, lm: LoadedModel, *, random: Optional[int] = Non
     _checker(check)
     _announce(progress, "train", out=str(path))
     run = resume(path, lm, progress=progress)
-    return finish(run, lm, random=run.config.get("random", DEFAULT_RANDOM) if random is None else random,
-                  progress=progress, on_batch=on_batch, check=check or run.config.get("check"))
+    recorded = run.config.random if run.config.random is not None else DEFAULT_RANDOM
+    return finish(run, lm, random=recorded if random is None else random, progress=progress, on_batch=on_batch,
+                  check=check or run.config.check)
 
 
 def finish(run: Run, lm: LoadedModel, *, random: int = DEFAULT_RANDOM, progress: Optional[Progress] = None,
@@ -82,12 +83,12 @@ def finish(run: Run, lm: LoadedModel, *, random: int = DEFAULT_RANDOM, progress:
     from melbo.assess import assess_run, run_completions
     from melbo.report import write_report
 
-    run.config["random"] = random  # so that a resumed job assesses as this one asked
+    run.config.random = random  # so that a resumed job assesses as this one asked
     if check:
-        run.config["check"] = check
+        run.config.check = check
     run.save_config()
     if not run.completions():
-        _announce(progress, "generate", total=(len(run) + 1) * len(run.settings["prompts"]))
+        _announce(progress, "generate", total=(len(run) + 1) * len(run.settings.prompts))
     run_completions(run, lm, on_batch=on_batch)
     if random:
         _announce(progress, "assess", random=random)
@@ -98,7 +99,7 @@ def finish(run: Run, lm: LoadedModel, *, random: int = DEFAULT_RANDOM, progress:
         _announce(progress, "check", checker=check)
         check_run(run.path, check)
     _announce(progress, "report")
-    sweep = run.config.get("radius_sweep")
+    sweep = run.config.radius_sweep
     write_report(run.path, Path(sweep) if sweep else None)
     return run
 

@@ -41,6 +41,7 @@ from melbo.methods.jacobian import jacobian_directions
 from melbo.models import LoadedModel
 from melbo.objective import TargetProbe, residual_norm
 from melbo.prompts import PromptBatch, check_prompt_list, encode
+from melbo.runconfig import ModelRecord, RunConfig
 from melbo.runner import numeric_radius
 from melbo.settings import MAP_ITERATIONS, MAP_K, MAP_RADIUS, DiscoverConfig
 from melbo.store import LAYER_MAP, Run
@@ -386,25 +387,18 @@ def open_pair(map_dir: str | Path, source: int, target: int, out: str | Path,
     norm = float(pair["norms"][0])
     absolute = numeric_radius(radius).resolve(norm)  # a number: auto and calibrate belong to discovery runs
     vectors = _scaled(pair["directions"], absolute, radius)
-    out = Path(out)
-    check_output_dir(out)
-    if out.exists() and any(out.iterdir()):
-        raise MelboError(f"{out} already exists and is not empty: choose another --out")
-    make_output_dir(out)
     s = layer_map_.settings
     cfg = DiscoverConfig(prompts=s.prompts, method="jacobian", n_vectors=s.k, source=source, target=target,
                          radius=str(radius), seed=s.seed, chat=s.chat, positions=s.positions, precision="fp32",
                          power_iterations=s.iterations)
-    config = {
-        "reference": None, "contrast": None, "melbo_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "status": "running",
-        "model": layer_map_.config["model"], "method": "jacobian", "source": source, "target": target,
-        "p": cfg.p, "q": cfg.q, "orthogonal": cfg.orthogonal, "rank": None, "settings": asdict(cfg),
-        "versions": layer_map_.config.get("versions"), "radius": absolute, "radius_relative": absolute / norm,
-        "residual_norm": norm, "precision": "fp32", "singular_values": pair["singular_values"].tolist(),
-        "finite_difference_eps": 0.01 * norm, "layer_map": str(Path(map_dir).resolve()),
-    }
-    run = Run(out, config)
-    run.save_config()
+    config = RunConfig(
+        settings=cfg, model=ModelRecord.from_dict(layer_map_.config["model"], Path(map_dir) / LAYER_MAP),
+        source=source, target=target, melbo_version=__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        versions=layer_map_.config.get("versions") or {}, radius=absolute, radius_relative=absolute / norm,
+        residual_norm=norm, precision="fp32", layer_map=str(Path(map_dir).resolve()),
+        record={"singular_values": pair["singular_values"].tolist(), "finite_difference_eps": 0.01 * norm},
+    )
+    run = Run.create(out, config)
     run.save_result(SteeringVectors(vectors, source), pair["history"])
     return run

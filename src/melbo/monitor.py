@@ -79,8 +79,8 @@ class Monitor:
         statistics and threshold from clean inputs."""
         _check(run, lm, signal, alpha, clean)
         chosen = _chosen(run, indices)
-        layer = int(run.config["target" if signal == "target" else "source"])
-        chat = run.config["settings"]["chat"]
+        layer = run.config.target if signal == "target" else run.config.source
+        chat = run.config.chat
         signatures = perturbation_signatures(run, lm, layer, chosen)
         states = last_states(lm, clean, layer, chat)
         projections = states @ signatures.T  # [n, K]
@@ -270,10 +270,9 @@ def _chosen(run: Run, indices: Optional[Sequence[int]]) -> list[int]:
 
 def perturbation_signatures(run: Run, lm: LoadedModel, layer: int, indices: Optional[Sequence[int]] = None) -> Tensor:
     """σ_k: each perturbation's mean change at `layer` on the last token of the run's prompts, unit rows [K, d]."""
-    settings = run.config["settings"]
-    batch = encode(lm, settings["prompts"], settings["chat"])
-    replay = int(run.config["source"]) - 1  # adapters act inside the source block: replay only what precedes it
-    probe = TargetProbe(lm, batch, int(run.config["source"]), layer, replay)
+    batch = encode(lm, run.config.prompts, run.config.chat)
+    replay = run.config.source - 1  # adapters act inside the source block: replay only what precedes it
+    probe = TargetProbe(lm, batch, run.config.source, layer, replay)
     perturbations = run.perturbations.select(_chosen(run, indices))
     prompts = len(batch)
     rows = []

@@ -24,9 +24,11 @@ from typing import Any, Optional
 
 from melbo.errors import MelboError
 from melbo.files import atomic_write, read_json
-from melbo.numbers import finite, fmt, format_cell
+from melbo.numbers import fmt, format_cell
 from melbo.plots import curves_figure, learned_vs_random_figure, png, sweep_figure
-from melbo.store import BENCH, CONFIG, DIVERGENCE, LAYER_MAP, METRICS, MONITOR_DIR, MONITOR_JSON, MONITOR_JSONL, SWEEP, Run
+from melbo.assess import Metrics, ScoreRow, Scores
+from melbo.runconfig import RunConfig
+from melbo.store import BENCH, CONFIG, LAYER_MAP, MONITOR_DIR, MONITOR_JSON, MONITOR_JSONL, Run
 
 REPORT = "report.html"
 TEMPLATE = "report.html.j2"
@@ -35,21 +37,6 @@ TEMPLATE = "report.html.j2"
 # ------------------------------------------------------------------------------------------------ reading
 def _read_optional_json(path: Path) -> Any:
     return read_json(path) if path.exists() else None
-
-
-def _metrics(path: Path) -> Optional[dict]:
-    """metrics.json, its parts of the types the report reads (a hand-edited file is one line, not a traceback)."""
-    metrics = _read_optional_json(path)
-    if not isinstance(metrics, dict):
-        return None
-    parts = {"learned": dict, "random": dict, "clusters": list, "random_completions": list}
-    wrong = [k for k, kind in parts.items() if metrics.get(k) is not None and not isinstance(metrics[k], kind)]
-    wrong += [f"{k}.perturbations" for k in ("learned", "random") if isinstance(metrics.get(k), dict)
-              and not isinstance(metrics[k].get("perturbations") or [], list)]
-    if wrong:
-        raise MelboError(f"{path} is malformed ({', '.join(wrong)} of the wrong type): "
-                         "run `melbo assess` again to rewrite it")
-    return metrics
 
 
 def _curves(run: Run) -> Optional[list[list[float]]]:
@@ -68,31 +55,28 @@ def _calibrated(found: dict | None) -> str:
             f"{fmt(found.get('fraction'))}) over {found.get('samples')} random directions")
 
 
-def _settings(config: dict) -> list[tuple[str, str]]:
-    settings = config.get("settings") or {}
-    model = config.get("model") or {}
+def _settings(config: RunConfig) -> list[tuple[str, str]]:
+    settings = config.settings
     rows = [
-        ("model", model.get("id") or model.get("spec") or "—"),
-        ("method", str(config.get("method", settings.get("method", "—")))),
-        ("source → target block", f"{config.get('source', '—')} → {config.get('target', '—')}"),
-        ("R", f"{fmt(config.get('radius'), 4)}  (= {fmt(config.get('radius_relative'))} × median residual norm "
-              f"{fmt(config.get('residual_norm'), 4)})" + _calibrated(config.get("radius_calibration"))),
-        ("p, q", f"{fmt(config.get('p'))}, {fmt(config.get('q'))}"),
-        ("perturbations", str(settings.get("n_vectors", "—"))),
-        ("steps", str(settings.get("steps", "—"))),
-        ("learning rate", fmt(settings.get("lr"))),
-        ("orthogonality", str(config.get("orthogonal", settings.get("orthogonal", "—")))),
+        ("model", config.model.id or config.model.spec or "—"),
+        ("method", config.method),
+        ("source → target block", f"{config.source} → {config.target}"),
+        ("R", f"{fmt(config.radius, 4)}  (= {fmt(config.radius_relative)} × median residual norm "
+              f"{fmt(config.residual_norm, 4)})" + _calibrated(config.radius_calibration)),
+        ("p, q", f"{fmt(settings.p)}, {fmt(settings.q)}"),
+        ("perturbations", str(settings.n_vectors)),
+        ("steps", str(settings.steps)),
+        ("learning rate", fmt(settings.lr)),
+        ("orthogonality", settings.orthogonal),
     ]
-    if config.get("rank") is not None:
-        rows.append(("adapter rank", str(config["rank"])))
-    for key, name in (("positions", "positions"), ("seed", "seed"), ("max_new_tokens", "new tokens")):
-        if key in settings:
-            value = settings[key]
-            rows.append((name, value if isinstance(value, str) else json.dumps(value)))
-    if config.get("status") and config["status"] != "complete":
-        rows.append(("status", str(config["status"])))
-    if config.get("created"):
-        rows.append(("created", str(config["created"])))
+    if config.method == "adapters":
+        rows.append(("adapter rank", str(settings.rank)))
+    rows += [("positions", settings.positions if isinstance(settings.positions, str) else json.dumps(settings.positions)),
+             ("seed", str(settings.seed)), ("new tokens", str(settings.max_new_tokens))]
+    if not config.complete:
+        rows.append(("status", config.status))
+    if config.created:
+        rows.append(("created", config.created))
     return rows
 
 
@@ -110,22 +94,22 @@ def _group_by_prompt(rows: list[dict], prompts: list[str]) -> list[dict]:
     return groups
 
 
-def _metric_rows(score: Optional[dict]) -> list[tuple[str, str]]:
-    if not score:
+def _metric_rows(score: Optional[ScoreRow]) -> list[tuple[str, str]]:
+    if score is None:
         return []
-    return [("distance from unsteered", fmt(score.get("distance_from_unsteered"))),
-            ("perplexity", fmt(score.get("perplexity"))),
-            ("repetition", fmt(score.get("repetition"))),
-            ("mean tokens", fmt(score.get("mean_tokens")))]
+    return [("distance from unsteered", fmt(score.distance_from_unsteered)),
+            ("perplexity", fmt(score.perplexity)),
+            ("repetition", fmt(score.repetition)),
+            ("mean tokens", fmt(score.mean_tokens))]
 
 
-def _summary(scores: Optional[dict]) -> list[tuple[str, str]]:
-    if not scores:
+def _summary(scores: Optional[Scores]) -> list[tuple[str, str]]:
+    if scores is None:
         return []
-    return [("diversity", fmt(scores.get("diversity"))),
-            ("mean distance from unsteered", fmt(scores.get("mean_distance_from_unsteered"))),
-            ("median perplexity", fmt(scores.get("median_perplexity"))),
-            ("mean repetition", fmt(scores.get("mean_repetition")))]
+    return [("diversity", fmt(scores.diversity)),
+            ("mean distance from unsteered", fmt(scores.mean_distance_from_unsteered)),
+            ("median perplexity", fmt(scores.median_perplexity)),
+            ("mean repetition", fmt(scores.mean_repetition))]
 
 
 def build_context(run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
@@ -133,24 +117,21 @@ def build_context(run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
     # So does a layer map (melbo.layermap): its directory holds map.json, not a run's config.json.
     bench_only = not (run_dir / CONFIG).exists() and ((run_dir / BENCH).exists() or (run_dir / LAYER_MAP).exists())
     run = None if bench_only else Run.load(run_dir, result=False)
-    config = run.config if run is not None else {}
-    settings = config.get("settings") or {}
-    prompts = [str(p) for p in settings.get("prompts") or []]
+    config = run.config if run is not None else None
+    prompts = config.prompts if config is not None else []
     completions = run.completions() if run is not None else []
     curves = _curves(run) if run is not None else None
-    metrics = _metrics(run_dir / METRICS)
+    metrics = Metrics.load(run_dir)
     sweep = None
     if sweep_dir is not None:
-        sweep_file = Path(sweep_dir) / SWEEP if Path(sweep_dir).is_dir() else Path(sweep_dir)
-        if not sweep_file.exists():
-            raise MelboError(f"{sweep_dir} holds no {SWEEP}: give the directory the R sweep wrote")
-        sweep = read_json(sweep_file)
+        from melbo.sweep import SweepResult
 
-    learned = (metrics or {}).get("learned") or None
-    random = (metrics or {}).get("random") or None
-    score_by_vector = {int(p["vector"]): p for p in (learned or {}).get("perturbations") or []
-                       if p.get("vector") is not None}
-    unsteered_score = next((p for p in (learned or {}).get("perturbations") or [] if p.get("vector") is None), None)
+        sweep = SweepResult.load(sweep_dir)
+
+    learned = metrics.learned if metrics is not None else None
+    random = metrics.random if metrics is not None else None
+    score_by_vector = {p.vector: p for p in learned.steered} if learned is not None else {}
+    unsteered_score = learned.unsteered if learned is not None else None
 
     steered: dict[int, list[dict]] = defaultdict(list)
     unsteered: list[dict] = []
@@ -164,61 +145,55 @@ def build_context(run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
             labels.setdefault(v, str(row.get("label") or f"v{v}"))
 
     n = max([len(curves) if curves else 0, *(v + 1 for v in steered), *(v + 1 for v in score_by_vector)], default=0)
-    if n == 0 and config.get("status") == "complete":
-        n = int(settings.get("n_vectors") or 0)
+    if n == 0 and config is not None and config.complete:
+        n = config.settings.n_vectors
     cards = []
     for i in range(n):
         score = score_by_vector.get(i)
         curve = curves[i] if curves and i < len(curves) else None
         cards.append({
             "index": i,
-            "label": labels.get(i) or (str(score["label"]) if score and score.get("label") else f"v{i}"),
+            "label": labels.get(i) or (score.label if score is not None else f"v{i}"),
             "prompts": _group_by_prompt(steered.get(i, []), prompts),
             "metrics": _metric_rows(score),
-            "cluster": (score or {}).get("cluster_name"),
-            "no_change": bool((score or {}).get("no_change")),
+            "cluster": score.cluster_name if score is not None else None,
+            "no_change": bool(score is not None and score.no_change),
             "objective": fmt(curve[-1], 4) if curve else None,
         })
     anchor = {c["label"]: f"v{c['index']}" for c in cards}
     clusters = []
-    for c in (metrics or {}).get("clusters") or []:
-        members = [{"label": str(m), "anchor": anchor.get(str(m))} for m in c.get("members") or []]
-        clusters.append({"id": c.get("id"), "name": str(c.get("name") or f"cluster {c.get('id')}"),
-                         "no_change": bool(c.get("no_change")), "members": members})
+    for c in metrics.clusters if metrics is not None else []:
+        members = [{"label": m, "anchor": anchor.get(m)} for m in c.members]
+        clusters.append({"id": c.id, "name": c.name or f"cluster {c.id}", "no_change": c.no_change,
+                         "members": members})
 
     random_rows: dict[str, list[dict]] = defaultdict(list)
-    for row in (metrics or {}).get("random_completions") or []:
-        random_rows[str(row.get("label", "random"))].append(row)
+    for completion in metrics.random_completions if metrics is not None else []:
+        random_rows[completion.label].append(completion.to_json())
     random_completions = [{"label": label, "prompts": _group_by_prompt(rows, prompts)}
                           for label, rows in random_rows.items()]
 
-    model = config.get("model") or {}
-    chosen = (sweep or {}).get("chosen")
     sweep_ctx = None
     if sweep is not None:
-        relative = bool(sweep.get("relative", True))
+        chosen = sweep.chosen
         sweep_ctx = {
-            "plot": png(sweep_figure(sweep)),
-            "chosen": (f"{fmt(chosen.get('radius_relative'))} × residual norm (R = {fmt(chosen.get('radius'), 4)})"
-                       if isinstance(chosen, dict) else None),
-            "reason": str(sweep.get("reason") or ""),
-            "several_layers": len({(p.get("source"), p.get("target")) for p in sweep.get("points") or []}) > 1,
-            "fluency_floor": fmt(sweep.get("fluency_floor")) if sweep.get("fluency_floor") is not None else None,
-            "points": [{"r": fmt(p.get("radius_relative" if relative else "radius")),
-                        "radius": fmt(p.get("radius"), 4), "relative": fmt(p.get("radius_relative")),
-                        "diversity": fmt(p.get("diversity")), "ppl": fmt(p.get("median_perplexity")),
-                        "distance": fmt(p.get("mean_distance_from_unsteered")),
-                        "repetition": fmt(p.get("mean_repetition")),
-                        "fluent": p.get("fluent"),
-                        "layers": f"{p.get('source', '—')} → {p.get('target', '—')}",
-                        "chosen": isinstance(chosen, dict) and all(p.get(k) == chosen.get(k) for k in
-                                                                   ("radius", "source", "target") if k in chosen)}
-                       for p in sweep.get("points") or []],
+            "plot": png(sweep_figure(sweep.to_dict())),
+            "chosen": (f"{fmt(chosen.radius_relative)} × residual norm (R = {fmt(chosen.radius, 4)})"
+                       if chosen is not None else None),
+            "reason": sweep.reason,
+            "several_layers": len({(p.source, p.target) for p in sweep.points}) > 1,
+            "fluency_floor": fmt(sweep.fluency_floor) if sweep.fluency_floor is not None else None,
+            "points": [{"r": fmt(p.radius_relative if sweep.relative else p.radius),
+                        "radius": fmt(p.radius, 4), "relative": fmt(p.radius_relative),
+                        "diversity": fmt(p.diversity), "ppl": fmt(p.median_perplexity),
+                        "distance": fmt(p.mean_distance_from_unsteered), "repetition": fmt(p.mean_repetition),
+                        "fluent": p.fluent, "layers": f"{p.source} → {p.target}", "chosen": p.at(chosen)}
+                       for p in sweep.points],
         }
     return {
-        "title": f"melbo report · {model.get('id') or model.get('spec') or run_dir.name}",
+        "title": f"melbo report · {config.model.id if config is not None else run_dir.name}",
         "run_name": run_dir.name,
-        "settings": _settings(config),
+        "settings": _settings(config) if config is not None else [],
         "prompts": prompts,
         "unsteered": _group_by_prompt(unsteered, prompts),
         "unsteered_metrics": _metric_rows(unsteered_score),
@@ -227,7 +202,7 @@ def build_context(run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
         "learned_summary": _summary(learned),
         "random_summary": _summary(random),
         "clusters": clusters,
-        "comparison_plot": png(learned_vs_random_figure(metrics)) if metrics else None,
+        "comparison_plot": png(learned_vs_random_figure(metrics.to_dict())) if metrics is not None else None,
         "curves_plot": png(curves_figure(curves)) if curves else None,
         "random_completions": random_completions,
         "sweep": sweep_ctx,
@@ -236,21 +211,22 @@ def build_context(run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
         "divergence": _divergence_context(run_dir),
         "monitor": _monitor_context(run_dir),
         "checks": _checks_context(run_dir),
-        "version": config.get("melbo_version"),
+        "version": config.melbo_version if config is not None else None,
     }
 
 
 # ------------------------------------------------------------------------------------------------ audit mode
 def _divergence_context(run_dir: Path) -> Optional[dict]:
     """divergence.json (written by `melbo diff`): paired completions, most divergent first."""
-    doc = _read_optional_json(run_dir / DIVERGENCE)
-    if not isinstance(doc, dict):
+    from melbo.divergence import Divergence
+
+    doc = Divergence.load(run_dir)
+    if doc is None:
         return None
-    rows = [{"rank": r.get("rank", "–"), "label": r.get("label"), "kind": r.get("kind"), "kl": fmt(r.get("kl")),
-             "distance": fmt(r.get("distance")), "audited": r.get("audited", ""), "reference": r.get("reference", ""),
-             "prompt_index": r.get("prompt_index")}
-            for r in (doc.get("unsteered") or []) + (doc.get("rows") or []) if isinstance(r, dict)]
-    return {"rows": rows, "kl_tokens": doc.get("kl_tokens")}
+    rows = [{"rank": "–" if r.rank is None else r.rank, "label": r.label, "kind": r.kind, "kl": fmt(r.kl),
+             "distance": fmt(r.distance), "audited": r.audited, "reference": r.reference,
+             "prompt_index": r.prompt_index} for r in doc.unsteered + doc.rows]
+    return {"rows": rows, "kl_tokens": doc.kl_tokens}
 
 
 def _checks_context(run_dir: Path) -> Optional[dict]:
@@ -319,21 +295,16 @@ def _layer_map_context(run_dir: Path, best: int = 20) -> Optional[dict]:
 
 def _bench_context(run_dir: Path) -> Optional[dict]:
     """The tables of the run directory's bench.json (written by `melbo bench ...`), all cells as text."""
-    doc = _read_optional_json(run_dir / BENCH)
-    if not isinstance(doc, dict):
+    if not (run_dir / BENCH).is_file():
         return None
-    tables = []
-    for t in doc.get("tables") or []:
-        if not isinstance(t, dict):
-            continue
-        tables.append({"title": str(t.get("title") or ""),
-                       "columns": [str(c) for c in t.get("columns") or []],
-                       "rows": [[format_cell(c) for c in row] for row in t.get("rows") or [] if isinstance(row, list)]})
-    settings = doc.get("settings") if isinstance(doc.get("settings"), dict) else {}
-    return {"title": str(doc.get("title") or doc.get("bench") or "benchmark"),
-            "settings": [(str(k), format_cell(v)) for k, v in settings.items()],
-            "tables": tables, "notes": [str(n) for n in doc.get("notes") or []],
-            "wall": fmt(doc.get("wall_seconds")) if finite(doc.get("wall_seconds")) else None}
+    from melbo.bench.common import BenchResult
+
+    doc = BenchResult.load(run_dir)
+    tables = [{"title": t.title, "columns": t.columns, "rows": [[format_cell(c) for c in row] for row in t.rows]}
+              for t in doc.tables]
+    return {"title": doc.title or doc.bench or "benchmark",
+            "settings": [(str(k), format_cell(v)) for k, v in doc.settings.items()],
+            "tables": tables, "notes": doc.notes, "wall": fmt(doc.wall_seconds) if doc.wall_seconds else None}
 
 
 def render(context: dict, template: str = TEMPLATE) -> str:

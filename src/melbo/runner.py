@@ -12,7 +12,8 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import platform
-from dataclasses import asdict
+from copy import deepcopy
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -33,7 +34,8 @@ from melbo.objective import residual_norm, resolve_precision
 from melbo.prompts import PromptBatch, check_prompt_list, encode
 from melbo.settings import DiscoverConfig
 from melbo.files import check_output_dir, load_tensors, save_tensors
-from melbo.store import Run
+from melbo.runconfig import ModelRecord, RunConfig
+from melbo.store import Run, checked_tensors
 
 Progress = Callable[[dict], None]
 PREVIOUS = "previous.safetensors"  # in a run directory: the --orthogonal-to vectors, for resume
@@ -138,7 +140,7 @@ def discover(
 
     With a `reference` model the run is contrastive (`melbo.contrastive`): the objective rewards changes the
     audited model `lm` makes and the reference does not (`contrast` picks the form; default "difference").
-    `record`: more config fields, saved with the first config (diff's random count, which its resume reuses).
+    `record`: more `RunConfig` fields, saved with the first config (diff's random count, which its resume reuses).
     """
     if isinstance(prompts, DiscoverConfig) and settings:
         raise MelboError(f"pass settings either in the DiscoverConfig or as keywords, not both ({', '.join(settings)})")
@@ -154,9 +156,7 @@ def discover(
     if previous is not None and previous.shape[-1] != lm.width:
         raise MelboError(f"earlier vectors have width {previous.shape[-1]}, the model {lm.width}: use this model's")
     batch = encode(lm, cfg.prompts, cfg.chat, cfg.positions)  # validates prompts and token positions
-    path.mkdir(parents=True, exist_ok=True)
-    run = Run(path, {**_initial_config(lm, cfg, source, target, reference), **(record or {})}, model=lm)
-    run.save_config()  # first, so that an interruption from here on leaves a resumable run
+    run = Run.create(path, replace(_initial_config(lm, cfg, source, target, reference), **(record or {})), model=lm)
     if previous is not None:
         save_tensors(path / PREVIOUS, {"vectors": previous})
     return _train(run, lm, batch, reference, previous, progress)
@@ -166,73 +166,75 @@ def resume(path: str | Path, lm: LoadedModel, progress: Optional[Progress] = Non
            reference: Optional[LoadedModel] = None) -> Run:
     """Continue an interrupted run from its last finished batch (a contrastive run needs its reference model)."""
     run = Run.load(path, model=lm)
-    if run.config.get("status") == "complete":
+    if run.config.complete:
         return run
-    cfg = DiscoverConfig.build(**run.settings)
+    cfg = deepcopy(run.settings)  # _reference may fill in the contrast: the recorded settings stay as they were
     if cfg.contrast is not None:
         reference = _reference(cfg, lm, reference)
         _check_recorded_reference(run, reference)
     prev_file = run.path / PREVIOUS
-    previous = load_tensors(prev_file)["vectors"] if prev_file.exists() else None
+    previous = _previous(prev_file, lm) if prev_file.exists() else None
     validate(lm, cfg, len(previous) if previous is not None else 0)
     batch = encode(lm, cfg.prompts, cfg.chat, cfg.positions)
     return _train(run, lm, batch, reference, previous, progress)
 
 
+def _previous(file: Path, lm: LoadedModel) -> Tensor:
+    fix = "restore it from the vectors the run was told to stay orthogonal to, or start a new run"
+    tensors = checked_tensors(file, load_tensors(file), lm.width, fix)
+    if "vectors" not in tensors:
+        raise MelboError(f"{file} holds no vectors: {fix}")
+    return tensors["vectors"]
+
+
 def _check_recorded_reference(run: Run, reference: LoadedModel) -> None:
-    expected = run.config["reference"]["id"]
-    if reference.model_id != expected:
-        raise MelboError(f"run {run.path} was contrasted with reference {expected}, not {reference.model_id}: "
-                         f"give that reference (--reference {run.config['reference']['spec']})")
+    recorded = run.config.reference
+    if recorded is None:
+        raise MelboError(f"run {run.path} is contrastive but names no reference model: re-run the diff into a new --out")
+    if reference.model_id != recorded.id:
+        raise MelboError(f"run {run.path} was contrasted with reference {recorded.id}, not {reference.model_id}: "
+                         f"give that reference (--reference {recorded.spec})")
 
 
 def _initial_config(lm: LoadedModel, cfg: DiscoverConfig, source: int, target: int,
-                    reference: Optional[LoadedModel] = None) -> dict:
+                    reference: Optional[LoadedModel] = None) -> RunConfig:
     import transformers
 
-    return {
-        "reference": reference.describe() if reference is not None else None,
-        "contrast": cfg.contrast,
-        "melbo_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "status": "running",
-        "model": lm.describe(),
-        "method": cfg.method,
-        "source": source,
-        "target": target,
-        "p": cfg.p,
-        "q": cfg.q,
-        "orthogonal": cfg.orthogonal,
-        "rank": cfg.rank if method_class(cfg.method).artifact_kind is SteeringAdapters else None,
-        "settings": asdict(cfg),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-    }
+    return RunConfig(
+        settings=deepcopy(cfg), model=ModelRecord.from_dict(lm.describe()), source=source, target=target,
+        reference=ModelRecord.from_dict(reference.describe(), where="reference") if reference is not None else None,
+        melbo_version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        status="running",
+        versions={"torch": torch.__version__, "transformers": transformers.__version__,
+                  "python": platform.python_version()},
+        provenance={},
+    )
 
 
 def _record_radius(run: Run, lm: LoadedModel, batch: PromptBatch) -> None:
-    spec, source = run.config["settings"]["radius"], run.config["source"]
-    norm = residual_norm(lm, batch, source)
-    if is_calibrate(spec):
-        found = calibrate_radius(lm, batch, source, run.config["target"], norm, seed=run.config["settings"]["seed"])
-        run.config["radius_calibration"] = found.record()
+    config = run.config
+    norm = residual_norm(lm, batch, config.source)
+    if is_calibrate(config.settings.radius):
+        found = calibrate_radius(lm, batch, config.source, config.target, norm, seed=config.seed)
+        config.radius_calibration = found.record()
         radius = found.radius
     else:
-        radius = numeric_radius(spec).resolve(norm)  # auto and calibrate are settled before this point
-    run.config.update(radius=radius, radius_relative=radius / norm, residual_norm=norm)
+        radius = numeric_radius(config.settings.radius).resolve(norm)  # auto and calibrate are settled before this
+    config.radius, config.radius_relative, config.residual_norm = radius, radius / norm, norm
 
 
 def _train(run: Run, lm: LoadedModel, batch: PromptBatch, reference: Optional[LoadedModel],
            previous: Optional[Tensor], progress: Optional[Progress]) -> Run:
     """Fit the run's perturbations batch by batch, checkpointing after each, from wherever the run stopped."""
-    cfg = DiscoverConfig.build(**run.config["settings"])
-    cfg.precision = run.config.get("precision", cfg.precision)  # a resumed run keeps the precision it began at
-    if "radius" not in run.config:  # a new run, or one interrupted before the radius was recorded
+    config = run.config
+    cfg = deepcopy(config.settings)
+    cfg.precision = config.precision or cfg.precision  # a resumed run keeps the precision it began at
+    if not config.measured:  # a new run, or one interrupted before the radius was recorded
         _record_radius(run, lm, batch)
-    setting = Setting.of(cfg, run.config["source"], run.config["radius"], lm.width, run.config["residual_norm"])
+    setting = Setting.of(cfg, config.source, config.radius, lm.width, config.residual_norm)
     method = method_class(cfg.method).create(lm, setting)
-    objective = method.objective(lm, batch, run.config["target"], cfg, reference)
-    run.config["precision"] = objective.precision
+    objective = method.objective(lm, batch, config.target, cfg, reference)
+    config.precision = objective.precision
     run.save_config()
     done, batches_done = run.load_checkpoint()
     size = cfg.batch_size if method.batched else cfg.n_vectors
@@ -242,7 +244,7 @@ def _train(run: Run, lm: LoadedModel, batch: PromptBatch, reference: Optional[Lo
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
         on_step = _step_progress(progress, b, n_batches, method.steps, n)
         fit = method.fit(objective, n, _predecessors(previous, done), generator, on_step)
-        run.config.update(fit.record)
+        config.record.update(fit.record)
         done = _append(done, {**fit.params, "curves": fit.curves})
         run.save_checkpoint(done, b + 1)
     curves = done.pop("curves")
@@ -276,14 +278,11 @@ def write_random_run(lm: LoadedModel, prompts: Sequence[str], out: str | Path, *
     cfg = DiscoverConfig.build(check_prompt_list(prompts), n_vectors=n, radius=radius, seed=seed, steps=1,
                                orthogonal="none", **settings)  # steps: none taken, 1 passes validation
     source, target = validate(lm, cfg)
-    path = Path(out)
-    check_output_dir(path)
     batch = encode(lm, cfg.prompts, cfg.chat, cfg.positions)
-    path.mkdir(parents=True, exist_ok=True)
-    run = Run(path, {**_initial_config(lm, cfg, source, target), "random": True}, model=lm)
+    config = replace(_initial_config(lm, cfg, source, target), random_control=True, precision="fp32")
+    run = Run.create(out, config, model=lm, restart=True)  # an interrupted control is written again, not resumed
     _record_radius(run, lm, batch)
-    run.config["precision"] = "fp32"
     run.save_config()
-    vectors = random_vectors(n, lm.width, run.config["radius"], source, seed)
+    vectors = random_vectors(n, lm.width, config.radius, source, seed)
     run.save_result(vectors, torch.zeros(n, 1))
     return run

@@ -14,16 +14,19 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from melbo.errors import MelboError
 from melbo.files import (
-    as_path, atomic_write, json_line, load_metadata, load_tensors, read_json, read_text, save_tensors, write_json)
-from melbo.intervention import Perturbations, SteeringVectors
+    as_path, atomic_write, check_output_dir, json_line, load_metadata, load_tensors, make_output_dir, read_text,
+    save_tensors)
+from melbo.intervention import Perturbations, SteeringAdapters, SteeringVectors
 from melbo.models import LoadedModel
+from melbo.runconfig import ModelRecord, RunConfig
+from melbo.settings import DiscoverConfig
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.safetensors"
@@ -45,7 +48,7 @@ class Run:
     """A run directory loaded into memory. `steer(i)` applies perturbation i to the run's model."""
 
     path: Path
-    config: dict
+    config: RunConfig
     perturbations: Optional[Perturbations] = None
     curves: Optional[Tensor] = None
     model: Optional[LoadedModel] = field(default=None, repr=False)
@@ -57,12 +60,10 @@ class Run:
         path = as_path(path, "a run directory")
         if not path.is_dir():
             raise MelboError(f"run directory {path} does not exist: give the directory `melbo discover` wrote")
-        config = read_json(path / CONFIG)
-        _check_run_config(path / CONFIG, config)
-        run = cls(path, config)
+        run = cls(path, RunConfig.load(path / CONFIG))
         if (path / CURVES).exists():
             run.curves = load_tensors(path / CURVES)["curves"]
-        if result and config.get("status") == "complete":
+        if result and run.config.complete:
             run.perturbations = run._load_perturbations()
         if model is not None:
             run.attach(model)
@@ -71,32 +72,28 @@ class Run:
     def _load_perturbations(self) -> Perturbations:
         from melbo.methods import method_class
 
-        kind = method_class(self.config["method"]).artifact_kind
+        kind = method_class(self.config.method).artifact_kind
         if not (self.path / kind.FILE).exists():  # --resume would find the run complete and stop: no loop
             raise MelboError(f"run {self.path} is complete but its result {kind.FILE} is missing: "
                              "run `melbo discover` again into a new --out")
         perturbations = kind.load(self.path / kind.FILE)
-        _check_artifact(self.path / kind.FILE, perturbations, self.config["model"])
+        _check_artifact(self.path / kind.FILE, perturbations, self.config.model)
         return perturbations
 
     def attach(self, model: LoadedModel) -> None:
         """Bind a loaded model to this run, refusing a model other than the one it was trained on."""
-        expected = self.config["model"]["id"]
+        expected = self.config.model.id
         if model.model_id != expected:
             raise MelboError(
                 f"run {self.path} was made with model {expected}, not {model.model_id}: load that model "
-                f"(--model {self.config['model']['spec']})"
+                f"(--model {self.config.model.spec})"
             )
         self.model = model
 
     @property
-    def settings(self) -> dict:
+    def settings(self) -> DiscoverConfig:
         """The discover settings the run was made with (resuming and completing a run need them)."""
-        settings = self.config.get("settings")
-        if not isinstance(settings, dict) or "prompts" not in settings:
-            raise MelboError(f"{self.path / CONFIG} is not a melbo run config (no settings): "
-                             "give a run directory `melbo discover` wrote")
-        return settings
+        return self.config.settings
 
     @property
     def vectors(self) -> Tensor:
@@ -138,14 +135,30 @@ class Run:
             yield
 
     # ---- writing
+    @classmethod
+    def create(cls, path: str | Path, config: RunConfig, model: Optional[LoadedModel] = None, *,
+               restart: bool = False) -> "Run":
+        """A new run directory at `path` (absent or empty) holding `config`: the one way a run directory begins.
+
+        `restart`: `path` may hold an unfinished run, which is written over (a control that is cheaper to redo than
+        to resume); a finished one is still refused."""
+        path = as_path(path, "a run directory")
+        check_output_dir(path)
+        if path.exists() and any(path.iterdir()) and (not restart or _finished(path)):
+            raise MelboError(f"{path} already exists and is not empty: choose another --out")
+        make_output_dir(path)
+        run = cls(path, config, model=model)
+        run.save_config()  # first, so that an interruption from here on leaves a resumable run
+        return run
+
     def save_config(self) -> None:
-        write_json(self.path / CONFIG, self.config)
+        self.config.save(self.path / CONFIG)
 
     def save_result(self, perturbations: Perturbations, curves: Tensor) -> None:
         perturbations.save(self.path / perturbations.FILE, _artifact_metadata(self.config))
         save_tensors(self.path / CURVES, {"curves": curves})
         self.perturbations, self.curves = perturbations, curves
-        self.config["status"] = "complete"
+        self.config.status = "complete"
         self.save_config()
         (self.path / CHECKPOINT).unlink(missing_ok=True)
 
@@ -161,25 +174,36 @@ class Run:
             done = int(load_metadata(file, fix)["batches_done"])
         except (KeyError, ValueError) as exc:
             raise MelboError(f"{file} is corrupt ({exc}): {fix}") from exc
-        return load_tensors(file), done
+        if not 0 <= done <= self.config.settings.n_vectors:  # each batch holds at least one perturbation
+            raise MelboError(f"{file} is corrupt (batches_done {done} of {self.config.settings.n_vectors} "
+                             f"perturbations): {fix}")
+        return checked_tensors(file, load_tensors(file), self.config.model.width, fix), done
 
     def write_completions(self, rows: list[dict]) -> None:
         atomic_write(self.path / COMPLETIONS, "".join(json_line(r) + "\n" for r in rows).encode())
 
 
-def _check_run_config(file: Path, config: Any) -> None:
-    """A config.json that parses but is not a run's (a list, no model or settings) is a one-line error."""
-    required = ("model", "method", "source")
-    missing = [k for k in required if k not in config] if isinstance(config, dict) else list(required)
-    if not missing:
-        model = config["model"]
-        missing = [f"model.{k}" for k in ("id", "spec") if not isinstance(model, dict) or k not in model]
-    if missing:
-        raise MelboError(f"{file} is not a melbo run config (no {', '.join(missing)}): "
-                         "give a run directory `melbo discover` wrote")
+def checked_tensors(file: Path, tensors: dict[str, Tensor], width: Optional[int], fix: str) -> dict[str, Tensor]:
+    """Tensors read back from a run's file, trusted from here on: floats, finite, and "vectors" [N, width]."""
+    for name, t in tensors.items():
+        if not t.dtype.is_floating_point:
+            raise MelboError(f"{file} holds {name} of {str(t.dtype).removeprefix('torch.')} numbers, not floats: {fix}")
+        if name != "curves" and not bool(torch.isfinite(t).all()):  # a diverged objective may be NaN; params not
+            raise MelboError(f"{file} holds NaN or infinite {name}: {fix}")
+    vectors = tensors.get("vectors")
+    if vectors is not None and (vectors.dim() != 2 or (width is not None and vectors.shape[-1] != width)):
+        raise MelboError(f"{file} holds vectors of shape {tuple(vectors.shape)}, not [N, {width}]: {fix}")
+    return tensors
 
 
-def _check_artifact(file: Path, perturbations: Perturbations, model: dict) -> None:
+def _finished(path: Path) -> bool:
+    try:
+        return RunConfig.load(path / CONFIG).complete
+    except MelboError:  # no config, or a damaged one: nothing finished to keep
+        return False
+
+
+def _check_artifact(file: Path, perturbations: Perturbations, model: ModelRecord) -> None:
     """Every use of a run's result (steering, export, catalogue) trusts it: float tensors, finite, of the width of
     the model the run names. A hand-edited or foreign file fails here, once, not as garbage in a GGUF."""
     fix = "re-run the discovery into a new --out"
@@ -195,12 +219,18 @@ def _check_artifact(file: Path, perturbations: Perturbations, model: dict) -> No
             raise MelboError(f"{file} holds {str(t.dtype).removeprefix('torch.')} numbers, not floats: {fix}")
         if not bool(torch.isfinite(t).all()):
             raise MelboError(f"{file} holds NaN or infinite numbers: {fix}")
-    expected = model.get("width")
-    if [t.dim() for t in tensors] != list(ranks) or (isinstance(expected, int) and width != expected):
+    expected = model.width
+    if [t.dim() for t in tensors] != list(ranks) or (expected is not None and width != expected):
         raise MelboError(f"{file} holds perturbations of shape {tuple(tensors[-1].shape)}, not of the width "
-                         f"{expected} of model {model.get('id')}: {fix}")
+                         f"{expected} of model {model.id}: {fix}")
 
 
-def _artifact_metadata(config: dict) -> dict:
-    keys = ("method", "source", "target", "radius", "radius_relative", "p", "q", "orthogonal", "rank")
-    return {"model": config["model"]["id"], **{k: config.get(k) for k in keys}}
+def _artifact_metadata(config: RunConfig) -> dict:
+    """What an artefact file says about itself (safetensors metadata), for a reader without the config."""
+    from melbo.methods import method_class
+
+    adapters = method_class(config.method).artifact_kind is SteeringAdapters
+    return {"model": config.model.id, "method": config.method, "source": config.source, "target": config.target,
+            "radius": config.radius, "radius_relative": config.radius_relative, "p": config.settings.p,
+            "q": config.settings.q, "orthogonal": config.settings.orthogonal,
+            "rank": config.settings.rank if adapters else None}

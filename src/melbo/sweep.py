@@ -19,7 +19,9 @@ be re-run into the same DIR.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -27,17 +29,93 @@ from melbo import evaluation
 from melbo.errors import MelboError
 from melbo.models import LoadedModel
 from melbo.checks import check_finite
+from melbo.distributed import RayPool
 from melbo.numbers import finite_or_none, fmt
 from melbo.plots import save_figure, sweep_figure
 from melbo.assess import run_completions
 from melbo.runner import DiscoverConfig, discover, parse_radius, resume, validate
 from melbo.files import check_output_dir, make_output_dir, write_json
+from melbo.jsonfields import Fields
+from melbo.runconfig import MAX_BLOCKS
 from melbo.store import SWEEP, Run
 
 PLOT = "sweep.png"
 DEFAULT_RADII = ("0.05x", "0.1x", "0.2x", "0.3x", "0.5x")
 
 Progress = Callable[[dict], None]
+
+
+# ------------------------------------------------------------------------------------------------ sweep.json, typed
+SWEEP_FIX = "run the sweep again into a new --out"
+
+
+@dataclass
+class SweepChoice:
+    """Where a point was measured: R (absolute and relative) and its blocks."""
+
+    radius: float
+    radius_relative: float
+    source: int
+    target: int
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> "SweepChoice":
+        return cls(f.real("radius", above=0), f.real("radius_relative", above=0), f.whole("source", 0, MAX_BLOCKS),
+                   f.whole("target", 0, MAX_BLOCKS))
+
+
+@dataclass
+class SweepPoint(SweepChoice):
+    """One measured radius: its run's scores and whether it stays under the fluency floor."""
+
+    diversity: Optional[float] = None
+    median_perplexity: Optional[float] = None
+    mean_distance_from_unsteered: Optional[float] = None
+    mean_repetition: Optional[float] = None
+    fluent: Optional[bool] = None
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> "SweepPoint":
+        where = SweepChoice.from_fields(f)
+        scores = {k: f.real(k, default=None) for k in ("diversity", "median_perplexity",
+                                                        "mean_distance_from_unsteered", "mean_repetition")}
+        return cls(**asdict(where), **scores, fluent=f.flag("fluent", None))
+
+    def at(self, choice: Optional[SweepChoice]) -> bool:
+        return choice is not None and (self.radius, self.source, self.target) == (choice.radius, choice.source,
+                                                                                  choice.target)
+
+
+@dataclass
+class SweepResult:
+    """sweep.json (module docstring), read once with every field checked."""
+
+    relative: bool
+    points: list[SweepPoint]
+    chosen: Optional[SweepChoice] = None
+    reason: str = ""
+    fluency_floor: Optional[float] = None
+
+    @classmethod
+    def from_dict(cls, raw: object, file: Path | str = SWEEP) -> "SweepResult":
+        f = Fields(raw, file, SWEEP_FIX)
+        chosen = f.object("chosen", None)
+        return cls(f.flag("relative", True), [SweepPoint.from_fields(p) for p in f.objects("points", [])],
+                   SweepChoice.from_fields(chosen) if chosen is not None else None, f.text("reason", ""),
+                   f.real("fluency_floor", 0, default=None))
+
+    @classmethod
+    def load(cls, where: str | Path) -> "SweepResult":
+        """The sweep.json of a sweep directory (or the file itself)."""
+        from melbo.files import read_json
+
+        file = Path(where) / SWEEP if Path(where).is_dir() else Path(where)
+        if not file.is_file():
+            raise MelboError(f"{where} holds no {SWEEP}: give the directory the R sweep wrote")
+        return cls.from_dict(read_json(file), file)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def parse_radii(radii: Sequence[str] | str) -> tuple[list[str], bool]:
@@ -111,8 +189,6 @@ def sweep(
         validate(lm, lm_check)
     pool = None
     if workers is not None or ray_address is not None:
-        from melbo.distributed import RayPool
-
         pool = RayPool.check(workers, ray_address)  # fail fast, before the sweep directory is made
     make_output_dir(out)
 
@@ -132,7 +208,7 @@ def sweep(
                 progress({"stage": "done", **result["where"], "point": sum(r is not None for r in scored),
                           "worker": result["worker"]})
 
-        pool.run_points(lm, tasks, finished)
+        pool.run(lm, point_task, tasks, finished)
     points = [r["point"] for r in scored]
     unsteered_ppl = [ppl for r in scored for ppl in r["unsteered_perplexities"]]
     result = decide(points, unsteered_ppl, relative, fluency_factor, fluency_floor)
@@ -151,7 +227,7 @@ def check_floor(fluency_factor: float, fluency_floor: Optional[float]) -> None:
 
 def run_point(lm: LoadedModel, prompts: list[str], path: str, where: dict, settings: dict,
               progress: Optional[Progress] = None) -> dict:
-    """One sweep point: train (or reuse) its run at `path`, generate, score. Also what a Ray worker runs.
+    """One sweep point: train (or reuse) its run at `path`, generate, score (on a Ray worker: `point_task`).
 
     Returns {"where", "point" (sweep.json's entry), "unsteered_perplexities"}.
     """
@@ -168,10 +244,15 @@ def run_point(lm: LoadedModel, prompts: list[str], path: str, where: dict, setti
             "unsteered_perplexities": [p["perplexity"] for p in scores["perturbations"] if p["vector"] is None]}
 
 
+def point_task(lm: LoadedModel, memo: dict, task: dict) -> dict:
+    """One sweep point on a Ray worker (`RayPool.run`): `run_point`, and which worker ran it."""
+    return {**run_point(lm, **task), "worker": os.getpid()}
+
+
 def _point(run: Run, scores: dict) -> dict:
     keys = ("diversity", "median_perplexity", "mean_distance_from_unsteered", "mean_repetition")
-    return {"radius": float(run.config["radius"]), "radius_relative": float(run.config["radius_relative"]),
-            "source": int(run.config["source"]), "target": int(run.config["target"]),
+    return {"radius": run.config.radius, "radius_relative": run.config.radius_relative,
+            "source": run.config.source, "target": run.config.target,
             **{k: finite_or_none(scores[k]) for k in keys}}
 
 
@@ -277,15 +358,15 @@ def _train_point(lm, prompts, path: Path, progress, where: dict, **settings) -> 
         run = Run.load(path, model=lm)
         if not _same_settings(run, prompts, settings):
             raise MelboError(f"{path} holds a run with other settings: remove it, or sweep into another --out")
-        if run.config.get("status") == "complete":
+        if run.config.complete:
             return run
         return resume(path, lm, progress=relay)  # an interrupted sweep: finish this point's run
     return discover(lm, list(prompts), path, progress=relay, **settings)
 
 
 def _same_settings(run: Run, prompts, settings: dict) -> bool:
-    stored = run.config["settings"]
-    return stored["prompts"] == list(prompts) and all(stored.get(k) == v for k, v in settings.items())
+    stored = run.settings
+    return stored.prompts == list(prompts) and all(getattr(stored, k, None) == v for k, v in settings.items())
 
 
 def _finite_median(values: list[float]) -> Optional[float]:

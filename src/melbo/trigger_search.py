@@ -111,7 +111,7 @@ def _run_findings(path: Path, vectors: Optional[Sequence[int]]) -> tuple[list[di
                     for r in rows if r.get("vector") == v]
         findings.append({"rank": rank, "label": f"v{v}", "example": examples[0], "examples": examples[1:],
                          "perturbations": [{"run": str(path), "index": v}]})
-    return findings, run.config["model"].get("spec"), run.config["settings"].get("chat")
+    return findings, run.config.model.spec, run.config.chat
 
 
 # ------------------------------------------------------------------------------------------------ corpus search

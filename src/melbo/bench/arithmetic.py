@@ -157,7 +157,7 @@ class ArithmeticBench:
         chosen = [label for label in (best, best_random) if label is not None]
         rows = [steered.run.vectors[int(best[1:])]] + ([steered.random_vectors.vectors[int(best_random[6:])]]
                                                        if best_random else [])
-        final = generate_and_detect(lm, SteeringVectors(torch.stack(rows), int(run.config["source"])), chosen,
+        final = generate_and_detect(lm, SteeringVectors(torch.stack(rows), run.config.source), chosen,
                                     [make_prompt(a, b, s.digits) for a, b in scored], _verdict(scored),
                                     chat=steered.chat, on_batch=on_batch,
                                     sampling=Sampling(max_new_tokens=s.max_new_tokens, batch_size=s.generation_batch))
@@ -171,8 +171,8 @@ class ArithmeticBench:
 
         result = BenchResult(self.name, self.title, settings={
             **s.to_json(), "model": lm.model_id, "run": str(run.path), "n_vectors": len(run),
-            "n_random": len(steered.random), "radius_absolute": run.config["radius"], "source": run.config["source"],
-            "target": run.config["target"], "chat": steered.chat, "training_prompt": train_prompt,
+            "n_random": len(steered.random), "radius_absolute": run.config.radius, "source": run.config.source,
+            "target": run.config.target, "chat": steered.chat, "training_prompt": train_prompt,
             "best_learned": best, "best_random": best_random,
             "selection_problems": [f"{a}*{b}" for a, b in selection], "scored_problems": [f"{a}*{b}" for a, b in scored],
             "training_seconds": round(steered.training_seconds, 1)})

@@ -167,9 +167,9 @@ class BackdoorBench:
                     [{**c.to_json(), "behaviours": names} for c, names in zip(steered.completions, steered.found)])
         result = BenchResult(self.name, self.title, settings={
             **s.to_json(), "model": lm.model_id, "run": str(run.path), "prompt": prompts[0], "prompts": prompts,
-            "n_vectors": len(run), "n_random": len(steered.random), "radius_absolute": run.config["radius"],
-            "radius_relative": run.config["radius_relative"], "source": run.config["source"],
-            "target": run.config["target"], "orthogonal": "hard", "chat": steered.chat,
+            "n_vectors": len(run), "n_random": len(steered.random), "radius_absolute": run.config.radius,
+            "radius_relative": run.config.radius_relative, "source": run.config.source,
+            "target": run.config.target, "orthogonal": "hard", "chat": steered.chat,
             "behaviours": dict(behaviours), "detectors": raw, "training_seconds": round(steered.training_seconds, 1)})
         _recall_tables(result, steered, found, raw)
         if found["unsteered"]:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 from melbo.errors import MelboError
 from melbo.numbers import finite_or_none, format_cell
 from melbo.files import read_json, write_json
+from melbo.jsonfields import Fields
 from melbo.stats import CONFIDENCE, Estimate, bootstrap_difference, bootstrap_mean, mcnemar, wilson
 from melbo.store import BENCH
 
@@ -100,15 +101,33 @@ class BenchResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "BenchResult":
+        """bench.json (of a directory, or the file), every field checked: cells are text, numbers, yes/no or null."""
         path = Path(path)
-        doc = read_json(path / BENCH if path.is_dir() else path)
-        try:
-            tables = [BenchTable(str(t["title"]), [str(c) for c in t["columns"]], [list(r) for r in t["rows"]])
-                      for t in doc.get("tables", [])]
-            return cls(str(doc["bench"]), str(doc.get("title", doc["bench"])), dict(doc.get("settings", {})), tables,
-                       [str(n) for n in doc.get("notes", [])], float(doc.get("wall_seconds", 0.0)))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MelboError(f"{path} is not a melbo bench.json ({exc}): re-run the benchmark") from exc
+        file = path / BENCH if path.is_dir() else path
+        return cls.from_dict(read_json(file), file)
+
+    @classmethod
+    def from_dict(cls, raw: object, file: Path | str = BENCH) -> "BenchResult":
+        f = Fields(raw, file, "re-run the benchmark")
+        tables = []
+        for t in f.objects("tables", []):
+            columns = t.texts("columns")
+            rows = [_checked_row(t, f"rows[{i}]", row, len(columns)) for i, row in enumerate(t.items("rows", []))]
+            tables.append(BenchTable(t.text("title"), columns, rows))
+        bench = f.text("bench")
+        return cls(bench, f.text("title", bench), f.mapping("settings", None) or {}, tables, f.texts("notes", []),
+                   f.real("wall_seconds", 0, default=0.0))
+
+
+def _checked_row(table: Fields, name: str, row: Any, width: int) -> list[Any]:
+    if not isinstance(row, list) or len(row) != width:
+        raise table.error(f"{table.where}.{name}", f"is not a list of {width} cells")
+    for cell in row:
+        if isinstance(cell, float):
+            table.check_real(f"{table.where}.{name}", cell)  # NaN and ±inf: strict JSON writes null
+        elif cell is not None and not isinstance(cell, (str, bool, int)):
+            raise table.error(f"{table.where}.{name}", f"holds {type(cell).__name__}, not a cell")
+    return row
 
 
 def _cell(value: Any) -> Any:

@@ -80,7 +80,7 @@ class DiffBench:
             first_run = first_run or run  # the random control takes the first arm's norm
             labels = [f"v{i}" for i in range(len(run))]
             outcomes[name] = rank_perturbations(audited, s.reference, run.perturbations, prompts, labels,
-                                                ["learned"] * len(run), chat=run.config["settings"]["chat"],
+                                                ["learned"] * len(run), chat=run.config.chat,
                                                 sampling=sampling, on_batch=on_batch)
         randoms = random_control(first_run, audited, s.randoms, s.seed)
         if randoms is not None:
@@ -89,7 +89,7 @@ class DiffBench:
                                                     sampling=sampling, on_batch=on_batch)
         result = BenchResult(self.name, self.title, settings={
             **s.to_json(), "audited": audited.model_id, "reference": s.reference.model_id, "prompt": prompts[0],
-            "prompts": prompts, "arms": arms, "n_random": s.randoms, "radius_absolute": float(first_run.config["radius"]),
+            "prompts": prompts, "arms": arms, "n_random": s.randoms, "radius_absolute": first_run.config.radius,
             "behaviours": dict(behaviours), "training_seconds": {k: round(v, 1) for k, v in seconds.items()}})
         _tables(result, outcomes, detectors, s.n_vectors)
         rows = [{**row, "arm": arm, "behaviours": detect(row["audited"], detectors)}

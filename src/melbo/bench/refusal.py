@@ -120,8 +120,8 @@ class RefusalBench:
 
         result = BenchResult(self.name, self.title, settings={
             **s.to_json(), "model": lm.model_id, "run": str(run.path), "n_vectors": len(run),
-            "n_random": len(steered.random), "radius_absolute": run.config["radius"], "source": run.config["source"],
-            "target": run.config["target"], "chat": templated, "harmful_requests": len(harmful),
+            "n_random": len(steered.random), "radius_absolute": run.config.radius, "source": run.config.source,
+            "target": run.config.target, "chat": templated, "harmful_requests": len(harmful),
             "innocuous_requests": len(innocuous), "best_learned": best, "best_random": best_random,
             "best_vector_rule": "non-refusing vector whose completion is closest in meaning to the request (MiniLM "
                                 "cosine; fluent ones first); the random one is chosen by the same rule (random0 if "
@@ -147,7 +147,7 @@ class RefusalBench:
             result.notes.append("no learned vector stopped refusing the training prompt: no generalisation test")
         else:
             vectors = torch.stack([run.vectors[int(best[1:])], steered.random_vectors.vectors[int(best_random[6:])]])
-            pair = SteeringVectors(vectors, int(run.config["source"]))
+            pair = SteeringVectors(vectors, run.config.source)
             sampling = Sampling(max_new_tokens=s.max_new_tokens, batch_size=s.generation_batch)
             arms = {"unsteered": "unsteered", "learned (chosen)": best, "random (chosen)": best_random}
             for set_name, texts, scale in (("harmful", harmful, 1.0), ("innocuous", innocuous, -1.0)):

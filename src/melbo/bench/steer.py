@@ -69,7 +69,7 @@ def random_control(run: Run, lm: LoadedModel, n_random: int, seed: int) -> Optio
 
     if n_random <= 0:
         return None
-    return random_vectors(n_random, lm.width, float(run.config["radius"]), int(run.config["source"]), seed)
+    return random_vectors(n_random, lm.width, run.config.radius, run.config.source, seed)
 
 
 def generate_and_detect(lm: LoadedModel, perturbations: Optional[Perturbations], labels: Sequence[str],
@@ -93,14 +93,14 @@ def steer_and_detect(lm: LoadedModel, prompts: Sequence[str], out: str | Path, s
     started = time.perf_counter()
     run = train(lm, prompts, out, settings, progress, on_batch, **extra)
     seconds = time.perf_counter() - started
-    chat = uses_chat(lm, run.config["settings"]["chat"])
+    chat = uses_chat(lm, run.config.chat)
     learned_labels = [f"v{i}" for i in range(len(run))]
     randoms = random_control(run, lm, settings.randoms, settings.seed) if isinstance(run.perturbations,
                                                                                     SteeringVectors) else None
     random_labels = [f"random{k}" for k in range(len(randoms))] if randoms is not None else []
     sampling = Sampling(max_new_tokens=settings.max_new_tokens, batch_size=settings.generation_batch)
     if test_prompts is None:  # the run's own completions on its prompts: generated once, by the job
-        test_prompts = run.config["settings"]["prompts"]
+        test_prompts = run.config.prompts
         pairs = [(c, detect(c)) for c in run_completions(run, lm, on_batch)]
     else:
         pairs = generate_and_detect(lm, run.perturbations, learned_labels, test_prompts, detect, chat=chat,

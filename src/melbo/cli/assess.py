@@ -33,11 +33,11 @@ def assess(
         raise MelboError(f"run {run_dir} is not finished: resume it with `melbo discover --resume {run_dir}`")
     if random < 0:
         raise MelboError(f"--random must be ≥ 0, got {random}")
-    lm = load(model or run.config["model"]["spec"], device, dtype, blocks_path, threads)
+    lm = load(model or run.config.model.spec, device, dtype, blocks_path, threads)
     run.attach(lm)
     with err.status("generating and scoring …"):
         metrics = assess_run(run, lm, random=random, seed=seed)
-    table = Table(header_style="bold", title=f"R = {run.config['radius_relative']:.3g}x residual norm")
+    table = Table(header_style="bold", title=f"R = {run.config.radius_relative:.3g}x residual norm")
     for col in ("perturbations", "n", "diversity", "distance from unsteered", "median perplexity", "repetition"):
         table.add_column(col, justify="left" if col == "perturbations" else "right")
 

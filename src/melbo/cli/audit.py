@@ -66,15 +66,15 @@ def diff_command(
             raise MelboError(f"{', '.join(fixed)} cannot change on --resume (the run keeps its recorded settings): "
                              "drop them")
         config = Run.load(resume_dir).config
-        if not config.get("reference"):
+        if config.reference is None:
             raise MelboError(f"{resume_dir} is not a diff run: resume it with `melbo discover --resume {resume_dir}`")
-        lm = load(model or config["model"]["spec"], device, dtype, blocks_path, threads)
-        ref = load(reference or config["reference"]["spec"], device, dtype, blocks_path, threads)
+        lm = load(model or config.model.spec, device, dtype, blocks_path, threads)
+        ref = load(reference or config.reference.spec, device, dtype, blocks_path, threads)
         kept = random if given(ctx, ("random",)) else None  # else the count the run recorded
         with JobDisplay() as display:
             run = interruptible(lambda: divergence.resume_diff(resume_dir, lm, ref, random=kept, check=check,
                                                                progress=display.event, on_batch=display.advance),
-                                resume_dir, "diff", "-r", reference or config["reference"]["spec"])
+                                resume_dir, "diff", "-r", reference or config.reference.spec)
     else:
         if reference is None:
             raise MelboError("diff compares two models: give the reference with --reference (e.g. the base model)")
@@ -148,7 +148,7 @@ def monitor_command(
         destination = out_dir or Path(run_dir) / MONITOR_DIR
     else:
         run = Run.load(run_dir)
-        spec = run.config["model"]["spec"]
+        spec = run.config.model.spec
         destination = out_dir or run.path / MONITOR_DIR
     check_monitor_outputs(destination)  # before the model loads: nothing computed is then lost
     inputs = read_prompts([], prompts_file)

@@ -259,7 +259,7 @@ def bench_monitor_command(
     from melbo.bench.monitor import check_per_set
 
     check_per_set(per_set)
-    spec = Run.load(run_dir).config["model"]["spec"]
+    spec = Run.load(run_dir).config.model.spec
     bed = testbed_record(spec) if Path(spec).is_dir() else None
     settings = MonitorSettings(run_dir=str(run_dir), testbed=bed, alpha=alpha, per_set=per_set, seed=seed,
                                report=False)

@@ -37,7 +37,7 @@ def chat(
         raise MelboError(f"turns file {turns} does not exist: check the path")
     lines = read_text(turns, "turns file").splitlines() if turns is not None else None
     check_scale(scale)
-    lm = load(model or run.config["model"]["spec"], device, dtype, None, threads)
+    lm = load(model or run.config.model.spec, device, dtype, None, threads)
     run.attach(lm)
     session = ChatSession(lm, run.perturbations, vector, scale,
                           Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))

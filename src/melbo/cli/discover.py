@@ -71,8 +71,7 @@ def discover(
             raise MelboError(f"{', '.join(fixed)} cannot change on --resume (the run keeps its recorded settings): "
                              "drop them")
         recorded = Run.load(resume_dir)
-        _ = recorded.settings  # a run without settings cannot be resumed: say so before loading the model
-        lm = load(model or recorded.config["model"]["spec"], device, dtype, blocks_path, threads)
+        lm = load(model or recorded.config.model.spec, device, dtype, blocks_path, threads)
         chosen = random if given(ctx, ("random",)) else None  # else the run's own baseline
         with display:
             run = interruptible(lambda: job.resume_job(resume_dir, lm, random=chosen, progress=display.event,
@@ -95,7 +94,7 @@ def discover(
     print_checks(run.path)
     out.print(f"report: [bold]{shown(str(run.path / 'report.html'))}[/]")
     out.print(f"run written to [bold]{shown(str(run.path))}[/] in {time.perf_counter() - started:.0f} s "
-              f"(R = {run.config['radius']:.4g} = {run.config['radius_relative']:.3g} x residual norm)")
+              f"(R = {run.config.radius:.4g} = {run.config.radius_relative:.3g} x residual norm)")
     record(run.path)  # into the catalogue (melbo catalog); trouble there is one warning line, never a failure
 
 

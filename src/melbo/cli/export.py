@@ -42,7 +42,7 @@ def export(
     elif kind == "peft":
         if isinstance(run.perturbations, SteeringVectors):
             raise MelboError(f"run {run_dir} holds steering vectors, not adapters: use --format llamacpp")
-        lm = load(model or run.config["model"]["spec"], device, dtype, blocks_path)
+        lm = load(model or run.config.model.spec, device, dtype, blocks_path)
         run.attach(lm)
         paths = exporting.export_peft(run.perturbations, lm, out_dir, indices)
     else:
@@ -53,13 +53,13 @@ def export(
 
 def _llamacpp_model(run, model: Optional[str]) -> tuple[str, int]:
     """The model hint and depth a control vector records, from the run's config (no model is loaded for them)."""
-    info, config = run.config["model"], run.path / "config.json"
-    if model is not None and model not in (info["id"], info["spec"]):  # not loaded, so it must be the run's own
-        raise MelboError(f"run {run.path} was made with model {info['spec']}, not {model}: "
+    info, config = run.config.model, run.path / "config.json"
+    if model is not None and model not in (info.id, info.spec):  # not loaded, so it must be the run's own
+        raise MelboError(f"run {run.path} was made with model {info.spec}, not {model}: "
                          "leave out --model (llama.cpp export reads the run's config)")
-    hint, depth = info.get("architecture"), info.get("depth")
-    if not isinstance(hint, str) or not hint.strip():
+    hint, depth = info.architecture, info.depth  # typed and range-checked as the run loaded
+    if hint is None or not hint.strip():
         raise MelboError(f"{config} records no model.architecture (got {hint!r}): restore it, e.g. \"llama\"")
-    if isinstance(depth, bool) or not isinstance(depth, int) or not 0 < depth < 2**31:
-        raise MelboError(f"{config} records model.depth {depth!r}, not a number of blocks: restore it")
+    if depth is None:
+        raise MelboError(f"{config} records no model.depth: restore it (the number of blocks)")
     return hint, depth

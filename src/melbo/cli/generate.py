@@ -47,13 +47,13 @@ def generate(
     run = Run.load(run_dir)
     texts = read_prompts(prompts or [], prompts_file)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, samples=samples, seed=seed)
-    lm = load(model or run.config["model"]["spec"], device, dtype, blocks_path, threads)
+    lm = load(model or run.config.model.spec, device, dtype, blocks_path, threads)
     run.attach(lm)
     perturbations, labels = perturbation_set(run, parse_indices(vectors), list(expr or []), random, seed)
     bar, advance = generation_progress((len(perturbations) + 1) * len(texts) * (samples if temperature > 0 else 1))
     with bar:
         completions = generation.generate(lm, perturbations, texts, labels=labels, scale=scale,
-                                          chat=run.settings["chat"], sampling=sampling, on_batch=advance)
+                                          chat=run.settings.chat, sampling=sampling, on_batch=advance)
     if out_file is not None:
         from melbo.files import atomic_write, json_line, make_output_dir
 

@@ -131,5 +131,5 @@ def open_pair_command(
     except ValueError:
         raise MelboError(f"pair {pair!r} is not source:target: use e.g. 6:20") from None
     run = melbo.open_pair(map_dir, source, target, out_dir, radius=radius)
-    out.print(f"wrote [bold]{shown(str(run.path))}[/]: {len(run)} directions at R = {run.config['radius']:.4g}; "
+    out.print(f"wrote [bold]{shown(str(run.path))}[/]: {len(run)} directions at R = {run.config.radius:.4g}; "
               f"try `melbo generate {shown(str(run.path))} -p \"...\"`", highlight=False, soft_wrap=True)

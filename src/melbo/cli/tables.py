@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import json
+
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from melbo.cli.app import out, shown
+
+if TYPE_CHECKING:
+    from melbo.divergence import Divergence
 
 
 def print_completions(completions, width: int = 100) -> None:
@@ -24,31 +28,35 @@ def print_completions(completions, width: int = 100) -> None:
     out.print(table)
 
 
+def _three(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def print_assessment(run) -> None:
     """One line of the assessment in metrics.json (none when the job skipped it)."""
-    from melbo.store import METRICS
+    from melbo.assess import Metrics
 
-    if not (run.path / METRICS).exists() or not run.config.get("random"):
+    metrics = Metrics.load(run.path) if run.config.random else None
+    if metrics is None:
         return
-    metrics = json.loads((run.path / METRICS).read_text(encoding="utf-8"))
-    learned, baseline = metrics["learned"], metrics["random"]
-    line = f"diversity {learned['diversity']:.3f} learned"
+    learned, baseline = metrics.learned, metrics.random
+    line = f"diversity {_three(learned.diversity)} learned"
     if baseline is not None:
-        line += f" vs {baseline['diversity']:.3f} random; distance from unsteered " \
-                f"{learned['mean_distance_from_unsteered']:.3f} vs {baseline['mean_distance_from_unsteered']:.3f}"
-    out.print(line + f"; {len(metrics['clusters'])} behaviour clusters")
+        line += f" vs {_three(baseline.diversity)} random; distance from unsteered " \
+                f"{_three(learned.mean_distance_from_unsteered)} vs {_three(baseline.mean_distance_from_unsteered)}"
+    out.print(line + f"; {len(metrics.clusters)} behaviour clusters")
 
 
-def print_divergence(result: dict, rows: int = 24) -> None:
+def print_divergence(result: "Divergence", rows: int = 24) -> None:
     table = Table(header_style="bold", expand=True, title="perturbations ranked by divergence (audited vs reference)",
                   title_justify="left")
     for col, kw in (("rank", {}), ("vector", {}), ("KL", {}), ("distance", {}),
                     ("audited", {"ratio": 1}), ("reference", {"ratio": 1})):
         table.add_column(col, no_wrap=True, overflow="ellipsis", **kw)
-    for row in result["unsteered"] + result["rows"][:rows]:
-        table.add_row("–" if row["vector"] is None else str(row["rank"]), shown(row["label"]), f"{row['kl']:.3g}",
-                      f"{row['distance']:.3f}", shown(" ".join(row["audited"].split())),
-                      shown(" ".join(row["reference"].split())))
+    for row in result.unsteered + result.rows[:rows]:
+        table.add_row("–" if row.vector is None else str(row.rank), shown(row.label),
+                      "–" if row.kl is None else f"{row.kl:.3g}", "–" if row.distance is None else f"{row.distance:.3f}",
+                      shown(" ".join(row.audited.split())), shown(" ".join(row.reference.split())))
     out.print(table)
 
 

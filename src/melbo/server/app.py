@@ -439,18 +439,20 @@ def _plot_png(run, name: str, run_id: int) -> Optional[bytes]:
     import base64
 
     from melbo import plots
-    from melbo.files import read_json
+    from melbo.assess import Metrics
     from melbo.store import METRICS
 
     try:
-        if name == "learned-vs-random" and (run.path / METRICS).exists():
-            metrics = read_json(run.path / METRICS)
-            figure = plots.learned_vs_random_figure(metrics) if isinstance(metrics, dict) else None
+        metrics = Metrics.load(run.path) if name == "learned-vs-random" else None
+        if metrics is not None:
+            figure = plots.learned_vs_random_figure(metrics.to_dict())
         elif name == "curves" and run.curves is not None:
             figure = plots.curves_figure(run.curves.tolist())
         else:
             return None
         encoded = plots.png(figure)
+    except MelboError as exc:  # a damaged metrics.json, named by its reader
+        raise HTTPException(422, str(exc)) from None
     except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
         # the run's files are the user's to edit: a shape the plotting code does not expect is their mistake
         raise HTTPException(422, f"run {run_id}'s {METRICS if name == 'learned-vs-random' else 'curves'} cannot "
@@ -508,7 +510,7 @@ def _export(state: _State, run, index: int, fmt: str, run_id: int) -> tuple[str,
         out = Path(tmp)
         if fmt == "safetensors":
             one = run.perturbations.select([index])
-            one.save(out / "x.safetensors", {"model": run.config["model"]["id"], "method": run.config["method"],
+            one.save(out / "x.safetensors", {"model": run.config.model.id, "method": run.config.method,
                                              "index": index})
             return f"{stem}.safetensors", (out / "x.safetensors").read_bytes(), "application/octet-stream"
         if fmt == "gguf":
@@ -527,14 +529,12 @@ def _export(state: _State, run, index: int, fmt: str, run_id: int) -> tuple[str,
 
 def _gguf_model(run, run_id: int) -> tuple[str, int]:
     """The model's architecture and depth from the run's config.json, which a user may have edited or damaged."""
-    model = run.config.get("model")
-    model = model if isinstance(model, dict) else {}
-    architecture, depth = model.get("architecture"), model.get("depth")
+    architecture, depth = run.config.model.architecture, run.config.model.depth  # typed as the run loaded
     fix = "restore the run's config.json as `melbo discover` wrote it, or export safetensors instead"
-    if not isinstance(architecture, str) or not architecture.strip():
+    if architecture is None or not architecture.strip():
         raise HTTPException(422, f"run {run_id}'s config.json has no model.architecture (got "
                                  f"{str(architecture)[:40]!r}), which a gguf file needs: {fix}")
-    if isinstance(depth, bool) or not isinstance(depth, int) or not 0 < depth <= 100_000:
+    if depth is None:
         raise HTTPException(422, f"run {run_id}'s config.json has no usable model.depth (got {str(depth)[:40]!r}), "
                                  f"which a gguf file needs: {fix}")
     return architecture, depth

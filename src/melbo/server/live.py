@@ -47,7 +47,7 @@ class Engine:
 
     # ---- the model (called in the worker thread, under the lock)
     def model_for(self, run: Run, emit: Optional[Emit] = None) -> LoadedModel:
-        spec = self.model_spec or run.config["model"]["spec"]
+        spec = self.model_spec or run.config.model.spec
         if self._lm is None or self._lm.spec != spec:
             if emit:
                 emit({"status": f"loading model {spec} …"})
@@ -157,7 +157,7 @@ def live_work(run: Run, request: LiveRequest) -> Work:
     def work(engine: Engine, cancelled: Callable[[], bool], emit: Emit) -> None:
         lm = engine.model_for(run, emit)
         perturbations, names = _columns(run, request)
-        ids = prompt_tokens(lm, request.prompt, uses_chat(lm, run.config.get("settings", {}).get("chat")))
+        ids = prompt_tokens(lm, request.prompt, uses_chat(lm, run.config.chat))
         check_context(lm, 0, len(ids), request.max_new_tokens)
         emit({"columns": ["unsteered"] + names})
         rows = [None] + list(range(len(names)))

@@ -1,0 +1,243 @@
+"""A run's config.json, typed: the settings asked for, what the run resolved, and where it came from.
+
+    settings             the `DiscoverConfig` the run was made with (what the user asked for, verbatim)
+    model, reference     the model trained on (and a contrastive run's reference), as `LoadedModel.describe()` gives
+    source, target       the resolved block indices (settings may leave them to the defaults)
+    radius, radius_relative, residual_norm, precision   resolved once the run has measured them
+    status, created, melbo_version, versions, provenance   what happened, when, with what
+    random, check, radius_sweep, ...   what the job after training asked for (a resume repeats it)
+    record               the method's own facts (Jacobian singular values, DCT scores), flat in the file
+
+`RunConfig.from_dict` reads a parsed config.json (old formats first pass through `migrate`), checking every field
+(types, finite floats, integer ranges), so that code after it reads attributes, not `.get()` chains. `to_dict`
+writes the same format back. No torch import: the catalogue and the CLI read configs cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from melbo.errors import MelboError
+from melbo.jsonfields import Fields
+from melbo.radius import Radius
+from melbo.settings import DiscoverConfig
+
+STATUSES = ("running", "complete")
+PRECISIONS = ("fp32", "bf16")
+MAX_BLOCKS = 100_000  # far beyond any model's depth: a larger block index is a corrupt file
+MAX_WIDTH = 10_000_000
+FIX = "restore it, or re-run the discovery into a new --out"
+
+# Written once inside `settings` and (by every version before the typed config) again at the top level.
+DUPLICATED = ("method", "p", "q", "orthogonal", "rank", "contrast")
+_SETTINGS = tuple(f.name for f in dataclasses.fields(DiscoverConfig))
+
+
+@dataclass
+class ModelRecord:
+    """A model as a run names it: `spec` loads it again, `id` is what a run checks a loaded model against."""
+
+    id: str
+    spec: str
+    hash: Optional[str] = None
+    architecture: Optional[str] = None
+    depth: Optional[int] = None
+    width: Optional[int] = None
+    dtype: Optional[str] = None
+    extra: dict = field(default_factory=dict)  # fields a newer version describes (a hub revision, ...), kept
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> "ModelRecord":
+        known = ("id", "spec", "hash", "architecture", "depth", "width", "dtype")
+        spec = f.text("spec")
+        return cls(id=f.text("id"), spec=spec, hash=f.text("hash", None), architecture=f.text("architecture", None),
+                   depth=f.whole("depth", 1, MAX_BLOCKS, None), width=f.whole("width", 1, MAX_WIDTH, None),
+                   dtype=f.text("dtype", None), extra=f.rest(known))
+
+    @classmethod
+    def from_dict(cls, raw: Any, file: Path | str = "config.json", where: str = "model") -> "ModelRecord":
+        return cls.from_fields(Fields(raw, file, FIX, where))
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "extra"}
+        return {**out, **self.extra}
+
+
+@dataclass
+class RunConfig:
+    """config.json of a run (module docstring). Mutable while the run trains; checked on every save."""
+
+    settings: DiscoverConfig
+    model: ModelRecord
+    source: int
+    target: int
+    status: str = "running"
+    created: Optional[str] = None
+    melbo_version: Optional[str] = None
+    reference: Optional[ModelRecord] = None
+    radius: Optional[float] = None  # absolute R, once resolved
+    radius_relative: Optional[float] = None  # R / residual_norm
+    residual_norm: Optional[float] = None  # median residual norm at the source block
+    radius_calibration: Optional[dict] = None  # how a calibrated R was found (melbo.calibrate)
+    precision: Optional[str] = None  # of the training matmuls, once resolved: a resume keeps it
+    versions: dict = field(default_factory=dict)  # torch, transformers, python
+    provenance: dict = field(default_factory=dict)  # where the inputs came from (hub revision, content hashes, ...)
+    random: Optional[int] = None  # random vectors the job after training compares with (assess, diff)
+    random_control: bool = False  # the run is itself random vectors (a control arm), not a discovery
+    check: Optional[str] = None  # the checker the job runs over completions (melbo.checkers)
+    radius_sweep: Optional[str] = None  # the sweep directory that chose R (radius "auto")
+    layer_map: Optional[str] = None  # the map a pair was opened from (melbo.layermap.open_pair)
+    record: dict = field(default_factory=dict)  # the method's facts, and fields of newer versions: kept as they are
+
+    # ---- the settings, under the names the rest of melbo reads
+    @property
+    def method(self) -> str:
+        return self.settings.method
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.settings.prompts
+
+    @property
+    def chat(self) -> Optional[bool]:
+        return self.settings.chat
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
+    @property
+    def contrast(self) -> Optional[str]:
+        return self.settings.contrast
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    @property
+    def measured(self) -> bool:
+        """Whether the run has resolved its radius (a run interrupted before that has not)."""
+        return self.radius is not None and self.residual_norm is not None
+
+    # ---- reading and writing
+    @classmethod
+    def from_dict(cls, raw: Any, file: Path | str = "config.json") -> "RunConfig":
+        """The typed config of a parsed config.json (any version), or one line naming the file, field and fix."""
+        required = ("model", "settings", "source", "target")
+        missing = [k for k in required if k not in raw] if isinstance(raw, dict) else list(required)
+        if missing:
+            raise MelboError(f"{file} is not a melbo run config (no {', '.join(missing)}): "
+                             "give a run directory `melbo discover` wrote")
+        f = Fields(migrate(raw), file, FIX)
+        model = ModelRecord.from_fields(f.object("model"))
+        reference = f.object("reference", None)
+        depth = model.depth or MAX_BLOCKS
+        config = cls(
+            settings=_settings(f.object("settings")), model=model,
+            source=f.whole("source", 0, depth - 1), target=f.whole("target", 0, depth - 1),
+            status=f.text("status", "running", STATUSES), created=f.text("created", None),
+            melbo_version=f.text("melbo_version", None),
+            reference=ModelRecord.from_fields(reference) if reference is not None else None,
+            radius=f.real("radius", above=0, default=None), radius_relative=f.real("radius_relative", above=0,
+                                                                                   default=None),
+            residual_norm=f.real("residual_norm", above=0, default=None),
+            radius_calibration=f.mapping("radius_calibration", None),
+            precision=f.text("precision", None, PRECISIONS), versions=f.mapping("versions", None) or {},
+            provenance=f.mapping("provenance", None) or {}, random=f.whole("random", 0, 1_000_000, None),
+            random_control=f.flag("random_control", False), check=f.text("check", None),
+            radius_sweep=f.text("radius_sweep", None), layer_map=f.text("layer_map", None),
+            record=f.rest(_KNOWN),
+        )
+        config.validate(file)
+        return config
+
+    def validate(self, file: Path | str = "config.json") -> None:
+        """The relations between fields that no one field shows."""
+        if self.source >= self.target:
+            raise MelboError(f"{file} is malformed (source block {self.source} is not before target "
+                             f"{self.target}): {FIX}")
+        if self.complete and (self.radius is None or self.radius_relative is None):
+            raise MelboError(f"{file} is malformed (a complete run without radius and radius_relative): {FIX}")
+
+    def to_dict(self) -> dict:
+        """config.json as written: the typed fields, then the method's record flat beside them."""
+        out = {
+            "melbo_version": self.melbo_version, "created": self.created, "status": self.status,
+            "model": self.model.to_dict(),
+            "reference": self.reference.to_dict() if self.reference is not None else None,
+            "source": self.source, "target": self.target,
+            "radius": self.radius, "radius_relative": self.radius_relative, "residual_norm": self.residual_norm,
+            "precision": self.precision, "settings": asdict(self.settings), "versions": self.versions,
+            "provenance": self.provenance,
+        }
+        optional = {"radius_calibration": self.radius_calibration, "random": self.random,
+                    "random_control": self.random_control or None, "check": self.check,
+                    "radius_sweep": self.radius_sweep, "layer_map": self.layer_map}
+        out.update({k: v for k, v in optional.items() if v is not None})
+        clash = set(self.record) & set(out)
+        if clash:  # a method's record may not overwrite a typed field
+            raise MelboError(f"the method's record repeats config fields {sorted(clash)}: rename them in the method")
+        return {**out, **self.record}
+
+    @classmethod
+    def load(cls, file: Path) -> "RunConfig":
+        from melbo.files import read_json
+
+        return cls.from_dict(read_json(file), file)
+
+    def save(self, file: Path) -> None:
+        """Write config.json, refusing a config that would not load again (checked as `from_dict` checks)."""
+        from melbo.files import write_json
+        from melbo.numbers import jsonable
+
+        data = jsonable(self.to_dict())
+        RunConfig.from_dict(data, file)
+        write_json(file, data)
+
+
+_KNOWN = (*(f.name for f in dataclasses.fields(RunConfig) if f.name != "record"), *DUPLICATED)
+
+
+def migrate(raw: dict) -> dict:
+    """A config.json of any earlier version, in today's format (a new dict; the argument is left as it was).
+
+    Earlier versions wrote method, p, q, orthogonal, rank and contrast twice (at the top and in settings): the
+    settings copy is kept, and the top one fills it where the settings lack it. A random-vector control run was
+    marked `"random": true`, which also named the random baseline's size: it is `random_control` now.
+    """
+    config = dict(raw)
+    settings = dict(config["settings"]) if isinstance(config.get("settings"), dict) else config.get("settings")
+    for key in DUPLICATED:
+        value = config.pop(key, None)
+        if isinstance(settings, dict) and key not in settings and value is not None:
+            settings[key] = value
+    if settings is not None:
+        config["settings"] = settings
+    if config.get("random") is True:
+        config["random_control"] = True
+        del config["random"]
+    return config
+
+
+def _settings(f: Fields) -> DiscoverConfig:
+    """The settings of a run, checked as the library checks them on the way in (types, then prompts)."""
+    from melbo.checks import check_fields
+
+    unknown = [k for k in f.raw if k not in _SETTINGS]
+    if unknown:
+        raise f.error(f"settings.{unknown[0]}", "is not a setting of this melbo version")
+    prompts = f.texts("prompts")
+    if not prompts:
+        raise f.error("settings.prompts", "is empty")
+    try:
+        settings = DiscoverConfig(**f.raw)
+        check_fields(settings)
+        Radius.parse(settings.radius)
+    except MelboError as exc:
+        raise f.error("settings", f"are invalid: {exc}") from None
+    f.check_whole("settings.n_vectors", settings.n_vectors, 1, 10_000_000)
+    f.check_whole("settings.seed", settings.seed, -(2**40), 2**40)  # × 1_000_003 + batch stays a 64-bit seed
+    return settings
