@@ -13,7 +13,7 @@ import melbo
 import melbo.sweep as sweeping
 from melbo.distributed import RayPool, check_address
 from melbo.errors import MelboError
-from melbo.layermap import compute_pair, encode_for, make_settings
+from melbo.layermap import compute_pair, encode_for, make_settings, pair_task
 
 PROMPTS = ["The cat sat on", "Tell me a story"]
 
@@ -60,7 +60,7 @@ def test_a_killed_worker_is_restarted_and_the_job_completes(lm, ray_local):
                 ray_local.kill(actor, no_restart=False)
             killed.append(result.worker)
 
-    pool.run_pairs(lm, settings, settings.pairs, on_result)
+    pool.run(lm, pair_task, [(settings, s, t) for s, t in settings.pairs], on_result)
     assert sorted(results) == sorted(settings.pairs)
     restarted = {ray_local.get(a.pid.remote()) for a in pool.actors}
     assert killed and killed[0] not in restarted

@@ -1,14 +1,16 @@
-"""Ray execution of layer-map pairs and sweep points: the same results as a serial run, on many processes.
+"""Ray execution of independent tasks on one model: the same results as a serial run, on many processes.
 
     pool = RayPool.check(workers=2, address=None)       # local Ray with this machine's cores; or join a cluster
-    pool.run_pairs(lm, settings, pairs, on_result)      # melbo.layermap: one task per (source, target) pair
-    pool.run_points(lm, tasks, on_result)               # melbo.sweep: one task per (radius, layer pair) point
+    pool.run(lm, task, items, on_result)                # task(lm, memo, item) for every item, on the workers
 
-Each worker is a Ray actor that loads the model once, from its spec (an embedded name, a directory, a .gguf or
+`task` is a module-level function of its caller (Ray sends it by name), so this module knows none of them:
+melbo.layermap sends one (source, target) pair per item, melbo.sweep one (radius, layer pair) point. Each worker
+keeps a `memo` dict for as long as it lives, where a task may keep what its items share (a map's tokenised
+prompts). Each worker is a Ray actor that loads the model once, from its spec (an embedded name, a directory, a .gguf or
 a hub id, as `load_model` takes it), and checks that it got the driver's model (same id). Tasks go to the
 actors through `ray.util.ActorPool`; results come back in any order, and each is handed to `on_result` as it
-arrives (the caller checkpoints it and reports progress). A pair's or a point's result depends only on its
-own seed and inputs, so the worker count and the completion order change nothing (bitwise on CPU).
+arrives (the caller checkpoints it and reports progress). A task's result depends only on its item's own seed
+and inputs, so the worker count and the completion order change nothing (bitwise on CPU).
 
 A worker that dies is restarted by Ray (`max_restarts`), and its unfinished task is re-run there
 (`max_task_retries`). A cluster needs melbo and the model on every node, and, for sweeps, a shared --out.
@@ -21,11 +23,13 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
+
+import torch
 
 from melbo.checks import check_whole
 from melbo.errors import MelboError
-from melbo.models import LoadedModel
+from melbo.models import LoadedModel, load_model
 
 RESTARTS = 3  # a worker may die this often (out of memory, a lost node) before the run fails
 CONNECT_TIMEOUT = 3.0  # seconds to reach a --ray-address before giving up
@@ -55,8 +59,6 @@ class ModelSpec:
         return cls(lm.spec, device, str(lm.dtype).removeprefix("torch."), lm.blocks_path, lm.model_id)
 
     def load(self) -> LoadedModel:
-        from melbo.models import load_model
-
         lm = load_model(self.spec, device=self.device, dtype=self.dtype, blocks_path=self.blocks_path)
         if lm.model_id != self.model_id:
             raise MelboError(f"worker loaded {lm.model_id} for {self.spec!r}, but the driver has {self.model_id}: "
@@ -64,30 +66,19 @@ class ModelSpec:
         return lm
 
 
+Task = Callable[[LoadedModel, dict, Any], Any]  # (the worker's model, its memo, one item) -> the item's result
+
+
 class Worker:
     """A Ray actor's body: one loaded model, many tasks. `ray.remote` wraps it in `_actor_class`."""
 
     def __init__(self, spec: ModelSpec, threads: int):
-        import torch
-
         torch.set_num_threads(threads)
         self.lm = spec.load()
-        self.batches: dict = {}
+        self.memo: dict = {}  # what a task keeps between its items on this worker
 
-    def pair(self, settings, source: int, target: int):
-        from melbo.layermap import compute_pair, encode_for
-
-        key = repr(settings)
-        if key not in self.batches:  # one tokenisation per map, not per pair
-            self.batches[key] = encode_for(self.lm, settings)
-        result = compute_pair(self.lm, self.batches[key], source, target, settings)
-        result.worker = os.getpid()
-        return result
-
-    def point(self, task: dict):
-        from melbo.sweep import run_point
-
-        return {**run_point(self.lm, **task), "worker": os.getpid()}
+    def run(self, task: Task, item: Any) -> Any:
+        return task(self.lm, self.memo, item)
 
     def pid(self) -> int:
         return os.getpid()
@@ -136,7 +127,7 @@ def check_request(workers: Optional[int], address: Optional[str]) -> None:
 
 
 class RayPool:
-    """Ray workers for one job. `check` validates and connects; `run_pairs`/`run_points` do the work."""
+    """Ray workers for one job. `check` validates and connects; `run` does the work."""
 
     def __init__(self, workers: int, address: Optional[str], threads: int):
         self.workers, self.address, self.threads = workers, address, threads
@@ -156,24 +147,20 @@ class RayPool:
         return cls(workers, address, threads)
 
     # ---- jobs
-    def run_pairs(self, lm: LoadedModel, settings, pairs: Sequence[tuple[int, int]],
-                  on_result: Callable[[object], None]) -> None:
-        """Every pair's `compute_pair` on the workers; `on_result(PairResult)` as each one finishes."""
-        self._run(lm, [(lambda actor, p=p: actor.pair.remote(settings, *p)) for p in pairs], on_result)
+    def run(self, lm: LoadedModel, task: Task, items: Sequence[Any], on_result: Callable[[Any], None]) -> None:
+        """`task(lm, memo, item)` for every item on the workers' copies of `lm`; `on_result` as each one finishes.
 
-    def run_points(self, lm: LoadedModel, tasks: Sequence[dict], on_result: Callable[[dict], None]) -> None:
-        """Every sweep point's `melbo.sweep.run_point(lm, **task)` on the workers; `on_result(dict)` as each ends."""
-        self._run(lm, [(lambda actor, t=t: actor.point.remote(t)) for t in tasks], on_result)
-
-    def _run(self, lm: LoadedModel, calls: list, on_result: Callable) -> None:
-        if not calls:
+        `task` must be a module-level function (Ray pickles it by name) that depends only on its arguments.
+        """
+        if not items:
             return
         from ray.exceptions import RayError
         from ray.util import ActorPool
 
-        self.actors = _workers(ModelSpec.of(lm), self.threads, min(self.workers, len(calls)))
+        self.actors = _workers(ModelSpec.of(lm), self.threads, min(self.workers, len(items)))
         try:
-            for result in ActorPool(self.actors).map_unordered(lambda a, call: call(a), calls):
+            for result in ActorPool(self.actors).map_unordered(lambda actor, item: actor.run.remote(task, item),
+                                                               items):
                 on_result(result)
         except RayError as exc:
             release_workers()

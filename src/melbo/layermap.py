@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import platform
 import shutil
 import time
@@ -34,6 +35,7 @@ from torch import Tensor
 
 from melbo import __version__
 from melbo.checks import check_whole
+from melbo.distributed import RayPool
 from melbo.errors import MelboError
 from melbo.files import check_output_dir, load_tensors, make_output_dir, read_json, save_tensors, write_json
 from melbo.intervention import SteeringVectors
@@ -115,6 +117,17 @@ def compute_pair(lm: LoadedModel, batch: PromptBatch, source: int, target: int, 
 
 def encode_for(lm: LoadedModel, settings: MapSettings) -> PromptBatch:
     return encode(lm, settings.prompts, settings.chat, settings.positions)
+
+
+def pair_task(lm: LoadedModel, memo: dict, item: tuple[MapSettings, int, int]) -> PairResult:
+    """One (settings, source, target) item on a Ray worker (`RayPool.run`): the prompts tokenised once per map."""
+    settings, source, target = item
+    key = repr(settings)
+    if key not in memo:
+        memo[key] = encode_for(lm, settings)
+    result = compute_pair(lm, memo[key], source, target, settings)
+    result.worker = os.getpid()
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ the grid
@@ -209,8 +222,6 @@ def layer_map(
     check_output_dir(path)
     executor = None
     if workers is not None or ray_address is not None:
-        from melbo.distributed import RayPool
-
         executor = RayPool.check(workers, ray_address)  # fail fast, before any file is written
     batch = encode_for(lm, settings)  # validates prompts and positions before any file is written
     _prepare(path, lm, settings, resume, int(batch.token_mask.sum()))
@@ -232,7 +243,7 @@ def layer_map(
                       "target": result.target, "seconds": result.seconds, "worker": result.worker})
 
     if executor is not None:
-        executor.run_pairs(lm, settings, pending, finished)
+        executor.run(lm, pair_task, [(settings, s, t) for s, t in pending], finished)
     else:
         for s, t in pending:
             finished(compute_pair(lm, batch, s, t, settings))
