@@ -46,7 +46,7 @@ import melbo  # noqa: E402
 from melbo.files import check_output_file, write_json  # noqa: E402
 from melbo.layers import find_blocks  # noqa: E402
 from melbo.models import cache_dir  # noqa: E402
-from melbo.objective import resolve_precision  # noqa: E402
+from melbo.models import resolve_precision  # noqa: E402
 from melbo.prompts import format_prompt, prompt_tokens  # noqa: E402
 from melbo.settings import DEFAULTS  # noqa: E402
 from melbo.threads import allowed_cores, configure_threads, free_cores  # noqa: E402

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import melbo
-from melbo.objective import resolve_precision
+from melbo.models import resolve_precision
 from melbo.prompts import prompt_tokens
 from melbo.threads import allowed_cores, configure_threads, free_cores
 

@@ -279,6 +279,21 @@ def placement(device: str, dtype: str) -> tuple[str, str]:
     return device, dtype
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" → "bf16" where the hardware has bf16 matrix units (CUDA, or a CPU with AMX/AVX512-BF16), else "fp32"."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise MelboError(f"unknown precision {precision!r}: use auto, fp32 or bf16")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "fp32"
+
+
 def _check_device(device: str) -> None:
     if device == "auto":
         return

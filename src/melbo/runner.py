@@ -28,9 +28,9 @@ from melbo.checks import check_fields
 from melbo.errors import MelboError
 from melbo.intervention import SteeringAdapters
 from melbo.methods import METHODS, Method, Params, Setting, method_class
-from melbo.models import LoadedModel
+from melbo.models import LoadedModel, resolve_precision
 from melbo.contrastive import DEFAULT_FORM, FORMS, check_pair
-from melbo.objective import residual_norm, resolve_precision
+from melbo.objective import residual_norm
 from melbo.prompts import PromptBatch, check_prompt_list, encode
 from melbo.settings import DiscoverConfig
 from melbo.files import check_output_dir, load_tensors, save_tensors

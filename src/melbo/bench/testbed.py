@@ -37,7 +37,7 @@ from typing import Callable, Optional
 import torch
 
 from melbo.errors import MelboError
-from melbo.models import DEFAULT_MODEL, LoadedModel, cache_dir, load_model
+from melbo.models import DEFAULT_MODEL, LoadedModel, cache_dir, load_model, resolve_precision
 from melbo.files import check_output_dir
 
 RECIPE_VERSION = 1  # bump when the data or training recipe changes: it is part of the cache key
@@ -329,7 +329,7 @@ def _train_lora(lm: LoadedModel, cfg: TestbedConfig, examples: list[Example], te
                 progress: Optional[Progress]) -> tuple[object, list[float]]:
     from peft import LoraConfig, get_peft_model
 
-    from melbo.objective import autocast, resolve_precision
+    from melbo.objective import autocast
 
     torch.manual_seed(cfg.seed)
     present = {name.rsplit(".", 1)[-1] for name, _ in lm.model.named_modules()}
