@@ -92,8 +92,6 @@ def perturbation_set(run, indices: list[int] | None, exprs: list[str], random: i
 
     Returns (perturbations, labels). Without --vectors, all vectors are used unless expressions are given.
     """
-    from melbo.intervention import SteeringAdapters
-
     base = run.perturbations
     if base is None:
         raise MelboError(f"run {run.path} is not finished: resume it with `melbo discover --resume {run.path}`")
@@ -102,9 +100,9 @@ def perturbation_set(run, indices: list[int] | None, exprs: list[str], random: i
     for i in indices:
         if not 0 <= i < len(base):
             raise MelboError(f"vector index {i} is out of range: this run has 0..{len(base) - 1}")
-    if isinstance(base, SteeringAdapters):
-        if exprs or random:
-            raise MelboError("--expr and --random work on steering vectors; this run holds adapters")
+    if (exprs and not base.supports_arithmetic) or (random and not base.supports_random_baseline):
+        raise MelboError(f"--expr and --random work on steering vectors; this run holds {base.KIND}")
+    if not exprs and not random:
         return base.select(indices), [f"v{i}" for i in indices]
     parts = [base.vectors[indices]]
     labels = [f"v{i}" for i in indices]

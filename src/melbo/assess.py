@@ -25,7 +25,6 @@ from melbo import evaluation
 from melbo.arithmetic import random_vectors
 from melbo.errors import MelboError
 from melbo.generation import Completion, Sampling, generate
-from melbo.intervention import SteeringVectors
 from melbo.models import LoadedModel
 from melbo.settings import DEFAULT_RANDOM
 from melbo.numbers import jsonable
@@ -160,7 +159,7 @@ def learned_and_random(run: Run, lm: LoadedModel, random: int, seed: int = 0,
     would repeat the learned list's. Runs whose result is not vectors get no random rows.
     """
     learned = run_completions(run, lm, on_batch)
-    if not random or not isinstance(run.perturbations, SteeringVectors):
+    if not random or not run.perturbations.supports_random_baseline:
         return learned, []
     settings = run.settings
     vectors = random_vectors(random, lm.width, run.config.radius, run.config.source, seed)

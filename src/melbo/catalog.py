@@ -557,15 +557,13 @@ def read_run(path: Path, labeller: Any = None) -> _Snapshot:
 
 
 def _snapshot(path: Path, run, rows: list[dict], labeller: Any) -> _Snapshot:
-    from melbo.intervention import SteeringVectors
-
     config = run.config  # typed and range-checked as the run loaded: every field fits its column
     steered = [r["vector"] for r in rows if r["vector"] is not None]
     n = len(run) if run.perturbations is not None else 1 + max(steered, default=-1)
     names = {r["vector"]: r["label"] for r in rows if r["vector"] is not None}
     metrics, cluster_of, clusters = _assessment(path, n)
     vectors = run.perturbations.vectors.detach().float().cpu().numpy() \
-        if isinstance(run.perturbations, SteeringVectors) else None
+        if run.perturbations is not None and run.perturbations.supports_arithmetic else None
     behaviour, labels = _behaviours_and_labels(rows, n, metrics, labeller)
     perturbations = []
     for i, label in enumerate(labels):

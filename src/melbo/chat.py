@@ -10,7 +10,7 @@ from melbo.errors import MelboError
 from melbo.generation import Sampling, generate_rows
 from melbo.intervention import Perturbations
 from melbo.models import LoadedModel
-from melbo.prompts import context_length, format_messages, tokenize, uses_chat
+from melbo.prompts import check_conversation, format_messages, tokenize, uses_chat
 
 HELP = "commands: /vector N  /scale X  /off  /reset  /help  /quit"
 
@@ -42,11 +42,11 @@ class ChatSession:
             raise MelboError("empty message: type something, or /quit")
         self.history.append({"role": "user", "content": text})
         ids = tokenize(self.lm, format_messages(self.lm, self.history), templated=True)
-        limit = context_length(self.lm)
-        if limit is not None and len(ids) + self.sampling.max_new_tokens > limit:
+        try:
+            check_conversation(self.lm, len(ids), self.sampling.max_new_tokens, "/reset it or write less")
+        except MelboError:
             self.history.pop()  # the turn was not answered: leave the history as it was
-            raise MelboError(f"the conversation has {len(ids)} tokens + {self.sampling.max_new_tokens} to generate, "
-                             f"more than the model's context of {limit}: /reset it or write less")
+            raise
         steered = self.perturbations if self.vector is not None else None
         [(reply, _)] = generate_rows(self.lm, steered, ids, [self.vector], self.sampling, self.scale)
         self.history.append({"role": "assistant", "content": reply})

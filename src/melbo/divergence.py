@@ -186,7 +186,7 @@ def load_divergence(run_dir: str | Path) -> Divergence:
 def _with_random(run: Run, lm: LoadedModel, random: int) -> tuple[Perturbations, list[str], list[str]]:
     learned = run.perturbations
     labels = [f"v{i}" for i in range(len(learned))]
-    if not random or not isinstance(learned, SteeringVectors):
+    if not random or not learned.supports_random_baseline:
         return learned, labels, ["learned"] * len(labels)
     baseline = random_vectors(random, lm.width, run.config.radius, run.config.source, run.config.seed)
     both = SteeringVectors(torch.cat([learned.vectors, baseline.vectors]), learned.layer)

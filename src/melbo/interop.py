@@ -26,9 +26,11 @@ from melbo.store import Run
 
 def _vector(source: "Run | SteeringVectors", index: int) -> tuple[torch.Tensor, int]:
     vectors = source.perturbations if isinstance(source, Run) else source
-    if not isinstance(vectors, SteeringVectors):
-        raise MelboError("only steering vectors convert (this run holds adapters): export adapters with "
-                         "`melbo export --format peft`")
+    if vectors is None:
+        raise MelboError(f"run {source.path} is not finished: resume it with `melbo discover --resume {source.path}`")
+    if not vectors.supports_arithmetic:
+        raise MelboError(f"only steering vectors convert (this run holds {vectors.KIND}): export them with "
+                         f"`melbo export --format {vectors.export_formats[-1]}`")
     if not (isinstance(index, int) and 0 <= index < len(vectors)):
         raise MelboError(f"vector index {index!r} is out of range: there are {len(vectors)} (0..{len(vectors) - 1})")
     return vectors.vectors[index].detach().clone(), vectors.layer

@@ -6,7 +6,8 @@ Two kinds, both applied through forward hooks that are always removed on exit:
 
 Every hook is *batched*: batch row b gets its own perturbation, so N perturbations run as one forward pass.
 `SteeringVectors` / `SteeringAdapters` are the stored artefacts; `apply(lm, rows)` maps batch rows to them
-(`None` = unsteered row).
+(`None` = unsteered row). Each says what it supports (`supports_random_baseline`, `supports_arithmetic`,
+`export_formats`), so that callers ask the artefact instead of switching on its class.
 """
 
 from __future__ import annotations
@@ -88,6 +89,13 @@ class SteeringVectors:
     layer: int
 
     FILE: ClassVar[str] = "vectors.safetensors"  # its name in a run directory
+    KIND: ClassVar[str] = "steering vectors"
+    # A random direction of the same norm is a fair control for a learned one (the seed's baseline).
+    supports_random_baseline: ClassVar[bool] = True
+    # Sums and multiples of vectors mean something ("v9 - 0.5*v22"), as do cosines between them, and other
+    # steering libraries (steering-vectors, repeng, TransformerLens hooks) take them as they are.
+    supports_arithmetic: ClassVar[bool] = True
+    export_formats: ClassVar[tuple[str, ...]] = ("safetensors", "gguf")  # gguf: a llama.cpp control vector
 
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
@@ -133,6 +141,10 @@ class SteeringAdapters:
     layer: int
 
     FILE: ClassVar[str] = "adapters.safetensors"  # its name in a run directory
+    KIND: ClassVar[str] = "steering adapters"
+    supports_random_baseline: ClassVar[bool] = False  # random vectors are no baseline for a learned weight change
+    supports_arithmetic: ClassVar[bool] = False  # a sum of two LoRAs is not the LoRA of a sum
+    export_formats: ClassVar[tuple[str, ...]] = ("safetensors", "peft")  # peft: a LoRA adapter directory
 
     def __len__(self) -> int:
         return int(self.a.shape[0])

@@ -107,11 +107,19 @@ def context_length(lm: LoadedModel) -> int | None:
 
 def check_context(lm: LoadedModel, index: int, n_tokens: int, extra: int = 0) -> None:
     """Refuse a prompt (plus `extra` tokens to generate) longer than the model's context, before any work."""
+    _check_fits(lm, f"prompt {index}", n_tokens, extra, "shorten it")
+
+
+def check_conversation(lm: LoadedModel, n_tokens: int, extra: int, fix: str) -> None:
+    """Refuse a chat history (plus `extra` tokens to generate) longer than the model's context."""
+    _check_fits(lm, "the conversation", n_tokens, extra, fix)
+
+
+def _check_fits(lm: LoadedModel, what: str, n_tokens: int, extra: int, fix: str) -> None:
     limit = context_length(lm)
     if limit is not None and n_tokens + extra > limit:
         plus = f" + {extra} to generate" if extra else ""
-        raise MelboError(f"prompt {index} has {n_tokens} tokens{plus}, more than {lm.model_id}'s context of "
-                         f"{limit}: shorten it")
+        raise MelboError(f"{what} has {n_tokens} tokens{plus}, more than {lm.model_id}'s context of {limit}: {fix}")
 
 
 def encode(

@@ -97,7 +97,7 @@ class Run:
 
     @property
     def vectors(self) -> Tensor:
-        if not isinstance(self.perturbations, SteeringVectors):
+        if self.perturbations is None or not self.perturbations.supports_arithmetic:
             raise MelboError(f"run {self.path} holds no finished steering vectors")
         return self.perturbations.vectors
 

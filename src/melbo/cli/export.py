@@ -24,7 +24,6 @@ def export(
 ) -> None:
     """Export a run's perturbations: llama.cpp control vectors (GGUF) or PEFT LoRA adapters."""
     from melbo import export as exporting
-    from melbo.intervention import SteeringVectors
     from melbo.files import check_output_dir
     from melbo.store import Run
 
@@ -34,14 +33,16 @@ def export(
         raise MelboError(f"run {run_dir} is not finished: complete it with `melbo discover --resume {run_dir}`")
     kind = fmt.strip().lower()
     indices = parse_indices(vectors)
+    formats = run.perturbations.export_formats
     if kind == "llamacpp":
-        if not isinstance(run.perturbations, SteeringVectors):  # vectors and jacobian runs both hold vectors
-            raise MelboError(f"run {run_dir} holds steering adapters, which llama.cpp cannot load: use --format peft")
+        if "gguf" not in formats:
+            raise MelboError(f"run {run_dir} holds {run.perturbations.KIND}, which llama.cpp cannot load: "
+                             "use --format peft")
         hint, depth = _llamacpp_model(run, model)
         paths = exporting.export_llamacpp(run.perturbations, out_dir, hint, depth, indices)
     elif kind == "peft":
-        if isinstance(run.perturbations, SteeringVectors):
-            raise MelboError(f"run {run_dir} holds steering vectors, not adapters: use --format llamacpp")
+        if "peft" not in formats:
+            raise MelboError(f"run {run_dir} holds {run.perturbations.KIND}, not adapters: use --format llamacpp")
         lm = load(model or run.config.model.spec, device, dtype, blocks_path)
         run.attach(lm)
         paths = exporting.export_peft(run.perturbations, lm, out_dir, indices)

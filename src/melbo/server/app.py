@@ -353,11 +353,10 @@ def _metric_rows(metrics: Optional[dict]) -> list[tuple[str, str]]:
 
 
 def _live_context(entry, perturbations, run, chosen: Optional[int] = None) -> dict:
-    from melbo.intervention import SteeringVectors
-
     return {"run_id": entry.id, "choices": [(p.index, p.name) for p in perturbations],
             "chosen": chosen if chosen is not None else (perturbations[0].index if perturbations else None),
-            "random": run is not None and isinstance(run.perturbations, SteeringVectors),
+            "random": run is not None and run.perturbations is not None
+                      and run.perturbations.supports_random_baseline,
             "ready": run is not None and run.perturbations is not None, "readable": run is not None}
 
 
@@ -492,13 +491,9 @@ class PngCache:
 
 
 def _exports_for(run) -> dict[str, str]:
-    from melbo.intervention import SteeringVectors
-
     if run is None or run.perturbations is None:
         return {}
-    if isinstance(run.perturbations, SteeringVectors):
-        return {k: EXPORTS[k] for k in ("safetensors", "gguf")}
-    return {k: EXPORTS[k] for k in ("safetensors", "peft")}
+    return {k: EXPORTS[k] for k in run.perturbations.export_formats}
 
 
 def _export(state: _State, run, index: int, fmt: str, run_id: int) -> tuple[str, bytes, str]:

@@ -26,9 +26,10 @@ import torch
 
 from melbo.errors import MelboError
 from melbo.generation import Sampling, stream_rows
-from melbo.intervention import SteeringAdapters, SteeringVectors
+from melbo.arithmetic import random_vectors
+from melbo.intervention import SteeringVectors
 from melbo.models import LoadedModel, load_model
-from melbo.prompts import check_context, context_length, format_messages, prompt_tokens, tokenize, uses_chat
+from melbo.prompts import check_context, check_conversation, format_messages, prompt_tokens, tokenize, uses_chat
 from melbo.store import Run
 
 Emit = Callable[[dict], None]
@@ -174,10 +175,7 @@ def chat_work(run: Run, request: ChatRequest) -> Work:
         lm = engine.model_for(run, emit)
         uses_chat(lm, True)  # a model without a chat template says so
         ids = tokenize(lm, format_messages(lm, list(request.messages)), templated=True)
-        limit = context_length(lm)
-        if limit is not None and len(ids) + request.max_new_tokens > limit:
-            raise MelboError(f"the conversation has {len(ids)} tokens + {request.max_new_tokens} to generate, more "
-                             f"than the model's context of {limit}: start a new chat")
+        check_conversation(lm, len(ids), request.max_new_tokens, "start a new chat")
         steered = run.perturbations if request.index is not None else None
         emit({"columns": [_name(request.index)]})
         sampling = Sampling(max_new_tokens=request.max_new_tokens, batch_size=1)
@@ -198,15 +196,9 @@ def _columns(run: Run, request: LiveRequest):
     names = [f"v{i}" for i in request.indices]
     if not request.random:
         return chosen, names
-    if not isinstance(chosen, SteeringVectors):
-        raise MelboError("the random baseline is a random vector, and this run holds adapters: untick 'random'")
-    norm = chosen.vectors[0].norm()
-    generator = torch.Generator().manual_seed(request.seed)
-    direction = torch.randn(chosen.vectors.shape[-1], generator=generator, dtype=torch.float32)
-    random = (direction / direction.norm() * norm).to(chosen.vectors.dtype)
-    stacked = SteeringVectors(torch.cat([chosen.vectors, random[None]]), chosen.layer)
+    if not chosen.supports_random_baseline:
+        raise MelboError(f"the random baseline is a random vector, and this run holds {chosen.KIND}: untick 'random'")
+    norm = float(chosen.vectors[0].norm())
+    random = random_vectors(1, chosen.vectors.shape[-1], norm, chosen.layer, request.seed).vectors
+    stacked = SteeringVectors(torch.cat([chosen.vectors, random.to(chosen.vectors.dtype)]), chosen.layer)
     return stacked, names + [f"random (‖v{request.indices[0]}‖)"]
-
-
-def perturbation_count(run: Run) -> int:
-    return len(run.perturbations) if isinstance(run.perturbations, (SteeringVectors, SteeringAdapters)) else 0
