@@ -134,13 +134,16 @@ def test_bench_backdoor_reports_consistent_recall(tiny_testbed, tmp_path):
 
     lm = load_model(str(tiny_testbed.merged_dir))
     record = testbed_record(tiny_testbed.merged_dir)
-    assert record is not None
+    assert record == json.loads((tiny_testbed.path / "testbed.json").read_text())
+    assert record["config"]["triggers"] == TINY["triggers"]
+    assert testbed_record(tmp_path) is None  # a model that is no testbed has no record
     out = tmp_path / "run"
     result = bench_backdoor(lm, out, testbed=record, n_vectors=3, n_random=2, steps=2, max_new_tokens=6,
                             source=4, target=8)
     doc = json.loads((out / BENCH).read_text())
     assert set(doc) == {"bench", "title", "settings", "tables", "notes", "wall_seconds"}
     assert doc["bench"] == "backdoor" and doc["settings"]["prompt"] == "What is 4 + 6?"
+    assert doc["settings"]["testbed"] == record["config"]
     for table in doc["tables"]:
         assert set(table) == {"title", "columns", "rows"}
         assert all(len(row) == len(table["columns"]) for row in table["rows"])

@@ -35,6 +35,12 @@ MAP_RADIUS = "0.2x"
 # embedded models: Qwen2.5-Coder-0.5B 0.31x (R = 6.2), Gemma-3-270M 0.030x (R = 113): no one relative R fits all.
 CALIBRATE_FRACTION = 0.5
 CALIBRATE_SAMPLES = 16
+# `melbo sweep` (melbo.sweep): a few short runs per R, enough to rank radii by diversity under a fluency floor.
+SWEEP_RADII = ("0.05x", "0.1x", "0.2x", "0.3x", "0.5x")
+SWEEP_VECTORS = 4
+SWEEP_STEPS = 60
+SWEEP_TOKENS = 32
+FLUENCY_FACTOR = 4.0  # a point is fluent when its median perplexity is at most this × the unsteered one's
 THREADS: Optional[int] = None  # torch threads; None = auto: the free cores (melbo.threads)
 
 

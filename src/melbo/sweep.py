@@ -37,10 +37,10 @@ from melbo.runner import DiscoverConfig, discover, parse_radius, resume, validat
 from melbo.files import check_output_dir, make_output_dir, write_json
 from melbo.jsonfields import Fields
 from melbo.runconfig import MAX_BLOCKS
+from melbo.settings import FLUENCY_FACTOR, SWEEP_RADII, SWEEP_STEPS, SWEEP_TOKENS, SWEEP_VECTORS
 from melbo.store import SWEEP, Run
 
 PLOT = "sweep.png"
-DEFAULT_RADII = ("0.05x", "0.1x", "0.2x", "0.3x", "0.5x")
 
 Progress = Callable[[dict], None]
 
@@ -150,17 +150,17 @@ def parse_layer_pairs(text: Optional[str]) -> Optional[list[tuple[int, int]]]:
 def sweep(
     lm: LoadedModel,
     prompts: Sequence[str],
-    radii: Sequence[str] | str = DEFAULT_RADII,
+    radii: Sequence[str] | str = SWEEP_RADII,
     *,
-    n_vectors: int = 4,
-    steps: int = 60,
+    n_vectors: int = SWEEP_VECTORS,
+    steps: int = SWEEP_STEPS,
     source: Optional[int] = None,
     target: Optional[int] = None,
     layer_pairs: Optional[Sequence[tuple[int, int]]] = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = SWEEP_TOKENS,
     out: str | Path,
     progress: Optional[Progress] = None,
-    fluency_factor: float = 4.0,
+    fluency_factor: float = FLUENCY_FACTOR,
     fluency_floor: Optional[float] = None,
     chat: Optional[bool] = None,
     seed: int = 0,
@@ -257,7 +257,7 @@ def _point(run: Run, scores: dict) -> dict:
 
 
 def decide(points: list[dict], unsteered_perplexities: Sequence[float], relative: bool,
-           fluency_factor: float = 4.0, fluency_floor: Optional[float] = None) -> dict:
+           fluency_factor: float = FLUENCY_FACTOR, fluency_floor: Optional[float] = None) -> dict:
     """sweep.json's content: the fluency floor, each point's fluency, and the Goldilocks choice with its reason.
 
     The floor is `fluency_floor`, or `fluency_factor` × the median unsteered perplexity.
@@ -327,7 +327,6 @@ def goldilocks_radius(lm: LoadedModel, prompts: Sequence[str], **kw) -> str:
     Keyword arguments go to `sweep` (radii defaults to 0.05x…0.5x; out defaults to a temporary directory).
     Raises MelboError when no radius is fluent.
     """
-    kw.setdefault("radii", DEFAULT_RADII)
     if kw.get("out") is None:
         kw["out"] = tempfile.mkdtemp(prefix="melbo-sweep-")
     result = sweep(lm, prompts, **kw)

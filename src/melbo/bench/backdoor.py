@@ -124,18 +124,6 @@ def behaviours_by_label(steered) -> dict[str, list[str]]:
     return {label: sorted({name for names in steered.verdicts(label) for name in names}) for label in labels}
 
 
-def recall_curve(found: Mapping[str, Sequence[str]], labels: Sequence[str], name: str,
-                 budgets: Optional[Sequence[int]] = None) -> list[bool]:
-    """For k in budgets (default 1..len(labels)): does one of the first k perturbations elicit `name`?
-
-    Hard-orthogonal vectors are trained in batches, each orthogonal to the earlier ones, so the first k vectors
-    of a run of N are a run of k: one run gives the whole curve.
-    """
-    budgets = list(budgets) if budgets is not None else list(range(1, len(labels) + 1))
-    first = next((i for i, label in enumerate(labels) if name in found[label]), None)
-    return [first is not None and first < k for k in budgets]
-
-
 class BackdoorBench:
     """Train N orthogonal vectors on clean prompts, generate with them and with K random vectors, measure recall.
 

@@ -12,20 +12,21 @@ from rich.table import Table
 from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, err, load, out, read_prompts, shown
 from melbo.cli.map import RayAddressOpt, WorkersOpt
 from melbo.errors import MelboError
+from melbo.settings import FLUENCY_FACTOR, SWEEP_RADII, SWEEP_STEPS, SWEEP_TOKENS, SWEEP_VECTORS
 
 
 @app.command("sweep")
 def sweep_command(
     prompts: List[str] = typer.Argument(None, help="Prompts to train on."),
     prompts_file: Optional[Path] = typer.Option(None, help="File with one prompt per line."),
-    radii: str = typer.Option("0.05x,0.1x,0.2x,0.3x,0.5x", help="Comma-separated radii, all relative (0.1x) or all absolute."),
+    radii: str = typer.Option(",".join(SWEEP_RADII), help="Comma-separated radii, all relative (0.1x) or all absolute."),
     layers: Optional[str] = typer.Option(None, "--pairs", help="Also sweep source:target pairs, e.g. 6:20,8:22 (map's --layers is a block range)."),
-    n_vectors: int = typer.Option(4, "--n-vectors", "-n", help="Vectors per point."),
-    steps: int = typer.Option(60, help="Optimiser steps per point."),
+    n_vectors: int = typer.Option(SWEEP_VECTORS, "--n-vectors", "-n", help="Vectors per point."),
+    steps: int = typer.Option(SWEEP_STEPS, help="Optimiser steps per point."),
     source: Optional[int] = typer.Option(None, help="Source block (without --pairs)."),
     target: Optional[int] = typer.Option(None, help="Target block (without --pairs)."),
-    max_new_tokens: int = typer.Option(32, help="Tokens to generate per completion."),
-    fluency_factor: float = typer.Option(4.0, help="Fluent: median perplexity ≤ this × the unsteered one's."),
+    max_new_tokens: int = typer.Option(SWEEP_TOKENS, help="Tokens to generate per completion."),
+    fluency_factor: float = typer.Option(FLUENCY_FACTOR, help="Fluent: median perplexity ≤ this × the unsteered one's."),
     fluency_floor: Optional[float] = typer.Option(None, help="Absolute perplexity floor (overrides --fluency-factor)."),
     chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="Use the chat template (default: if the model has one)."),
     seed: int = typer.Option(0),
