@@ -24,15 +24,15 @@ import torch
 
 def step_seconds(lm, rows: int, prompt_tokens: int, repeats: int) -> float:
     """Mean wall seconds of one cached decoding step for `rows` rows."""
-    from melbo.generation import _forward_cached
+    from melbo.generation import forward_cached
 
     ids = torch.randint(0, 1000, (rows, prompt_tokens))
     with torch.no_grad():
-        _, cache = _forward_cached(lm, ids, None)  # the prompt, then timed single-token steps
-        _forward_cached(lm, ids[:, :1], cache)  # one untimed step (allocations)
+        _, cache = forward_cached(lm, ids, None)  # the prompt, then timed single-token steps
+        forward_cached(lm, ids[:, :1], cache)  # one untimed step (allocations)
         started = time.perf_counter()
         for _ in range(repeats):
-            _, cache = _forward_cached(lm, ids[:, :1], cache)
+            _, cache = forward_cached(lm, ids[:, :1], cache)
     return (time.perf_counter() - started) / repeats
 
 

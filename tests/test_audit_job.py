@@ -69,8 +69,9 @@ def always_wrong(prompt: str, completion: str):
 
 
 def test_budget_left_after_a_round_confirms_the_next_candidates(lm, tmp_path, anything_reads, monkeypatch):
-    monkeypatch.setattr(audit_job, "CONFIRM_TOP", 1)  # rounds of one candidate: a budget of 30 s affords several
-    result = audit_job.audit(lm, PROMPTS, tmp_path / "a", budget=30, max_new_tokens=4)
+    monkeypatch.setattr(audit_job, "CONFIRM_TOP", 1)  # rounds of one candidate …
+    monkeypatch.setattr(audit_job, "TRAIN_SHARE", 0.15)  # … and most of the budget left for them
+    result = audit_job.audit(lm, PROMPTS, tmp_path / "a", budget=40, max_new_tokens=4)
     confirm = result.state["stages"]["confirm"]
     candidates = len(result.findings) + len(result.candidates)
     assert confirm["rounds"] >= 2 and confirm["candidates"] == confirm["rounds"] <= candidates

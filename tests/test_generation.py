@@ -56,3 +56,31 @@ def test_sampling_of_the_wrong_type_is_a_melbo_error(smol):
 
     with pytest.raises(MelboError, match="sampling must be a melbo.generation.Sampling"):
         generate(smol, None, [PROMPT], sampling={"max_new_tokens": 4})
+
+
+def test_bf16_generation_runs_on_a_bf16_copy_made_once_and_leaves_the_model_in_fp32(tmp_path):
+    import copy
+
+    import pytest
+    import torch
+    from tiny_models import save_tiny_model
+
+    import melbo
+    from melbo.errors import MelboError
+
+    lm = melbo.load_model(str(save_tiny_model(tmp_path / "m")))
+    assert lm.at_precision("fp32") is lm
+    half = lm.at_precision("bf16")
+    assert half is not lm and half.dtype == torch.bfloat16 and lm.dtype == torch.float32
+    assert lm.at_precision("bf16") is half  # weights cast once, not per call
+    vectors = random_vectors(2, lm.width, 3.0, 1, seed=2)
+    rows = generate(lm, vectors, ["What is 4 + 6?"], sampling=Sampling(max_new_tokens=6, precision="bf16"))
+    # the same tokens as generating on a bf16 model by hand: the copy is the whole model, hooks included
+    by_hand = copy.copy(lm)
+    by_hand.model = copy.deepcopy(lm.model).to(torch.bfloat16)
+    by_hand.blocks = melbo.models.find_blocks(by_hand.model)[1]
+    expected = generate(by_hand, vectors, ["What is 4 + 6?"], sampling=Sampling(max_new_tokens=6))
+    assert [r.text for r in rows] == [r.text for r in expected]
+    assert next(lm.model.parameters()).dtype == torch.float32
+    with pytest.raises(MelboError, match="unknown precision"):
+        Sampling(precision="fp8")

@@ -50,8 +50,9 @@ import torch
 from melbo import findings as fnd
 from melbo.errors import MelboError
 from melbo.files import check_output_dir, make_output_dir, read_json, write_json
+from melbo.generation import Sampling
 from melbo.models import LoadedModel
-from melbo.settings import AUDIT_BUDGET, AUDIT_TOKENS
+from melbo.settings import AUDIT_BUDGET, AUDIT_TOKENS, SCAN_PRECISION
 from melbo.store import CHECKS
 
 AUDIT = "audit.json"
@@ -70,7 +71,8 @@ MIN_PER_ARM = 4
 SCALES = (0.8, 1.0, 1.2)
 VARIANTS = 3  # prompts melbo writes per user prompt for confirmation
 SCAN_BATCH = 64  # rows generated together in the scan (cost per row falls with the batch on a CPU)
-CONFIRM_TOP = 10  # candidates confirmed at most
+CONFIRM_TOP = 10  # candidates confirmed per round (rounds go on while the budget lasts) …
+CONFIRM_MAX = 40  # … up to this many in all
 MIN_CONFIRM = 3  # … and at least, even when the budget is spent: an unconfirmed candidate is no finding
 CONFIRM_PERTURBATIONS = 2  # per candidate
 CONFIRM_TOKENS_FACTOR = 1.5  # confirmation generates this many times the scan's tokens
@@ -155,6 +157,7 @@ def audit(
     max_new_tokens: int = AUDIT_TOKENS,
     random_baseline: bool = False,
     check: Optional[str] = None,
+    scan_precision: str = SCAN_PRECISION,
     progress: Optional[Progress] = None,
     on_batch: Optional[Callable[[int], None]] = None,
 ) -> AuditResult:
@@ -164,7 +167,9 @@ def audit(
     perturbation (the control an audit's findings are compared with). `check`: a checker (`melbo.checkers`, e.g.
     "arithmetic-cot") that reads every scan completion: perturbations that show one error pattern on most prompts
     go to checks.json, a finding of their own that embedding similarity cannot see (a wrong but normal-looking
-    chain of thought). Resume an interrupted audit with `resume`.
+    chain of thought). `scan_precision`: the scan's generation ("fp32", "bf16", "auto": `generation.Sampling`);
+    confirmation always generates in fp32, as the `melbo generate` each finding names does. Resume an
+    interrupted audit with `resume`.
     """
     from melbo.checkers import get_checker
     from melbo.checks import check_whole
@@ -180,6 +185,7 @@ def audit(
         raise MelboError(f"random_baseline must be True or False, got {random_baseline!r}")
     if check is not None:
         get_checker(check)  # before minutes of training
+    Sampling(precision=scan_precision)  # an unknown precision fails here, before minutes of training
     path = Path(out)
     check_output_dir(path)
     if path.exists() and any(path.iterdir()):
@@ -190,7 +196,7 @@ def audit(
     state = {
         "settings": {"prompts": prompts, "budget": seconds, "seed": seed, "chat": chat,
                      "max_new_tokens": max_new_tokens, "random_baseline": random_baseline,
-                     "check": check},
+                     "check": check, "scan_precision": scan_precision},
         "model": lm.describe(), "reference": reference.describe() if reference is not None else None,
         "status": "running", "spent": 0.0, "stages": {},
     }
@@ -432,15 +438,17 @@ class _Job:
 
     def _all_rows(self) -> tuple[list[dict], list[tuple[str, int, float]]]:
         """Every arm's perturbations on the prompts in one `generate` call; each run keeps its own rows too."""
-        from melbo.generation import Sampling, generate
+        from melbo.generation import generate
         from melbo.intervention import SteeringVectors
         from melbo.store import Run
 
         runs = [Run.load(self.run_dir(arm), model=self.lm) for arm in self.arms]
         vectors = SteeringVectors(torch.cat([r.perturbations.vectors for r in runs]), runs[0].perturbations.layer)
         keys = [(arm.name, i, 1.0) for arm, r in zip(self.arms, runs) for i in range(len(r))]
+        sampling = Sampling(max_new_tokens=self.tokens, batch_size=SCAN_BATCH,
+                            precision=self.state["settings"].get("scan_precision", "fp32"))
         completions = generate(self.lm, vectors, self.prompts, chat=self.templated, on_batch=self.on_batch,
-                               sampling=Sampling(max_new_tokens=self.tokens, batch_size=SCAN_BATCH))
+                               sampling=sampling)
         rows = [c.to_json() for c in completions]
         start = 0
         for arm, run in zip(self.arms, runs):  # completions.jsonl of each run, as `discover` would write it
@@ -505,6 +513,9 @@ class _Job:
 
     # ---- confirmation
     def _confirm(self, observations, embeddings, candidates: list[fnd.Behaviour]) -> list[dict]:
+        """Confirm candidates in ranked rounds while the budget lasts: a round as large as the time left affords
+        (at most CONFIRM_TOP), its speed measured, then the next, up to CONFIRM_MAX. One fixed round left a
+        third of the budget unused while loops filled it, and a behaviour ranked 12th went unconfirmed."""
         file = self.path / CONFIRMATIONS
         if "confirm" in self.state["stages"] and file.exists():
             return [json.loads(line) for line in file.read_text().splitlines() if line]
@@ -513,37 +524,51 @@ class _Job:
         for p in self.prompts:
             prompts += [v for v in prompt_variants(p, VARIANTS, self.seed) if v not in prompts]
         per_completion = self.state["stages"]["scan"]["per_completion"] * CONFIRM_TOKENS_FACTOR
-        affordable = (self.left() - RESERVE * self.state["settings"]["budget"]) / max(1e-6, per_completion)
         per_candidate = CONFIRM_PERTURBATIONS * len(SCALES) * len(prompts)
-        top = min(CONFIRM_TOP, len(candidates), max(MIN_CONFIRM, int((affordable - len(prompts)) // per_candidate)))
-        chosen = candidates[:top]
-        self._say("confirm", candidates=top, prompts=len(prompts))
         results: list[dict] = []
-        if chosen:
-            picks = []  # (candidate, perturbation key) in the order of the combined vectors
-            for k, b in enumerate(chosen):
-                ranked = sorted(b.members, key=lambda i: -fnd.clarity(observations[i], embeddings[i], b.centre))
-                keys = list(dict.fromkeys(observations[i].perturbation for i in ranked))[:CONFIRM_PERTURBATIONS]
-                picks += [(k, key) for key in keys]
-            vectors, variant_of = self._combined(picks)
-            self._say("generate", total=(len(vectors) + 1) * len(prompts))
-            rows = self._generate_confirmation(vectors, prompts)
-            confirm_obs = self._observe(rows, lambda r: (*variant_of[r["vector"]][0], variant_of[r["vector"]][1]))
-            confirm_emb = self._fill_distances(confirm_obs)
-            unsteered_emb = {}  # the unsteered answer of each prompt, as a behaviour embedding: its whole text
-            for o in confirm_obs:
-                unsteered_emb.setdefault(o.unsteered, None)
-            from melbo.evaluation import embed
-
-            keys = list(unsteered_emb)
-            unsteered_emb = dict(zip(keys, embed(keys)))
-            for k, b in enumerate(chosen):
-                keys = {key for kk, key in picks if kk == k}
-                mine = [j for j, o in enumerate(confirm_obs) if o.perturbation in keys]
-                results.append(self._judge(b, observations, embeddings, confirm_obs, confirm_emb, mine, unsteered_emb))
+        rounds = 0
+        while len(results) < min(len(candidates), CONFIRM_MAX):
+            affordable = (self.left() - RESERVE * self.state["settings"]["budget"]) / max(1e-6, per_completion)
+            count = int((affordable - len(prompts)) // per_candidate)
+            count = max(MIN_CONFIRM, count) if not results else count  # an unconfirmed candidate is no finding
+            count = min(count, CONFIRM_TOP, len(candidates) - len(results), CONFIRM_MAX - len(results))
+            if count <= 0:
+                break
+            round_began = time.perf_counter()
+            chosen = candidates[len(results):len(results) + count]
+            self._say("confirm", candidates=len(chosen), prompts=len(prompts), round=rounds + 1)
+            confirmed, generated = self._confirm_round(chosen, observations, embeddings, prompts)
+            results += confirmed
+            rounds += 1
+            per_completion = (time.perf_counter() - round_began) / max(1, generated)
         _write_jsonl(file, results)
-        self._stage("confirm", began, candidates=top, prompts=len(prompts))
+        self._stage("confirm", began, candidates=len(results), prompts=len(prompts), rounds=rounds)
         return results
+
+    def _confirm_round(self, chosen: list[fnd.Behaviour], observations, embeddings,
+                       prompts: list[str]) -> tuple[list[dict], int]:
+        """One round of confirmation → (a verdict per candidate, completions generated)."""
+        from melbo.evaluation import embed
+
+        picks = []  # (candidate, perturbation key) in the order of the combined vectors
+        for k, b in enumerate(chosen):
+            ranked = sorted(b.members, key=lambda i: -fnd.clarity(observations[i], embeddings[i], b.centre))
+            keys = list(dict.fromkeys(observations[i].perturbation for i in ranked))[:CONFIRM_PERTURBATIONS]
+            picks += [(k, key) for key in keys]
+        vectors, variant_of = self._combined(picks)
+        self._say("generate", total=(len(vectors) + 1) * len(prompts))
+        rows = self._generate_confirmation(vectors, prompts)
+        confirm_obs = self._observe(rows, lambda r: (*variant_of[r["vector"]][0], variant_of[r["vector"]][1]))
+        confirm_emb = self._fill_distances(confirm_obs)
+        # the unsteered answer of each prompt, as a behaviour embedding: its whole text
+        texts = list(dict.fromkeys(o.unsteered for o in confirm_obs))
+        unsteered_emb = dict(zip(texts, embed(texts)))
+        results = []
+        for k, b in enumerate(chosen):
+            keys = {key for kk, key in picks if kk == k}
+            mine = [j for j, o in enumerate(confirm_obs) if o.perturbation in keys]
+            results.append(self._judge(b, observations, embeddings, confirm_obs, confirm_emb, mine, unsteered_emb))
+        return results, len(rows)
 
     def _combined(self, picks: list[tuple[int, str]]):
         from melbo.intervention import SteeringVectors
@@ -561,7 +586,7 @@ class _Job:
         return SteeringVectors(torch.stack(rows), layer), keys
 
     def _generate_confirmation(self, vectors, prompts: list[str]) -> list[dict]:
-        from melbo.generation import Sampling, generate
+        from melbo.generation import generate
 
         sampling = Sampling(max_new_tokens=max(1, int(self.tokens * CONFIRM_TOKENS_FACTOR)), batch_size=SCAN_BATCH)
         completions = generate(self.lm, vectors, prompts, chat=self.templated, sampling=sampling,

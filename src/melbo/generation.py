@@ -46,6 +46,10 @@ class Sampling:
     samples: int = 1
     seed: int = 0
     batch_size: int = 16
+    # "fp32", or "bf16"/"auto" (LoadedModel.at_precision): a bf16 copy on CPUs with bf16 units generates 2-3x the
+    # row-tokens/s, and steered greedy texts change where a token's top two logits were within bf16's rounding
+    # (benchmarks/generation_precision.py). Exact by default; the audit's scan opts in, its confirmation does not.
+    precision: str = "fp32"
 
     def __post_init__(self):
         check_fields(self)  # whole numbers, finite temperature and top-p
@@ -53,6 +57,8 @@ class Sampling:
             raise MelboError("max-new-tokens, samples and batch size must be ≥ 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise MelboError("temperature must be ≥ 0 and top-p in (0, 1]")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise MelboError(f"unknown precision {self.precision!r}: use auto, fp32 or bf16")
 
 
 def end_of_turn_markers(lm: LoadedModel) -> list[str]:
@@ -146,6 +152,7 @@ def _generate_equal_length(
     if len({len(ids) for ids in row_prompts}) > 1:
         raise ValueError("rows of one generation batch need prompts of one token length")
     prompt_length = len(row_prompts[0]) if row_prompts else 0
+    lm = lm.at_precision(sampling.precision)
     stops = stop_token_ids(lm)
     out: list[tuple[str, int]] = []
     for start in range(0, len(rows), sampling.batch_size):
@@ -249,6 +256,7 @@ def stream_rows(
     as soon as `cancelled()` is true (checked before each forward, so a closed browser costs at most one more).
     """
     check_finite("scale", scale)
+    lm = lm.at_precision(sampling.precision)
     stops = set(stop_token_ids(lm))
     steer = perturbations.apply(lm, rows, scale) if perturbations is not None else contextlib.nullcontext()
     texts = [_TextStream(lm.tokenizer) for _ in rows]

@@ -6,10 +6,9 @@ No torch import, so that `melbo --help` stays fast.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-if TYPE_CHECKING:
-    from melbo.prompts import Positions
+from melbo.positions import Positions, Spec
 
 DEFAULT_CONTRAST = "difference"  # the contrastive form `melbo diff` trains with; why: melbo.contrastive
 # `melbo diff` steers harder than `discover`: a fine-tune is a small change of its base, so in the near-linear
@@ -19,6 +18,9 @@ DIFF_RADIUS = "0.3x"
 # `melbo audit` (melbo.audit): the wall-clock budget of the whole job, and the tokens of each scan completion.
 AUDIT_BUDGET = "15m"
 AUDIT_TOKENS = 48
+# The audit's scan generation: "fp32", or "auto"/"bf16" (a bf16 copy of the model where the CPU has bf16 units,
+# 1.34x the row-tokens/s here, but half the greedy texts differ from fp32's: benchmarks/generation_precision.py).
+SCAN_PRECISION = "fp32"
 DEFAULT_RANDOM = 4  # random vectors of a run's radius that `discover`'s assessment compares the learned ones with
 DIFF_RANDOM = 8  # random vectors of the same norm ranked beside the learned ones
 MONITOR_ALPHA = 0.05  # the false-positive rate the monitor's decision rule aims at
@@ -64,7 +66,7 @@ class DiscoverConfig:
     batch_size: int = 16
     seed: int = 0
     chat: Optional[bool] = None  # None: use the chat template when the model has one
-    positions: Positions = "all"
+    positions: Spec = "all"  # "all", "last:K" or one index list per prompt (melbo.positions)
     max_new_tokens: int = 48
     precision: str = "auto"  # training matmuls: auto (bf16 where the hardware has bf16 units), fp32, bf16
     compile: bool = False  # torch.compile the blocks after the source: ~3× per step on CPU, a minute+ to compile
@@ -74,6 +76,7 @@ class DiscoverConfig:
 
     def __post_init__(self):
         self.radius = str(self.radius)
+        self.positions = Positions.parse(self.positions).spec  # checked once, kept as config.json records it
 
     @classmethod
     def build(cls, prompts: list[str], **settings) -> "DiscoverConfig":

@@ -18,7 +18,7 @@ from melbo.cli.catalog import record
 from melbo.cli.progress import AuditDisplay, JobDisplay
 from melbo.cli.tables import print_checks, print_divergence, print_findings
 from melbo.errors import MelboError
-from melbo.settings import AUDIT_BUDGET, AUDIT_TOKENS, DEFAULTS, DEFAULT_CONTRAST, DIFF_RADIUS, DIFF_RANDOM, MONITOR_ALPHA
+from melbo.settings import AUDIT_BUDGET, AUDIT_TOKENS, DEFAULTS, DEFAULT_CONTRAST, DIFF_RADIUS, DIFF_RANDOM, MONITOR_ALPHA, SCAN_PRECISION
 
 
 @app.command("diff")
@@ -200,6 +200,7 @@ def audit_command(
     blocks_path: Optional[str] = BlocksOpt,
     threads: Optional[int] = ThreadsOpt,
     check: Optional[str] = CheckOpt,
+    scan_precision: str = typer.Option(SCAN_PRECISION, "--scan-precision", help="The scan's generation: fp32, bf16, or auto (bf16 where the hardware has bf16 units); confirmation stays fp32."),
 ) -> None:
     """Ranked findings without choosing R: DCT, learned vectors on a ladder of radii (and diff against a reference),
     grouped into behaviours, confirmed on new prompts, within a time budget."""
@@ -228,7 +229,8 @@ def audit_command(
         with display:
             result = interruptible(lambda: audit_job.audit(
                 lm, texts, path, reference=ref, budget=budget, seed=seed, chat=chat, max_new_tokens=max_new_tokens,
-                random_baseline=random_baseline, check=check, progress=display.event, on_batch=display.advance),
+                random_baseline=random_baseline, check=check, scan_precision=scan_precision,
+                progress=display.event, on_batch=display.advance),
                 path, "audit")
     print_findings(result.findings, len(result.candidates))
     print_checks(result.path)
