@@ -201,3 +201,21 @@ def test_earlier_vectors_a_resume_stays_orthogonal_to_are_checked(tmp_path):
         _previous(file, SimpleNamespace(width=4))
     save_tensors(file, {"vectors": torch.ones(2, 4)})
     assert _previous(file, SimpleNamespace(width=4)).shape == (2, 4)
+
+
+@pytest.mark.parametrize("row, fragment", [
+    ('{"vector": "1", "label": "v1", "prompt_index": 0, "text": "x"}', "line 2 is malformed (vector is '1'"),
+    ('{"vector": 1, "label": "v1", "prompt_index": -1, "text": "x"}', "(prompt_index is -1, outside 0.."),
+    ('{"vector": 1, "label": "v1", "prompt_index": 0}', "(text is missing)"),
+    ('[1, 2]', "(the file is list, not an object)"),
+])
+def test_a_damaged_completion_row_is_named_with_its_line(row, fragment, tmp_path):
+    run = _unfinished_run(tmp_path)
+    good = '{"vector": null, "label": "unsteered", "prompt_index": 0, "prompt": "hi", "sample": 0, "text": "a", ' \
+           '"tokens": 1}'
+    (run.path / "completions.jsonl").write_text(f"{good}\n{row}\n")
+    with pytest.raises(MelboError) as caught:
+        run.completions()
+    _one_line(caught, run.path / "completions.jsonl", fragment, "delete it and it will be generated again")
+    (run.path / "completions.jsonl").write_text(f"{good}\n\n")
+    assert run.completions() == [json.loads(good)]

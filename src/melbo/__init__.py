@@ -33,7 +33,7 @@ _EXPORTS = {
     "DEFAULT_MODEL": "melbo.models", "EMBEDDED": "melbo.models", "LoadedModel": "melbo.models",
     "load_model": "melbo.models",
     "melbo_objective": "melbo.objective",
-    "Run": "melbo.store",
+    "Run": "melbo.store", "RunConfig": "melbo.runconfig",
     "diff": "melbo.divergence",
     "Monitor": "melbo.monitor", "OutputMonitor": "melbo.monitor",
     "audit": "melbo.auditing",  # the module is melbo.auditing: melbo.audit is the job

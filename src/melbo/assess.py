@@ -30,7 +30,7 @@ from melbo.settings import DEFAULT_RANDOM
 from melbo.numbers import jsonable
 from melbo.files import write_json
 from melbo.jsonfields import SQLITE_MAX, Fields
-from melbo.store import METRICS, Run
+from melbo.store import METRICS, Run, completion_from
 
 METRICS_FIX = "run `melbo assess` again to rewrite it"
 
@@ -123,14 +123,6 @@ class Metrics:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def completion_from(f: Fields) -> Completion:
-    """A completion row (completions.jsonl, metrics.json's random ones), each field checked."""
-    return Completion(vector=f.whole("vector", 0, SQLITE_MAX, None), label=f.text("label"),
-                      prompt_index=f.whole("prompt_index", 0), prompt=f.text("prompt", ""),
-                      sample=f.whole("sample", 0, default=0), text=f.text("text"),
-                      tokens=f.whole("tokens", 0, default=0))
 
 
 # ------------------------------------------------------------------------------------------------ assessing

@@ -25,6 +25,8 @@ from melbo.files import (
     save_tensors)
 from melbo.intervention import Perturbations, SteeringAdapters, SteeringVectors
 from melbo.models import LoadedModel
+from melbo.generation import Completion
+from melbo.jsonfields import SQLITE_MAX, Fields
 from melbo.runconfig import ModelRecord, RunConfig
 from melbo.settings import DiscoverConfig
 
@@ -105,7 +107,8 @@ class Run:
         return len(self.perturbations) if self.perturbations is not None else 0
 
     def completions(self) -> list[dict]:
-        """The stored completions (completions.jsonl), one dict per line; [] when there are none yet."""
+        """The stored completions (completions.jsonl), one dict per line, every field checked (`Completion`'s
+        fields, so `Completion(**row)` holds); [] when there are none yet."""
         file = self.path / COMPLETIONS
         if not file.exists():
             return []
@@ -115,9 +118,10 @@ class Run:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                raw = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise MelboError(f"{file} line {n} is corrupt ({exc.msg}): {fix}") from exc
+            rows.append(completion_from(Fields(raw, f"{file} line {n}", fix)).to_json())
         return rows
 
     # ---- steering
@@ -181,6 +185,14 @@ class Run:
 
     def write_completions(self, rows: list[dict]) -> None:
         atomic_write(self.path / COMPLETIONS, "".join(json_line(r) + "\n" for r in rows).encode())
+
+
+def completion_from(f: Fields) -> Completion:
+    """A completion row (completions.jsonl, metrics.json's random ones), each field checked."""
+    return Completion(vector=f.whole("vector", 0, SQLITE_MAX, None), label=f.text("label"),
+                      prompt_index=f.whole("prompt_index", 0), prompt=f.text("prompt", ""),
+                      sample=f.whole("sample", 0, default=0), text=f.text("text"),
+                      tokens=f.whole("tokens", 0, default=0))
 
 
 def checked_tensors(file: Path, tensors: dict[str, Tensor], width: Optional[int], fix: str) -> dict[str, Tensor]:
