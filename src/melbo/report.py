@@ -25,8 +25,10 @@ from typing import Any, Optional
 from melbo.errors import MelboError
 from melbo.files import atomic_write, read_json
 from melbo.numbers import fmt, format_cell
+from melbo.positions import Positions
 from melbo.plots import curves_figure, learned_vs_random_figure, png, sweep_figure
 from melbo.assess import Metrics, ScoreRow, Scores
+from melbo.generation import Completion
 from melbo.runconfig import RunConfig
 from melbo.store import BENCH, CONFIG, LAYER_MAP, MONITOR_DIR, MONITOR_JSON, MONITOR_JSONL, Run
 
@@ -71,7 +73,7 @@ def _settings(config: RunConfig) -> list[tuple[str, str]]:
     ]
     if config.method == "adapters":
         rows.append(("adapter rank", str(settings.rank)))
-    rows += [("positions", settings.positions if isinstance(settings.positions, str) else json.dumps(settings.positions)),
+    rows += [("positions", str(Positions.parse(settings.positions))),
              ("seed", str(settings.seed)), ("new tokens", str(settings.max_new_tokens))]
     if not config.complete:
         rows.append(("status", config.status))
@@ -80,17 +82,16 @@ def _settings(config: RunConfig) -> list[tuple[str, str]]:
     return rows
 
 
-def _group_by_prompt(rows: list[dict], prompts: list[str]) -> list[dict]:
-    by_prompt: dict[int, list[dict]] = defaultdict(list)
+def _group_by_prompt(rows: list[Completion], prompts: list[str]) -> list[dict]:
+    by_prompt: dict[int, list[Completion]] = defaultdict(list)
     for r in rows:
-        by_prompt[int(r.get("prompt_index", 0))].append(r)
+        by_prompt[r.prompt_index].append(r)
     groups = []
     for p_index in sorted(by_prompt):
-        items = sorted(by_prompt[p_index], key=lambda r: r.get("sample", 0))
-        prompt = items[0].get("prompt") or (prompts[p_index] if p_index < len(prompts) else "")
-        groups.append({"index": p_index, "prompt": str(prompt),
-                       "texts": [{"text": str(r.get("text", "")), "tokens": r.get("tokens"),
-                                  "sample": r.get("sample", 0)} for r in items]})
+        items = sorted(by_prompt[p_index], key=lambda r: r.sample)
+        prompt = items[0].prompt or (prompts[p_index] if p_index < len(prompts) else "")
+        groups.append({"index": p_index, "prompt": prompt,
+                       "texts": [{"text": r.text, "tokens": r.tokens, "sample": r.sample} for r in items]})
     return groups
 
 
@@ -119,7 +120,7 @@ def build_context(run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
     run = None if bench_only else Run.load(run_dir, result=False)
     config = run.config if run is not None else None
     prompts = config.prompts if config is not None else []
-    completions = run.completions() if run is not None else []
+    completions = [Completion(**row) for row in run.completions()] if run is not None else []
     curves = _curves(run) if run is not None else None
     metrics = Metrics.load(run_dir)
     sweep = None
@@ -133,16 +134,15 @@ def build_context(run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
     score_by_vector = {p.vector: p for p in learned.steered} if learned is not None else {}
     unsteered_score = learned.unsteered if learned is not None else None
 
-    steered: dict[int, list[dict]] = defaultdict(list)
-    unsteered: list[dict] = []
+    steered: dict[int, list[Completion]] = defaultdict(list)
+    unsteered: list[Completion] = []
     labels: dict[int, str] = {}
     for row in completions:
-        if row.get("vector") is None:
+        if row.vector is None:
             unsteered.append(row)
         else:
-            v = int(row["vector"])
-            steered[v].append(row)
-            labels.setdefault(v, str(row.get("label") or f"v{v}"))
+            steered[row.vector].append(row)
+            labels.setdefault(row.vector, row.label or f"v{row.vector}")
 
     n = max([len(curves) if curves else 0, *(v + 1 for v in steered), *(v + 1 for v in score_by_vector)], default=0)
     if n == 0 and config is not None and config.complete:
@@ -167,9 +167,9 @@ def build_context(run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
         clusters.append({"id": c.id, "name": c.name or f"cluster {c.id}", "no_change": c.no_change,
                          "members": members})
 
-    random_rows: dict[str, list[dict]] = defaultdict(list)
+    random_rows: dict[str, list[Completion]] = defaultdict(list)
     for completion in metrics.random_completions if metrics is not None else []:
-        random_rows[completion.label].append(completion.to_json())
+        random_rows[completion.label].append(completion)
     random_completions = [{"label": label, "prompts": _group_by_prompt(rows, prompts)}
                           for label, rows in random_rows.items()]
 
