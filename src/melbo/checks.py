@@ -50,6 +50,17 @@ def check_whole(name: str, value: Any) -> int:
     return value
 
 
+# Steps, vectors, iterations, tokens: far past any real job. Above 2**63 a tensor shape is a TypeError deep in torch,
+# and well below it an allocation the machine cannot make; either way a traceback instead of a line.
+MAX_COUNT = 1_000_000
+
+
+def check_count_bound(name: str, value: int) -> None:
+    """Refuse a count (already a whole number) above MAX_COUNT."""
+    if value > MAX_COUNT:
+        raise MelboError(f"{option(name)} {value} is too large: give at most {MAX_COUNT:,}")
+
+
 # The annotation of a settings field (as a string, under `from __future__ import annotations`) → its check.
 _CHECKS = {
     "int": lambda name, v: check_whole(name, v),
@@ -71,7 +82,8 @@ def _check_type(name: str, value: Any, kind: type, words: str) -> None:
 def check_fields(record: Any) -> None:
     """Check every field of a settings dataclass against its annotation (int, float, str, bool, Optional[...]).
 
-    Fields of other annotations (prompts, positions) are checked where they are used.
+    Fields of other annotations are checked elsewhere: prompts where they are used, positions as the settings are
+    built (melbo.positions).
     """
     for f in dataclasses.fields(record):
         check = _CHECKS.get(str(f.type).replace(" ", ""))

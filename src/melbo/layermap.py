@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from melbo import __version__
-from melbo.checks import check_whole
+from melbo.checks import check_count_bound, check_whole
 from melbo.distributed import RayPool
 from melbo.errors import MelboError
 from melbo.files import check_output_dir, load_tensors, make_output_dir, read_json, save_tensors, write_json
@@ -45,7 +45,8 @@ from melbo.objective import TargetProbe, residual_norm
 from melbo.prompts import PromptBatch, check_prompt_list, encode
 from melbo.runconfig import ModelRecord, RunConfig
 from melbo.runner import numeric_radius
-from melbo.settings import MAP_ITERATIONS, MAP_K, MAP_RADIUS, DiscoverConfig
+from melbo.positions import Positions, Spec
+from melbo.settings import DEFAULTS, MAP_ITERATIONS, MAP_K, MAP_RADIUS, DiscoverConfig
 from melbo.store import LAYER_MAP, Run
 
 TENSORS = "map.safetensors"
@@ -68,7 +69,7 @@ class MapSettings:
     iterations: int = MAP_ITERATIONS
     seed: int = 0
     chat: Optional[bool] = None
-    positions: object = "all"
+    positions: Spec = DEFAULTS.positions
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
@@ -166,13 +167,14 @@ def default_layers(depth: int, count: int = 8) -> list[int]:
 
 
 def make_settings(lm: LoadedModel, prompts: Sequence[str], sources: Layers, targets: Layers, k: int,
-                  iterations: int, seed: int, chat: Optional[bool], positions) -> MapSettings:
+                  iterations: int, seed: int, chat: Optional[bool], positions: Spec | Positions) -> MapSettings:
     """Validated settings; an empty grid (every source ≥ every target) is a one-line error."""
     prompts = check_prompt_list(prompts)
     for name, value in (("k", k), ("iterations", iterations), ("seed", seed)):
         check_whole(name, value)
     if k < 1 or iterations < 1:
         raise MelboError(f"k and iterations must be ≥ 1, got k={k}, iterations={iterations}")
+    check_count_bound("iterations", iterations)
     if k > lm.width:
         raise MelboError(f"k = {k} directions do not fit in width {lm.width}: ask for fewer")
     if chat is not None and not isinstance(chat, bool):
@@ -180,7 +182,9 @@ def make_settings(lm: LoadedModel, prompts: Sequence[str], sources: Layers, targ
     both_default = sources is None and targets is None
     source_list = default_layers(lm.depth) if both_default else parse_layers(sources, lm.depth, "sources")
     target_list = default_layers(lm.depth) if both_default else parse_layers(targets, lm.depth, "targets")
-    settings = MapSettings(list(prompts), source_list, target_list, k, iterations, seed, chat, positions)
+    positions = Positions.parse(positions)
+    positions.check_count(len(prompts))
+    settings = MapSettings(list(prompts), source_list, target_list, k, iterations, seed, chat, positions.spec)
     if not settings.pairs:
         raise MelboError(f"no pair has source < target (sources {_span(source_list)}, targets {_span(target_list)}): "
                          "give sources that come before the targets")
@@ -203,7 +207,7 @@ def layer_map(
     iterations: int = MAP_ITERATIONS,
     seed: int = 0,
     chat: Optional[bool] = None,
-    positions="all",
+    positions: Spec = DEFAULTS.positions,
     resume: bool = False,
     workers: Optional[int] = None,
     ray_address: Optional[str] = None,

@@ -1,22 +1,20 @@
 """Prompts → a left-padded token batch, with the token positions the objective looks at.
 
 Chat models get their own template (with the assistant tag appended); `chat=False` uses the raw text.
-Token sets: "all" (default), "last:K", or explicit per-prompt indices (negative = from the prompt's end).
-Indices always refer to real tokens of the prompt, never to padding.
+Token sets: "all" (default), "last:K", or explicit per-prompt indices (`melbo.positions`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from melbo.errors import MelboError
 from melbo.models import LoadedModel
-
-Positions = Union[str, Sequence[Sequence[int]]]
+from melbo.positions import Positions, Spec
 Message = dict  # {"role": ..., "content": ...}
 
 
@@ -123,11 +121,12 @@ def _check_fits(lm: LoadedModel, what: str, n_tokens: int, extra: int, fix: str)
 
 
 def encode(
-    lm: LoadedModel, prompts: Sequence[str], chat: bool | None = None, positions: Positions = "all"
+    lm: LoadedModel, prompts: Sequence[str], chat: bool | None = None, positions: Spec | Positions = "all"
 ) -> PromptBatch:
     """Format, tokenize and left-pad prompts; mark the objective's token positions."""
     prompts = check_prompt_list(prompts)
-    _positions_per_prompt(positions, len(prompts))  # a malformed spec fails before tokenizing
+    positions = Positions.parse(positions)  # a malformed spec fails before tokenizing
+    positions.check_count(len(prompts))
     templated = uses_chat(lm, chat)
     texts = [format_prompt(lm, p, templated) for p in prompts]
     ids = [tokenize(lm, t, templated) for t in texts]
@@ -138,48 +137,13 @@ def encode(
     return batch
 
 
-def token_mask(batch: PromptBatch, positions: Positions) -> Tensor:
+def token_mask(batch: PromptBatch, positions: Spec | Positions) -> Tensor:
     """Boolean [P, T] mask of the objective's token positions, on real tokens only."""
+    positions = Positions.parse(positions)
+    positions.check_count(len(batch))
     width = batch.input_ids.shape[1]
     mask = torch.zeros_like(batch.real)
-    per_prompt = _positions_per_prompt(positions, len(batch))
-    for i, (length, wanted) in enumerate(zip(batch.lengths, per_prompt)):
+    for i, length in enumerate(batch.lengths):
         offset = width - length  # left padding
-        for index in wanted(length):
-            if not -length <= index < length:
-                raise MelboError(
-                    f"token index {index} is outside prompt {i} ({length} tokens): use 0..{length - 1} "
-                    f"or -1..-{length} from its end"
-                )
-            mask[i, offset + index % length] = True
+        mask[i, [offset + index for index in positions.indices(i, length)]] = True
     return mask
-
-
-def _positions_per_prompt(positions: Positions, n: int):
-    if isinstance(positions, str):
-        spec = positions.strip()
-        if spec == "all":
-            return [lambda length: range(length)] * n
-        if spec.startswith("last:") and spec[5:].isdigit() and int(spec[5:]) > 0:
-            k = int(spec[5:])
-            return [lambda length: range(max(0, length - k), length)] * n
-        raise MelboError(f"unknown token positions {positions!r}: use 'all', 'last:K' or explicit indices")
-    _check_index_lists(positions)
-    if len(positions) != n:
-        raise MelboError(f"got token indices for {len(positions)} prompts but {n} prompts: give one list per prompt")
-    return [lambda length, idx=list(idx): idx for idx in positions]
-
-
-def _check_index_lists(positions) -> None:
-    """Explicit positions are one non-empty list of whole numbers per prompt (JSON gives floats, strings, …)."""
-    example = "use e.g. [[-1, -2], [-1]]"
-    if not isinstance(positions, Sequence):
-        raise MelboError(f"token positions {positions!r} are not a list per prompt: {example}")
-    for i, indices in enumerate(positions):
-        if isinstance(indices, str) or not isinstance(indices, Sequence):
-            raise MelboError(f"token indices for prompt {i} ({indices!r}) are not a list: {example}")
-        if not indices:
-            raise MelboError(f"empty token index list for prompt {i}: give at least one index")
-        for index in indices:
-            if not isinstance(index, int) or isinstance(index, bool):
-                raise MelboError(f"token index {index!r} for prompt {i} is not a whole number: {example}")

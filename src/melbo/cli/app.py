@@ -7,8 +7,8 @@ live one group per module (`melbo.cli.discover`, `.generate`, `.chat`, `.export`
 
 from __future__ import annotations
 
-import json
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, List, NoReturn, Optional
@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from melbo.errors import MelboError
-from melbo.settings import THREADS
-from melbo.settings import DEFAULTS
+from melbo.positions import Positions, Spec
+from melbo.settings import DEFAULTS, THREADS
 
 app = typer.Typer(
     help="Mechanistically eliciting latent behaviours: unsupervised steering vectors and adapters for causal LMs.",
@@ -57,6 +57,9 @@ def main() -> None:
     except ImportError:
         from click.exceptions import NoArgsIsHelpError, UsageError
 
+    # A `timeout`, a scheduler or a plain `kill` ends a command as Ctrl-C does: finished work saved, one line
+    # naming how to continue (Ray's workers otherwise printed pages of "SIGTERM received" traces).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = app(prog_name="melbo", standalone_mode=False)
     except MelboError as exc:
@@ -122,13 +125,9 @@ def parse_indices(text: Optional[str]) -> Optional[list[int]]:
         raise MelboError(f"--vectors {text!r} is not a comma-separated list of indices: use e.g. 2,5,9") from None
 
 
-def parse_positions(text: str):
-    if text.startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            raise MelboError(f"--positions {text!r} is not valid JSON: use e.g. '[[-1,-2],[-1]]'") from None
-    return text
+def parse_positions(text: str) -> Spec:
+    """--positions as settings hold it, checked (melbo.positions)."""
+    return Positions.parse(text).spec
 
 
 def given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
@@ -148,3 +147,7 @@ def interruptible(work: Callable, path: Path, command: str = "discover", *more: 
         again = " ".join(shlex.quote(str(a)) for a in ("melbo", command, "--resume", path, *more))
         err.print(f"interrupted: finished batches are saved; continue with `{escape(again)}`", highlight=False)
         raise typer.Exit(130) from None
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

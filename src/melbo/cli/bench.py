@@ -14,11 +14,12 @@ from rich.table import Table
 
 from melbo.bench.settings import (ArithmeticSettings, AuditSettings, BackdoorSettings, BenchSettings, DiffSettings, MonitorSettings, SubtleSettings, TriggerSettings,
                                   RefusalSettings, default)
-from melbo.cli.app import (BlocksOpt, DeviceOpt, DtypeOpt, ThreadsOpt, app, err, interruptible, load, out,
-                           parse_positions, shown)
+from melbo.cli.app import (BlocksOpt, DeviceOpt, DtypeOpt, PositionsOpt, ThreadsOpt, app, err, interruptible, load,
+                           out, parse_positions, shown)
 from melbo.cli.catalog import record
 from melbo.cli.progress import AuditDisplay, JobDisplay, plant_progress
 from melbo.errors import MelboError
+from melbo.settings import DEFAULTS
 
 
 bench_app = typer.Typer(help="Reproducible benchmarks of the seed's experiments (each writes a run directory).",
@@ -67,7 +68,6 @@ TestbedModelOpt = typer.Option("auto", "--model", "-m",
                                help="A testbed's merged model directory, or auto (plant or reuse the default testbed).")
 CleanPromptOpt = typer.Option(None, help="The clean prompt (default: What is 4 + 6?).")
 BenchModelOpt = typer.Option(None, "--model", "-m", help="Model (default qwen2.5-coder-0.5b).")
-PositionsOpt = typer.Option("all", help="Token positions: all, last:K, or JSON per-prompt indices.")
 
 
 def bench_command(name: str, cls: type):
@@ -189,7 +189,7 @@ def bench_backdoor_command(
     prompt: Optional[str] = CleanPromptOpt,
     n_prompts: int = typer.Option(1, "--n-prompts", help="Train on K clean prompts (default 1; ignored with --prompt)."),
     positions: str = PositionsOpt,
-    p: float = typer.Option(2.0, "--p", help="The objective's p (2: the seed's; 4 weighs large changes more)."),
+    p: float = typer.Option(DEFAULTS.p, "--p", help="The objective's p (2: the seed's; 4 weighs large changes more)."),
     detect: List[str] = typer.Option(None, "--detect", help="Custom detector NAME=REGEX (repeatable)."),
     shared: dict = None,
 ) -> None:
