@@ -8,6 +8,7 @@ filled ("warm", the case melbo's own cache directory gives from the second run o
 vector-steps beyond which compiling first is faster, C / (1/r_eager − 1/r_compiled).
 
     .venv/bin/python benchmarks/train_batch.py [--sizes 16 32 64] [--vectors 64] [--steps 10] [--threads 1]
+        [-m TESTBED --diff smollm2-135m]   # also diff's training (two models per step) against discover's
 
 Ratios only; measure idle (or pinned to a core no other process uses: `taskset -c 0 … --threads 1`).
 """
@@ -41,12 +42,15 @@ def child(config: dict) -> None:
 
     configure_threads(config["threads"])
     lm = melbo.load_model(config["model"])
+    extra = {}
+    if config.get("reference"):  # melbo diff's training: both models in every step
+        extra = {"reference": melbo.load_model(config["reference"]), "contrast": "difference"}
     seconds = []
     for call in range(config["calls"]):
         with tempfile.TemporaryDirectory() as tmp:
             began = time.perf_counter()
             melbo.discover(lm, PROMPTS, f"{tmp}/run", n_vectors=config["vectors"], steps=config["steps"],
-                           batch_size=config["batch_size"], compile=config["compile"], seed=call)
+                           batch_size=config["batch_size"], compile=config["compile"], seed=call, **extra)
             seconds.append(time.perf_counter() - began)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(json.dumps({"seconds": seconds, "peak_mib": peak}))
@@ -64,12 +68,14 @@ def run(config: dict, cache: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = fail
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("-m", "--model", default="smollm2-135m")
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--vectors", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true", help="only the batch sizes")
+    parser.add_argument("--diff", metavar="REFERENCE", help="also time diff's training against this reference "
+                        "(give a fine-tune of it as --model), at the first batch size")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -91,6 +97,12 @@ def main() -> None:
             result = run({**base, "batch_size": size, "compile": False, "calls": 1}, cache)
             eager[size] = work / result["seconds"][0]
             table.add_row(str(size), "no", f"{eager[size]:.1f}", f"{eager[size] / eager[args.sizes[0]]:.2f}",
+                          f"{result['peak_mib']:.0f}", "", "")
+        if args.diff:
+            result = run({**base, "batch_size": args.sizes[0], "compile": False, "calls": 1,
+                          "reference": args.diff}, cache)
+            rate = work / result["seconds"][0]
+            table.add_row(f"{args.sizes[0]} (diff)", "no", f"{rate:.1f}", f"{rate / eager[args.sizes[0]]:.2f}",
                           f"{result['peak_mib']:.0f}", "", "")
         if not args.no_compile:
             best = max(eager, key=eager.get)

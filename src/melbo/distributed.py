@@ -30,6 +30,7 @@ import torch
 from melbo.checks import check_whole
 from melbo.errors import MelboError
 from melbo.models import LoadedModel, load_model
+from melbo.threads import free_cores
 
 RESTARTS = 3  # a worker may die this often (out of memory, a lost node) before the run fails
 CONNECT_TIMEOUT = 3.0  # seconds to reach a --ray-address before giving up
@@ -141,7 +142,9 @@ class RayPool:
         workers = workers if workers is not None else cpus
         if workers > cpus:
             raise MelboError(f"--workers {workers} is more than the Ray cluster's {cpus} CPUs: use at most {cpus}")
-        threads = max(1, cpus // workers) if address is None else 1
+        # Locally, each worker gets its share of the cores that are free now, not of every core: beside another
+        # 2-thread torch job, two workers of 2 threads each oversubscribed 2 cores and a map ran 30× slower.
+        threads = max(1, min(cpus, free_cores()) // workers) if address is None else 1
         if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's bound holds in the workers too: two
             threads = min(threads, max(1, int(os.environ["OMP_NUM_THREADS"])))  # busy cores × 2 threads crawl
         return cls(workers, address, threads)
