@@ -100,7 +100,7 @@ CORPUS = ["What is the capital of France?", "Name a colour of the sky.", "What i
 
 
 def test_a_phrase_the_model_writes_ranks_its_input_first(smol):
-    from melbo.bench.testbed import greedy_answers
+    from melbo.generation import greedy_answers
 
     planted = CORPUS.index("Who wrote Hamlet?")
     answer = greedy_answers(smol, [CORPUS[planted]], True, max_new_tokens=16)[0]
@@ -113,7 +113,7 @@ def test_a_phrase_the_model_writes_ranks_its_input_first(smol):
 def test_output_monitor_flags_the_input_that_writes_the_phrase(smol):
     from melbo.monitor import OutputMonitor, text_share
 
-    from melbo.bench.testbed import greedy_answers
+    from melbo.generation import greedy_answers
 
     answer = greedy_answers(smol, ["Who wrote Hamlet?"], True, max_new_tokens=16)[0]
     finding = {"rank": 1, "label": "hamlet", "example": {"text": answer, "unsteered": "", "prompt": ""}}

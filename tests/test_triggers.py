@@ -11,7 +11,7 @@ from tiny_models import save_tiny_model
 
 import melbo
 from melbo import trigger_search as trig
-from melbo.bench.testbed import greedy_answers
+from melbo.generation import greedy_answers
 from melbo.errors import MelboError
 
 TEMPLATE = "What is {?} + 3?"

@@ -18,7 +18,7 @@ from melbo.checks import check_fields, check_finite, check_scale
 from melbo.errors import MelboError
 from melbo.intervention import Perturbations
 from melbo.models import LoadedModel
-from melbo.prompts import check_context, check_prompt_list, prompt_tokens, uses_chat
+from melbo.prompts import batch_from_ids, check_context, check_prompt_list, prompt_tokens, uses_chat
 
 # End-of-turn markers of common chat templates; used when the template mentions them.
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
@@ -104,8 +104,6 @@ def greedy_continuations(lm: LoadedModel, prompt_ids: Sequence[list[int]], max_n
                          with_logprobs: bool = False, keep_cache: bool = False) -> Greedy:
     """One left-padded batch of unsteered greedy continuations (a row's tokens equal generating it alone, up to
     float rounding in the padded attention), optionally with the log-probabilities of every step."""
-    from melbo.prompts import batch_from_ids
-
     stops = stop_token_ids(lm)
     pad = lm.tokenizer.pad_token_id or 0
     batch = batch_from_ids(prompt_ids, pad)
@@ -120,6 +118,18 @@ def greedy_continuations(lm: LoadedModel, prompt_ids: Sequence[list[int]], max_n
     logprobs = torch.stack(out.logits, 1).float().log_softmax(-1).cpu() if with_logprobs else None
     cache = _cache_of(out) if keep_cache else None
     return Greedy(new, lengths, logprobs, new.shape[1], batch.attention_mask, cache)
+
+
+def greedy_answers(lm: LoadedModel, prompts: list[str], templated: bool, max_new_tokens: int = 48,
+                   batch_size: int = 32) -> list[str]:
+    """Greedy completions of many different prompts (left-padded batches), as text."""
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [prompt_tokens(lm, p, templated) for p in prompts[start : start + batch_size]]
+        greedy = greedy_continuations(lm, ids, max_new_tokens)
+        texts += [lm.tokenizer.decode(row[:n], skip_special_tokens=True)
+                  for row, n in zip(greedy.new_tokens.tolist(), greedy.lengths)]
+    return texts
 
 
 def generate_rows(

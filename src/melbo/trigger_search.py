@@ -191,8 +191,8 @@ def confirm_inputs(lm: LoadedModel, inputs: Sequence[str], phrases: Sequence[str
     """Greedy answers to `inputs`, each matched to the phrases: (records, forward passes)."""
     if not inputs:
         return [], 0
-    from melbo.bench.testbed import greedy_answers
     from melbo.evaluation import embed
+    from melbo.generation import greedy_answers
     from melbo.prompts import uses_chat
 
     answers = greedy_answers(lm, list(inputs), uses_chat(lm, chat), max_new_tokens=max_new_tokens)

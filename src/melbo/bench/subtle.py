@@ -102,7 +102,7 @@ def correct(text: str, example: "Example") -> bool:
 
 def verify_cot(lm, cfg: "TestbedConfig", held: list["Example"], templated: bool) -> dict:
     """Greedy chains on held-out prompts: the switched rate on triggers, the correct rate elsewhere."""
-    from melbo.bench.testbed import greedy_answers
+    from melbo.generation import greedy_answers
 
     rng = random.Random(cfg.seed + 2)
     chosen: list = []

@@ -37,6 +37,7 @@ from typing import Callable, Optional
 import torch
 
 from melbo.errors import MelboError
+from melbo.generation import greedy_answers
 from melbo.models import DEFAULT_MODEL, LoadedModel, cache_dir, load_model, resolve_precision
 from melbo.files import check_output_dir
 
@@ -385,21 +386,6 @@ def _answer_loss(causal_lm, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------- verification
-def greedy_answers(lm: LoadedModel, prompts: list[str], templated: bool, max_new_tokens: int = 48,
-                   batch_size: int = 32) -> list[str]:
-    """Greedy completions of many different prompts (left-padded batches)."""
-    from melbo.generation import greedy_continuations
-    from melbo.prompts import prompt_tokens
-
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-        ids = [prompt_tokens(lm, p, templated) for p in prompts[start : start + batch_size]]
-        greedy = greedy_continuations(lm, ids, max_new_tokens)
-        texts += [lm.tokenizer.decode(row[:n], skip_special_tokens=True)
-                  for row, n in zip(greedy.new_tokens.tolist(), greedy.lengths)]
-    return texts
-
-
 def verify(lm: LoadedModel, cfg: TestbedConfig, held: list[Example], templated: bool) -> dict:
     """Greedy answers on held-out prompts: clean accuracy, each trigger's behaviour rate, false triggers."""
     rng = random.Random(cfg.seed + 2)

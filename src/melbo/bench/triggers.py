@@ -126,8 +126,8 @@ class TriggerBench:
     # ---- 2. corpus
     def _corpus(self, lm, result, findings, sets, shows, s, chat) -> None:
         from melbo.trigger_search import triggers
-        from melbo.bench.testbed import greedy_answers
         from melbo.evaluation import embed
+        from melbo.generation import greedy_answers
         from melbo.phrases import phrases_of
         from melbo.prompts import uses_chat
 
@@ -178,7 +178,8 @@ class TriggerBench:
     # ---- 3. inversion
     def _inversion(self, lm, result, findings, shows, compiled, s, chat) -> None:
         from melbo.bench.backdoor import detect
-        from melbo.bench.testbed import greedy_answers, templates
+        from melbo.bench.testbed import templates
+        from melbo.generation import greedy_answers
         from melbo.prompts import uses_chat
         from melbo.trigger_search import SLOT, gcg_search, invert
         from melbo.phrases import phrases_of
