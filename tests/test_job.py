@@ -8,6 +8,7 @@ import pytest
 from tiny_models import save_tiny_model
 
 import melbo
+from melbo.checkers import load_checks
 from melbo.errors import MelboError
 from melbo.job import resume_job
 from melbo.store import COMPLETIONS, METRICS, Run
@@ -56,6 +57,7 @@ def test_a_checker_reads_every_completion_learned_random_and_unsteered(lm, tmp_p
             odd = sum(len(texts[(p["label"], q)]) % 2 == 1 for q in ("Hello there", "Hi"))
             assert p["patterns"].get("odd", 0) == odd and (("odd" in p["consistent"]) == (odd >= 1))
     assert 'id="checks"' in (run.path / "report.html").read_text()
+    assert load_checks(run.path).to_dict() == doc  # the typed reader reads back all the writer wrote
     row = next((r for r in doc["summary"] if r["pattern"] == "odd"), None)
     if row is not None:
         assert row["learned"]["of"] == 2 and row["random"]["of"] == 2

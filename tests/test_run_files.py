@@ -219,3 +219,31 @@ def test_a_damaged_completion_row_is_named_with_its_line(row, fragment, tmp_path
     _one_line(caught, run.path / "completions.jsonl", fragment, "delete it and it will be generated again")
     (run.path / "completions.jsonl").write_text(f"{good}\n\n")
     assert run.completions() == [json.loads(good)]
+
+
+CHECKS = {"checker": "arithmetic-cot", "consistent_share": 0.5,
+          "summary": [{"pattern": "wrong", "learned": {"consistent": 1, "of": 2, "rate": 0.5, "low": 0.1, "high": 0.9},
+                       "random": {"consistent": 0, "of": 0, "rate": None, "low": None, "high": None}}],
+          "perturbations": [{"kind": "learned", "label": "v0", "completions": 2, "checked": 2, "correct": 1,
+                             "patterns": {"wrong": 1}, "consistent": ["wrong"], "examples": {"wrong": "2 + 2 = 5"}}]}
+
+
+@pytest.mark.parametrize("path, value, fragment", [
+    (("summary", 0, "learned", "consistent"), 3, "summary[0].learned.consistent is 3, outside 0..2"),
+    (("summary", 0, "learned", "rate"), 1.5, "summary[0].learned.rate is 1.5, not in [0, 1]"),
+    (("perturbations", 0, "patterns", "wrong"), "1", "perturbations[0].patterns.wrong is '1', not a whole number"),
+    (("perturbations", 0, "examples", "wrong"), 5, "perturbations[0].examples.wrong is 5, not text"),
+    (("perturbations",), None, "perturbations is missing"),
+])
+def test_checks_round_trip_and_a_damaged_field_is_named(path, value, fragment, tmp_path):
+    from melbo.checkers import load_checks
+
+    (tmp_path / "checks.json").write_text(json.dumps(CHECKS))
+    assert load_checks(tmp_path).to_dict() == CHECKS and load_checks(tmp_path / "none") is None
+    damaged = _damaged(CHECKS, path, value)
+    if value is None:
+        del damaged[path[-1]]
+    (tmp_path / "checks.json").write_text(json.dumps(damaged))
+    with pytest.raises(MelboError) as caught:
+        load_checks(tmp_path)
+    _one_line(caught, tmp_path / "checks.json", fragment, "run the checker again")

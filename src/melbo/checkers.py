@@ -26,9 +26,12 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from melbo.errors import MelboError
+
+if TYPE_CHECKING:
+    from melbo.jsonfields import Fields
 
 PATTERNS = ("sum→product", "product→sum", "off by one", "copy error", "other")
 _NUMBER = r"(-?\d+(?:\.\d+)?)"
@@ -199,7 +202,79 @@ def check_run(run_dir: str | Path, spec: str | Checker, *, consistent_share: flo
     return doc
 
 
-def load_checks(directory: Path) -> Optional[dict]:
+# ------------------------------------------------------------------------------------------------ checks.json, typed
+@dataclass
+class PatternShare:
+    """How many perturbations of one kind show a pattern consistently, of how many, with its Wilson interval."""
+
+    consistent: int
+    of: int
+    rate: Optional[float] = None
+    low: Optional[float] = None
+    high: Optional[float] = None
+
+    @classmethod
+    def from_fields(cls, f: "Fields") -> "PatternShare":
+        of = f.whole("of", 0)
+        return cls(f.whole("consistent", 0, of), of, *(f.real(k, 0, 1, default=None) for k in ("rate", "low", "high")))
+
+
+@dataclass
+class PatternRow:
+    pattern: str
+    learned: PatternShare
+    random: PatternShare
+
+
+@dataclass
+class CheckedPerturbation:
+    """One perturbation's (or the unsteered model's) completions as the checker read them."""
+
+    kind: str
+    label: str
+    completions: int = 0
+    checked: int = 0
+    correct: int = 0
+    patterns: dict[str, int] = field(default_factory=dict)  # pattern → completions showing it
+    consistent: list[str] = field(default_factory=list)  # patterns shown on most of its prompts
+    examples: dict[str, str] = field(default_factory=dict)  # pattern → a completion showing it
+
+
+@dataclass
+class Checks:
+    """checks.json (a run's, `check_run`, or an audit's), read once with every field checked."""
+
+    checker: str
+    summary: list[PatternRow]
+    perturbations: list[CheckedPerturbation]
+    consistent_share: Optional[float] = None
+
+    @classmethod
+    def from_dict(cls, raw: object, file: Path | str = "checks.json") -> "Checks":
+        from melbo.jsonfields import Fields
+
+        f = Fields(raw, file, "delete it and run the checker again (melbo check)")
+        summary = [PatternRow(r.text("pattern"), PatternShare.from_fields(r.object("learned")),
+                              PatternShare.from_fields(r.object("random"))) for r in f.objects("summary")]
+        perturbations = []
+        for p in f.objects("perturbations"):
+            counts = p.mapping("patterns", None) or {}
+            for pattern, count in counts.items():
+                p.check_whole(f"{p.where}.patterns.{pattern}", count, 0)
+            examples = p.mapping("examples", None) or {}
+            for pattern, text in examples.items():
+                if not isinstance(text, str):
+                    raise p.error(f"{p.where}.examples.{pattern}", f"is {text!r}, not text")
+            perturbations.append(CheckedPerturbation(
+                p.text("kind"), p.text("label"), p.whole("completions", 0, default=0), p.whole("checked", 0, default=0),
+                p.whole("correct", 0, default=0), counts, p.texts("consistent", []), examples))
+        return cls(f.text("checker"), summary, perturbations, f.real("consistent_share", 0, 1, default=None))
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def load_checks(directory: Path) -> Optional[Checks]:
     """A run's or audit's checks.json (None when no checker read it)."""
     from melbo.files import read_json
     from melbo.store import CHECKS
@@ -207,11 +282,7 @@ def load_checks(directory: Path) -> Optional[dict]:
     file = Path(directory) / CHECKS
     if not file.is_file():
         return None
-    doc = read_json(file)
-    if not isinstance(doc, dict) or not isinstance(doc.get("summary"), list) \
-            or not isinstance(doc.get("perturbations"), list):
-        raise MelboError(f"{file} is not a checks file: delete it and run the checker again (melbo check)")
-    return doc
+    return Checks.from_dict(read_json(file), file)
 
 
 def check_rows(rows: list[dict], checker: Checker, share: float = CONSISTENT) -> tuple[list[dict], list[dict]]:

@@ -240,15 +240,14 @@ def _checks_context(run_dir: Path) -> Optional[dict]:
     if doc is None:
         return None
 
-    def cell(side: dict) -> str:
-        return f"{side['consistent']}/{side['of']} [{fmt(side['low'])}, {fmt(side['high'])}]" if side.get("of") else "—"
+    def cell(side) -> str:
+        return f"{side.consistent}/{side.of} [{fmt(side.low)}, {fmt(side.high)}]" if side.of else "—"
 
-    return {"checker": doc.get("checker"),
-            "summary": [{"pattern": r.get("pattern"), "learned": cell(r.get("learned") or {}),
-                         "random": cell(r.get("random") or {})} for r in doc["summary"] if isinstance(r, dict)],
-            "shown": [{"label": p.get("label"), "kind": p.get("kind"), "patterns": ", ".join(p.get("consistent") or []),
-                       "example": next(iter((p.get("examples") or {}).values()), "")}
-                      for p in doc["perturbations"] if isinstance(p, dict) and p.get("consistent")][:64]}
+    return {"checker": doc.checker,
+            "summary": [{"pattern": r.pattern, "learned": cell(r.learned), "random": cell(r.random)}
+                        for r in doc.summary],
+            "shown": [{"label": p.label, "kind": p.kind, "patterns": ", ".join(p.consistent),
+                       "example": next(iter(p.examples.values()), "")} for p in doc.perturbations if p.consistent][:64]}
 
 
 def _monitor_context(run_dir: Path) -> Optional[dict]:

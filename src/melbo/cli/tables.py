@@ -70,18 +70,18 @@ def print_checks(directory, rows: int = 12) -> None:
     doc = load_checks(Path(directory))
     if doc is None:
         return
-    table = Table(header_style="bold", title=f"checker {shown(doc['checker'])}: perturbations showing each error pattern "
+    table = Table(header_style="bold", title=f"checker {shown(doc.checker)}: perturbations showing each error pattern "
                   "on most prompts", title_justify="left")
     for col in ("pattern", "learned", "random"):
         table.add_column(col)
-    for row in doc["summary"]:
-        cells = [f"{row[k]['consistent']}/{row[k]['of']}" if row[k]["of"] else "—" for k in ("learned", "random")]
-        table.add_row(shown(row["pattern"]), *cells)
+    for row in doc.summary:
+        cells = [f"{side.consistent}/{side.of}" if side.of else "—" for side in (row.learned, row.random)]
+        table.add_row(shown(row.pattern), *cells)
     out.print(table)
-    listed = [p for p in doc["perturbations"] if p["consistent"]][:rows]  # the unsteered one too: its slips are no finding
+    listed = [p for p in doc.perturbations if p.consistent][:rows]  # the unsteered one too: its slips are no finding
     for p in listed:
-        example = next(iter(p["examples"].values()), "")
-        out.print(f"  {shown(p['label'])} ({p['kind']}): {shown(', '.join(p['consistent']))} — "
+        example = next(iter(p.examples.values()), "")
+        out.print(f"  {shown(p.label)} ({shown(p.kind)}): {shown(', '.join(p.consistent))} — "
                   f"{shown(' '.join(example.split())[:100])}")
 
 
