@@ -100,7 +100,7 @@ def rank_run(run: Run, audited: LoadedModel, reference: LoadedModel, random: int
     perturbations, labels, kinds = _with_random(run, audited, random)
     if progress:  # both models generate once per (perturbation or unsteered, prompt)
         progress({"stage": "generate", "total": 2 * (len(perturbations) + 1) * len(settings.prompts)})
-    sampling = Sampling(max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
+    sampling = Sampling(max_new_tokens=settings.max_new_tokens)  # the training batch is no generation batch
     result = rank_perturbations(audited, reference, perturbations, settings.prompts, labels, kinds,
                                 chat=settings.chat, sampling=sampling, on_batch=on_batch)
     run.write_completions(_audited_rows(result))

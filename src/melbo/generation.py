@@ -19,6 +19,7 @@ from melbo.errors import MelboError
 from melbo.intervention import Perturbations
 from melbo.models import LoadedModel
 from melbo.prompts import batch_from_ids, check_context, check_prompt_list, prompt_tokens, uses_chat
+from melbo.settings import GENERATION_BATCH
 
 # End-of-turn markers of common chat templates; used when the template mentions them.
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
@@ -45,7 +46,7 @@ class Sampling:
     top_p: float = 1.0
     samples: int = 1
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = GENERATION_BATCH
     # "fp32", or "bf16"/"auto" (LoadedModel.at_precision): a bf16 copy on CPUs with bf16 units generates 2-3x the
     # row-tokens/s, and steered greedy texts change where a token's top two logits were within bf16's rounding
     # (benchmarks/generation_precision.py). Exact by default; the audit's scan opts in, its confirmation does not.

@@ -21,6 +21,10 @@ AUDIT_TOKENS = 48
 # The audit's scan generation: "fp32", or "auto"/"bf16" (a bf16 copy of the model where the CPU has bf16 units,
 # 1.34x the row-tokens/s here, but half the greedy texts differ from fp32's: benchmarks/generation_precision.py).
 SCAN_PRECISION = "fp32"
+# Rows generated together (melbo.generation.Sampling). On a CPU a decoding step for few rows reads every weight for
+# little work: 64 rows cost 2.2x less per row-token than 16 on SmolLM2 (benchmarks/generation_batch.py), and
+# rows of one prompt never pad, so the batch changes no token.
+GENERATION_BATCH = 64
 DEFAULT_RANDOM = 4  # random vectors of a run's radius that `discover`'s assessment compares the learned ones with
 DIFF_RANDOM = 8  # random vectors of the same norm ranked beside the learned ones
 MONITOR_ALPHA = 0.05  # the false-positive rate the monitor's decision rule aims at

@@ -67,7 +67,7 @@ class DiffBench:
         for extra in arms.values():  # every arm's settings before the first trains: a bad last arm loses nothing
             validate(audited, DiscoverConfig.build(prompts, **{**s.discover_settings(), "orthogonal": "hard", **extra}))
         started = time.perf_counter()
-        sampling = Sampling(max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)
+        sampling = Sampling(max_new_tokens=s.max_new_tokens)
         outcomes: dict[str, dict] = {}
         seconds: dict[str, float] = {}
         first_run = None
