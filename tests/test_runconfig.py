@@ -144,3 +144,16 @@ def test_save_refuses_a_config_that_would_not_load_again(tmp_path):
     with pytest.raises(MelboError, match="source is 5, outside 0..3"):
         config.save(tmp_path / "config.json")
     assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize("name", ["n_vectors", "steps", "batch_size", "rank", "max_new_tokens", "power_iterations"])
+def test_counts_are_bounded_on_reading_as_discovery_bounds_them(name):
+    from melbo.checks import MAX_COUNT
+
+    raw = copy.deepcopy(OLD)
+    raw["settings"][name] = MAX_COUNT + 1
+    with pytest.raises(MelboError, match=f"settings.{name} is {MAX_COUNT + 1}, outside 1..{MAX_COUNT}"):
+        RunConfig.from_dict(raw)
+    raw["settings"][name] = 0
+    with pytest.raises(MelboError, match=f"settings.{name} is 0, outside 1.."):
+        RunConfig.from_dict(raw)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from melbo.checks import MAX_COUNT, check_fields
 from melbo.errors import MelboError
 from melbo.jsonfields import Fields
 from melbo.radius import Radius
@@ -146,7 +147,7 @@ class RunConfig:
             residual_norm=f.real("residual_norm", above=0, default=None),
             radius_calibration=f.mapping("radius_calibration", None),
             precision=f.text("precision", None, PRECISIONS), versions=f.mapping("versions", None) or {},
-            provenance=f.mapping("provenance", None) or {}, random=f.whole("random", 0, 1_000_000, None),
+            provenance=f.mapping("provenance", None) or {}, random=f.whole("random", 0, MAX_COUNT, None),
             random_control=f.flag("random_control", False), check=f.text("check", None),
             radius_sweep=f.text("radius_sweep", None), layer_map=f.text("layer_map", None),
             record=f.rest(_KNOWN),
@@ -224,8 +225,6 @@ def migrate(raw: dict) -> dict:
 
 def _settings(f: Fields) -> DiscoverConfig:
     """The settings of a run, checked as the library checks them on the way in (types, then prompts)."""
-    from melbo.checks import check_fields
-
     unknown = [k for k in f.raw if k not in _SETTINGS]
     if unknown:
         raise f.error(f"settings.{unknown[0]}", "is not a setting of this melbo version")
@@ -238,6 +237,7 @@ def _settings(f: Fields) -> DiscoverConfig:
         Radius.parse(settings.radius)
     except MelboError as exc:
         raise f.error("settings", f"are invalid: {exc}") from None
-    f.check_whole("settings.n_vectors", settings.n_vectors, 1, 10_000_000)
+    for name in ("n_vectors", "steps", "batch_size", "rank", "max_new_tokens", "power_iterations"):
+        f.check_whole(f"settings.{name}", getattr(settings, name), 1, MAX_COUNT)  # as discovery checks them
     f.check_whole("settings.seed", settings.seed, -(2**40), 2**40)  # × 1_000_003 + batch stays a 64-bit seed
     return settings
