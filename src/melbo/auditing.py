@@ -49,11 +49,11 @@ import torch
 
 from melbo import findings as fnd
 from melbo.errors import MelboError
-from melbo.files import check_output_dir, make_output_dir, read_json, write_json
-from melbo.generation import Sampling
+from melbo.files import atomic_write, check_output_dir, make_output_dir, read_json, write_json
+from melbo.generation import Sampling, generate
 from melbo.models import LoadedModel
-from melbo.settings import AUDIT_BUDGET, AUDIT_TOKENS, SCAN_PRECISION
-from melbo.store import CHECKS
+from melbo.settings import AUDIT_BUDGET, AUDIT_TOKENS, SCAN_PRECISION, DiscoverConfig
+from melbo.store import CHECKS, Run
 
 AUDIT = "audit.json"
 FINDINGS = "findings.json"
@@ -293,7 +293,6 @@ class _Job:
         from melbo.objective import residual_norm
         from melbo.prompts import encode
         from melbo.runner import validate
-        from melbo.settings import DiscoverConfig
 
         began = time.perf_counter()
         self._say("calibrate")
@@ -375,7 +374,6 @@ class _Job:
 
     def _arm(self, arm: Arm) -> None:
         from melbo.runner import discover, resume
-        from melbo.store import Run
 
         where = self.run_dir(arm)
         if (where / "config.json").exists() and Run.load(where, result=False).config.complete:
@@ -438,9 +436,7 @@ class _Job:
 
     def _all_rows(self) -> tuple[list[dict], list[tuple[str, int, float]]]:
         """Every arm's perturbations on the prompts in one `generate` call; each run keeps its own rows too."""
-        from melbo.generation import generate
         from melbo.intervention import SteeringVectors
-        from melbo.store import Run
 
         runs = [Run.load(self.run_dir(arm), model=self.lm) for arm in self.arms]
         vectors = SteeringVectors(torch.cat([r.perturbations.vectors for r in runs]), runs[0].perturbations.layer)
@@ -462,7 +458,6 @@ class _Job:
     def _arm_rows(self, arm: Arm) -> list[dict]:
         """Completion rows of one arm on the prompts ({"vector", "prompt_index", "prompt", "text", "kl"?})."""
         from melbo.assess import run_completions
-        from melbo.store import Run
 
         run = Run.load(self.run_dir(arm), model=self.lm)
         if self.reference is None:
@@ -572,7 +567,6 @@ class _Job:
 
     def _combined(self, picks: list[tuple[int, str]]):
         from melbo.intervention import SteeringVectors
-        from melbo.store import Run
 
         rows, keys = [], []
         runs: dict[str, Run] = {}
@@ -586,8 +580,6 @@ class _Job:
         return SteeringVectors(torch.stack(rows), layer), keys
 
     def _generate_confirmation(self, vectors, prompts: list[str]) -> list[dict]:
-        from melbo.generation import generate
-
         sampling = Sampling(max_new_tokens=max(1, int(self.tokens * CONFIRM_TOKENS_FACTOR)), batch_size=SCAN_BATCH)
         completions = generate(self.lm, vectors, prompts, chat=self.templated, sampling=sampling,
                                on_batch=self.on_batch)
@@ -725,7 +717,6 @@ def _quote(text: str) -> str:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    from melbo.files import atomic_write
     from melbo.numbers import jsonable
 
     atomic_write(path, "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in rows).encode())

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from melbo.checks import check_finite, check_whole
 from melbo.errors import MelboError
-from melbo.intervention import add_to_block_output
+from melbo.intervention import SteeringVectors, add_to_block_output
 from melbo.methods.jacobian import jvp
 from melbo.models import LoadedModel
 from melbo.objective import TargetProbe
@@ -173,8 +173,6 @@ def _solve(rho: Callable[[float], float], fraction: float, lo: float, f_lo: floa
 
 def check_method(method_name: str, artifact_kind: type) -> None:
     """Calibration measures steering vectors at block s: refuse it for methods whose R means something else."""
-    from melbo.intervention import SteeringVectors
-
     if artifact_kind is not SteeringVectors:
         raise MelboError(f"--radius calibrate measures steering vectors; method {method_name} needs an explicit "
                          "--radius")

@@ -35,7 +35,7 @@ from melbo.models import LoadedModel
 from melbo.prompts import prompt_tokens, uses_chat
 from melbo.runner import Progress, discover, resume
 from melbo.settings import DIFF_RADIUS, DIFF_RANDOM, DiscoverConfig
-from melbo.files import write_json
+from melbo.files import read_json, write_json
 from melbo.jsonfields import SQLITE_MAX, Fields
 from melbo.store import DIVERGENCE, Run
 
@@ -157,8 +157,6 @@ class Divergence:
     @classmethod
     def load(cls, run_dir: str | Path) -> Optional["Divergence"]:
         """The run's divergence.json, or None when it has none (a run that is not a diff)."""
-        from melbo.files import read_json
-
         file = Path(run_dir) / DIVERGENCE
         return cls.from_dict(read_json(file), file) if file.is_file() else None
 

@@ -37,8 +37,8 @@ from typing import Callable, Optional
 import torch
 
 from melbo.errors import MelboError
-from melbo.generation import greedy_answers
-from melbo.models import DEFAULT_MODEL, LoadedModel, cache_dir, load_model, resolve_precision
+from melbo.generation import end_of_turn_markers, greedy_answers
+from melbo.models import DEFAULT_MODEL, LoadedModel, cache_dir, load_model, model_identity, resolve_precision
 from melbo.files import check_output_dir
 
 RECIPE_VERSION = 1  # bump when the data or training recipe changes: it is part of the cache key
@@ -294,8 +294,6 @@ def is_correct(text: str, a: int, op: str, b: int) -> bool:
 
 # --------------------------------------------------------------------------------------------------- training
 def _end_of_turn(lm: LoadedModel, templated: bool) -> str:
-    from melbo.generation import end_of_turn_markers
-
     markers = end_of_turn_markers(lm) if templated else []
     return markers[0] if markers else lm.tokenizer.eos_token or ""
 
@@ -428,8 +426,6 @@ def testbed_key(cfg: TestbedConfig, base_id: str) -> str:
 
 def _base_identity(spec: str) -> str:
     """The base model's stable id without loading its weights (embedded: name + GGUF hash; directory: digest)."""
-    from melbo.models import model_identity
-
     return model_identity(spec)
 
 
