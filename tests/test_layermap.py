@@ -186,3 +186,55 @@ def test_map_resume_of_a_directory_without_a_map_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(["map", "hi", "--resume", str(tmp_path / "empty")], capsys)
     assert code == 2 and "holds no map to resume" in err and not list((tmp_path / "empty").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ map.json, typed
+def test_map_json_round_trips_through_its_typed_reader(full_map):
+    from melbo.layermap import MapConfig
+
+    config = MapConfig.load(full_map.path)
+    written = json.loads((full_map.path / "map.json").read_text())
+    assert config.to_dict() == written and config.complete and config.settings == full_map.settings
+    assert config.tokens == written["tokens"] >= 1 and config.model.width == full_map.tensors["directions"].shape[-1]
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda c: c["settings"].update(sources=[0, 99]), "settings.sources[1] is 99, outside 0.."),
+    (lambda c: c["settings"].update(k=0), "settings.k is 0, outside 1.."),
+    (lambda c: c["settings"].update(positions="first:2"), "settings.positions are invalid"),
+    (lambda c: c.update(tokens=1e400), "tokens is inf, not a whole number"),
+    (lambda c: c.update(status="done"), "status is 'done', not one of running, complete"),
+    (lambda c: c["model"].pop("id"), "model.id is missing"),
+])
+def test_a_damaged_map_json_is_one_line_naming_the_field(full_map, tmp_path, edit, fragment, capsys):
+    import shutil
+
+    copy = shutil.copytree(full_map.path, tmp_path / "map")
+    config = json.loads((copy / "map.json").read_text())
+    edit(config)
+    (copy / "map.json").write_text(json.dumps(config))
+    with pytest.raises(MelboError) as caught:
+        melbo.LayerMap.load(copy)
+    message = str(caught.value)
+    assert "\n" not in message and "map.json is malformed" in message and fragment in message, message
+    code, _, err = run_cli(["open-pair", str(copy), "1:3", "--out", str(tmp_path / "pair")], capsys)
+    assert code == 2 and fragment in err and not (tmp_path / "pair").exists()
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda t: t.update(directions=t["directions"] * float("nan")), "NaN or infinite directions"),
+    (lambda t: t.update(directions=t["directions"][..., :-1].contiguous()), "directions of shape"),
+    (lambda t: t.update(sources=t["sources"] + 1), "does not hold the sources map.json names"),
+    (lambda t: t.pop("norms"), "holds no float norms"),
+])
+def test_damaged_map_tensors_are_refused_on_loading(full_map, tmp_path, damage, fragment):
+    import shutil
+
+    from melbo.files import load_tensors, save_tensors
+
+    copy = shutil.copytree(full_map.path, tmp_path / "map")
+    tensors = dict(load_tensors(copy / "map.safetensors"))
+    damage(tensors)
+    save_tensors(copy / "map.safetensors", tensors)
+    with pytest.raises(MelboError, match=fragment):
+        melbo.LayerMap.load(copy)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from melbo import __version__
-from melbo.checks import check_count_bound, check_whole
+from melbo.checks import MAX_COUNT, check_count_bound, check_whole
 from melbo.distributed import RayPool
 from melbo.errors import MelboError
 from melbo.files import check_output_dir, load_tensors, make_output_dir, read_json, save_tensors, write_json
@@ -43,7 +43,8 @@ from melbo.methods.jacobian import jacobian_directions
 from melbo.models import LoadedModel
 from melbo.objective import TargetProbe, residual_norm
 from melbo.prompts import PromptBatch, check_prompt_list, encode
-from melbo.runconfig import ModelRecord, RunConfig
+from melbo.jsonfields import SQLITE_MAX, Fields
+from melbo.runconfig import MAX_BLOCKS, ModelRecord, RunConfig
 from melbo.runner import numeric_radius
 from melbo.positions import Positions, Spec
 from melbo.settings import DEFAULTS, MAP_ITERATIONS, MAP_K, MAP_RADIUS, DiscoverConfig
@@ -74,6 +75,63 @@ class MapSettings:
     @property
     def pairs(self) -> list[tuple[int, int]]:
         return [(s, t) for s in self.sources for t in self.targets if s < t]
+
+
+MAP_FIX = "map again into a new --out"
+
+
+@dataclass
+class MapConfig:
+    """map.json: a map's settings, model and progress, read once with every field checked."""
+
+    settings: MapSettings
+    model: ModelRecord
+    status: str = "running"
+    pairs: int = 0  # how many (source, target) pairs the map covers
+    tokens: int = 1  # token positions J stacks per pair (the gain divides σ by its square root)
+    melbo_version: Optional[str] = None
+    created: Optional[str] = None
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    @classmethod
+    def from_dict(cls, raw: object, file: Path | str = LAYER_MAP) -> "MapConfig":
+        f = Fields(raw, file, MAP_FIX)
+        model = ModelRecord.from_fields(f.object("model"))
+        return cls(_map_settings(f.object("settings"), model.depth or MAX_BLOCKS), model,
+                   f.text("status", "running", ("running", "complete")), f.whole("pairs", 0, MAX_COUNT, 0),
+                   f.whole("tokens", 1, SQLITE_MAX, 1), f.text("melbo_version", None), f.text("created", None),
+                   f.mapping("versions", None) or {})
+
+    @classmethod
+    def load(cls, path: Path) -> "MapConfig":
+        """The map.json of a map directory."""
+        return cls.from_dict(read_json(path / LAYER_MAP), path / LAYER_MAP)
+
+    def to_dict(self) -> dict:
+        return {"kind": "layer_map", "status": self.status, "melbo_version": self.melbo_version,
+                "created": self.created, "model": self.model.to_dict(), "settings": _jsonable(self.settings),
+                "pairs": self.pairs, "tokens": self.tokens, "versions": self.versions}
+
+    def save(self, path: Path) -> None:
+        write_json(path / LAYER_MAP, self.to_dict())
+
+
+def _map_settings(s: Fields, depth: int) -> MapSettings:
+    def blocks(key: str) -> list[int]:
+        return [s.check_whole(f"settings.{key}[{i}]", v, 0, depth - 1) for i, v in enumerate(s.items(key))]
+
+    settings = MapSettings(s.texts("prompts"), blocks("sources"), blocks("targets"),
+                           s.whole("k", 1, MAX_COUNT, MAP_K), s.whole("iterations", 1, MAX_COUNT, MAP_ITERATIONS),
+                           s.whole("seed", default=0), s.flag("chat", None), s.raw.get("positions", "all"))
+    try:
+        Positions.parse(settings.positions).check_count(len(settings.prompts))
+    except MelboError as exc:
+        raise s.error("settings.positions", f"are invalid: {exc}") from None
+    return settings
 
 
 @dataclass
@@ -229,7 +287,7 @@ def layer_map(
         executor = RayPool.check(workers, ray_address)  # fail fast, before any file is written
     batch = encode_for(lm, settings)  # validates prompts and positions before any file is written
     _prepare(path, lm, settings, resume, int(batch.token_mask.sum()))
-    if read_json(path / LAYER_MAP).get("status") == "complete":  # --resume of a finished map: nothing to do
+    if MapConfig.load(path).complete:  # --resume of a finished map: nothing to do
         return LayerMap.load(path)
     done = _finished_pairs(path)
     pending = [p for p in settings.pairs if p not in done]
@@ -259,11 +317,11 @@ def _prepare(path: Path, lm: LoadedModel, settings: MapSettings, resume: bool, t
     if (path / LAYER_MAP).exists():
         if not resume:
             raise MelboError(f"{path} already holds a layer map: use --resume to continue it, or another --out")
-        stored = read_json(path / LAYER_MAP)
-        if stored.get("model", {}).get("id") != lm.model_id:
-            raise MelboError(f"{path} was mapped with model {stored.get('model', {}).get('id')}, not {lm.model_id}: "
+        stored = MapConfig.load(path)
+        if stored.model.id != lm.model_id:
+            raise MelboError(f"{path} was mapped with model {stored.model.id}, not {lm.model_id}: "
                              "load that model or map into another --out")
-        if stored.get("settings") != _jsonable(settings):
+        if _jsonable(stored.settings) != _jsonable(settings):
             raise MelboError(f"{path} holds a map with other settings: give the same ones, or map into another --out")
         return
     if path.exists() and any(path.iterdir()):
@@ -271,13 +329,10 @@ def _prepare(path: Path, lm: LoadedModel, settings: MapSettings, resume: bool, t
     make_output_dir(path)
     import transformers
 
-    write_json(path / LAYER_MAP, {
-        "kind": "layer_map", "status": "running", "melbo_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": lm.describe(), "settings": _jsonable(settings), "pairs": len(settings.pairs), "tokens": tokens,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-    })
+    MapConfig(settings, ModelRecord.from_dict(lm.describe()), "running", len(settings.pairs), tokens, __version__,
+              _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              {"torch": torch.__version__, "transformers": transformers.__version__,
+               "python": platform.python_version()}).save(path)
 
 
 def _jsonable(settings: MapSettings) -> dict:
@@ -313,13 +368,13 @@ def _assemble(path: Path, settings: MapSettings) -> "LayerMap":
         for name in ("singular_values", "directions", "history", "norms"):
             tensors[name][i, j] = pair[name]
     save_tensors(path / TENSORS, tensors)
-    result = LayerMap(path, read_json(path / LAYER_MAP), tensors)
+    result = LayerMap(path, MapConfig.load(path), tensors)
     write_json(path / RANKING, result.ranking())
     from melbo.plots import layer_map_figure, save_figure
 
     save_figure(layer_map_figure(result.gains(), settings.sources, settings.targets), path / HEATMAP)
-    result.config["status"] = "complete"
-    write_json(path / LAYER_MAP, result.config)
+    result.config.status = "complete"
+    result.config.save(path)
     shutil.rmtree(path / PAIRS, ignore_errors=True)
     from melbo.report import write_report
 
@@ -333,7 +388,7 @@ class LayerMap:
     """A finished map directory loaded into memory."""
 
     path: Path
-    config: dict
+    config: MapConfig
     tensors: dict[str, Tensor]
 
     @classmethod
@@ -341,14 +396,14 @@ class LayerMap:
         path = Path(path)
         if not (path / LAYER_MAP).is_file():
             raise MelboError(f"{path} is not a layer map (no {LAYER_MAP}): give the directory `melbo map` wrote")
-        config = read_json(path / LAYER_MAP)
-        if config.get("status") != "complete":
+        config = MapConfig.load(path)
+        if not config.complete:
             raise MelboError(f"the layer map in {path} is unfinished: continue it with `melbo map ... --resume`")
-        return cls(path, config, load_tensors(path / TENSORS))
+        return cls(path, config, _checked_map_tensors(path / TENSORS, config))
 
     @property
     def settings(self) -> MapSettings:
-        return MapSettings(**self.config["settings"])
+        return self.config.settings
 
     @property
     def heatmap(self) -> Path:
@@ -359,7 +414,7 @@ class LayerMap:
 
         J stacks every covered token's change, so σ grows as √tokens: dividing makes the gain an RMS per token.
         """
-        norms, tokens = self.tensors["norms"], self.config.get("tokens", 1)
+        norms, tokens = self.tensors["norms"], self.config.tokens
         return self.tensors["singular_values"][..., 0] / math.sqrt(tokens) * norms[..., 0] / norms[..., 1]
 
     def ranking(self) -> list[dict]:
@@ -378,6 +433,27 @@ class LayerMap:
                              f"targets {_span(t_list)}, with source < target")
         i, j = s_list.index(source), t_list.index(target)
         return {name: self.tensors[name][i, j] for name in ("singular_values", "directions", "history", "norms")}
+
+
+def _checked_map_tensors(file: Path, config: MapConfig) -> dict[str, Tensor]:
+    """map.safetensors as `_assemble` wrote it: [S, T, ...] floats over the mapped blocks, directions finite and of
+    the model's width (singular values, norms and history are NaN where source ≥ target, by design)."""
+    fix = f"map again into a new --out (or delete {file.name} and resume the map)"
+    tensors = load_tensors(file)
+    s, t, k = len(config.settings.sources), len(config.settings.targets), config.settings.k
+    shapes = {"singular_values": (s, t, k), "directions": (s, t, k, config.model.width or -1), "norms": (s, t, 2)}
+    for name, shape in shapes.items():
+        found = tensors.get(name)
+        if found is None or not found.dtype.is_floating_point:
+            raise MelboError(f"{file} holds no float {name}: {fix}")
+        if tuple(found.shape) != shape and not (shape[-1] == -1 and tuple(found.shape[:-1]) == shape[:-1]):
+            raise MelboError(f"{file} holds {name} of shape {tuple(found.shape)}, not {shape}: {fix}")
+    if not bool(torch.isfinite(tensors["directions"]).all()):
+        raise MelboError(f"{file} holds NaN or infinite directions: {fix}")
+    for name, blocks in (("sources", config.settings.sources), ("targets", config.settings.targets)):
+        if name not in tensors or tensors[name].tolist() != blocks:
+            raise MelboError(f"{file} does not hold the {name} map.json names ({blocks}): {fix}")
+    return tensors
 
 
 def _scaled(directions: Tensor, absolute: float, radius: str) -> Tensor:
@@ -407,10 +483,10 @@ def open_pair(map_dir: str | Path, source: int, target: int, out: str | Path,
                          radius=str(radius), seed=s.seed, chat=s.chat, positions=s.positions, precision="fp32",
                          power_iterations=s.iterations)
     config = RunConfig(
-        settings=cfg, model=ModelRecord.from_dict(layer_map_.config["model"], Path(map_dir) / LAYER_MAP),
+        settings=cfg, model=layer_map_.config.model,
         source=source, target=target, melbo_version=__version__,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        versions=layer_map_.config.get("versions") or {}, radius=absolute, radius_relative=absolute / norm,
+        versions=layer_map_.config.versions, radius=absolute, radius_relative=absolute / norm,
         residual_norm=norm, precision="fp32", layer_map=str(Path(map_dir).resolve()),
         record={"singular_values": pair["singular_values"].tolist(), "finite_difference_eps": 0.01 * norm},
     )

@@ -272,21 +272,22 @@ def _monitor_context(run_dir: Path) -> Optional[dict]:
 # ------------------------------------------------------------------------------------------------ layer map
 def _layer_map_context(run_dir: Path, best: int = 20) -> Optional[dict]:
     """map.json, map.png and ranking.json (written by `melbo map`): the heatmap and the best pairs."""
-    doc = _read_optional_json(run_dir / LAYER_MAP)
-    if not isinstance(doc, dict):
+    if not (run_dir / LAYER_MAP).is_file():
         return None
     import base64
+
+    from melbo.layermap import MapConfig
+
+    doc = MapConfig.load(run_dir)
 
     heatmap = run_dir / "map.png"
     ranking = _read_optional_json(run_dir / "ranking.json")
     rows = [{"rank": r.get("rank"), "pair": f"{r.get('source')} → {r.get('target')}", "gain": fmt(r.get("gain")),
              "sigma": ", ".join(fmt(v) for v in r.get("singular_values") or [])}
             for r in (ranking if isinstance(ranking, list) else [])[:best] if isinstance(r, dict)]
-    settings = doc.get("settings") if isinstance(doc.get("settings"), dict) else {}
     return {"plot": base64.b64encode(heatmap.read_bytes()).decode("ascii") if heatmap.is_file() else None,
-            "rows": rows, "pairs": doc.get("pairs"), "status": doc.get("status"),
-            "model": (doc.get("model") or {}).get("id"), "k": settings.get("k"),
-            "iterations": settings.get("iterations")}
+            "rows": rows, "pairs": doc.pairs, "status": doc.status, "model": doc.model.id, "k": doc.settings.k,
+            "iterations": doc.settings.iterations}
 
 
 # ------------------------------------------------------------------------------------------------ benchmark
