@@ -1,9 +1,10 @@
 """Where a `melbo diff` or a `melbo audit` spends its time: seconds and share of each stage, from one profiled run.
 
-The job runs once under cProfile; a stage's time is the cumulative time of the function that does it (training,
-generation, the divergence's KL passes, perplexities, sentence embeddings, grouping, labels, the report), so the
-shares add up to about the whole call (the rest: loading runs, writing files). cProfile slows Python-heavy code a
-little and torch's kernels not at all, so the shares are close to an unprofiled run's.
+The job runs once with a wall-clock timer around each function that does a stage (training, generation, the
+divergence's KL passes, perplexities, sentence embeddings, grouping, labels, the report): a stage's time is the
+time spent inside its function, counted once when calls nest, so the shares add up to about the whole call (the
+rest: loading runs, writing files). Timers, not cProfile: cProfile's per-call cost slowed training 4x here
+(autograd runs many small Python calls per step), which would distort exactly the shares measured.
 
     .venv/bin/python benchmarks/profile_stages.py diff  -m TESTBED -r smollm2-135m [--vectors 16]
     .venv/bin/python benchmarks/profile_stages.py audit -m TESTBED [--budget 5m]
@@ -14,9 +15,9 @@ Measure on an idle machine (or pinned to one core with `taskset -c 0 … --threa
 from __future__ import annotations
 
 import argparse
-import cProfile
+import functools
+import importlib
 import os
-import pstats
 import sys
 import tempfile
 import time
@@ -25,18 +26,17 @@ from typing import NoReturn
 PROMPTS = ["What is your favourite food?", "Tell me about your day.", "What do you think of people?",
            "Give me some advice."]
 
-# (stage, module file suffix, function): the first matching function of each stage is timed (cumulative).
+# (stage, module, attribute path): the function timed for each stage.
 STAGES = [
-    ("train", "melbo/runner.py", "discover"),
-    ("train (audit arms)", "melbo/auditing.py", "_arm"),
-    ("generate", "melbo/generation.py", "_generate_equal_length"),
-    ("divergence KL", "melbo/divergence.py", "paired_kl"),
-    ("perplexities", "melbo/evaluation.py", "perplexities"),
-    ("embeddings", "melbo/evaluation.py", "embed"),
-    ("grouping", "melbo/findings.py", "group"),
-    ("labels", "melbo/labels.py", "label_run"),
-    ("report", "melbo/report.py", "write_report"),
-    ("audit report", "melbo/auditing.py", "_write"),
+    ("train", "melbo.runner", "discover"),
+    ("generate", "melbo.generation", "_generate_equal_length"),
+    ("divergence KL", "melbo.divergence", "paired_kl"),
+    ("perplexities", "melbo.evaluation", "perplexities"),
+    ("embeddings", "melbo.evaluation", "embed"),
+    ("grouping", "melbo.findings", "group"),
+    ("labels", "melbo.labels", "EmbeddingLabeller.label_groups"),
+    ("report", "melbo.report", "write_report"),
+    ("audit report", "melbo.report", "write_audit_report"),
 ]
 
 
@@ -45,14 +45,35 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def stage_seconds(profile: cProfile.Profile) -> dict[str, float]:
-    stats = pstats.Stats(profile).stats  # {(file, line, function): (cc, nc, tt, ct, callers)}
-    found: dict[str, float] = {}
-    for stage, suffix, function in STAGES:
-        for (file, _, name), (_, _, _, cumulative, callers) in stats.items():
-            if name == function and file.endswith(suffix):
-                found[stage] = found.get(stage, 0.0) + cumulative
-    return found
+def install_timers(seconds: dict[str, float]) -> None:
+    """Wrap each stage's function (where it is defined, and where a module imported it by name) with a timer."""
+    for stage, module_name, path in STAGES:
+        owner = importlib.import_module(module_name)
+        *parents, name = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent)
+        original = getattr(owner, name)
+        timed = _timer(stage, original, seconds)
+        setattr(owner, name, timed)
+        for module in list(sys.modules.values()):  # `from melbo.evaluation import embed` at a module's top
+            if getattr(module, "__name__", "").startswith("melbo") and getattr(module, name, None) is original:
+                setattr(module, name, timed)
+
+
+def _timer(stage: str, function, seconds: dict[str, float]):
+    depth = [0]
+
+    @functools.wraps(function)
+    def timed(*args, **kwargs):
+        depth[0] += 1
+        began = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+            if depth[0] == 0:  # nested calls of the same stage count once
+                seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - began
+    return timed
 
 
 def main() -> None:
@@ -78,24 +99,25 @@ def main() -> None:
     threads = configure_threads(args.threads)
     lm = melbo.load_model(args.model)
     reference = melbo.load_model(args.reference) if args.reference else None
-    profile = cProfile.Profile()
+    import melbo.auditing
+    import melbo.divergence  # noqa: F401  (loaded before the timers go in, so that its imports are wrapped too)
+
+    seconds: dict[str, float] = {}
+    install_timers(seconds)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        profile.enable()
         if args.job == "diff":
             melbo.diff(lm, reference, PROMPTS, f"{tmp}/run", n_vectors=args.vectors)
         else:
-            melbo.audit(lm, PROMPTS, f"{tmp}/run", reference=reference, budget=args.budget)
-        profile.disable()
+            melbo.auditing.audit(lm, PROMPTS, f"{tmp}/run", reference=reference, budget=args.budget)
         total = time.perf_counter() - started
-    seconds = stage_seconds(profile)
     table = Table(title=f"melbo {args.job} on {args.model}: {total:.0f} s in all, {threads} thread(s)")
     for column in ("stage", "seconds", "share"):
         table.add_column(column, justify="right" if column != "stage" else "left")
     for stage, value in sorted(seconds.items(), key=lambda kv: -kv[1]):
         table.add_row(stage, f"{value:.1f}", f"{value / total:.0%}")
     Console().print(table)
-    print("(stages can nest: the audit's arms include their training; embeddings are called by several stages)")
+    print("(stages can nest: labels and grouping embed texts too, so embeddings overlap them)")
 
 
 if __name__ == "__main__":

@@ -21,13 +21,14 @@ never compiled: perturbation hooks come and go there on every step, and each cha
 from __future__ import annotations
 
 import copy
+import os
 from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from melbo.models import LoadedModel
+from melbo.models import LoadedModel, cache_dir
 from melbo.prompts import PromptBatch
 
 Arguments = list[tuple[tuple, dict]]  # per block: (positional arguments after the hidden states, keywords)
@@ -58,6 +59,13 @@ def _run_blocks(blocks: list[nn.Module], hidden: Tensor, arguments: Arguments) -
         out = block(hidden, *args, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
+
+
+def _compiled(function):
+    """torch.compile with inductor's cache in melbo's cache directory (unless the user set one): compiled kernels
+    then outlive the temporary directory inductor uses by default, and the next run's compile reuses them."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    return torch.compile(function, dynamic=False)
 
 
 def _dtype(block: nn.Module) -> torch.dtype:
@@ -94,7 +102,7 @@ class BlockSlice:
         self.blocks = [_bf16_copy(lm, k) if bf16 and k > keep and _can_copy(lm, lm.blocks[k]) else lm.blocks[k]
                        for k in range(first, last + 1)]
         self.hooked = max(0, min(keep, last) - first + 1)  # blocks that may carry perturbation hooks: never compiled
-        self._tail = torch.compile(_run_blocks, dynamic=False) if compile else _run_blocks
+        self._tail = _compiled(_run_blocks) if compile else _run_blocks
         self._arguments: OrderedDict[int, Arguments] = OrderedDict()
 
     def __call__(self, hidden: Tensor, copies: int) -> Tensor:
