@@ -147,3 +147,17 @@ def test_compiled_slice_equals_the_eager_one_and_leaves_hooked_blocks_eager():
             grads.append((z.detach(), params["a"].grad.clone()))
         torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled.z0, eager.z0, rtol=1e-4, atol=1e-4)
+
+
+def test_compiling_keeps_inductors_kernels_in_melbos_cache(monkeypatch, tmp_path):
+    import os
+
+    from melbo.blockslice import _compiled
+
+    monkeypatch.setenv("MELBO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    _compiled(lambda x: x)  # compiling itself waits for the first call
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    _compiled(lambda x: x)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")  # the user's choice stands
