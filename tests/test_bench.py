@@ -221,7 +221,7 @@ def make_dir(path):
 
 def test_seeds_repeat_and_aggregate(tmp_path):
     out = tmp_path / "seeds"
-    result = run_seeds(_Toy(), None, out, BenchSettings(seed=2), seeds=3)
+    result = run_seeds(_Toy(), None, out, BenchSettings.build(seed=2), seeds=3)
     assert [p.name for p in sorted(out.iterdir()) if p.is_dir()] == ["seed-2", "seed-3", "seed-4"]
     doc = json.loads((out / BENCH).read_text())
     _check_schema(doc, "toy")
@@ -230,7 +230,7 @@ def test_seeds_repeat_and_aggregate(tmp_path):
     assert row[:3] == ["learned", "hit", 3] and row[3] == pytest.approx(0.3) and row[6] == "0.20, 0.30, 0.40"
     assert 0.2 - 1e-9 <= row[4] <= 0.3 <= row[5] <= 0.4 + 1e-9
     assert result.notes == ["seed 2: ran 2", "seed 3: ran 3", "seed 4: ran 4"]
-    single = run_seeds(_Toy(), None, tmp_path / "one", BenchSettings(seed=5), seeds=1)
+    single = run_seeds(_Toy(), None, tmp_path / "one", BenchSettings.build(seed=5), seeds=1)
     assert single.rates() == {("learned", "hit"): 0.5} and not (tmp_path / "one" / "seed-5").exists()
     with pytest.raises(MelboError, match="--seeds"):
         run_seeds(_Toy(), None, tmp_path / "bad", BenchSettings(), seeds=0)
@@ -245,9 +245,26 @@ def test_registry_names_every_bench():
         get_bench("nope")
 
 
+def test_bench_settings_contain_the_discovery_settings():
+    from melbo.bench.settings import BackdoorSettings, default
+    from melbo.settings import DEFAULTS, DiscoverConfig
+
+    s = BackdoorSettings.build(n_vectors=3, p=4.0, discover={"positions": "last:1"}, n_prompts=2)
+    assert isinstance(s.discover, DiscoverConfig) and s.n_prompts == 2
+    assert (s.discover.n_vectors, s.discover.p, s.discover.positions) == (3, 4.0, "last:1")
+    assert s.discover.steps == DEFAULTS.steps and s.randoms == 3  # one home for every discovery default
+    assert default(BackdoorSettings, "radius") == "0.3x" and default(BackdoorSettings, "n_prompts") == 1
+    assert s.with_seed(7).seed == 7 and s.seed == DEFAULTS.seed
+    recorded = s.to_json()  # bench.json: the discovery settings beside the bench's own, flat
+    assert recorded["n_vectors"] == 3 and recorded["n_prompts"] == 2 and "discover" not in recorded
+    with pytest.raises(MelboError, match="unknown setting 'n_vector': did you mean 'n_vectors'"):
+        BackdoorSettings.build(n_vector=3)
+
+
 def test_full_strength_defaults_are_fair():
     s = ArithmeticSettings()
-    assert s.max_new_tokens >= 256 and s.problems >= 50 and s.select >= 1 and s.randoms == s.n_vectors
+    assert s.discover.max_new_tokens >= 256 and s.problems >= 50 and s.select >= 1
+    assert s.randoms == s.discover.n_vectors
     assert len(refusal.shipped_prompts("harmful")) >= 40 and len(refusal.shipped_prompts("innocuous")) >= 40
     assert RefusalSettings().requests is None
 
@@ -291,7 +308,8 @@ def test_cli_quick_bench_keeps_explicit_options(tmp_path, capsys, smol):
     _check_schema(doc, "arithmetic")
     quick = ArithmeticSettings.quick()
     assert doc["settings"]["problems"] == 2 and doc["settings"]["select"] == quick.select
-    assert doc["settings"]["steps"] == quick.steps and doc["settings"]["max_new_tokens"] == quick.max_new_tokens
+    assert doc["settings"]["steps"] == quick.discover.steps
+    assert doc["settings"]["max_new_tokens"] == quick.discover.max_new_tokens
     _check_rates(doc)
     code, _, err = run_cli(["bench", "arithmetic", "--quick", "--seeds", "0", "--out", str(tmp_path / "s")], capsys)
     assert code == 2 and "--seeds" in err and "Traceback" not in err

@@ -132,7 +132,7 @@ class ArithmeticBench:
     settings = ArithmeticSettings
 
     def generations(self, s: ArithmeticSettings) -> int:
-        return (s.n_vectors + s.randoms + 1) * s.select + 3 * s.problems
+        return (s.discover.n_vectors + s.randoms + 1) * s.select + 3 * s.problems
 
     def run(self, lm: LoadedModel, out: str | Path, s: ArithmeticSettings, progress: Progress = None,
             on_batch: OnBatch = None) -> BenchResult:
@@ -151,7 +151,7 @@ class ArithmeticBench:
         train_prompt = make_prompt(ta, tb, s.digits)
         steered = steer_and_detect(lm, [train_prompt], out, s, _verdict(selection),
                                    test_prompts=[make_prompt(a, b, s.digits) for a, b in selection],
-                                   progress=progress, on_batch=on_batch, chat=s.chat)
+                                   progress=progress, on_batch=on_batch, chat=s.discover.chat)
         run = steered.run
         best, best_random = _best(steered, steered.learned), _best(steered, steered.random)
         chosen = [label for label in (best, best_random) if label is not None]
@@ -160,7 +160,7 @@ class ArithmeticBench:
         final = generate_and_detect(lm, SteeringVectors(torch.stack(rows), run.config.source), chosen,
                                     [make_prompt(a, b, s.digits) for a, b in scored], _verdict(scored),
                                     chat=steered.chat, on_batch=on_batch,
-                                    sampling=Sampling(max_new_tokens=s.max_new_tokens, batch_size=s.generation_batch))
+                                    sampling=Sampling(max_new_tokens=s.discover.max_new_tokens, batch_size=s.generation_batch))
         outcome = {label: [v for c, v in sorted(((c, v) for c, v in final if c.label == label),
                                                  key=lambda cv: cv[0].prompt_index)] for label in ["unsteered"] + chosen}
         write_jsonl(Path(out) / "bench_completions.jsonl",
@@ -192,7 +192,7 @@ class ArithmeticBench:
             f"strict: 'answer is {{a*b}}', '{{a}} * {{b}} = {{a*b}}' or 'A: {{a*b}}' in 'A:'+completion; lenient: strict "
             f"or the completion's first number is a*b; reasoning: step-by-step work. The best learned and the best "
             f"random vector were chosen on {len(selection)} selection problems (strict, then lenient, then reasoning "
-            f"hits) and scored on {len(scored)} others; greedy, {s.max_new_tokens} new tokens.")
+            f"hits) and scored on {len(scored)} others; greedy, {s.discover.max_new_tokens} new tokens.")
         result.notes.append(f"chosen: learned {best}, random {best_random}")
         result.wall_seconds = time.perf_counter() - started
         result.write(out)

@@ -136,7 +136,7 @@ class BackdoorBench:
     settings = BackdoorSettings
 
     def generations(self, s: BackdoorSettings) -> int:
-        return (s.n_vectors + s.randoms + 1) * (len(s.prompts) if s.prompts else s.n_prompts)
+        return (s.discover.n_vectors + s.randoms + 1) * (len(s.prompts) if s.prompts else s.n_prompts)
 
     def run(self, lm: LoadedModel, out: str | Path, s: BackdoorSettings, progress: Progress = None,
             on_batch: OnBatch = None) -> BenchResult:

@@ -183,17 +183,15 @@ def get_bench(name: str) -> Bench:
 
 def keyword_settings(cls: type, settings: dict):
     """A settings record from keywords: the class's fields as given, any other keyword a discovery setting
-    (p, positions, lr, …); `prompt` is a one-prompt `prompts`."""
+    (n_vectors, p, positions, lr, …: `BenchSettings.build`); `prompt` is a one-prompt `prompts`."""
     from dataclasses import fields
 
     settings = dict(settings)
-    known = {f.name for f in fields(cls)}
-    if "prompt" in settings and "prompt" not in known:
+    if "prompt" in settings and "prompt" not in {f.name for f in fields(cls)}:
         one = settings.pop("prompt")
         if one is not None:
             settings["prompts"] = [one]
-    extra = {k: settings.pop(k) for k in list(settings) if k not in known}
-    return cls(**{**settings, "discover": {**settings.get("discover", {}), **extra}})
+    return cls.build(**settings)
 
 
 def check_seeds(seeds: int) -> None:

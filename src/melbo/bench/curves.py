@@ -94,7 +94,7 @@ def measure_curves(lm: LoadedModel, testbed: dict, out: str | Path, grid: Sequen
     for setting in grid:
         for seed in seeds:
             run_dir = out / setting.slug / f"seed-{seed}"
-            s = BackdoorSettings(n_vectors=n_vectors, n_random=n_vectors, steps=steps, radius=setting.radius,
+            s = BackdoorSettings.build(n_vectors=n_vectors, n_random=n_vectors, steps=steps, radius=setting.radius,
                                  max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
                                  n_prompts=setting.prompts, testbed=testbed, report=False,
                                  discover={"p": setting.p, "positions": setting.positions})

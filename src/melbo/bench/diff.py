@@ -45,7 +45,7 @@ class DiffBench:
 
     def generations(self, s: DiffSettings) -> int:
         arms = len(DEFAULT_ARMS if s.arms is None else s.arms)
-        return 2 * (arms * (s.n_vectors + 1) + s.randoms + 1) * (len(s.prompts) if s.prompts else s.n_prompts)
+        return 2 * (arms * (s.discover.n_vectors + 1) + s.randoms + 1) * (len(s.prompts) if s.prompts else s.n_prompts)
 
     def run(self, audited: LoadedModel, out: str | Path, s: DiffSettings, progress: Progress = None,
             on_batch: OnBatch = None) -> BenchResult:
@@ -67,7 +67,7 @@ class DiffBench:
         for extra in arms.values():  # every arm's settings before the first trains: a bad last arm loses nothing
             validate(audited, DiscoverConfig.build(prompts, **{**s.discover_settings(), "orthogonal": "hard", **extra}))
         started = time.perf_counter()
-        sampling = Sampling(max_new_tokens=s.max_new_tokens)
+        sampling = Sampling(max_new_tokens=s.discover.max_new_tokens)
         outcomes: dict[str, dict] = {}
         seconds: dict[str, float] = {}
         first_run = None
@@ -91,7 +91,7 @@ class DiffBench:
             **s.to_json(), "audited": audited.model_id, "reference": s.reference.model_id, "prompt": prompts[0],
             "prompts": prompts, "arms": arms, "n_random": s.randoms, "radius_absolute": first_run.config.radius,
             "behaviours": dict(behaviours), "training_seconds": {k: round(v, 1) for k, v in seconds.items()}})
-        _tables(result, outcomes, detectors, s.n_vectors)
+        _tables(result, outcomes, detectors, s.discover.n_vectors)
         rows = [{**row, "arm": arm, "behaviours": detect(row["audited"], detectors)}
                 for arm, outcome in outcomes.items() for row in outcome["unsteered"][:1] + outcome["rows"]]
         write_jsonl(out / "bench_completions.jsonl", rows)

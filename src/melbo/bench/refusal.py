@@ -90,7 +90,7 @@ class RefusalBench:
     def generations(self, s: RefusalSettings) -> int:
         k = s.requests if s.requests is not None else max(len(shipped_prompts("harmful")),
                                                           len(shipped_prompts("innocuous")))
-        return s.n_vectors + s.randoms + 1 + 2 * 3 * k
+        return s.discover.n_vectors + s.randoms + 1 + 2 * 3 * k
 
     def run(self, lm: LoadedModel, out: str | Path, s: RefusalSettings, progress: Progress = None,
             on_batch: OnBatch = None) -> BenchResult:
@@ -148,7 +148,7 @@ class RefusalBench:
         else:
             vectors = torch.stack([run.vectors[int(best[1:])], steered.random_vectors.vectors[int(best_random[6:])]])
             pair = SteeringVectors(vectors, run.config.source)
-            sampling = Sampling(max_new_tokens=s.max_new_tokens, batch_size=s.generation_batch)
+            sampling = Sampling(max_new_tokens=s.discover.max_new_tokens, batch_size=s.generation_batch)
             arms = {"unsteered": "unsteered", "learned (chosen)": best, "random (chosen)": best_random}
             for set_name, texts, scale in (("harmful", harmful, 1.0), ("innocuous", innocuous, -1.0)):
                 done = generate_and_detect(lm, pair, [best, best_random], texts, lambda c: refusal(c.text),

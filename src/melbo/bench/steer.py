@@ -98,7 +98,7 @@ def steer_and_detect(lm: LoadedModel, prompts: Sequence[str], out: str | Path, s
     randoms = random_control(run, lm, settings.randoms, settings.seed) if isinstance(run.perturbations,
                                                                                     SteeringVectors) else None
     random_labels = [f"random{k}" for k in range(len(randoms))] if randoms is not None else []
-    sampling = Sampling(max_new_tokens=settings.max_new_tokens, batch_size=settings.generation_batch)
+    sampling = Sampling(max_new_tokens=settings.discover.max_new_tokens, batch_size=settings.generation_batch)
     if test_prompts is None:  # the run's own completions on its prompts: generated once, by the job
         test_prompts = run.config.prompts
         pairs = [(c, detect(c)) for c in run_completions(run, lm, on_batch)]

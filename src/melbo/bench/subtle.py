@@ -155,11 +155,10 @@ class SubtleBench:
 
     def generations(self, s) -> int:
         arms = s.arms or ARMS
-        return len(arms) * (s.n_vectors + s.randoms + 1) * s.n_prompts
+        return len(arms) * (s.discover.n_vectors + s.randoms + 1) * s.n_prompts
 
     def run(self, lm, out, s, progress=None, on_batch=None):
         import time
-        from dataclasses import replace
         from pathlib import Path
 
         from melbo.bench.common import BenchResult, write_jsonl
@@ -176,8 +175,7 @@ class SubtleBench:
         rates = result.table("share of all chains showing each pattern", ["arm", "vectors", *PATTERNS, "correct"])
         rows: list[dict] = []  # every chain with its verdict: bench_completions.jsonl, for reading and for labels
         for arm, changes in (s.arms or ARMS).items():
-            settings = replace(s, **{k: v for k, v in changes.items() if k != "discover"},
-                               discover={**s.discover, **changes.get("discover", {})})
+            settings = s.replace(**changes)
             steered = steer_and_detect(lm, prompts[:1], Path(out) / _slug(arm), settings,
                                        lambda c: arithmetic_cot(c.prompt, c.text), test_prompts=prompts,
                                        progress=progress, on_batch=on_batch)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import time
@@ -97,8 +96,8 @@ def _settings(cls: type, shared: dict, **given):
     """The bench's settings: the shared options, then the command's own (on top of `quick()` with --quick)."""
     fields = {**{k: v for k, v in shared.items() if k not in NOT_SETTINGS and k != "out_dir"}, **given}
     if shared["quick"]:  # the scaled-down budget, except what moved off its default
-        return dataclasses.replace(cls.quick(), **{k: v for k, v in fields.items() if v != default(cls, k)})
-    return dataclasses.replace(cls(), **fields)
+        return cls.quick().replace(**{k: v for k, v in fields.items() if v != default(cls, k)})
+    return cls.build(**fields)
 
 
 def _bench_finish(result, path: Path) -> None:
@@ -153,7 +152,7 @@ def bench_arithmetic(
     problems: int = typer.Option(default(ArithmeticSettings, "problems"), help="Problems the chosen vectors are scored on."),
     select: int = typer.Option(default(ArithmeticSettings, "select"), help="Other problems the best vector is chosen on."),
     digits: str = typer.Option(default(ArithmeticSettings, "digits"), help="2x2 (2-digit × 2-digit) or 2x1."),
-    chat: bool = typer.Option(False, "--chat/--raw", help="Chat-format the prompt (default: raw text)."),
+    chat: bool = typer.Option(default(ArithmeticSettings, "chat"), "--chat/--raw", help="Chat-format the prompt (default: raw text)."),
     blocks_path: Optional[str] = BlocksOpt,
     shared: dict = None,
 ) -> None:
