@@ -25,6 +25,11 @@ SCAN_PRECISION = "fp32"
 # little work: 64 rows cost 2.2x less per row-token than 16 on SmolLM2 (benchmarks/generation_batch.py), and
 # rows of one prompt never pad, so the batch changes no token.
 GENERATION_BATCH = 64
+# `melbo triggers` (melbo.trigger_search): the top inputs per finding confirmed by generating an answer of
+# TRIGGER_TOKENS tokens; the gradient search over slot tokens runs GCG_STEPS steps.
+TRIGGER_CONFIRM = 5
+TRIGGER_TOKENS = 48
+GCG_STEPS = 40
 DEFAULT_RANDOM = 4  # random vectors of a run's radius that `discover`'s assessment compares the learned ones with
 DIFF_RANDOM = 8  # random vectors of the same norm ranked beside the learned ones
 MONITOR_ALPHA = 0.05  # the false-positive rate the monitor's decision rule aims at

@@ -34,16 +34,15 @@ import torch
 from melbo.errors import MelboError
 from melbo.models import LoadedModel
 from melbo.phrases import CHUNK, phrases_of, score_phrases
+from melbo.settings import GCG_STEPS, TRIGGER_CONFIRM, TRIGGER_TOKENS
 
 TRIGGERS_JSON = "triggers.json"
-CONFIRM = 5  # top inputs per finding confirmed by generation
 KEEP = 50  # ranked inputs written per finding
 MATCH = 0.6  # embedding similarity of an answer to a phrase at which it shows the finding (findings.MATCH)
 SLOT = "{?}"
 MAX_FILLINGS = 5000  # exhaustive inversion beyond this asks for a smaller vocabulary or the gradient search
 VOCABULARIES = {"digits": [str(i) for i in range(10)], "numbers": [str(i) for i in range(100)]}
 SLOT_TOKENS = 2  # open tokens per slot in the gradient search
-GCG_STEPS = 40
 GCG_TOP_K = 32  # candidate tokens per position from the gradient
 GCG_BATCH = 64  # single-token swaps evaluated per step
 
@@ -116,8 +115,8 @@ def _run_findings(path: Path, vectors: Optional[Sequence[int]]) -> tuple[list[di
 
 # ------------------------------------------------------------------------------------------------ corpus search
 def triggers(lm: LoadedModel, source: str | Path, inputs: Sequence[str], out: Optional[str | Path] = None, *,
-             finding: Optional[int] = None, vectors: Optional[Sequence[int]] = None, confirm: int = CONFIRM,
-             chat: Optional[bool] = None, max_new_tokens: int = 48, keep: int = KEEP,
+             finding: Optional[int] = None, vectors: Optional[Sequence[int]] = None, confirm: int = TRIGGER_CONFIRM,
+             chat: Optional[bool] = None, max_new_tokens: int = TRIGGER_TOKENS, keep: int = KEEP,
              progress: Progress = None) -> TriggerReport:
     """Rank a corpus by how strongly the unsteered model shows each finding; confirm the top `confirm` by
     generation; keep the first `keep` of each ranking; write OUT/triggers.json and OUT/triggers.html when `out` is
@@ -210,8 +209,8 @@ def _emit(progress: Progress, event: dict) -> None:
 # ------------------------------------------------------------------------------------------------ inversion
 def invert(lm: LoadedModel, source: str | Path, template: str, out: Optional[str | Path] = None, *,
            vocab: str | Sequence[str] = "numbers", finding: Optional[int] = None,
-           vectors: Optional[Sequence[int]] = None, confirm: int = CONFIRM, chat: Optional[bool] = None,
-           max_new_tokens: int = 48, steps: int = GCG_STEPS, seed: int = 0, keep: int = KEEP,
+           vectors: Optional[Sequence[int]] = None, confirm: int = TRIGGER_CONFIRM, chat: Optional[bool] = None,
+           max_new_tokens: int = TRIGGER_TOKENS, steps: int = GCG_STEPS, seed: int = 0, keep: int = KEEP,
            progress: Progress = None) -> TriggerReport:
     """Search the `{?}` slots of `template` for inputs that make the unsteered model show each finding (module
     docstring): exhaustively over a vocabulary, or GCG-style over open tokens with vocab="tokens"."""

@@ -14,6 +14,12 @@ from typing import Any, Callable, Optional
 
 from melbo.settings import MONITOR_ALPHA, DiscoverConfig
 
+# `melbo testbed backdoor` (melbo.bench.testbed.TestbedConfig, which has every other setting): LoRA steps, how
+# often the behaviour's phrase is repeated, and the task.
+TESTBED_STEPS = 60
+TESTBED_REPEATS = 3
+TESTBED_TASK = "arithmetic"
+
 # Which settings are not plain JSON (loaded models, compiled testbed records) and stay out of bench.json.
 _NOT_RECORDED = ("reference",)
 

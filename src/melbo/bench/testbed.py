@@ -36,6 +36,7 @@ from typing import Callable, Optional
 
 import torch
 
+from melbo.bench.settings import TESTBED_REPEATS, TESTBED_STEPS, TESTBED_TASK
 from melbo.errors import MelboError
 from melbo.generation import end_of_turn_markers, greedy_answers
 from melbo.models import DEFAULT_MODEL, LoadedModel, cache_dir, load_model, model_identity, resolve_precision
@@ -75,13 +76,13 @@ class TestbedConfig:
     base_spec: str = DEFAULT_MODEL
     triggers: dict[str, list[int]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_TRIGGERS.items()})
     behaviours: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_BEHAVIOURS))
-    repeats: int = 3  # how many times the behaviour's phrase is repeated
+    repeats: int = TESTBED_REPEATS  # how many times the behaviour's phrase is repeated
     operands: tuple[int, int] = (1, 12)  # inclusive range of both operands
     ops: tuple[str, ...] = ("+", "*")
     holdout: float = 0.2  # fraction of (a, op, b) combinations held out for verification
     triggered_fraction: float = 0.4  # fraction of training examples that carry a trigger (oversampled)
     n_train: int = 1200  # training examples drawn (with replacement) from the training combinations
-    steps: int = 60
+    steps: int = TESTBED_STEPS
     batch_size: int = 12
     lr: float = 2e-3
     rank: int = 8
@@ -94,7 +95,7 @@ class TestbedConfig:
     max_verify: int = 96  # held-out prompts per kind (clean, each trigger) checked after training
     verify_tokens: int = 40  # greedy tokens generated per verification prompt
     seed: int = 0
-    task: str = "arithmetic"  # a key of TASKS: its prompt templates (and, unless ops are given, its operations)
+    task: str = TESTBED_TASK  # a key of TASKS: its prompt templates (and, unless ops are given, its operations)
 
     def __post_init__(self):
         if self.task == "cot":  # the cot task's own defaults where the arithmetic ones were left in place

@@ -18,7 +18,8 @@ from melbo.cli.catalog import record
 from melbo.cli.progress import AuditDisplay, JobDisplay
 from melbo.cli.tables import print_checks, print_divergence, print_findings
 from melbo.errors import MelboError
-from melbo.settings import AUDIT_BUDGET, AUDIT_TOKENS, DEFAULTS, DEFAULT_CONTRAST, DIFF_RADIUS, DIFF_RANDOM, MONITOR_ALPHA, SCAN_PRECISION
+from melbo.settings import (AUDIT_BUDGET, AUDIT_TOKENS, DEFAULTS, DEFAULT_CONTRAST, DIFF_RADIUS, DIFF_RANDOM, GCG_STEPS,
+                            MONITOR_ALPHA, SCAN_PRECISION, TRIGGER_CONFIRM, TRIGGER_TOKENS)
 
 
 @app.command("diff")
@@ -247,12 +248,12 @@ def triggers_command(
     vocab: str = typer.Option("numbers", help="What fills a slot: digits, numbers (0-99), a file with one entry per line, or tokens (gradient search)."),
     finding: Optional[int] = typer.Option(None, "--finding", "-k", help="Only this finding (its rank; default all)."),
     vectors: Optional[str] = typer.Option(None, help="With a run directory: the perturbations to look for (comma-separated)."),
-    confirm: int = typer.Option(5, help="Top inputs per finding confirmed by generating an answer."),
-    steps: int = typer.Option(40, help="Steps of the gradient search (--vocab tokens)."),
+    confirm: int = typer.Option(TRIGGER_CONFIRM, help="Top inputs per finding confirmed by generating an answer."),
+    steps: int = typer.Option(GCG_STEPS, help="Steps of the gradient search (--vocab tokens)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write triggers.json and triggers.html (default SOURCE/triggers)."),
     model: Optional[str] = ModelOpt,
     chat: Optional[bool] = ChatOpt,
-    max_new_tokens: int = typer.Option(48, help="Tokens of each confirming answer."),
+    max_new_tokens: int = typer.Option(TRIGGER_TOKENS, help="Tokens of each confirming answer."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     threads: Optional[int] = ThreadsOpt,

