@@ -34,17 +34,16 @@ import torch
 from torch import Tensor
 
 from melbo import __version__
-from melbo.checks import MAX_COUNT, check_count_bound, check_whole
+from melbo.checks import check_count_bound, check_whole
 from melbo.distributed import RayPool
 from melbo.errors import MelboError
-from melbo.files import check_output_dir, load_tensors, make_output_dir, read_json, save_tensors, write_json
+from melbo.files import check_output_dir, load_tensors, make_output_dir, save_tensors, write_json
 from melbo.intervention import SteeringVectors
 from melbo.methods.jacobian import jacobian_directions
 from melbo.models import LoadedModel
 from melbo.objective import TargetProbe, residual_norm
 from melbo.prompts import PromptBatch, check_prompt_list, encode
-from melbo.jsonfields import SQLITE_MAX, Fields
-from melbo.runconfig import MAX_BLOCKS, ModelRecord, RunConfig
+from melbo.runconfig import MapConfig, MapSettings, ModelRecord, RunConfig
 from melbo.runner import numeric_radius
 from melbo.positions import Positions, Spec
 from melbo.settings import DEFAULTS, MAP_ITERATIONS, MAP_K, MAP_RADIUS, DiscoverConfig
@@ -57,81 +56,6 @@ PAIRS = "pairs"
 
 Progress = Callable[[dict], None]
 Layers = Union[Sequence[int], str, None]
-
-
-@dataclass(frozen=True)
-class MapSettings:
-    """Everything a pair's result depends on, besides the model: stored in map.json, sent to Ray workers."""
-
-    prompts: list[str]
-    sources: list[int]
-    targets: list[int]
-    k: int = MAP_K
-    iterations: int = MAP_ITERATIONS
-    seed: int = 0
-    chat: Optional[bool] = None
-    positions: Spec = DEFAULTS.positions
-
-    @property
-    def pairs(self) -> list[tuple[int, int]]:
-        return [(s, t) for s in self.sources for t in self.targets if s < t]
-
-
-MAP_FIX = "map again into a new --out"
-
-
-@dataclass
-class MapConfig:
-    """map.json: a map's settings, model and progress, read once with every field checked."""
-
-    settings: MapSettings
-    model: ModelRecord
-    status: str = "running"
-    pairs: int = 0  # how many (source, target) pairs the map covers
-    tokens: int = 1  # token positions J stacks per pair (the gain divides σ by its square root)
-    melbo_version: Optional[str] = None
-    created: Optional[str] = None
-    versions: dict = field(default_factory=dict)
-
-    @property
-    def complete(self) -> bool:
-        return self.status == "complete"
-
-    @classmethod
-    def from_dict(cls, raw: object, file: Path | str = LAYER_MAP) -> "MapConfig":
-        f = Fields(raw, file, MAP_FIX)
-        model = ModelRecord.from_fields(f.object("model"))
-        return cls(_map_settings(f.object("settings"), model.depth or MAX_BLOCKS), model,
-                   f.text("status", "running", ("running", "complete")), f.whole("pairs", 0, MAX_COUNT, 0),
-                   f.whole("tokens", 1, SQLITE_MAX, 1), f.text("melbo_version", None), f.text("created", None),
-                   f.mapping("versions", None) or {})
-
-    @classmethod
-    def load(cls, path: Path) -> "MapConfig":
-        """The map.json of a map directory."""
-        return cls.from_dict(read_json(path / LAYER_MAP), path / LAYER_MAP)
-
-    def to_dict(self) -> dict:
-        return {"kind": "layer_map", "status": self.status, "melbo_version": self.melbo_version,
-                "created": self.created, "model": self.model.to_dict(), "settings": _jsonable(self.settings),
-                "pairs": self.pairs, "tokens": self.tokens, "versions": self.versions}
-
-    def save(self, path: Path) -> None:
-        write_json(path / LAYER_MAP, self.to_dict())
-
-
-def _map_settings(s: Fields, depth: int) -> MapSettings:
-    def blocks(key: str) -> list[int]:
-        return [s.check_whole(f"settings.{key}[{i}]", v, 0, depth - 1) for i, v in enumerate(s.items(key))]
-
-    settings = MapSettings(s.texts("prompts"), blocks("sources"), blocks("targets"),
-                           s.whole("k", 1, MAX_COUNT, MAP_K), s.whole("iterations", 1, MAX_COUNT, MAP_ITERATIONS),
-                           s.whole("seed", default=0), s.flag("chat", None), s.raw.get("positions", "all"))
-    try:
-        Positions.parse(settings.positions).check_count(len(settings.prompts))
-    except MelboError as exc:
-        raise s.error("settings.positions", f"are invalid: {exc}") from None
-    return settings
 
 
 @dataclass

@@ -276,7 +276,7 @@ def _layer_map_context(run_dir: Path, best: int = 20) -> Optional[dict]:
         return None
     import base64
 
-    from melbo.layermap import MapConfig
+    from melbo.runconfig import MapConfig
 
     doc = MapConfig.load(run_dir)
 

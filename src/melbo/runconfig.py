@@ -10,7 +10,9 @@
 
 `RunConfig.from_dict` reads a parsed config.json (old formats first pass through `migrate`), checking every field
 (types, finite floats, integer ranges), so that code after it reads attributes, not `.get()` chains. `to_dict`
-writes the same format back. No torch import: the catalogue and the CLI read configs cheaply.
+writes the same format back. A layer map's map.json (`MapConfig`, `MapSettings`) is read the same way, here
+rather than in `melbo.layermap`, so that the report can read it without importing the job that writes it. No torch
+import: the catalogue and the CLI read configs cheaply.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from typing import Any, Optional
 
 from melbo.checks import MAX_COUNT, check_fields
 from melbo.errors import MelboError
-from melbo.jsonfields import Fields
+from melbo.jsonfields import SQLITE_MAX, Fields
+from melbo.positions import Positions, Spec
 from melbo.radius import Radius
-from melbo.settings import DiscoverConfig
+from melbo.settings import DEFAULTS, MAP_ITERATIONS, MAP_K, DiscoverConfig
 
 STATUSES = ("running", "complete")
 PRECISIONS = ("fp32", "bf16")
@@ -240,4 +243,87 @@ def _settings(f: Fields) -> DiscoverConfig:
     for name in ("n_vectors", "steps", "batch_size", "rank", "max_new_tokens", "power_iterations"):
         f.check_whole(f"settings.{name}", getattr(settings, name), 1, MAX_COUNT)  # as discovery checks them
     f.check_whole("settings.seed", settings.seed, -(2**40), 2**40)  # × 1_000_003 + batch stays a 64-bit seed
+    return settings
+
+
+# ------------------------------------------------------------------------------------------------ a layer map
+LAYER_MAP = "map.json"  # in a layer-map directory, written by melbo.layermap
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    """Everything a pair's result depends on, besides the model: stored in map.json, sent to Ray workers."""
+
+    prompts: list[str]
+    sources: list[int]
+    targets: list[int]
+    k: int = MAP_K
+    iterations: int = MAP_ITERATIONS
+    seed: int = 0
+    chat: Optional[bool] = None
+    positions: Spec = DEFAULTS.positions
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return [(s, t) for s in self.sources for t in self.targets if s < t]
+
+
+MAP_FIX = "map again into a new --out"
+
+
+@dataclass
+class MapConfig:
+    """map.json: a map's settings, model and progress, read once with every field checked."""
+
+    settings: MapSettings
+    model: ModelRecord
+    status: str = "running"
+    pairs: int = 0  # how many (source, target) pairs the map covers
+    tokens: int = 1  # token positions J stacks per pair (the gain divides σ by its square root)
+    melbo_version: Optional[str] = None
+    created: Optional[str] = None
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    @classmethod
+    def from_dict(cls, raw: object, file: Path | str = LAYER_MAP) -> "MapConfig":
+        f = Fields(raw, file, MAP_FIX)
+        model = ModelRecord.from_fields(f.object("model"))
+        return cls(_map_settings(f.object("settings"), model.depth or MAX_BLOCKS), model,
+                   f.text("status", "running", ("running", "complete")), f.whole("pairs", 0, MAX_COUNT, 0),
+                   f.whole("tokens", 1, SQLITE_MAX, 1), f.text("melbo_version", None), f.text("created", None),
+                   f.mapping("versions", None) or {})
+
+    @classmethod
+    def load(cls, path: Path) -> "MapConfig":
+        """The map.json of a map directory."""
+        from melbo.files import read_json
+
+        return cls.from_dict(read_json(path / LAYER_MAP), path / LAYER_MAP)
+
+    def to_dict(self) -> dict:
+        return {"kind": "layer_map", "status": self.status, "melbo_version": self.melbo_version,
+                "created": self.created, "model": self.model.to_dict(), "settings": asdict(self.settings),
+                "pairs": self.pairs, "tokens": self.tokens, "versions": self.versions}
+
+    def save(self, path: Path) -> None:
+        from melbo.files import write_json
+
+        write_json(path / LAYER_MAP, self.to_dict())
+
+
+def _map_settings(s: Fields, depth: int) -> MapSettings:
+    def blocks(key: str) -> list[int]:
+        return [s.check_whole(f"settings.{key}[{i}]", v, 0, depth - 1) for i, v in enumerate(s.items(key))]
+
+    settings = MapSettings(s.texts("prompts"), blocks("sources"), blocks("targets"),
+                           s.whole("k", 1, MAX_COUNT, MAP_K), s.whole("iterations", 1, MAX_COUNT, MAP_ITERATIONS),
+                           s.whole("seed", default=0), s.flag("chat", None), s.raw.get("positions", "all"))
+    try:
+        Positions.parse(settings.positions).check_count(len(settings.prompts))
+    except MelboError as exc:
+        raise s.error("settings.positions", f"are invalid: {exc}") from None
     return settings

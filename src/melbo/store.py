@@ -27,7 +27,7 @@ from melbo.intervention import Perturbations, SteeringAdapters, SteeringVectors
 from melbo.models import LoadedModel
 from melbo.generation import Completion
 from melbo.jsonfields import SQLITE_MAX, Fields
-from melbo.runconfig import ModelRecord, RunConfig
+from melbo.runconfig import LAYER_MAP, ModelRecord, RunConfig  # noqa: F401  (LAYER_MAP: map.json, melbo.layermap)
 from melbo.settings import DiscoverConfig
 
 CONFIG = "config.json"
@@ -37,7 +37,6 @@ COMPLETIONS = "completions.jsonl"
 METRICS = "metrics.json"  # written by melbo.assess
 SWEEP = "sweep.json"  # in a sweep directory, written by melbo.sweep
 BENCH = "bench.json"  # written by melbo.bench
-LAYER_MAP = "map.json"  # in a layer-map directory, written by melbo.layermap
 DIVERGENCE = "divergence.json"  # written by melbo.divergence (diff runs)
 CHECKS = "checks.json"  # written by melbo.checkers.check_run (--check)
 MONITOR_DIR = "monitor"  # written by melbo.monitor, inside the run unless --out says otherwise
