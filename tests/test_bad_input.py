@@ -637,12 +637,12 @@ def test_diff_of_a_model_against_itself_is_refused(model_dir, tmp_path, capsys):
 
 def test_an_interrupted_diff_names_diff_resume_with_its_reference(model_dir, other_model_dir, tmp_path, monkeypatch,
                                                                    capsys):
-    from melbo import divergence
+    from melbo import job
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(divergence, "diff", interrupted)
+    monkeypatch.setattr(job, "diff", interrupted)
     out = tmp_path / "d"
     code, _, stderr = run_cli(["diff", PROMPT, "-m", str(model_dir), "-r", str(other_model_dir), "--out", str(out)],
                               capsys)
@@ -651,7 +651,7 @@ def test_an_interrupted_diff_names_diff_resume_with_its_reference(model_dir, oth
 
 
 def test_diff_resume_keeps_the_recorded_random_count(lm, model_dir, other_model_dir, tmp_path, capsys):
-    from melbo import divergence
+    from melbo import job
 
     ref = melbo.load_model(str(other_model_dir))
 
@@ -661,8 +661,8 @@ def test_diff_resume_keeps_the_recorded_random_count(lm, model_dir, other_model_
 
     out = tmp_path / "d"
     with pytest.raises(KeyboardInterrupt):
-        divergence.diff(lm, ref, [PROMPT], out, random=0, n_vectors=2, batch_size=1, steps=1, max_new_tokens=2,
-                        progress=interrupt)
+        job.diff(lm, ref, [PROMPT], out, random=0, n_vectors=2, batch_size=1, steps=1, max_new_tokens=2,
+                 progress=interrupt)
     assert json.loads((out / "config.json").read_text())["random"] == 0
     code, _, stderr = run_cli(["diff", "--resume", str(out), "-m", str(model_dir), "-r", str(other_model_dir)], capsys)
     assert code == 0, stderr
@@ -704,3 +704,19 @@ def test_a_name_longer_than_the_filesystem_allows_is_one_line(tmp_path, capsys):
     code, _, err = run_cli(["export", str(tmp_path), "--format", "llamacpp", "--out", str(tmp_path / ("x" * 300))],
                            capsys)
     assert code == 2 and "longer than 255 bytes" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------ issue 23: counts
+@pytest.mark.parametrize("args", [
+    ["discover", PROMPT, "-n", "1", "--steps", "1000000000000"],  # fits int64: an allocation no machine makes
+    ["map", PROMPT, "--layers", "1:2", "-k", "1", "--iterations", "99999999999999999999"],  # past int64
+    ["bench", "refusal", "--quick", "--requests", "2", "--steps", "99999999999999999999"],
+    ["bench", "refusal", "--quick", "--requests", "2", "-n", "1", "--steps", "1", "--random", "99999999999999999999"],
+    ["bench", "arithmetic", "--quick", "--seeds", "99999999999999999999"],
+])
+def test_counts_past_any_real_job_are_one_line(args, model_dir, tmp_path, capsys):
+    """The fuzz of bench and map found these as TypeErrors from torch (a shape past int64)."""
+    code, _, stderr = run_cli([*args, "-m", str(model_dir), "--out", str(tmp_path / "out")], capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("melbo: error")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert "is too large: give at most 1,000,000" in errors[0], errors[0]

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 
 from torch import Tensor
 
+from melbo.checks import check_count_bound
 from melbo.errors import MelboError
 from melbo.models import LoadedModel
 from melbo.prompts import check_prompt_list
@@ -137,6 +138,7 @@ def check_random(random: int) -> None:
     """The size of the random baseline: a whole number ≥ 0."""
     if isinstance(random, bool) or not isinstance(random, int) or random < 0:
         raise MelboError(f"--random must be a whole number ≥ 0, got {random!r}")
+    check_count_bound("random", random)
 
 
 def _announce(progress: Optional[Progress], stage: str, **detail) -> None:

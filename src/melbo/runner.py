@@ -24,7 +24,7 @@ from melbo import __version__
 from melbo.calibrate import calibrate_radius, is_calibrate
 from melbo.radius import Radius
 from melbo.calibrate import check_method as check_calibrated_method
-from melbo.checks import check_fields
+from melbo.checks import check_count_bound, check_fields
 from melbo.errors import MelboError
 from melbo.intervention import SteeringAdapters
 from melbo.methods import METHODS, Method, Params, Setting, method_class
@@ -76,6 +76,7 @@ def validate(lm: LoadedModel, cfg: DiscoverConfig, earlier: int = 0) -> tuple[in
     for name in ("n_vectors", "steps", "batch_size", "rank", "max_new_tokens", "power_iterations"):
         if getattr(cfg, name) <= 0:
             raise MelboError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(cfg, name)}")
+        check_count_bound(name, getattr(cfg, name))
     for name in ("p", "q", "lr"):
         if not getattr(cfg, name) > 0:
             raise MelboError(f"{name} must be > 0, got {getattr(cfg, name)}")

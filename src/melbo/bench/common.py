@@ -25,6 +25,7 @@ from pathlib import Path
 from importlib import import_module
 from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
+from melbo.checks import check_count_bound
 from melbo.errors import MelboError
 from melbo.numbers import finite_or_none, format_cell
 from melbo.files import read_json, write_json
@@ -197,6 +198,7 @@ def keyword_settings(cls: type, settings: dict):
 def check_seeds(seeds: int) -> None:
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise MelboError(f"--seeds must be a whole number ≥ 1, got {seeds!r}")
+    check_count_bound("seeds", seeds)
 
 
 def run_seeds(bench: Bench, lm, out: str | Path, settings, seeds: int = 1, progress: Progress = None,

@@ -66,9 +66,11 @@ def train(lm: LoadedModel, prompts: Sequence[str], out: str | Path, settings: Be
 def random_control(run: Run, lm: LoadedModel, n_random: int, seed: int) -> Optional[SteeringVectors]:
     """n_random random vectors of the run's norm at its source block (None for none)."""
     from melbo.arithmetic import random_vectors
+    from melbo.checks import check_count_bound
 
     if n_random <= 0:
         return None
+    check_count_bound("random", n_random)
     return random_vectors(n_random, lm.width, run.config.radius, run.config.source, seed)
 
 
