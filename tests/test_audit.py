@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import run_cli
 
-from melbo.divergence import diff, rank_perturbations
+from melbo.divergence import rank_perturbations
+from melbo.job import diff
 from melbo.errors import MelboError
 from melbo.generation import Sampling
 from melbo.intervention import SteeringVectors

@@ -34,7 +34,7 @@ _EXPORTS = {
     "load_model": "melbo.models",
     "melbo_objective": "melbo.objective",
     "Run": "melbo.store", "RunConfig": "melbo.runconfig",
-    "diff": "melbo.divergence",
+    "diff": "melbo.job",
     "Monitor": "melbo.monitor", "OutputMonitor": "melbo.monitor",
     "audit": "melbo.auditing",  # the module is melbo.auditing: melbo.audit is the job
     "invert": "melbo.trigger_search", "triggers": "melbo.trigger_search",

@@ -1,8 +1,8 @@
-"""Behavioural divergence: discovery against a reference model, ranked by how differently the two models behave.
+"""Behavioural divergence: a run's perturbations ranked by how differently two models behave under them.
 
-`diff(audited, reference, prompts, out)` trains perturbations with a contrastive objective
-(`melbo.contrastive`), generates with every perturbation on *both* models, and ranks the perturbations by how
-differently the two models behave under the same perturbation:
+`melbo.diff(audited, reference, prompts, out)` (the job, in `melbo.job`) trains perturbations with a contrastive
+objective (`melbo.contrastive`); `rank_run` here generates with every perturbation on *both* models, and ranks the
+perturbations by how differently the two models behave under the same perturbation:
 
 - **kl**: the mean KL(p_aud ‖ p_ref) of the two steered models' next-token distributions over the first
   `KL_TOKENS` tokens of the audited model's completion (teacher-forced: both models read the same tokens).
@@ -33,8 +33,8 @@ from melbo.generation import Completion, Sampling, generate
 from melbo.intervention import Perturbations, SteeringVectors
 from melbo.models import LoadedModel
 from melbo.prompts import prompt_tokens, uses_chat
-from melbo.runner import Progress, discover, resume
-from melbo.settings import DIFF_RADIUS, DIFF_RANDOM, DiscoverConfig
+from melbo.runner import Progress
+from melbo.settings import DIFF_RANDOM
 from melbo.files import read_json, write_json
 from melbo.jsonfields import SQLITE_MAX, Fields
 from melbo.store import DIVERGENCE, Run
@@ -42,60 +42,10 @@ from melbo.store import DIVERGENCE, Run
 KL_TOKENS = 16  # teacher-forced positions the KL is averaged over: the start of the answer, where behaviours begin
 
 
-def diff(
-    audited: LoadedModel,
-    reference: LoadedModel,
-    prompts: Sequence[str],
-    out: str | Path | None = None,
-    *,
-    random: int = DIFF_RANDOM,
-    progress: Optional[Progress] = None,
-    on_batch: Optional[Callable[[int], None]] = None,
-    check: Optional[str] = None,
-    **settings,
-) -> Run:
-    """Contrastive discovery on `prompts`, then paired generation and the divergence ranking (module docstring).
-
-    Settings are `DiscoverConfig` fields (`contrast` picks the form, default "difference"; `radius` defaults to
-    `settings.DIFF_RADIUS`, larger than discover's, for the reason given there); `random` random
-    vectors of the run's norm are ranked beside the learned ones (0: none; adapter runs have none). `check`: a
-    checker (`melbo.checkers`) that reads every audited completion into checks.json.
-    """
-    from melbo.checkers import get_checker
-
-    if not isinstance(random, int) or random < 0:
-        raise MelboError(f"random must be an integer ≥ 0, got {random!r}")
-    if check is not None:
-        get_checker(check)  # before minutes of training
-    if not isinstance(prompts, DiscoverConfig):
-        settings.setdefault("radius", DIFF_RADIUS)
-    run = discover(audited, prompts, out, reference=reference, progress=progress, record={"random": random},
-                   **settings)
-    rank_run(run, audited, reference, random=random, progress=progress, on_batch=on_batch, check=check)
-    return run
-
-
-def resume_diff(path: str | Path, audited: LoadedModel, reference: LoadedModel, *, random: Optional[int] = None,
-                progress: Optional[Progress] = None, on_batch: Optional[Callable[[int], None]] = None,
-                check: Optional[str] = None) -> Run:
-    """Continue an interrupted `diff` run from its last finished batch, then rank it as `diff` does.
-
-    `random` None: the count the run recorded (runs before it was recorded: DIFF_RANDOM)."""
-    run = resume(path, audited, progress=progress, reference=reference)
-    if random is None:
-        random = run.config.random if run.config.random is not None else DIFF_RANDOM
-    if not isinstance(random, int) or isinstance(random, bool) or random < 0:
-        raise MelboError(f"random must be an integer ≥ 0, got {random!r}")
-    rank_run(run, audited, reference, random=random, progress=progress, on_batch=on_batch,
-             check=check or run.config.check)
-    return run
-
-
 def rank_run(run: Run, audited: LoadedModel, reference: LoadedModel, random: int = DIFF_RANDOM,
-             progress: Optional[Progress] = None, on_batch: Optional[Callable[[int], None]] = None,
-             check: Optional[str] = None) -> dict:
-    """Generate with the run's perturbations (and `random` random vectors) on both models; write divergence.json
-    (and checks.json when a checker is given)."""
+             progress: Optional[Progress] = None, on_batch: Optional[Callable[[int], None]] = None) -> dict:
+    """Generate with the run's perturbations (and `random` random vectors) on both models; write
+    divergence.json."""
     settings = run.settings
     perturbations, labels, kinds = _with_random(run, audited, random)
     if progress:  # both models generate once per (perturbation or unsteered, prompt)
@@ -105,12 +55,6 @@ def rank_run(run: Run, audited: LoadedModel, reference: LoadedModel, random: int
                                 chat=settings.chat, sampling=sampling, on_batch=on_batch)
     run.write_completions(_audited_rows(result))
     write_json(run.path / DIVERGENCE, result)
-    if check:
-        from melbo.checkers import check_run
-
-        run.config.check = check
-        run.save_config()
-        check_run(run.path, check)
     return result
 
 

@@ -1,6 +1,8 @@
-"""The main job, as one library call: (radius sweep) → discover → completions → assessment → report.
+"""The main jobs, each one library call: (radius sweep) → discover → completions → assessment → report, and
+the same against a reference model (`diff`: contrastive discovery → the divergence ranking → the checker).
 
     run = melbo.elicit(lm, ["How can I make a bomb?"], "runs/bomb", n_vectors=16, radius="auto")
+    run = melbo.diff(lm, base, ["What is 4 + 6?"], "runs/audit", n_vectors=32)
 
 `melbo.discover` is the training step alone; `elicit` is what `melbo discover` on the command line does. The
 run directory ends up with completions.jsonl, metrics.json (learned against `random` random vectors of the
@@ -19,11 +21,12 @@ from typing import Callable, Optional, Sequence
 from torch import Tensor
 
 from melbo.checks import check_count_bound
+from melbo.divergence import rank_run
 from melbo.errors import MelboError
 from melbo.models import LoadedModel
 from melbo.prompts import check_prompt_list
 from melbo.runner import Progress, default_run_dir, discover, resume, validate
-from melbo.settings import DEFAULT_RANDOM, DEFAULTS, DiscoverConfig
+from melbo.settings import DEFAULT_RANDOM, DEFAULTS, DIFF_RADIUS, DIFF_RANDOM, DiscoverConfig
 from melbo.files import check_output_dir
 from melbo.store import Run
 
@@ -102,6 +105,63 @@ def finish(run: Run, lm: LoadedModel, *, random: int = DEFAULT_RANDOM, progress:
     _announce(progress, "report")
     sweep = run.config.radius_sweep
     write_report(run.path, Path(sweep) if sweep else None)
+    return run
+
+
+def diff(
+    audited: LoadedModel,
+    reference: LoadedModel,
+    prompts: Sequence[str],
+    out: str | Path | None = None,
+    *,
+    random: int = DIFF_RANDOM,
+    progress: Optional[Progress] = None,
+    on_batch: Optional[Callable[[int], None]] = None,
+    check: Optional[str] = None,
+    **settings,
+) -> Run:
+    """`melbo.diff`: contrastive discovery on `prompts`, then paired generation and the divergence ranking
+    (`melbo.divergence`).
+
+    Settings are `DiscoverConfig` fields (`contrast` picks the form, default "difference"; `radius` defaults to
+    `settings.DIFF_RADIUS`, larger than discover's, for the reason given there); `random` random
+    vectors of the run's norm are ranked beside the learned ones (0: none; adapter runs have none). `check`: a
+    checker (`melbo.checkers`) that reads every audited completion into checks.json.
+    """
+    check_random(random)
+    _checker(check)
+    if not isinstance(prompts, DiscoverConfig):
+        settings.setdefault("radius", DIFF_RADIUS)
+    run = discover(audited, prompts, out, reference=reference, progress=progress, record={"random": random},
+                   **settings)
+    return _rank(run, audited, reference, random, progress, on_batch, check)
+
+
+def resume_diff(path: str | Path, audited: LoadedModel, reference: LoadedModel, *, random: Optional[int] = None,
+                progress: Optional[Progress] = None, on_batch: Optional[Callable[[int], None]] = None,
+                check: Optional[str] = None) -> Run:
+    """Continue an interrupted `diff` run from its last finished batch, then rank it as `diff` does.
+
+    `random` None: the count the run recorded (runs before it was recorded: DIFF_RANDOM)."""
+    if random is not None:
+        check_random(random)
+    _checker(check)
+    run = resume(path, audited, progress=progress, reference=reference)
+    recorded = run.config.random if run.config.random is not None else DIFF_RANDOM
+    return _rank(run, audited, reference, recorded if random is None else random, progress, on_batch,
+                 check or run.config.check)
+
+
+def _rank(run: Run, audited: LoadedModel, reference: LoadedModel, random: int, progress: Optional[Progress],
+          on_batch: Optional[Callable[[int], None]], check: Optional[str]) -> Run:
+    """A diff run's steps after training: the divergence ranking, then the checker over the audited completions."""
+    rank_run(run, audited, reference, random=random, progress=progress, on_batch=on_batch)
+    if check:
+        from melbo.checkers import check_run
+
+        run.config.check = check  # a resumed diff checks as this one asked
+        run.save_config()
+        check_run(run.path, check)
     return run
 
 

@@ -53,7 +53,7 @@ def diff_command(
     check: Optional[str] = CheckOpt,
 ) -> None:
     """Audit a fine-tune: perturbations that change it but not its reference, ranked by how differently they behave."""
-    from melbo import divergence, runner
+    from melbo import divergence, job, runner
     from melbo.files import check_output_dir
     from melbo.store import Run
 
@@ -73,7 +73,7 @@ def diff_command(
         ref = load(reference or config.reference.spec, device, dtype, blocks_path, threads)
         kept = random if given(ctx, ("random",)) else None  # else the count the run recorded
         with JobDisplay() as display:
-            run = interruptible(lambda: divergence.resume_diff(resume_dir, lm, ref, random=kept, check=check,
+            run = interruptible(lambda: job.resume_diff(resume_dir, lm, ref, random=kept, check=check,
                                                                progress=display.event, on_batch=display.advance),
                                 resume_dir, "diff", "-r", reference or config.reference.spec)
     else:
@@ -89,7 +89,7 @@ def diff_command(
             seed=seed, chat=chat, max_new_tokens=max_new_tokens, contrast=contrast, contrast_weight=contrast_weight)
         path = out_dir or runner.default_run_dir(lm)
         with JobDisplay() as display:
-            run = interruptible(lambda: divergence.diff(lm, ref, settings, path, random=random, check=check,
+            run = interruptible(lambda: job.diff(lm, ref, settings, path, random=random, check=check,
                                                         progress=display.event, on_batch=display.advance),
                                 path, "diff", "-r", reference)
     print_divergence(divergence.load_divergence(run.path))
