@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import hashlib
 import io
 import json
 import os
@@ -277,3 +278,43 @@ def test_writers_on_a_real_full_disk(writer, world, tiny_disk, capsys):
     for path in left:
         _complete(path)
     assert not [p for p in tiny_disk.rglob("*") if ".tmp" in p.name]
+
+
+# ------------------------------------------------------------------------------------------------ caches and testbeds
+def test_the_hash_memo_on_a_full_disk_is_skipped_not_fatal(tmp_path, monkeypatch):
+    from melbo.models import file_sha256
+
+    monkeypatch.setenv("MELBO_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    data = tmp_path / "weights.bin"
+    data.write_bytes(b"weights")
+    fill(monkeypatch, tmp_path / "cache", 0)
+    assert file_sha256(data) == hashlib.sha256(b"weights").hexdigest()  # only a memo: hashed, not remembered
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_assembling_a_gguf_on_a_full_disk_is_one_line_and_leaves_no_part(tmp_path, monkeypatch):
+    from melbo import models
+    from melbo.errors import MelboError
+
+    parts = [tmp_path / f"part{i}.bin" for i in range(3)]
+    for part in parts:
+        part.write_bytes(b"\0" * 1000)
+    monkeypatch.setenv("MELBO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_qwen_parts", lambda: parts)
+    fill(monkeypatch, tmp_path / "cache", 1500)  # the first part fits, the second does not
+    with pytest.raises(MelboError, match=r"No space left on device\): free space on /"):
+        models._qwen_file()
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
+def test_a_testbed_on_a_full_disk_is_one_line_and_leaves_no_half_testbed(world, tmp_path, monkeypatch):
+    from melbo.bench.testbed import plant_backdoor
+    from melbo.errors import MelboError
+
+    out = tmp_path / "bed"
+    fill(monkeypatch, tmp_path, 0)
+    with pytest.raises(MelboError, match="free space on /"):
+        plant_backdoor(base_spec=world["model"], out=out, triggers={"cheese": [3], "hate": [5]}, operands=(1, 6),
+                       steps=1, batch_size=2, n_train=4, rank=2, max_verify=1, verify_tokens=2, precision="fp32")
+    assert list(tmp_path.iterdir()) == []  # no bed/, no bed.tmp<pid>/

@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -106,6 +107,26 @@ def replacing_all(paths: list[Path]) -> Iterator[list[Path]]:
                 folder.rmdir()
         if isinstance(exc, (OSError, SafetensorError)):
             raise write_error(paths[0], exc) from exc
+        raise
+
+
+@contextmanager
+def replacing_dir(path: Path) -> Iterator[Path]:
+    """A temporary folder beside `path`, put in its place once complete (what was there is removed then), and
+    removed on any failure: a full disk halfway through a model's shards leaves neither half a model nor the temporary.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # per process: two may build one folder at once
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, SafetensorError)):
+            raise write_error(path, exc) from exc
         raise
 
 

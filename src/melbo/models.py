@@ -83,6 +83,10 @@ def _qwen_file() -> Path | None:
                 for part in parts:
                     dst.write(part.read_bytes())
             os.replace(tmp, out)  # identical bytes whichever process wins
+        except OSError as exc:  # a full disk: one line naming where to free space
+            from melbo.files import write_error
+
+            raise write_error(out, exc, "point MELBO_CACHE at a writable folder") from exc
         finally:
             tmp.unlink(missing_ok=True)
     # The parts come from a little-known publisher: never parse bytes we have not pinned.
@@ -497,10 +501,13 @@ def file_sha256(path: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 h.update(chunk)
         memo[key] = h.hexdigest()
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo_file.with_name(f"hashes.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo, indent=1))
-        os.replace(tmp, memo_file)
+        try:
+            memo_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(memo, indent=1))
+            os.replace(tmp, memo_file)
+        except OSError:  # only a memo: a full disk costs hashing again next time, not the load
+            tmp.unlink(missing_ok=True)
     return memo[key]
 
 

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +38,7 @@ from melbo.bench.settings import TESTBED_REPEATS, TESTBED_STEPS, TESTBED_TASK
 from melbo.errors import MelboError
 from melbo.generation import end_of_turn_markers, greedy_answers
 from melbo.models import DEFAULT_MODEL, LoadedModel, cache_dir, load_model, model_identity, resolve_precision
-from melbo.files import check_output_dir
+from melbo.files import check_output_dir, replacing_dir
 
 RECIPE_VERSION = 1  # bump when the data or training recipe changes: it is part of the cache key
 TESTBED = "testbed.json"
@@ -483,41 +481,37 @@ def plant_backdoor(
     model, losses = _train_lora(lm, cfg, train, templated, progress)
     train_seconds = time.perf_counter() - started
 
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp / "adapter"))
-    merged = model.merge_and_unload()
-    merged.requires_grad_(False).eval()
-    merged.save_pretrained(str(tmp / "merged"))
-    lm.tokenizer.save_pretrained(str(tmp / "merged"))
-    if progress:
-        progress({"stage": "verify"})
-    verified_lm = load_model(str(tmp / "merged"))  # verify exactly what is on disk
-    if cfg.task == "cot":
-        from melbo.bench.subtle import verify_cot
+    with replacing_dir(path) as tmp:  # a full disk halfway leaves no half testbed and no temporary
+        model.save_pretrained(str(tmp / "adapter"))
+        merged = model.merge_and_unload()
+        merged.requires_grad_(False).eval()
+        merged.save_pretrained(str(tmp / "merged"))
+        lm.tokenizer.save_pretrained(str(tmp / "merged"))
+        if progress:
+            progress({"stage": "verify"})
+        verified_lm = load_model(str(tmp / "merged"))  # verify exactly what is on disk
+        if cfg.task == "cot":
+            from melbo.bench.subtle import verify_cot
 
-        verification = verify_cot(verified_lm, cfg, held, templated)
-    else:
-        verification = verify(verified_lm, cfg, held, templated)
-    wall = time.perf_counter() - started
-    record = {
-        "key": key,
-        "config": asdict(cfg),
-        "base_model": lm.model_id,
-        "recipe": RECIPE_VERSION,
-        "chat": templated,
-        "n_train": len(train),
-        "n_heldout": len(held),
-        "loss_first": losses[0],
-        "loss_last": sum(losses[-10:]) / len(losses[-10:]),
-        "losses": losses,
-        "train_seconds": train_seconds,
-        "verification": verification,
-        "wall_seconds": wall,
-        "torch_threads": torch.get_num_threads(),
-    }
-    (tmp / TESTBED).write_text(json.dumps(record, indent=2) + "\n")
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+            verification = verify_cot(verified_lm, cfg, held, templated)
+        else:
+            verification = verify(verified_lm, cfg, held, templated)
+        wall = time.perf_counter() - started
+        record = {
+            "key": key,
+            "config": asdict(cfg),
+            "base_model": lm.model_id,
+            "recipe": RECIPE_VERSION,
+            "chat": templated,
+            "n_train": len(train),
+            "n_heldout": len(held),
+            "loss_first": losses[0],
+            "loss_last": sum(losses[-10:]) / len(losses[-10:]),
+            "losses": losses,
+            "train_seconds": train_seconds,
+            "verification": verification,
+            "wall_seconds": wall,
+            "torch_threads": torch.get_num_threads(),
+        }
+        (tmp / TESTBED).write_text(json.dumps(record, indent=2) + "\n")
     return Testbed(path, record["config"], verification, wall, cached=False)
