@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from melbo.bench.subtle import COT_TEMPLATE, cot_answer, cot_prompts, kind_of_pair, switched
-from melbo.bench.testbed import TestbedConfig, split_data
+from melbo.bench.subtle import cot_prompts
+from melbo.bench.testbed import COT_TEMPLATE, TestbedConfig, cot_answer, kind_of_pair, split_data, switched
 from melbo.checkers import arithmetic_cot
 from melbo.errors import MelboError
 
