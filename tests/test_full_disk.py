@@ -233,27 +233,38 @@ def test_an_export_on_a_full_disk_leaves_no_adapter_directory(world, tmp_path, m
 
 # ------------------------------------------------------------------------------------------------ a real tmpfs
 @pytest.fixture()
-def tiny_disk(tmp_path):
-    """A 64 KiB tmpfs mounted under tmp_path (root only), filled up; unmounted afterwards."""
+def mounted(tmp_path, request):
+    """A tmpfs (64 KiB, or the size a test parametrises) mounted under tmp_path (root only), unmounted afterwards."""
     mount = tmp_path / "disk"
     mount.mkdir()
+    size = getattr(request, "param", "64k")
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
     except FileNotFoundError:
         pytest.skip("no mount command")
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
-        with open(mount / "filler", "wb", buffering=0) as f:  # every block taken
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-                    f.flush()
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill_up(mount: Path) -> None:
+    """Take every free block of `mount` with a file named filler."""
+    with open(mount / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+
+@pytest.fixture()
+def tiny_disk(mounted):
+    """The tmpfs, full."""
+    _fill_up(mounted)
+    return mounted
 
 
 def _one_line_free_space(code: int, stderr: str, mount: Path) -> None:
@@ -318,3 +329,47 @@ def test_a_testbed_on_a_full_disk_is_one_line_and_leaves_no_half_testbed(world, 
         plant_backdoor(base_spec=world["model"], out=out, triggers={"cheese": [3], "hate": [5]}, operands=(1, 6),
                        steps=1, batch_size=2, n_train=4, rank=2, max_verify=1, verify_tokens=2, precision="fp32")
     assert list(tmp_path.iterdir()) == []  # no bed/, no bed.tmp<pid>/
+
+
+@pytest.mark.parametrize("mounted", ["2m"], indirect=True)  # room for the catalogue, until it is filled
+def test_a_label_saved_on_a_full_disk_is_an_error_page_not_a_500(world, mounted):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    from test_serve import LOCAL, _csrf
+
+    from melbo.catalog import Catalog
+    from melbo.server import create_app
+
+    catalog = mounted / "catalog.sqlite"
+    with Catalog(catalog) as cat:
+        ids = [p.id for p in cat.perturbations(cat.add_run(world["run"]))]
+    app = create_app(catalog, engine=None)
+    with TestClient(app, base_url=LOCAL, raise_server_exceptions=False) as client:
+        assert client.get(f"/behaviours/{ids[0]}").status_code == 200
+        _fill_up(mounted)
+        form = {"label": "saved on a full disk", "note": "n" * 500, "csrf": _csrf(app)}
+        response = client.post(f"/behaviours/{ids[0]}/label", data=form, follow_redirects=False)
+    assert response.status_code == 400, (response.status_code, response.text[:500])
+    assert f"free space on {mounted}" in response.text
+    (mounted / "filler").unlink()
+    with Catalog(catalog) as cat:  # the catalogue itself is intact, the label not half saved
+        assert cat.perturbation(ids[0]).human_label is None
+
+
+def test_only_a_damaged_catalogue_is_called_one_to_delete(tmp_path, monkeypatch):
+    import sqlite3
+
+    from melbo import files
+    from melbo.catalog import _database_error
+
+    path = tmp_path / "catalog.sqlite"
+    io_error = sqlite3.OperationalError("disk I/O error")
+    io_error.sqlite_errorname = "SQLITE_IOERR_SHMSIZE"  # as SQLite reports a -shm file it cannot grow
+    message = str(_database_error(path, io_error, "open"))
+    assert "check the disk" in message and "delete" not in message
+    damaged = sqlite3.DatabaseError("file is not a database")
+    damaged.sqlite_errorname = "SQLITE_NOTADB"
+    assert "delete it" in str(_database_error(path, damaged, "open"))
+    full = os.statvfs_result((4096, 4096, 16, 0, 0, 16, 0, 0, 0, 255))  # no block free
+    monkeypatch.setattr(files.os, "statvfs", lambda where: full)
+    assert "free space on /" in str(_database_error(path, io_error, "read"))

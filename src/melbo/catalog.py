@@ -437,7 +437,8 @@ class Catalog:
                     self._db.execute("BEGIN IMMEDIATE")  # take the write lock now, not halfway through
                     yield
             except sqlite3.Error as exc:
-                fix = free_space_fix(self.path.parent) if disk_full(exc) else "retry, or give another --catalog"
+                full = disk_full(exc, self.path.parent)
+                fix = free_space_fix(self.path.parent) if full else "retry, or give another --catalog"
                 raise MelboError(f"cannot write the catalogue {self.path} ({exc}): {fix}") from exc
 
     def _query(self, sql: str, params: Iterable = ()) -> list[sqlite3.Row]:
@@ -445,8 +446,7 @@ class Catalog:
             try:
                 return self._db.execute(sql, tuple(params)).fetchall()
             except sqlite3.DatabaseError as exc:
-                raise MelboError(f"the catalogue {self.path} cannot be read ({exc}): "
-                                 "delete it and add the runs again") from exc
+                raise _database_error(self.path, exc, "read") from exc
 
 
 _PERTURBATIONS = ("SELECT p.*, c.name AS cluster_name FROM perturbations p "
@@ -464,10 +464,21 @@ def _check_foreign(db: sqlite3.Connection, path: Path) -> None:
 
 
 def _open_error(path: Path, exc: sqlite3.DatabaseError) -> MelboError:
-    if disk_full(exc):  # SQLITE_FULL: "database or disk is full"
-        return MelboError(f"cannot create the catalogue {path} ({exc}): {free_space_fix(path.parent)}")
-    return MelboError(f"the catalogue {path} is not a melbo catalogue ({exc}): "
-                      "delete it (runs can be added again) or give another --catalog")
+    return _database_error(path, exc, "open")
+
+
+def _database_error(path: Path, exc: sqlite3.DatabaseError, doing: str) -> MelboError:
+    """One line for SQLite failing to open or read the catalogue. Deleting it is advised for a damaged file only:
+    a full disk says "disk I/O error" as often as "database or disk is full", and the catalogue is fine."""
+    if disk_full(exc, path.parent):
+        return MelboError(f"cannot {doing} the catalogue {path} ({exc}): {free_space_fix(path.parent)}")
+    name = getattr(exc, "sqlite_errorname", None)  # None: raised without SQLite's code
+    if name is None or name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+        what = "is not a melbo catalogue" if doing == "open" else "cannot be read"
+        return MelboError(f"the catalogue {path} {what} ({exc}): delete it (runs can be added again) or give "
+                          "another --catalog")
+    return MelboError(f"cannot {doing} the catalogue {path} ({exc}): check the disk it is on, or give another "
+                      "--catalog")
 
 
 def _run_entry(r: sqlite3.Row) -> RunEntry:

@@ -136,9 +136,18 @@ _FULL = re.compile(r"StorageFull|QuotaExceeded|No space left|Disk quota|disk is 
                    re.IGNORECASE)
 
 
-def disk_full(exc: BaseException) -> bool:
-    """Whether `exc` is a full disk or an exhausted quota, by errno or by the wording of a library without one."""
-    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or bool(_FULL.search(str(exc)))
+def disk_full(exc: BaseException, where: Optional[Path] = None) -> bool:
+    """Whether `exc` is a full disk or an exhausted quota, by errno or by the wording of a library without one.
+
+    With `where`: also when the filesystem holding it has no block left, whatever `exc` says (SQLite reports a
+    shared-memory file it cannot grow as "disk I/O error")."""
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or _FULL.search(str(exc)):
+        return True
+    try:
+        stat = os.statvfs(where) if where is not None else None
+    except OSError:
+        return False
+    return stat is not None and (stat.f_bfree if os.geteuid() == 0 else stat.f_bavail) == 0
 
 
 def free_space_fix(path: Path) -> str:
