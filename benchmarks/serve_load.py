@@ -220,7 +220,7 @@ def report(load: Load, args, wall: float, before: float, after: float, series: l
     total = sum(len(v) for v in load.times.values())
     errors = sum(load.errors.values())
     print(f"melbo serve under load: {args.clients} clients for {args.seconds:g} s (wall {wall:.1f} s), "
-          f"tiny model, {os.cpu_count()} CPUs")
+          f"tiny model, {len(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs")
     print(f"{'kind':<8} | {'requests':>8} | {'p50 ms':>8} | {'p95 ms':>8} | {'errors':>6}")
     for kind in KINDS:
         times = load.times.get(kind, [])
@@ -230,6 +230,10 @@ def report(load: Load, args, wall: float, before: float, after: float, series: l
           f"live refused as busy (503, the queue's push-back): {load.busy}")
     print(f"server RSS: {before:.0f} MB before, {after:.0f} MB after ({after - before:+.0f} MB); every 5 s: "
           + " ".join(f"{mb:.0f}" for mb in series))
+    if len(series) >= 4:  # a leak keeps growing; the allocator's and the threads' warm-up is a step that stops
+        half = series[len(series) // 2:]
+        print(f"second half (steady state): {half[0]:.0f} → {half[-1]:.0f} MB ({half[-1] - half[0]:+.0f} MB), "
+              f"peak {max(series):.0f} MB")
     for sample in load.samples:
         print("  e.g.", sample)
 

