@@ -78,7 +78,7 @@ class DiscoverConfig:
     positions: Spec = "all"  # "all", "last:K" or one index list per prompt (melbo.positions)
     max_new_tokens: int = 48
     precision: str = "auto"  # training matmuls: auto (bf16 where the hardware has bf16 units), fp32, bf16
-    compile: bool = False  # torch.compile the blocks after the source: ~3× per step on CPU, a minute+ to compile
+    compile: bool = False  # torch.compile the blocks after the source: with bf16 copies no faster on CPU (docs/performance.md)
     power_iterations: int = 20  # method "jacobian" only
     contrast: Optional[str] = None  # None: plain discovery; else a contrastive form against a reference model
     contrast_weight: float = 1.0  # λ of the "penalised" contrastive form

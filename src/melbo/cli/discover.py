@@ -48,7 +48,7 @@ def discover(
     random: int = typer.Option(DEFAULT_RANDOM, help="Random vectors of the same R to compare against (0: skip the assessment)."),
     power_iterations: int = typer.Option(DEFAULTS.power_iterations, help="Power iterations (methods jacobian and dct)."),
     precision: str = typer.Option(DEFAULTS.precision, help="Training matmuls: auto (bf16 on AMX/AVX512-BF16 CPUs and GPUs), fp32, bf16."),
-    compile_: bool = typer.Option(DEFAULTS.compile, "--compile/--no-compile", help="torch.compile the blocks after the source: faster steps after a minute or more of compiling (long runs)."),
+    compile_: bool = typer.Option(DEFAULTS.compile, "--compile/--no-compile", help="torch.compile the blocks after the source (fuses element-wise work; with bf16 copies on a CPU no faster: docs/performance.md; kernels cached in $MELBO_CACHE/inductor)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
