@@ -115,9 +115,10 @@ def world(tmp_path_factory) -> dict:
     run = melbo.elicit(lm, [PROMPT], base / "run", **common)
     adapters = melbo.elicit(lm, [PROMPT], base / "adapters", method="adapters", rank=2, orthogonal="soft", **common)
 
+    melbo.map(lm, [PROMPT], "1:2", "3", k=1, out=base / "map", iterations=1)
     (base / "prompts.txt").write_text("Hi\nHello there\nGood morning\nWhat is 2 + 2?\n")
     return {"base": base, "model": str(model), "run": run.path, "adapters": adapters.path,
-            "prompts": base / "prompts.txt"}
+            "prompts": base / "prompts.txt", "map": base / "map"}
 
 
 def _copy(world: dict, out: Path) -> str:
@@ -141,12 +142,17 @@ WRITERS: dict[str, Callable[[dict, Path], list[str]]] = {
     "monitor": lambda w, o: ["monitor", str(w["run"]), "--prompts-file", str(w["prompts"]), "--out", str(o / "m")],
     "map": lambda w, o: ["map", PROMPT, "-m", w["model"], "--layers", "all", "-k", "2", "--iterations", "2",
                          "--out", str(o / "map")],
+    "open-pair": lambda w, o: ["open-pair", str(w["map"]), "1:3", "--radius", "1.0", "--out", str(o / "pair")],
+    "triggers": lambda w, o: ["triggers", str(w["run"]), "--inputs", str(w["prompts"]), "--confirm", "1",
+                              "--max-new-tokens", "2", "-m", w["model"], "--out", str(o / "t")],
+    "bench": lambda w, o: ["bench", "refusal", "-m", w["model"], "--quick", "--requests", "2", "-n", "1",
+                           "--random", "1", "--steps", "1", "--max-new-tokens", "2", "--out", str(o / "b")],
     "sweep": lambda w, o: ["sweep", PROMPT, "-m", w["model"], "--radii", "0.5,1", "-n", "1", "--steps", "2",
                            "--max-new-tokens", "2", "--source", "1", "--target", "3", "--out", str(o / "s")],
 }
 
 # The commands whose files belong together (a summary and its records, v0 … vN): all of them written, or none.
-ALL_OR_NOTHING = {"generate", "report", "assess", "export-llamacpp", "export-peft", "monitor"}
+ALL_OR_NOTHING = {"generate", "report", "assess", "export-llamacpp", "export-peft", "monitor", "open-pair"}
 
 
 def _snapshot(folder: Path) -> dict[Path, bytes]:

@@ -414,6 +414,14 @@ def open_pair(map_dir: str | Path, source: int, target: int, out: str | Path,
         residual_norm=norm, precision="fp32", layer_map=str(Path(map_dir).resolve()),
         record={"singular_values": pair["singular_values"].tolist(), "finite_difference_eps": 0.01 * norm},
     )
-    run = Run.create(out, config)
-    run.save_result(SteeringVectors(vectors, source), pair["history"])
+    # open-pair may write into an empty folder, which a failure then leaves empty (a bad type: Run.create says so)
+    empty = isinstance(out, (str, os.PathLike)) and Path(out).is_dir()
+    run = Run.create(out, config)  # refuses a folder that holds anything
+    try:
+        run.save_result(SteeringVectors(vectors, source), pair["history"])
+    except BaseException:  # a full disk, say: a pair opened halfway is no run (and discover cannot resume it)
+        shutil.rmtree(run.path, ignore_errors=True)
+        if empty:
+            run.path.mkdir()
+        raise
     return run
