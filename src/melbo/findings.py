@@ -28,9 +28,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from melbo.jsonfields import Fields
 
 
 NO_CHANGE = 0.1  # embedding distance from the unsteered answer below which a completion says the same thing
@@ -69,6 +72,22 @@ class Observation:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_fields(cls, f: "Fields") -> "Observation":
+        """One observation as observations.jsonl and findings.json hold it, every field checked."""
+        return cls(arm=f.text("arm"), index=f.whole("index", 0), scale=f.real("scale"),
+                   prompt_index=f.whole("prompt_index", 0), prompt=f.text("prompt"), text=f.text("text"),
+                   unsteered=f.text("unsteered"), distance=_written(f, "distance", math.nan),
+                   perplexity=_written(f, "perplexity", math.inf, 0), divergence=_written(f, "divergence", math.nan),
+                   variant=f.flag("variant", False), reference_text=f.text("reference_text", None))
+
+
+def _written(f: "Fields", key: str, null: float, low: float = -math.inf) -> float:
+    """A number that strict JSON wrote as null when it was not finite (an infinite perplexity, an unknown KL)."""
+    if key in f.raw and f.raw[key] is None:
+        return null
+    return f.real(key, low)
 
 
 @dataclass

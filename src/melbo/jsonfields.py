@@ -8,6 +8,7 @@ text from a set of choices, ...), so that a bad value is one line naming the fil
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -142,3 +143,19 @@ class Fields:
     def rest(self, known: Sequence[str]) -> dict:
         """The fields not in `known`, kept as they are (a newer version's or a plugin's, round-tripped)."""
         return {k: v for k, v in self.raw.items() if k not in known}
+
+
+def read_lines(file: Path, fix: str) -> list[Fields]:
+    """A JSON-lines file, one `Fields` per non-empty line (named "FILE line N"); a corrupt line is one line too."""
+    from melbo.files import read_text
+
+    rows = []
+    for n, line in enumerate(read_text(file, file.name, fix).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MelboError(f"{file} line {n} is corrupt ({exc.msg}): {fix}") from None
+        rows.append(Fields(raw, f"{file} line {n}", fix))
+    return rows

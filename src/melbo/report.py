@@ -337,33 +337,35 @@ __all__ = ["write_report", "build_context", "render", "fmt"]
 def write_audit_report(audit_dir: Path) -> Path:
     """Write an audit's `report.html`: its findings first (clearest example, the unsteered answer beside it,
     the reproduction command), then a plot of everything it scanned, its plan and the time of each stage."""
+    from melbo.auditing import FINDINGS, OBSERVATIONS, load_state, read_findings, read_observations
     from melbo.plots import audit_figure
 
     audit_dir = Path(audit_dir)
-    state = read_json(audit_dir / "audit.json")
-    data = read_json(audit_dir / "findings.json")
-    observations = [json.loads(line) for line in (audit_dir / "observations.jsonl").read_text().splitlines() if line]
-    calibration, plan, stages = data["calibration"], data["plan"], state.get("stages", {})
+    state = load_state(audit_dir)
+    data = read_findings(read_json(audit_dir / FINDINGS), audit_dir / FINDINGS)
+    observations = [o.to_json() for o in read_observations(audit_dir / OBSERVATIONS)]
+    calibration, plan, stages, settings = data["calibration"], data["plan"], state["stages"], data["settings"]
     findings = []
     for f in data["findings"]:
         view = json.loads(json.dumps(f))
         view["score"] = fmt(f["score"])
         view["parts"] = {k: fmt(v) for k, v in f["parts"].items()}
         view["n_perturbations"] = len(f["perturbations"])
-        view["reference_text"] = f["example"].get("reference_text")
+        view["reference_text"] = f["example"]["reference_text"]
         findings.append(view)
     arms = [{**a, "radius": f"{calibration['relative'] * a['multiplier']:.3g}x",
-             "seconds": fmt((stages.get(f"arm {a['name']}") or {}).get("seconds"))} for a in plan["arms"]]
+             "seconds": fmt(stages[f"arm {a['name']}"]["seconds"] if f"arm {a['name']}" in stages else None)}
+            for a in plan["arms"]]
     context = {
-        "title": "melbo audit", "model": (state.get("model") or {}).get("id", ""),
-        "reference": (state.get("reference") or {}).get("id") if state.get("reference") else None,
-        "prompts": data["settings"]["prompts"], "budget": f"{data['settings']['budget']:.0f} s",
-        "spent": f"{state.get('spent', 0):.0f} s", "random": data["settings"].get("random_baseline"),
+        "title": "melbo audit", "model": state["model"]["id"] or "",
+        "reference": state["reference"]["id"] if state["reference"] else None,
+        "prompts": settings["prompts"], "budget": f"{settings['budget']:.0f} s",
+        "spent": f"{state['spent']:.0f} s", "random": settings["random_baseline"],
         "findings": findings, "candidates": data["candidates"],
         "plot": png(audit_figure(observations, data["findings"])),
         "calibrated": f"{calibration['relative']:.3g}x", "source": calibration["source"],
         "target": calibration["target"], "rate": fmt(plan["rate"]), "arms": arms,
-        "stages": [(name, fmt(s.get("seconds"))) for name, s in stages.items()],
+        "stages": [(name, fmt(s["seconds"])) for name, s in stages.items()],
     }
     path = audit_dir / REPORT
     atomic_write(path, render(context, "audit.html.j2").encode("utf-8"))
