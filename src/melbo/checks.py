@@ -61,17 +61,6 @@ def check_count_bound(name: str, value: int) -> None:
         raise MelboError(f"{option(name)} {value} is too large: give at most {MAX_COUNT:,}")
 
 
-# Steps, vectors, iterations, tokens: far past any real job. Above 2**63 a tensor shape is a TypeError deep in torch,
-# and well below it an allocation the machine cannot make; either way a traceback instead of a line.
-MAX_COUNT = 1_000_000
-
-
-def check_count_bound(name: str, value: int) -> None:
-    """Refuse a count (already a whole number) above MAX_COUNT."""
-    if value > MAX_COUNT:
-        raise MelboError(f"{option(name)} {value} is too large: give at most {MAX_COUNT:,}")
-
-
 # The annotation of a settings field (as a string, under `from __future__ import annotations`) → its check.
 _CHECKS = {
     "int": lambda name, v: check_whole(name, v),
