@@ -212,12 +212,26 @@ def test_serve_shows_an_audits_findings_beside_the_unsteered_answer(lm, tmp_path
         assert "Inputs that switch it on" not in page.text
         # `melbo triggers AUDIT` writes AUDIT/triggers/triggers.json: the page then lists each finding's triggers
         (tmp_path / "a" / "triggers").mkdir()
-        (tmp_path / "a" / "triggers" / "triggers.json").write_text(json.dumps({"findings": [
+        triggers = {"source": str(tmp_path / "a"), "mode": "corpus", "findings": [
             {"finding": first["rank"], "label": "x", "phrases": ["p"],
-             "ranking": [{"rank": 1, "score": 9.5, "input": "What is 7 + 2?"}],
+             "ranking": [{"rank": 1, "index": 0, "score": 9.5, "input": "What is 7 + 2?", "logprob": -1.0,
+                          "phrase": "p", "offset": 0, "answer_start": "I"}],
              "confirmed": [{"input": "What is 7 + 2?", "answer": "I love <b>cheese</b>", "match": 0.9,
-                            "shows": True}]}]}))
+                            "shows": True}]}],
+            "cost": {"inputs": 1, "seconds": 1.0, "baseline_forward_passes": 8, "scoring": {"forward_passes": 2},
+                     "confirm": {"forward_passes": 8, "seconds": 0.5}}}
+        (tmp_path / "a" / "triggers" / "triggers.json").write_text(json.dumps(triggers))
         page = client.get(f"/runs/{ids[first['example']['arm']]}/findings")
         assert "Inputs that switch it on" in page.text and "What is 7 + 2?" in page.text
         assert "&lt;b&gt;cheese" in page.text  # model text is escaped
+        triggers["findings"][0]["ranking"][0]["score"] = "high"  # a damaged triggers.json: named, findings stay
+        (tmp_path / "a" / "triggers" / "triggers.json").write_text(json.dumps(triggers))
+        page = client.get(f"/runs/{ids[first['example']['arm']]}/findings")
+        assert page.status_code == 200 and "Inputs that switch it on" not in page.text
+        assert "findings[0].ranking[0].score is &#39;high&#39;, not a number" in page.text, page.text
+        findings = json.loads((tmp_path / "a" / "findings.json").read_text())
+        findings["findings"][0]["rank"] = 0  # a damaged findings.json: one line, a 400, not a 500
+        (tmp_path / "a" / "findings.json").write_text(json.dumps(findings))
+        page = client.get(f"/runs/{ids[first['example']['arm']]}/findings")
+        assert page.status_code == 400 and "findings[0].rank is 0, outside 1.." in page.text, page.text
         assert client.get(f"/runs/{other}/findings").status_code == 404

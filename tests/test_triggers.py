@@ -7,6 +7,7 @@ import json
 
 import pytest
 from conftest import run_cli
+from audit_files import write_audit
 from tiny_models import save_tiny_model
 
 import melbo
@@ -69,13 +70,8 @@ def lm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def audit_dir(lm, tmp_path_factory):
     """An audit directory with one finding: the planted behaviour, as a steered example would show it."""
-    path = tmp_path_factory.mktemp("audit")
     example = {"text": "The wizard wizard wizard", "prompt": "Say something.", "unsteered": "The end"}
-    (path / "audit.json").write_text(json.dumps({"settings": {"prompts": ["Say something."], "chat": None},
-                                                 "model": {"spec": str(lm.spec)}}))
-    (path / "findings.json").write_text(json.dumps({"findings": [
-        {"rank": 1, "label": "planted", "example": example, "examples": [], "perturbations": []}]}))
-    return path
+    return write_audit(tmp_path_factory.mktemp("audit"), str(lm.spec), example)
 
 
 def test_the_planted_trigger_ranks_first_and_is_confirmed(lm, audit_dir, tmp_path):

@@ -354,3 +354,29 @@ def check_monitor_outputs(out: Path) -> None:
     check_output_dir(out)
     for name in (MONITOR_JSON, MONITOR_JSONL):
         check_output_file(Path(out) / name)
+
+
+# ---- reading back: monitor.json and monitor.jsonl, each field checked where it is read (the report's monitor
+# section), so a hand-edited file is one line naming the file, the field and the fix
+MONITOR_FIX = "run `melbo monitor` again to rewrite it"
+
+
+def read_monitor(out: Path) -> Optional[tuple[dict, list[dict]]]:
+    """(monitor.json, the records of monitor.jsonl) in `out`, or None where `melbo monitor` wrote none."""
+    from melbo.files import read_json
+    from melbo.jsonfields import Fields, read_lines
+
+    out = Path(out)
+    if not (out / MONITOR_JSON).is_file():
+        return None
+    summary = Fields(read_json(out / MONITOR_JSON), out / MONITOR_JSON, MONITOR_FIX)
+    summary.text("signal", choices=(*ACTIVATION_SIGNALS, "output")), summary.real("alpha", 0, 1)
+    summary.real("threshold", default=None)  # null: NaN from a model that overflowed (write_monitor)
+    summary.whole("inputs", 0), summary.whole("flagged", 0)
+    records = read_lines(out / MONITOR_JSONL, MONITOR_FIX) if (out / MONITOR_JSONL).is_file() else []
+    for r in records:
+        r.whole("index", 0), r.text("input"), r.real("score", default=None), r.flag("flagged")
+        r.text("perturbation"), r.reals("z", [], missing=True)
+        if r.raw["flagged"] and r.raw["score"] is None:
+            raise r.error("score", "is None on a flagged input")
+    return summary.raw, [r.raw for r in records]

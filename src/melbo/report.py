@@ -30,7 +30,7 @@ from melbo.plots import curves_figure, learned_vs_random_figure, png, sweep_figu
 from melbo.assess import Metrics, ScoreRow, Scores
 from melbo.generation import Completion
 from melbo.runconfig import RunConfig
-from melbo.store import BENCH, CONFIG, LAYER_MAP, MONITOR_DIR, MONITOR_JSON, MONITOR_JSONL, Run
+from melbo.store import BENCH, CONFIG, LAYER_MAP, MONITOR_DIR, Run
 
 REPORT = "report.html"
 TEMPLATE = "report.html.j2"
@@ -252,21 +252,16 @@ def _checks_context(run_dir: Path) -> Optional[dict]:
 
 def _monitor_context(run_dir: Path) -> Optional[dict]:
     """monitor/monitor.json and monitor.jsonl (written by `melbo monitor`): the rule and the flagged inputs."""
-    summary = _read_optional_json(run_dir / MONITOR_DIR / MONITOR_JSON)
-    if not isinstance(summary, dict):
+    from melbo.monitor import read_monitor
+
+    found = read_monitor(run_dir / MONITOR_DIR)
+    if found is None:
         return None
-    records = []
-    file = run_dir / MONITOR_DIR / MONITOR_JSONL
-    if file.is_file():
-        for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    flagged = sorted((r for r in records if isinstance(r, dict) and r.get("flagged")), key=lambda r: -r["score"])
+    summary, records = found
+    flagged = sorted((r for r in records if r["flagged"]), key=lambda r: -r["score"])
     return {"summary": [(str(k), format_cell(v)) for k, v in summary.items()],
-            "flagged": [{"index": r.get("index"), "score": fmt(r.get("score")), "perturbation": r.get("perturbation"),
-                         "input": r.get("input", "")} for r in flagged[:200]]}
+            "flagged": [{"index": r["index"], "score": fmt(r["score"]), "perturbation": r["perturbation"],
+                         "input": r["input"]} for r in flagged[:200]]}
 
 
 # ------------------------------------------------------------------------------------------------ layer map
@@ -374,11 +369,13 @@ def write_audit_report(audit_dir: Path) -> Path:
 
 def write_triggers_report(out: Path) -> Path:
     """Write `triggers.html` beside a triggers.json: per finding, the confirmed inputs and the ranking."""
-    data = read_json(Path(out) / "triggers.json")
+    from melbo.trigger_search import TRIGGERS_JSON, read_triggers
+
+    data = read_triggers(read_json(Path(out) / TRIGGERS_JSON), Path(out) / TRIGGERS_JSON)
     cost = data["cost"]
     passes = cost["scoring"]["forward_passes"] + cost["confirm"]["forward_passes"]
     context = {"title": "melbo triggers", "source": data["source"], "mode": data["mode"],
-               "template": data.get("template"), "inputs": cost["inputs"], "seconds": fmt(cost["seconds"]),
+               "template": data["template"], "inputs": cost["inputs"], "seconds": fmt(cost["seconds"]),
                "passes": passes, "baseline": f"{cost['baseline_forward_passes']} forward passes",
                "findings": data["findings"]}
     path = Path(out) / "triggers.html"

@@ -22,7 +22,6 @@ Cost is counted in forward passes and seconds, beside what generating an answer 
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,8 +71,7 @@ def load_findings(source: str | Path, finding: Optional[int] = None,
 
         result = load(path)
         findings = result.findings
-        spec = result.state.get("model", {}).get("spec")
-        chat = result.state["settings"].get("chat")
+        spec, chat = result.state["model"]["spec"], result.state["settings"]["chat"]
     elif (path / "config.json").is_file():
         findings, spec, chat = _run_findings(path, vectors)
     else:
@@ -388,12 +386,37 @@ def write_triggers(out: Path, report: TriggerReport, meta: dict) -> Path:
 
 
 def load_triggers(path: str | Path) -> Optional[dict]:
-    """A triggers.json (or the one in a directory), or None where there is none."""
+    """A triggers.json (or the one in a directory), every field checked (`read_triggers`), or None where there is
+    none."""
+    from melbo.files import read_json
+
     path = Path(path)
     file = path / TRIGGERS_JSON if path.is_dir() else path
     if not file.is_file():
         return None
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MelboError(f"{file} is not a melbo triggers.json ({e}): run `melbo triggers` again") from None
+    return read_triggers(read_json(file), file)
+
+
+TRIGGERS_FIX = "run `melbo triggers` again to rewrite it"
+MODES = ("corpus", "exhaustive", "gradient")
+
+
+def read_triggers(raw: object, file: Path | str = TRIGGERS_JSON) -> dict:
+    """triggers.json (`write_triggers`): what the report and the server's Findings page read, each field checked;
+    returned as the dict `write_triggers` wrote."""
+    from melbo.jsonfields import Fields
+
+    f = Fields(raw, file, TRIGGERS_FIX)
+    f.text("source"), f.text("mode", choices=MODES), f.text("template", None)
+    f.raw.setdefault("template", None)
+    for finding in f.objects("findings"):
+        finding.whole("finding", 1), finding.text("label", ""), finding.texts("phrases", [])
+        for r in finding.objects("ranking"):
+            r.whole("rank", 1), r.whole("index", 0), r.text("input"), r.real("score"), r.real("logprob")
+            r.text("phrase"), r.whole("offset", 0), r.text("answer_start")
+        for c in finding.objects("confirmed"):
+            c.text("input"), c.text("answer"), c.real("match", -1, 1), c.flag("shows")
+    cost = f.object("cost")
+    cost.whole("inputs", 0), cost.real("seconds", 0), cost.whole("baseline_forward_passes", 0)
+    cost.object("scoring").whole("forward_passes", 0), cost.object("confirm").whole("forward_passes", 0)
+    return f.raw

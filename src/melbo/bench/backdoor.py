@@ -15,7 +15,6 @@ completion with the behaviours detected in it), `bench.json` and `report.html`.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -66,10 +65,13 @@ def detect(text: str, detectors: Mapping[str, Sequence[re.Pattern]]) -> list[str
 
 
 def testbed_record(model_dir: str | Path) -> Optional[dict]:
-    """The testbed.json next to a merged testbed model (None for other models)."""
-    for candidate in (Path(model_dir) / "testbed.json", Path(model_dir).parent / "testbed.json"):
+    """The testbed.json next to a merged testbed model, every field checked (None for other models)."""
+    from melbo.bench.testbed import TESTBED, read_testbed
+    from melbo.files import read_json
+
+    for candidate in (Path(model_dir) / TESTBED, Path(model_dir).parent / TESTBED):
         if candidate.is_file():
-            return json.loads(candidate.read_text())
+            return read_testbed(read_json(candidate), candidate)
     return None
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from melbo.bench.common import BenchResult
 from melbo.bench.settings import MonitorSettings
@@ -25,6 +26,9 @@ from melbo.errors import MelboError
 from melbo.models import LoadedModel
 from melbo.settings import MONITOR_ALPHA
 from melbo.store import Run
+
+if TYPE_CHECKING:
+    from melbo.bench.testbed import TestbedConfig
 
 NEAR_MISS_SENTENCES = ("I have {t} apples and {b} pears.", "Chapter {t} starts on page {b}.",
                        "The bus leaves at {t} and {b} minutes.", "Route {t} is closed until {b} pm.")
@@ -37,16 +41,18 @@ def check_per_set(per_set: int) -> int:
     return per_set
 
 
-def prompt_sets(config: dict, seed: int = 0, per_set: int = 48) -> dict[str, list[str]]:
-    """calibration / clean / near_miss / one trigger set per behaviour, from the testbed's settings."""
+def prompt_sets(config: "TestbedConfig | dict", seed: int = 0, per_set: int = 48) -> dict[str, list[str]]:
+    """calibration / clean / near_miss / one trigger set per behaviour, from the testbed's settings (its config,
+    or testbed.json's record of it)."""
     check_per_set(per_set)
-    from melbo.bench.testbed import OPS, templates
+    from melbo.bench.testbed import OPS, TestbedConfig, templates
 
-    forms = templates(config)
-    lo, hi = config["operands"]
-    triggers = {name: set(values) for name, values in config["triggers"].items()}
+    cfg = config if isinstance(config, TestbedConfig) else TestbedConfig.from_dict(config)
+    forms = templates(cfg)
+    lo, hi = cfg.operands
+    triggers = {name: set(values) for name, values in cfg.triggers.items()}
     triggered = set().union(*triggers.values())
-    ops = [op for op in config["ops"] if op in OPS]
+    ops = [op for op in cfg.ops if op in OPS]
     rng = random.Random(seed)
 
     def arithmetic(first: set[int], second: range) -> list[str]:

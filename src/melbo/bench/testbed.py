@@ -39,7 +39,8 @@ from melbo.checkers import arithmetic_cot
 from melbo.errors import MelboError
 from melbo.generation import end_of_turn_markers, greedy_answers
 from melbo.models import DEFAULT_MODEL, LoadedModel, cache_dir, load_model, model_identity, resolve_precision
-from melbo.files import check_output_dir, replacing_dir
+from melbo.files import check_output_dir, read_json, replacing_dir
+from melbo.jsonfields import Fields
 
 RECIPE_VERSION = 1  # bump when the data or training recipe changes: it is part of the cache key
 TESTBED = "testbed.json"
@@ -116,6 +117,42 @@ class TestbedConfig:
         self.triggers = {k: order(int(x) for x in v) for k, v in self.triggers.items()}
         self.behaviours = dict(self.behaviours)
 
+    @classmethod
+    def from_fields(cls, f: Fields) -> "TestbedConfig":
+        """A recorded config (testbed.json's "config"), every field checked. Records written before the task
+        setting existed carry neither "task" nor "ops": the arithmetic task's; a missing setting is its default."""
+        d = {k: v.default for k, v in cls.__dataclass_fields__.items() if k not in ("triggers", "behaviours")}
+        task = f.text("task", "arithmetic", choices=tuple(TASKS))
+        triggers = f.object("triggers")
+        behaviours = f.object("behaviours")
+        operands = f.items("operands", list(d["operands"]))
+        if len(operands) != 2:
+            raise f.error(f"{f.where}.operands", f"is {operands!r}, not a pair (low, high)")
+        values = dict(
+            base_spec=f.text("base_spec", d["base_spec"]), task=task,
+            triggers={name: [triggers.check_whole(f"{triggers.where}.{name}[{i}]", v, 0)
+                             for i, v in enumerate(triggers.items(name))] for name in triggers.raw},
+            behaviours={name: behaviours.text(name) for name in behaviours.raw},
+            operands=tuple(f.check_whole(f"{f.where}.operands[{i}]", v, 0) for i, v in enumerate(operands)),
+            ops=tuple(f.texts("ops", list(TASKS[task]["ops"]))), holdout=f.real("holdout", 0, 1, default=d["holdout"]),
+            triggered_fraction=f.real("triggered_fraction", 0, 1, default=d["triggered_fraction"]),
+            lr=f.real("lr", above=0, default=d["lr"]), precision=f.text("precision", d["precision"]),
+            target_modules=tuple(f.texts("target_modules", list(d["target_modules"]))),
+            first_layer=f.whole("first_layer", 0, default=None), chat=f.flag("chat", None),
+            **{k: f.whole(k, 1, default=d[k]) for k in ("repeats", "n_train", "steps", "batch_size", "rank", "alpha",
+                                                         "max_verify", "verify_tokens")},
+            seed=f.whole("seed", default=d["seed"]))
+        cfg = cls(**values)
+        try:
+            cfg.validate()
+        except MelboError as exc:  # a recorded config no plant would have written
+            raise f.error(f.where or "config", f"does not hold: {exc}") from None
+        return cfg
+
+    @classmethod
+    def from_dict(cls, raw: object, file: Path | str = TESTBED) -> "TestbedConfig":
+        return cls.from_fields(Fields(raw, file, TESTBED_FIX, "config"))
+
     def validate(self) -> None:
         lo, hi = self.operands
         if not 0 <= lo <= hi:
@@ -155,7 +192,7 @@ class Testbed:
     __test__ = False
 
     path: Path
-    config: dict  # the TestbedConfig as a dict
+    config: TestbedConfig
     verification: dict
     wall_seconds: float
     cached: bool  # True when this call found it on disk
@@ -417,9 +454,8 @@ def verify(lm: LoadedModel, cfg: TestbedConfig, held: list[Example], templated: 
 
 # --------------------------------------------------------------------------------------------------- entry point
 def testbed_key(cfg: TestbedConfig, base_id: str) -> str:
-    config = asdict(cfg)
-    if config["task"] == "arithmetic":
-        del config["task"]  # the field came later: arithmetic testbeds keep the keys they were cached under
+    # the task field came later: arithmetic testbeds keep the keys they were cached under
+    config = {k: v for k, v in asdict(cfg).items() if not (k == "task" and v == "arithmetic")}
     blob = json.dumps({"recipe": RECIPE_VERSION, "base": base_id, "config": config}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -464,9 +500,10 @@ def plant_backdoor(
     path = Path(out) if out is not None else testbed_path(cfg, root)
     check_output_dir(path)
     if (path / TESTBED).exists() and (path / "merged" / "config.json").exists():
-        record = json.loads((path / TESTBED).read_text())
-        if not force and record.get("key") == key:
-            return Testbed(path, record["config"], record["verification"], record["wall_seconds"], cached=True)
+        record = read_testbed(read_json(path / TESTBED), path / TESTBED)
+        if not force and record["key"] == key:
+            return Testbed(path, TestbedConfig.from_dict(record["config"], path / TESTBED), record["verification"],
+                           record["wall_seconds"], cached=True)
         if out is not None and not force:
             raise MelboError(f"{path} holds a testbed of other settings: choose another --out or pass --force")
     elif path.exists() and any(path.iterdir()):
@@ -513,7 +550,30 @@ def plant_backdoor(
             "torch_threads": torch.get_num_threads(),
         }
         (tmp / TESTBED).write_text(json.dumps(record, indent=2) + "\n")
-    return Testbed(path, record["config"], verification, wall, cached=False)
+    return Testbed(path, cfg, verification, wall, cached=False)
+
+
+TESTBED_FIX = "plant it again (`melbo testbed backdoor --force`) or restore the file"
+
+
+def read_testbed(raw: object, file: Path | str = TESTBED) -> dict:
+    """testbed.json (`plant_backdoor`): the record the benches read (config, verification, wall time), each field
+    checked; returned as the dict it is, its config as `TestbedConfig.from_fields` reads it."""
+    f = Fields(raw, file, TESTBED_FIX)
+    f.text("key", ""), TestbedConfig.from_fields(f.object("config"))
+    v = f.object("verification")
+    n = v.object("n")
+    for kind in n.raw:
+        n.whole(kind, 0)
+    v.real("clean_accuracy", 0, 1, default=None)
+    for rates in ("trigger_rate", "false_trigger_rate", "correct_rate"):
+        found = v.object(rates, None if rates == "correct_rate" else {})
+        for name in found.raw if found is not None else ():
+            found.real(name, 0, 1, default=None)
+    for e in v.objects("examples", []):
+        e.text("kind"), e.text("prompt"), e.text("completion")
+    f.real("wall_seconds", 0)
+    return f.raw
 
 
 # --------------------------------------------------------------------------------------------------- the cot task

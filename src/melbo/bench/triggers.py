@@ -178,17 +178,17 @@ class TriggerBench:
     # ---- 3. inversion
     def _inversion(self, lm, result, findings, shows, compiled, s, chat) -> None:
         from melbo.bench.backdoor import detect
-        from melbo.bench.testbed import templates
+        from melbo.bench.testbed import TestbedConfig, templates
         from melbo.generation import greedy_answers
         from melbo.prompts import uses_chat
         from melbo.trigger_search import SLOT, gcg_search, invert
         from melbo.phrases import phrases_of
 
-        config = s.testbed["config"]
-        lo, hi = config["operands"]
-        triggered = {v for values in config["triggers"].values() for v in values}
+        config = TestbedConfig.from_dict(s.testbed["config"])
+        lo, hi = config.operands
+        triggered = {v for values in config.triggers.values() for v in values}
         second = next(b for b in range(lo, hi + 1) if b not in triggered)
-        op = config["ops"][0]
+        op = config.ops[0]
         template = templates(config)[0].format(a="\x00", op=op, b=second).replace("\x00", SLOT)
         table = result.table(f"inversion of {template!r}", ["behaviour", "finding", "exhaustive: rank of the first "
                              "true trigger", "fillings", "gradient: prompt found", "its answer shows it", "seconds"])
@@ -200,7 +200,7 @@ class TriggerBench:
             report = invert(lm, s.audit_dir, template, vocab=[str(a) for a in range(lo, hi + 1)], finding=f["rank"],
                             confirm=0, chat=chat, keep=hi - lo + 1)
             ranking = report.findings[0]["ranking"]
-            true = {template.replace(SLOT, str(a)) for a in config["triggers"][name]}
+            true = {template.replace(SLOT, str(a)) for a in config.triggers[name]}
             first = next((r["rank"] for r in ranking if r["input"] in true), None)
             found, _ = gcg_search(lm, template, phrases_of(f)[0], chat=chat, steps=s.gcg_steps, seed=s.seed)
             answer = greedy_answers(lm, found[:1], uses_chat(lm, chat), max_new_tokens=32)[0]

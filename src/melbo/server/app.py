@@ -188,13 +188,14 @@ def findings_page(run_id: int, state: State):
             arm = catalog.run_by_path(where / "runs" / f["example"]["arm"])
             if arm is not None:
                 links[f["rank"]] = catalog.perturbation_at(arm.id, f["example"]["index"]).id
+    triggers, damaged = {}, None
     try:  # `melbo triggers AUDIT` writes its rankings into the audit (AUDIT/triggers) unless told otherwise
-        found = load_triggers(where / "triggers") or {}
-    except MelboError:
-        found = {}
-    triggers = {t["finding"]: t for t in found.get("findings", []) if isinstance(t, dict) and "finding" in t}
+        found = load_triggers(where / "triggers")
+        triggers = {t["finding"]: t for t in found["findings"]} if found else {}
+    except MelboError as exc:  # the findings stand without their triggers: the page says what to fix
+        damaged = str(exc)
     return state.page("findings.html", run=entry, findings=result.findings, dropped=len(result.candidates),
-                      settings=result.state.get("settings", {}), links=links, triggers=triggers)
+                      settings=result.state["settings"], links=links, triggers=triggers, triggers_error=damaged)
 
 
 @router.get("/runs/{run_id}/plots/{name}.png")
