@@ -75,6 +75,8 @@ def test_null_numbers_strict_json_wrote_load_as_not_finite(tmp_path):
     (("settings", "scan_precision"), "fp8", "settings.scan_precision is 'fp8', not one of auto, fp32, bf16"),
     (("settings", "random_baseline"), "yes", "settings.random_baseline is 'yes', not true or false"),
     (("model",), None, "model is NoneType, not an object"),
+    (("model", "spec"), KeyError, "model.spec is missing"),
+    (("reference",), {"id": 3, "spec": "base"}, "reference.id is 3, not text"),
     (("status",), "done", "status is 'done', not one of running, complete"),
     (("spent",), float("nan"), "spent is nan, not a finite number"),
     (("stages", "scan", "per_completion"), KeyError, "stages.scan.per_completion is missing"),
@@ -268,3 +270,13 @@ def test_a_damaged_testbed_field_is_named(path, value, fragment, tmp_path):
     with pytest.raises(MelboError) as caught:
         testbed_record(tmp_path)
     _one_line(caught, file, fragment, "melbo testbed backdoor --force")
+
+
+def test_the_cli_names_a_damaged_audit_json_and_exits_2(tmp_path, capsys):
+    from conftest import run_cli
+
+    write_audit(tmp_path / "a")
+    (tmp_path / "a" / "audit.json").write_text(json.dumps(_damaged(STATE, ("settings", "seed"), "zero")))
+    code, _, err = run_cli(["audit", "--resume", str(tmp_path / "a")], capsys)
+    assert code == 2 and "settings.seed is 'zero', not a whole number" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -304,7 +304,9 @@ def read_confirmations(file: Path) -> list[dict]:
 
 
 def _model(m: Fields) -> None:
-    m.raw["id"], m.raw["spec"] = m.text("id", None), m.text("spec", None)
+    """A model's `describe()`: its spec loads it again (`--resume`, the reproduction command), its id is shown."""
+    m.text("spec"), m.text("id", None)
+    m.raw.setdefault("id", None)
 
 
 def _observation(f: Fields, key: str) -> dict:
