@@ -332,11 +332,11 @@ __all__ = ["write_report", "build_context", "render", "fmt"]
 def write_audit_report(audit_dir: Path) -> Path:
     """Write an audit's `report.html`: its findings first (clearest example, the unsteered answer beside it,
     the reproduction command), then a plot of everything it scanned, its plan and the time of each stage."""
-    from melbo.auditing import FINDINGS, OBSERVATIONS, load_state, read_findings, read_observations
+    from melbo.auditfiles import AUDIT, FINDINGS, OBSERVATIONS, read_findings, read_observations, read_state
     from melbo.plots import audit_figure
 
     audit_dir = Path(audit_dir)
-    state = load_state(audit_dir)
+    state = read_state(read_json(audit_dir / AUDIT), audit_dir / AUDIT)
     data = read_findings(read_json(audit_dir / FINDINGS), audit_dir / FINDINGS)
     observations = [o.to_json() for o in read_observations(audit_dir / OBSERVATIONS)]
     calibration, plan, stages, settings = data["calibration"], data["plan"], state["stages"], data["settings"]
@@ -369,7 +369,7 @@ def write_audit_report(audit_dir: Path) -> Path:
 
 def write_triggers_report(out: Path) -> Path:
     """Write `triggers.html` beside a triggers.json: per finding, the confirmed inputs and the ranking."""
-    from melbo.trigger_search import TRIGGERS_JSON, read_triggers
+    from melbo.auditfiles import TRIGGERS_JSON, read_triggers
 
     data = read_triggers(read_json(Path(out) / TRIGGERS_JSON), Path(out) / TRIGGERS_JSON)
     cost = data["cost"]

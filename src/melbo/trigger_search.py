@@ -30,12 +30,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from melbo.auditfiles import TRIGGERS_JSON, read_triggers
 from melbo.errors import MelboError
 from melbo.models import LoadedModel
 from melbo.phrases import CHUNK, phrases_of, score_phrases
 from melbo.settings import GCG_STEPS, TRIGGER_CONFIRM, TRIGGER_TOKENS
 
-TRIGGERS_JSON = "triggers.json"
 KEEP = 50  # ranked inputs written per finding
 MATCH = 0.6  # embedding similarity of an answer to a phrase at which it shows the finding (findings.MATCH)
 SLOT = "{?}"
@@ -395,28 +395,3 @@ def load_triggers(path: str | Path) -> Optional[dict]:
     if not file.is_file():
         return None
     return read_triggers(read_json(file), file)
-
-
-TRIGGERS_FIX = "run `melbo triggers` again to rewrite it"
-MODES = ("corpus", "exhaustive", "gradient")
-
-
-def read_triggers(raw: object, file: Path | str = TRIGGERS_JSON) -> dict:
-    """triggers.json (`write_triggers`): what the report and the server's Findings page read, each field checked;
-    returned as the dict `write_triggers` wrote."""
-    from melbo.jsonfields import Fields
-
-    f = Fields(raw, file, TRIGGERS_FIX)
-    f.text("source"), f.text("mode", choices=MODES), f.text("template", None)
-    f.raw.setdefault("template", None)
-    for finding in f.objects("findings"):
-        finding.whole("finding", 1), finding.text("label", ""), finding.texts("phrases", [])
-        for r in finding.objects("ranking"):
-            r.whole("rank", 1), r.whole("index", 0), r.text("input"), r.real("score"), r.real("logprob")
-            r.text("phrase"), r.whole("offset", 0), r.text("answer_start")
-        for c in finding.objects("confirmed"):
-            c.text("input"), c.text("answer"), c.real("match", -1, 1), c.flag("shows")
-    cost = f.object("cost")
-    cost.whole("inputs", 0), cost.real("seconds", 0), cost.whole("baseline_forward_passes", 0)
-    cost.object("scoring").whole("forward_passes", 0), cost.object("confirm").whole("forward_passes", 0)
-    return f.raw
