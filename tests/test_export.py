@@ -78,6 +78,8 @@ def test_peft_adapter_reproduces_melbo_logits(tmp_path, arch):
     config = json.loads((dirs[0] / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == 3 and config["layers_to_transform"] == [1]
     assert config["fan_in_fan_out"] is (arch == "gpt2")
+    from peft import LoraConfig  # written by peft itself: its own reader takes it back unchanged
+    assert LoraConfig.from_pretrained(str(dirs[0])).target_modules == set(config["target_modules"])
 
 
 def _hand_run(path, perturbations, method, lm):

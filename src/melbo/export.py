@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +23,7 @@ from melbo.errors import MelboError
 from melbo.intervention import SteeringAdapters, SteeringVectors
 from melbo.layers import find_mlp_out
 from melbo.models import LoadedModel
-from melbo.files import json_bytes, make_output_dir, replacing_all, write_tensors
+from melbo.files import make_output_dir, replacing_all, write_tensors
 
 
 def _select(n: int, indices: Sequence[int] | None) -> list[int]:
@@ -107,6 +108,29 @@ def _peft_target(lm: LoadedModel, layer: int, mlp_path: str) -> str:
     raise MelboError(f"cannot name {full} unambiguously for PEFT in this model: use steering vectors instead")
 
 
+def _lora_config_bytes(base_model: str, rank: int, target: str, layer: int, fan_in_fan_out: bool) -> bytes:
+    """adapter_config.json as peft itself writes it, so every field a peft release expects is present."""
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+        r=rank,
+        lora_alpha=rank,  # scaling lora_alpha / r = 1: the radius lives in lora_B
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=[target],
+        layers_to_transform=[layer],
+        fan_in_fan_out=fan_in_fan_out,
+        inference_mode=True,
+    )
+    # save_pretrained writes in place; it writes into scratch space here so that the caller's atomic
+    # replacement (no half export on a full disk) still holds.
+    with tempfile.TemporaryDirectory(prefix="melbo-peft-") as scratch:
+        config.save_pretrained(scratch)
+        return (Path(scratch) / "adapter_config.json").read_bytes()
+
+
 def export_peft(
     adapters: SteeringAdapters,
     lm: LoadedModel,
@@ -123,23 +147,13 @@ def export_peft(
     chosen = _select(len(adapters), indices)
     rank = int(adapters.a.shape[-1])
     prefix = f"base_model.model.{lm.blocks_path}.{layer}.{mlp_path}"
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": getattr(lm.model.config, "_name_or_path", "") or lm.spec,
-        "r": rank,
-        "lora_alpha": rank,  # scaling lora_alpha / r = 1: the radius lives in lora_B
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "target_modules": [_peft_target(lm, layer, mlp_path)],
-        "layers_to_transform": [layer],
-        "fan_in_fan_out": conv1d,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-    }
+    config = _lora_config_bytes(
+        base_model=getattr(lm.model.config, "_name_or_path", "") or lm.spec,
+        rank=rank,
+        target=_peft_target(lm, layer, mlp_path),
+        layer=layer,
+        fan_in_fan_out=conv1d,
+    )
     out_dir = Path(out_dir)
     make_output_dir(out_dir)
     directories = [out_dir / f"v{i}" for i in chosen]
@@ -152,5 +166,5 @@ def export_peft(
                                             * adapters.radius).contiguous(),
             }
             write_tensors(tmps[2 * k], tensors, {"format": "pt"})
-            tmps[2 * k + 1].write_bytes(json_bytes(config))
+            tmps[2 * k + 1].write_bytes(config)
     return directories
