@@ -316,7 +316,7 @@ def test_the_hash_memo_on_a_full_disk_is_skipped_not_fatal(tmp_path, monkeypatch
 
 
 def test_assembling_a_gguf_on_a_full_disk_is_one_line_and_leaves_no_part(tmp_path, monkeypatch):
-    from melbo import models
+    from melbo import embedded as models  # the embedded models and their assembly live there
     from melbo.errors import MelboError
 
     parts = [tmp_path / f"part{i}.bin" for i in range(3)]
@@ -391,7 +391,7 @@ def test_a_gemma_assembly_that_fails_halfway_leaves_no_file_a_later_load_would_t
     import sys
     import types
 
-    from melbo import models
+    from melbo import embedded as models  # the embedded models and their assembly live there
     from melbo.errors import MelboError
 
     def assemble(path):

@@ -157,3 +157,14 @@ def test_the_command_lines_placement_defaults():
     assert placement("best", "auto") == (("cuda", "bfloat16") if gpu else ("cpu", "float32"))
     assert placement("cpu", "auto") == ("cpu", "float32")  # bf16 only where it pays
     assert placement("cuda:1", "float16") == ("cuda:1", "float16")  # explicit values pass through
+
+
+def test_melbo_models_lists_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from melbo.cli import app; app(['models'], standalone_mode=False); "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "smollm2-135m" in done.stdout
+    assert done.stdout.strip().endswith("False False")  # torch alone costs about a second of every listing
