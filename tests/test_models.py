@@ -168,3 +168,37 @@ def test_melbo_models_lists_without_importing_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "smollm2-135m" in done.stdout
     assert done.stdout.strip().endswith("False False")  # torch alone costs about a second of every listing
+
+
+def test_a_directory_run_records_the_weights_sha256_and_rehashes_only_changed_files(tmp_path, monkeypatch):
+    import hashlib
+    import json
+    import os
+
+    import melbo
+    from tiny_models import save_tiny_model
+
+    monkeypatch.setenv("MELBO_CACHE", str(tmp_path / "cache"))
+    directory = save_tiny_model(tmp_path / "model")
+    weights = directory / "model.safetensors"
+    expected = hashlib.sha256(f"model.safetensors:{hashlib.sha256(weights.read_bytes()).hexdigest()}\n".encode())
+    lm = load_model(str(directory))
+    assert lm.provenance == {"source": "directory", "path": str(directory.resolve()), "sha256": expected.hexdigest()}
+    memo_file = tmp_path / "cache" / "hashes.json"
+    memo = json.loads(memo_file.read_text())
+    (key,) = [k for k in memo if k.startswith(f"{weights.resolve()}|")]
+    memo_file.write_text(json.dumps({**memo, key: "remembered"}))  # a second load must read the memo, not rehash
+    assert load_model(str(directory)).provenance["sha256"] == hashlib.sha256(b"model.safetensors:remembered\n").hexdigest()
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new mtime: hashed again
+    assert load_model(str(directory)).provenance == lm.provenance
+    run = melbo.discover(lm, ["hello"], tmp_path / "run", n_vectors=1, steps=1, radius="0.5x", batch_size=1)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["provenance"]["model"] == lm.provenance
+    assert run.config.provenance["model"]["sha256"] == expected.hexdigest()
+
+
+def test_a_hub_spec_takes_a_revision():
+    from melbo.models import _hub_revision, _resolve
+
+    assert _hub_revision("org/name@v1.0") == "v1.0" and _hub_revision("org/name") is None
+    assert _resolve("org/name@0123abc") == ("org/name", "org/name@0123abc", None)

@@ -13,7 +13,7 @@ import hashlib
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,6 +52,7 @@ class LoadedModel:
     spec: str
     source_hash: str | None = None
     blocks_return_tuple: bool = False  # transformers 4 blocks return tuples, 5 plain tensors; learned on first use
+    provenance: dict = field(default_factory=dict)  # what reproduces these weights: hub commit, content sha256
 
     @property
     def width(self) -> int:
@@ -107,7 +108,7 @@ class LoadedModel:
                 head.register_forward_pre_hook(_contiguous_input)
             path, blocks = find_blocks(model, self.blocks_path)
             cached = (weights, LoadedModel(model, self.tokenizer, blocks, path, self.model_id, self.spec,
-                                           self.source_hash, self.blocks_return_tuple))
+                                           self.source_hash, self.blocks_return_tuple, self.provenance))
             self.__dict__["_bf16_model"] = cached
         return cached[1]
 
@@ -145,9 +146,54 @@ def load_model(
     if not spec:
         raise MelboError(f"empty model spec: give an embedded name ({', '.join(EMBEDDED)}), a directory or a .gguf")
     directory, model_id, source_hash = _resolve(spec)
-    model, tokenizer = _from_pretrained(directory, spec, device, DTYPES[dtype])
+    revision = _hub_revision(spec)
+    model, tokenizer = _from_pretrained(directory, spec, device, DTYPES[dtype], revision)
     path, blocks = find_blocks(model, blocks_path)
-    return LoadedModel(model, tokenizer, blocks, path, model_id, spec, source_hash)
+    return LoadedModel(model, tokenizer, blocks, path, model_id, spec, source_hash,
+                       provenance=_provenance(spec, directory, source_hash, model, revision))
+
+
+_HUB_SPEC = re.compile(r"([\w.-]+/[\w.-]+)(?:@([\w./-]+))?")
+
+
+def _hub_revision(spec: str) -> str | None:
+    """The `@revision` (branch, tag or commit) of a hub spec such as `org/name@v1.0`, else None."""
+    if Path(spec).expanduser().exists():
+        return None
+    found = _HUB_SPEC.fullmatch(spec)
+    return found.group(2) if found else None
+
+
+def _provenance(spec: str, directory: str, source_hash: str | None, model: nn.Module, revision: str | None) -> dict:
+    """What a reproduction needs: the hub commit the revision resolved to, and the sha256 of the weights' bytes."""
+    if source_hash is not None and not Path(spec).expanduser().is_dir():  # an embedded model or a .gguf
+        return {"source": "gguf", "sha256": source_hash}
+    if Path(directory).is_dir():
+        return {"source": "directory", "path": directory, "sha256": weights_sha256(Path(directory))}
+    commit = getattr(model.config, "_commit_hash", None)
+    record = {"source": "hub", "id": directory, "revision": revision or "main", "commit": commit}
+    snapshot = _hub_snapshot(directory, commit)
+    if snapshot is not None:
+        record["sha256"] = weights_sha256(snapshot)
+    return record
+
+
+def _hub_snapshot(repo_id: str, commit: str | None) -> Path | None:
+    """The local snapshot folder from_pretrained just read, or None when the cache layout is not the usual one."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=commit, local_files_only=True))
+    except Exception:  # noqa: BLE001 (only provenance: the run goes on without the hash)
+        return None
+
+
+def weights_sha256(directory: Path) -> str:
+    """sha256 over the weight files' bytes (each memoised by path, size and mtime: a second load is instant)."""
+    h = hashlib.sha256()
+    for weights in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        h.update(f"{weights.name}:{file_sha256(weights.resolve())}\n".encode())
+    return h.hexdigest()
 
 
 def _in_memory(model: object, tokenizer: object, blocks_path: str | None) -> LoadedModel:
@@ -252,8 +298,8 @@ def _resolve(spec: str) -> tuple[str, str, str | None]:
         raise MelboError(f"{spec} is neither a model directory nor a .gguf file: give one of those")
     if spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
         raise MelboError(f"{spec} does not exist: check the path")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        return spec, spec, None
+    if found := _HUB_SPEC.fullmatch(spec):
+        return found.group(1), spec, None  # the id keeps @revision: another revision is another model
     raise MelboError(
         f"unknown model {spec!r}: use an embedded model ({', '.join(EMBEDDED)}), a directory, a .gguf file or a hub id"
     )
@@ -267,13 +313,13 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
-def _from_pretrained(directory: str, spec: str, device: str, dtype: torch.dtype):
+def _from_pretrained(directory: str, spec: str, device: str, dtype: torch.dtype, revision: str | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-
+    pinned = {"revision": revision} if revision else {}
     try:
-        config = AutoConfig.from_pretrained(directory)
+        config = AutoConfig.from_pretrained(directory, **pinned)
     except (OSError, ValueError) as exc:
         raise MelboError(f"cannot load {spec!r} ({_first_line(exc)}): check the id/path, or connect to the hub") from exc
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -285,7 +331,7 @@ def _from_pretrained(directory: str, spec: str, device: str, dtype: torch.dtype)
         # What fits on no GPU (nor in CPU memory) is offloaded to disk, beside the other caches.
         placement = ({"device_map": "auto", "offload_folder": str(cache_dir() / "offload" / _safe_name(spec))}
                      if device == "auto" else {})
-        model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype, **placement)
+        model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype, **placement, **pinned)
     except ValueError as exc:
         raise MelboError(
             f"{spec!r} is not a causal language model melbo can load ({_first_line(exc)}): give a causal LM"
@@ -297,7 +343,7 @@ def _from_pretrained(directory: str, spec: str, device: str, dtype: torch.dtype)
         model.to(device)
     model.eval().requires_grad_(False)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory, **pinned)
     except (OSError, ValueError, TypeError) as exc:
         raise MelboError(f"cannot load the tokenizer of {spec!r} ({_first_line(exc)}): add its tokenizer files") from exc
     if tokenizer.pad_token_id is None:

@@ -208,7 +208,7 @@ def _initial_config(lm: LoadedModel, cfg: DiscoverConfig, source: int, target: i
         status="running",
         versions={"torch": torch.__version__, "transformers": transformers.__version__,
                   "python": platform.python_version()},
-        provenance={},
+        provenance={"model": lm.provenance, **({"reference": reference.provenance} if reference is not None else {})},
     )
 
 
