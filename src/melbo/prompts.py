@@ -54,11 +54,31 @@ def format_messages(lm: LoadedModel, messages: Sequence[Message]) -> str:
     return lm.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
 
 
-def format_prompt(lm: LoadedModel, prompt: str, chat: bool | None = None) -> str:
+_SYSTEM_PROBE = "melbo-system-probe-7d1f"
+
+
+def check_system_role(lm: LoadedModel, chat: bool | None = None) -> None:
+    """Refuse a system prompt the model would never see: raw text, or a template that drops or rejects the role."""
+    if not uses_chat(lm, chat):
+        raise MelboError(f"a system prompt needs the chat template, and {lm.model_id} is used as raw text: "
+                         "drop --system-prompt (or --raw)")
+    try:
+        text = format_messages(lm, [{"role": "system", "content": _SYSTEM_PROBE}, {"role": "user", "content": "hi"}])
+    except Exception:  # noqa: BLE001 (templates raise their own error types, e.g. jinja's TemplateError)
+        text = ""
+    if _SYSTEM_PROBE not in text:
+        raise MelboError(f"{lm.model_id}'s chat template has no system role: drop --system-prompt")
+
+
+def format_prompt(lm: LoadedModel, prompt: str, chat: bool | None = None, system: str | None = None) -> str:
+    """One prompt as the model reads it; `system` (checked with `check_system_role` first) opens the conversation."""
     if not prompt.strip():
         raise MelboError("empty prompt: give at least one non-blank prompt")
     if uses_chat(lm, chat):
-        return format_messages(lm, [{"role": "user", "content": prompt}])
+        opening = [{"role": "system", "content": system}] if system else []
+        return format_messages(lm, [*opening, {"role": "user", "content": prompt}])
+    if system:
+        check_system_role(lm, chat)  # raises: raw text has no place for it
     return prompt
 
 
@@ -67,9 +87,9 @@ def tokenize(lm: LoadedModel, text: str, templated: bool) -> list[int]:
     return lm.tokenizer(text, add_special_tokens=not templated)["input_ids"]
 
 
-def prompt_tokens(lm: LoadedModel, prompt: str, templated: bool) -> list[int]:
+def prompt_tokens(lm: LoadedModel, prompt: str, templated: bool, system: str | None = None) -> list[int]:
     """The token ids the model reads for one prompt (template applied when `templated`)."""
-    return tokenize(lm, format_prompt(lm, prompt, templated), templated)
+    return tokenize(lm, format_prompt(lm, prompt, templated, system), templated)
 
 
 def batch_from_ids(ids: Sequence[Sequence[int]], pad: int = 0, texts: Sequence[str] | None = None) -> PromptBatch:
@@ -121,14 +141,17 @@ def _check_fits(lm: LoadedModel, what: str, n_tokens: int, extra: int, fix: str)
 
 
 def encode(
-    lm: LoadedModel, prompts: Sequence[str], chat: bool | None = None, positions: Spec | Positions = "all"
+    lm: LoadedModel, prompts: Sequence[str], chat: bool | None = None, positions: Spec | Positions = "all",
+    system: str | None = None,
 ) -> PromptBatch:
-    """Format, tokenize and left-pad prompts; mark the objective's token positions."""
+    """Format, tokenize and left-pad prompts (after `system`, when given); mark the objective's token positions."""
     prompts = check_prompt_list(prompts)
     positions = Positions.parse(positions)  # a malformed spec fails before tokenizing
     positions.check_count(len(prompts))
     templated = uses_chat(lm, chat)
-    texts = [format_prompt(lm, p, templated) for p in prompts]
+    if system:
+        check_system_role(lm, templated)
+    texts = [format_prompt(lm, p, templated, system) for p in prompts]
     ids = [tokenize(lm, t, templated) for t in texts]
     for i, x in enumerate(ids):
         check_context(lm, i, len(x))
