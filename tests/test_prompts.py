@@ -37,3 +37,18 @@ def test_raw_text_has_no_place_for_a_system_prompt():
     with pytest.raises(MelboError, match="raw text"):
         format_prompt(lm, "hi", chat=False, system="You are a pirate.")
     check_system_role(lm)  # the tiny template renders every role
+
+
+def test_generation_reads_the_system_prompt_and_refuses_one_the_template_drops(monkeypatch):
+    from melbo import generation
+
+    lm = tiny_lm()
+    read = []
+    real = generation.prompt_tokens
+    monkeypatch.setattr(generation, "prompt_tokens", lambda *a: read.append(real(*a)) or read[-1])
+    sampling = generation.Sampling(max_new_tokens=3)
+    generation.generate(lm, None, ["hi"], sampling=sampling, system="You are a pirate.")
+    assert lm.tokenizer.decode(read[-1]) == "You are a pirate.\nhi\n"  # what the model was given
+    lm.tokenizer.chat_template = USER_ONLY
+    with pytest.raises(MelboError, match="no system role"):
+        generation.generate(lm, None, ["hi"], sampling=sampling, system="You are a pirate.")

@@ -18,7 +18,9 @@ from melbo.checks import check_fields, check_finite, check_scale
 from melbo.errors import MelboError
 from melbo.intervention import Perturbations
 from melbo.models import LoadedModel
-from melbo.prompts import batch_from_ids, check_context, check_prompt_list, prompt_tokens, uses_chat
+from melbo.prompts import (
+    batch_from_ids, check_context, check_prompt_list, check_system_role, prompt_tokens, uses_chat,
+)
 from melbo.settings import GENERATION_BATCH
 
 # End-of-turn markers of common chat templates; used when the template mentions them.
@@ -215,8 +217,10 @@ def generate(
     chat: Optional[bool] = None,
     sampling: Sampling = Sampling(),
     on_batch: Optional[Callable[[int], None]] = None,
+    system: Optional[str] = None,
 ) -> list[Completion]:
-    """Completions for every (perturbation, prompt, sample), unsteered first, in batches across perturbations."""
+    """Completions for every (perturbation, prompt, sample), unsteered first, in batches across perturbations;
+    `system` opens every conversation."""
     prompts = check_prompt_list(prompts)
     check_scale(scale)  # far past ±100 a model writes nothing: an empty reply would look like a result
     if not isinstance(sampling, Sampling):
@@ -231,10 +235,12 @@ def generate(
             raise MelboError(f"vector index {i} is out of range: there are {count} (0..{count - 1})")
     names = list(labels) if labels is not None else [f"v{i}" for i in chosen]
     templated = uses_chat(lm, chat)
+    if system:
+        check_system_role(lm, templated)
     samples = sampling.samples if sampling.temperature > 0 else 1  # greedy samples would be identical
     vectors: list[Optional[int]] = ([None] if include_unsteered else []) + chosen
     row_labels = (["unsteered"] if include_unsteered else []) + names
-    encoded = [prompt_tokens(lm, prompt, templated) for prompt in prompts]
+    encoded = [prompt_tokens(lm, prompt, templated, system) for prompt in prompts]
     for p_index, ids in enumerate(encoded):  # every prompt fits, or nothing is generated
         check_context(lm, p_index, len(ids), sampling.max_new_tokens)
     # (prompt, vector, sample) in output order; prompts of one token length share batches (no padding needed).

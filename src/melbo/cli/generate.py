@@ -26,6 +26,8 @@ def generate(
     top_p: float = typer.Option(1.0),
     samples: int = typer.Option(1, help="Samples per (vector, prompt) when sampling."),
     seed: int = typer.Option(0),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt",
+                                                help="Open every conversation with this system message."),
     out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Write completions as JSON lines here."),
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
@@ -53,7 +55,8 @@ def generate(
     bar, advance = generation_progress((len(perturbations) + 1) * len(texts) * (samples if temperature > 0 else 1))
     with bar:
         completions = generation.generate(lm, perturbations, texts, labels=labels, scale=scale,
-                                          chat=run.settings.chat, sampling=sampling, on_batch=advance)
+                                          chat=run.settings.chat, sampling=sampling, on_batch=advance,
+                                          system=system_prompt)
     if out_file is not None:
         from melbo.files import atomic_write, json_line, make_output_dir
 
