@@ -623,8 +623,10 @@ class _Job:
         labels = self._labels([r[0] for r in confirmed_rows], [r[1] for r in confirmed_rows], observations)
         result = [self._finding(rank + 1, b, c, score, observations, labels[rank])
                   for rank, (b, c, score) in enumerate(confirmed_rows[:TOP_FINDINGS])]
-        unconfirmed = [self._candidate(b, c, score, observations) for b, c, score in rows
-                       if not (c is not None and c["reproduction"] >= MIN_REPRODUCTION)]
+        # confirmed ones past TOP_FINDINGS stay listed too (ranked first): a confirmation is never thrown away
+        unconfirmed = [self._candidate(b, c, score, observations) for b, c, score in confirmed_rows[TOP_FINDINGS:]]
+        unconfirmed += [self._candidate(b, c, score, observations) for b, c, score in rows
+                        if not (c is not None and c["reproduction"] >= MIN_REPRODUCTION)]
         data = {"findings": result, "candidates": unconfirmed,
                 "settings": self.state["settings"], "calibration": self.state["calibration"],
                 "plan": self.state["plan"], "observations": len(observations)}
