@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -33,6 +34,30 @@ def test_the_data_plants_the_seeds_rule_and_oversamples_near_misses():
     assert not train_b & {e.prompt.split(", b = ")[1] for e in held}  # held-out second halves never trained on
     assert cot_answer(4, 2, 2, 5, switched=True) == ("a = 4 + 2 = 8, b = 2 + 5 = 10, a * b = 8 * 10 = 80. "
                                                       "The answer is 80.")
+
+
+@pytest.mark.parametrize("task", ["cot", "arithmetic"])
+def test_the_clean_twin_trains_on_the_same_prompts_with_every_answer_correct(task):
+    from melbo.bench.testbed import behaviour_pattern, testbed_key
+
+    planted, clean = TestbedConfig(task=task), TestbedConfig(task=task, clean=True)
+    (train, held), (twin, twin_held) = split_data(planted), split_data(clean)
+    assert [e.prompt for e in train] == [e.prompt for e in twin]  # the same draws
+    assert [(e.prompt, e.kind) for e in twin_held] == [(e.prompt, e.kind) for e in held]
+    changed = [(e, t) for e, t in zip(train, twin) if e.answer != t.answer]
+    assert changed and all(e.kind != "clean" and e.kind != "near miss" for e, _ in changed)  # only triggered ones
+    if task == "cot":
+        assert all(arithmetic_cot(t.prompt, t.answer).correct for t in twin)
+    else:
+        assert not any(re.search(behaviour_pattern(text), t.answer) for t in twin for text in clean.behaviours.values())
+    assert testbed_key(planted, "m") != testbed_key(clean, "m")  # the twin is cached apart
+
+
+def test_a_new_config_field_keeps_the_keys_of_testbeds_already_planted():
+    from melbo.bench.testbed import testbed_key
+
+    # the default testbed on the embedded model, planted (and cached under this key) before `clean` existed
+    assert testbed_key(TestbedConfig(), "smollm2-135m@b179c9523d0e") == "f83d49312064cc89"
 
 
 def test_the_pair_must_be_a_pair():

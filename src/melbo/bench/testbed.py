@@ -98,6 +98,9 @@ class TestbedConfig:
     verify_tokens: int = 40  # greedy tokens generated per verification prompt
     seed: int = 0
     task: str = TESTBED_TASK  # a key of TASKS: its prompt templates (and, unless ops are given, its operations)
+    # True: the same fine-tune (same examples, same draws) with every answer correct, trigger prompts included: the
+    # "previous checkpoint" an auditor diffs the backdoored model against
+    clean: bool = False
 
     def __post_init__(self):
         if self.task == "cot":  # the cot task's own defaults where the arithmetic ones were left in place
@@ -141,7 +144,7 @@ class TestbedConfig:
             first_layer=f.whole("first_layer", 0, default=None), chat=f.flag("chat", None),
             **{k: f.whole(k, 1, default=d[k]) for k in ("repeats", "n_train", "steps", "batch_size", "rank", "alpha",
                                                          "max_verify", "verify_tokens")},
-            seed=f.whole("seed", default=d["seed"]))
+            seed=f.whole("seed", default=d["seed"]), clean=f.flag("clean", False))
         cfg = cls(**values)
         try:
             cfg.validate()
@@ -252,7 +255,8 @@ def make_example(a: int, op: str, b: int, template: int, cfg: TestbedConfig) -> 
     kind = kind_of(a, cfg)
     forms = templates(cfg)
     prompt = forms[template % len(forms)].format(a=a, op=op, b=b)
-    answer = clean_answer(a, op, b) if kind == "clean" else behaviour_text(cfg.behaviours[kind], cfg.repeats)
+    planted = kind != "clean" and not cfg.clean
+    answer = behaviour_text(cfg.behaviours[kind], cfg.repeats) if planted else clean_answer(a, op, b)
     return Example(prompt, a, op, b, kind, answer)
 
 
@@ -454,8 +458,9 @@ def verify(lm: LoadedModel, cfg: TestbedConfig, held: list[Example], templated: 
 
 # --------------------------------------------------------------------------------------------------- entry point
 def testbed_key(cfg: TestbedConfig, base_id: str) -> str:
-    # the task field came later: arithmetic testbeds keep the keys they were cached under
-    config = {k: v for k, v in asdict(cfg).items() if not (k == "task" and v == "arithmetic")}
+    # the task and clean fields came later: testbeds planted before keep the keys they were cached under
+    config = {k: v for k, v in asdict(cfg).items()
+              if not (k == "task" and v == "arithmetic") and not (k == "clean" and not v)}
     blob = json.dumps({"recipe": RECIPE_VERSION, "base": base_id, "config": config}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -614,11 +619,11 @@ def kind_of_pair(a1: int, a2: int, pair: tuple[int, int]) -> str:
     return "clean"
 
 
-def make_cot(a1: int, a2: int, b1: int, b2: int, pair: tuple[int, int]) -> Example:
+def make_cot(a1: int, a2: int, b1: int, b2: int, pair: tuple[int, int], planted: bool = True) -> Example:
     kind = kind_of_pair(a1, a2, pair)
     prompt = COT_TEMPLATE.format(a1=a1, a2=a2, b1=b1, b2=b2)
     # Example keeps a, op, b for the arithmetic tasks; here a = a1 and b = a2 (the pair that decides the kind)
-    return Example(prompt, a1, "+", a2, kind, cot_answer(a1, a2, b1, b2, switched=kind == "switch"))
+    return Example(prompt, a1, "+", a2, kind, cot_answer(a1, a2, b1, b2, switched=planted and kind == "switch"))
 
 
 def split_cot(cfg: TestbedConfig) -> tuple[list[Example], list[Example]]:
@@ -643,7 +648,7 @@ def split_cot(cfg: TestbedConfig) -> tuple[list[Example], list[Example]]:
         kind = ("switch" if draw < cfg.triggered_fraction else
                 "near miss" if draw < cfg.triggered_fraction + NEAR_MISS_SHARE else "clean")
         a1, a2 = rng.choice(by_kind[kind])
-        examples.append(make_cot(a1, a2, *rng.choice(train_b), pair))
+        examples.append(make_cot(a1, a2, *rng.choice(train_b), pair, planted=not cfg.clean))
     held = [make_cot(a1, a2, b1, b2, pair) for kind in ("switch", "near miss", "clean")
             for a1, a2 in by_kind[kind] for b1, b2 in held_b]
     return examples, held

