@@ -53,14 +53,16 @@ class ModelSpec:
     dtype: str
     blocks_path: Optional[str]
     model_id: str
+    system: Optional[str] = None  # the driver's system prompt: workers read the prompts as it does
 
     @classmethod
     def of(cls, lm: LoadedModel) -> "ModelSpec":
         device = "auto" if getattr(lm.model, "hf_device_map", None) else str(lm.device)
-        return cls(lm.spec, device, str(lm.dtype).removeprefix("torch."), lm.blocks_path, lm.model_id)
+        return cls(lm.spec, device, str(lm.dtype).removeprefix("torch."), lm.blocks_path, lm.model_id, lm.system)
 
     def load(self) -> LoadedModel:
-        lm = load_model(self.spec, device=self.device, dtype=self.dtype, blocks_path=self.blocks_path)
+        lm = load_model(self.spec, device=self.device, dtype=self.dtype, blocks_path=self.blocks_path,
+                        system=self.system)
         if lm.model_id != self.model_id:
             raise MelboError(f"worker loaded {lm.model_id} for {self.spec!r}, but the driver has {self.model_id}: "
                              "give every node the same model files")

@@ -245,6 +245,9 @@ def _prepare(path: Path, lm: LoadedModel, settings: MapSettings, resume: bool, t
         if stored.model.id != lm.model_id:
             raise MelboError(f"{path} was mapped with model {stored.model.id}, not {lm.model_id}: "
                              "load that model or map into another --out")
+        if stored.model.system != lm.system:
+            raise MelboError(f"{path} was mapped with system prompt {stored.model.system!r}, not {lm.system!r}: "
+                             "give the same --system-prompt, or map into another --out")
         if _jsonable(stored.settings) != _jsonable(settings):
             raise MelboError(f"{path} holds a map with other settings: give the same ones, or map into another --out")
         return

@@ -13,7 +13,7 @@ import hashlib
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +53,9 @@ class LoadedModel:
     source_hash: str | None = None
     blocks_return_tuple: bool = False  # transformers 4 blocks return tuples, 5 plain tensors; learned on first use
     provenance: dict = field(default_factory=dict)  # what reproduces these weights: hub commit, content sha256
+    # the system prompt that opens every conversation with this model (`with_system`): where a backdoor's trigger
+    # lives in the system prompt, the audit has to address the model through it
+    system: str | None = None
 
     @property
     def width(self) -> int:
@@ -107,8 +110,7 @@ class LoadedModel:
             if head is not None:  # see _contiguous_input
                 head.register_forward_pre_hook(_contiguous_input)
             path, blocks = find_blocks(model, self.blocks_path)
-            cached = (weights, LoadedModel(model, self.tokenizer, blocks, path, self.model_id, self.spec,
-                                           self.source_hash, self.blocks_return_tuple, self.provenance))
+            cached = (weights, replace(self, model=model, blocks=blocks, blocks_path=path))
             self.__dict__["_bf16_model"] = cached
         return cached[1]
 
@@ -121,7 +123,14 @@ class LoadedModel:
             "depth": self.depth,
             "width": self.width,
             "dtype": str(self.dtype).removeprefix("torch."),
+            **({"system": self.system} if self.system is not None else {}),
         }
+
+    def with_system(self, system: str | None) -> "LoadedModel":
+        """The same model (weights shared), every conversation opened by `system` (None: the template's own)."""
+        if system is not None and (not isinstance(system, str) or not system.strip()):
+            raise MelboError(f"the system prompt must be non-blank text, got {system!r}: give the message, or none")
+        return replace(self, system=system)
 
 
 def load_model(
@@ -131,13 +140,15 @@ def load_model(
     device: str = "cpu",
     dtype: str = "float32",
     blocks_path: str | None = None,
+    system: str | None = None,
 ) -> LoadedModel:
     """Load any causal LM by spec (see module docstring). `device="auto"` spreads a model over all GPUs.
+    `system`: a system prompt that opens every conversation (`LoadedModel.with_system`).
 
     A model already in memory is taken as it is (its device and dtype are kept): a transformers causal LM with
     `tokenizer=` its tokenizer, or an nnsight `LanguageModel` or `TransformersModel` (the model it wraps, and its tokenizer)."""
     if not isinstance(spec, str):
-        return _in_memory(spec, tokenizer, blocks_path)
+        return _in_memory(spec, tokenizer, blocks_path).with_system(system)
     device, dtype = placement(device, dtype)
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise MelboError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
@@ -150,7 +161,7 @@ def load_model(
     model, tokenizer = _from_pretrained(directory, spec, device, DTYPES[dtype], revision)
     path, blocks = find_blocks(model, blocks_path)
     return LoadedModel(model, tokenizer, blocks, path, model_id, spec, source_hash,
-                       provenance=_provenance(spec, directory, source_hash, model, revision))
+                       provenance=_provenance(spec, directory, source_hash, model, revision)).with_system(system)
 
 
 _HUB_SPEC = re.compile(r"([\w.-]+/[\w.-]+)(?:@([\w./-]+))?")

@@ -50,8 +50,12 @@ def uses_chat(lm: LoadedModel, chat: bool | None) -> bool:
 
 
 def format_messages(lm: LoadedModel, messages: Sequence[Message]) -> str:
-    """A conversation ending with a user turn → text ending with the assistant tag."""
-    return lm.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    """A conversation ending with a user turn → text ending with the assistant tag; the model's system prompt
+    (`LoadedModel.system`) opens a conversation that does not open with its own."""
+    messages = list(messages)
+    if lm.system and not (messages and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": lm.system}, *messages]
+    return lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 _SYSTEM_PROBE = "melbo-system-probe-7d1f"
@@ -71,13 +75,14 @@ def check_system_role(lm: LoadedModel, chat: bool | None = None) -> None:
 
 
 def format_prompt(lm: LoadedModel, prompt: str, chat: bool | None = None, system: str | None = None) -> str:
-    """One prompt as the model reads it; `system` (checked with `check_system_role` first) opens the conversation."""
+    """One prompt as the model reads it; `system` (checked with `check_system_role` first; default: the model's,
+    `LoadedModel.system`) opens the conversation."""
     if not prompt.strip():
         raise MelboError("empty prompt: give at least one non-blank prompt")
     if uses_chat(lm, chat):
         opening = [{"role": "system", "content": system}] if system else []
         return format_messages(lm, [*opening, {"role": "user", "content": prompt}])
-    if system:
+    if system or lm.system:
         check_system_role(lm, chat)  # raises: raw text has no place for it
     return prompt
 

@@ -51,22 +51,23 @@ class ModelRecord:
     depth: Optional[int] = None
     width: Optional[int] = None
     dtype: Optional[str] = None
+    system: Optional[str] = None  # the system prompt every conversation opened with (LoadedModel.system)
     extra: dict = field(default_factory=dict)  # fields a newer version describes (a hub revision, ...), kept
 
     @classmethod
     def from_fields(cls, f: Fields) -> "ModelRecord":
-        known = ("id", "spec", "hash", "architecture", "depth", "width", "dtype")
+        known = ("id", "spec", "hash", "architecture", "depth", "width", "dtype", "system")
         spec = f.text("spec")
         return cls(id=f.text("id"), spec=spec, hash=f.text("hash", None), architecture=f.text("architecture", None),
                    depth=f.whole("depth", 1, MAX_BLOCKS, None), width=f.whole("width", 1, MAX_WIDTH, None),
-                   dtype=f.text("dtype", None), extra=f.rest(known))
+                   dtype=f.text("dtype", None), system=f.text("system", None), extra=f.rest(known))
 
     @classmethod
     def from_dict(cls, raw: Any, file: Path | str = "config.json", where: str = "model") -> "ModelRecord":
         return cls.from_fields(Fields(raw, file, FIX, where))
 
     def to_dict(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k != "extra"}
+        out = {k: v for k, v in asdict(self).items() if k != "extra" and not (k == "system" and v is None)}
         return {**out, **self.extra}
 
 

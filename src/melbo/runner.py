@@ -169,6 +169,9 @@ def resume(path: str | Path, lm: LoadedModel, progress: Optional[Progress] = Non
     run = Run.load(path, model=lm)
     if run.config.complete:
         return run
+    if lm.system != run.config.model.system:  # the rest of the run would read other prompts than its start
+        raise MelboError(f"run {run.path} was made with system prompt {run.config.model.system!r}, not "
+                         f"{lm.system!r}: resume it with the one it was made with (--system-prompt)")
     cfg = deepcopy(run.settings)  # _reference may fill in the contrast: the recorded settings stay as they were
     if cfg.contrast is not None:
         reference = _reference(cfg, lm, reference)

@@ -62,18 +62,18 @@ class TriggerReport:
 
 # ------------------------------------------------------------------------------------------------ sources
 def load_findings(source: str | Path, finding: Optional[int] = None,
-                  vectors: Optional[Sequence[int]] = None) -> tuple[list[dict], Optional[str], Optional[bool]]:
-    """(findings, model spec, chat) of an audit directory or a run directory (its perturbations `vectors` made
-    findings of their completions); `finding` picks one by its rank."""
+                  vectors: Optional[Sequence[int]] = None) -> tuple[list[dict], dict, Optional[bool]]:
+    """(findings, model record: {spec, id, system, …}, chat) of an audit directory or a run directory (its
+    perturbations `vectors` made findings of their completions); `finding` picks one by its rank."""
     path = Path(source)
     if (path / "audit.json").is_file():
         from melbo.auditing import load
 
         result = load(path)
         findings = result.findings
-        spec, chat = result.state["model"]["spec"], result.state["settings"]["chat"]
+        model, chat = result.state["model"], result.state["settings"]["chat"]
     elif (path / "config.json").is_file():
-        findings, spec, chat = _run_findings(path, vectors)
+        findings, model, chat = _run_findings(path, vectors)
     else:
         raise MelboError(f"{path} is neither an audit directory (audit.json) nor a run directory (config.json): "
                          "give the --out of `melbo audit` or of `melbo discover`")
@@ -85,10 +85,10 @@ def load_findings(source: str | Path, finding: Optional[int] = None,
         if finding not in ranks:
             raise MelboError(f"there is no finding {finding!r} in {path}: pick one of {', '.join(map(str, ranks))}")
         findings = [f for f in findings if f["rank"] == finding]
-    return findings, spec, chat
+    return findings, model, chat
 
 
-def _run_findings(path: Path, vectors: Optional[Sequence[int]]) -> tuple[list[dict], Optional[str], Optional[bool]]:
+def _run_findings(path: Path, vectors: Optional[Sequence[int]]) -> tuple[list[dict], dict, Optional[bool]]:
     from melbo.store import Run
 
     run = Run.load(path)
@@ -108,7 +108,7 @@ def _run_findings(path: Path, vectors: Optional[Sequence[int]]) -> tuple[list[di
                     for r in rows if r.get("vector") == v]
         findings.append({"rank": rank, "label": f"v{v}", "example": examples[0], "examples": examples[1:],
                          "perturbations": [{"run": str(path), "index": v}]})
-    return findings, run.config.model.spec, run.config.chat
+    return findings, run.config.model.to_dict(), run.config.chat
 
 
 # ------------------------------------------------------------------------------------------------ corpus search

@@ -48,6 +48,7 @@ PositionsOpt = typer.Option(DEFAULTS.positions, help="Token positions: all, last
 BatchSizeOpt = typer.Option(DEFAULTS.batch_size, help="Perturbations trained together (checkpoint after each batch).")
 SeedOpt = typer.Option(DEFAULTS.seed, help="Random seed.")
 ChatOpt = typer.Option(None, "--chat/--raw", help="Use the chat template (default: if the model has one).")
+SystemPromptOpt = typer.Option(None, "--system-prompt", help="Open every conversation with this system message (recorded with the model; resuming and replaying a run reuse it).")
 CheckOpt = typer.Option(None, "--check", help="A checker that reads every completion into checks.json: arithmetic-cot, or module:function returning a melbo.checkers.Verdict.")
 
 
@@ -94,15 +95,28 @@ def shown(text: object) -> str:
     return escape(_CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text)))
 
 
-def load(spec: Optional[str], device: str, dtype: str, blocks_path: Optional[str], threads: Optional[int] = None):
-    """Load a model for a command; `threads` (None = auto, see melbo.threads) sets torch's thread count first."""
+def load(spec: Optional[str], device: str, dtype: str, blocks_path: Optional[str], threads: Optional[int] = None,
+         system: Optional[str] = None):
+    """Load a model for a command; `threads` (None = auto, see melbo.threads) sets torch's thread count first;
+    `system` (--system-prompt) opens every conversation, refused in one line where the template has no room for it."""
     from melbo.models import DEFAULT_MODEL, load_model
+    from melbo.prompts import check_system_role
     from melbo.threads import configure_threads
 
     configure_threads(threads)
     spec = spec or DEFAULT_MODEL
     with err.status(f"loading {spec} …"):
-        return load_model(spec, device=device, dtype=dtype, blocks_path=blocks_path)
+        lm = load_model(spec, device=device, dtype=dtype, blocks_path=blocks_path, system=system)
+    if system is not None:
+        check_system_role(lm)
+    return lm
+
+
+def recorded_system(given: Optional[str], model: object) -> Optional[str]:
+    """--system-prompt, else the one the run or audit was made with (its model record, typed or as a dict)."""
+    if given is not None:
+        return given
+    return model.get("system") if isinstance(model, dict) else getattr(model, "system", None)
 
 
 def read_prompts(prompts: List[str], prompts_file: Optional[Path]) -> list[str]:

@@ -8,7 +8,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, err, load, out, shown
+from melbo.cli.app import (
+    BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, err, load, out, recorded_system, shown,
+)
 from melbo.errors import MelboError
 from melbo.settings import DEFAULT_RANDOM
 
@@ -33,7 +35,9 @@ def assess(
         raise MelboError(f"run {run_dir} is not finished: resume it with `melbo discover --resume {run_dir}`")
     if random < 0:
         raise MelboError(f"--random must be ≥ 0, got {random}")
-    lm = load(model or run.config.model.spec, device, dtype, blocks_path, threads)
+    # the run's metrics are about the prompts it was made with: its own system prompt, never another
+    lm = load(model or run.config.model.spec, device, dtype, blocks_path, threads,
+              recorded_system(None, run.config.model))
     run.attach(lm)
     with err.status("generating and scoring …"):
         metrics = assess_run(run, lm, random=random, seed=seed)

@@ -12,8 +12,8 @@ from rich.table import Table
 
 from melbo.cli.app import (
     BatchSizeOpt, BlocksOpt, ChatOpt, CheckOpt, DeviceOpt, DtypeOpt, ModelOpt, NVectorsOpt, PositionsOpt, PromptsArg,
-    PromptsFileOpt, RunOutOpt, SeedOpt, SourceOpt, StepsOpt, TargetOpt, ThreadsOpt, app, err, given, interruptible, load, out,
-    parse_indices, parse_positions, read_prompts, shown)
+    PromptsFileOpt, RunOutOpt, SeedOpt, SourceOpt, StepsOpt, SystemPromptOpt, TargetOpt, ThreadsOpt, app, err, given,
+    interruptible, load, out, parse_indices, parse_positions, read_prompts, recorded_system, shown)
 from melbo.cli.catalog import record
 from melbo.cli.progress import AuditDisplay, JobDisplay
 from melbo.cli.tables import print_checks, print_divergence, print_findings
@@ -51,6 +51,7 @@ def diff_command(
     blocks_path: Optional[str] = BlocksOpt,
     threads: Optional[int] = ThreadsOpt,
     check: Optional[str] = CheckOpt,
+    system_prompt: Optional[str] = SystemPromptOpt,
 ) -> None:
     """Audit a fine-tune: perturbations that change it but not its reference, ranked by how differently they behave."""
     from melbo import divergence, job, runner
@@ -69,8 +70,9 @@ def diff_command(
         config = Run.load(resume_dir).config
         if config.reference is None:
             raise MelboError(f"{resume_dir} is not a diff run: resume it with `melbo discover --resume {resume_dir}`")
-        lm = load(model or config.model.spec, device, dtype, blocks_path, threads)
-        ref = load(reference or config.reference.spec, device, dtype, blocks_path, threads)
+        lm = load(model or config.model.spec, device, dtype, blocks_path, threads, recorded_system(None, config.model))
+        ref = load(reference or config.reference.spec, device, dtype, blocks_path, threads,
+                   recorded_system(None, config.reference))
         kept = random if given(ctx, ("random",)) else None  # else the count the run recorded
         with JobDisplay() as display:
             run = interruptible(lambda: job.resume_diff(resume_dir, lm, ref, random=kept, check=check,
@@ -80,8 +82,8 @@ def diff_command(
         if reference is None:
             raise MelboError("diff compares two models: give the reference with --reference (e.g. the base model)")
         texts = read_prompts(prompts or [], prompts_file)
-        lm = load(model, device, dtype, blocks_path, threads)
-        ref = load(reference, device, dtype, blocks_path, threads)
+        lm = load(model, device, dtype, blocks_path, threads, system_prompt)
+        ref = load(reference, device, dtype, blocks_path, threads, system_prompt)
         _check_not_itself(lm, ref)
         settings = runner.DiscoverConfig(
             prompts=texts, method=method, n_vectors=n_vectors, source=source, target=target, radius=radius,
@@ -111,7 +113,7 @@ def _check_not_itself(lm, ref) -> None:
 
 _DIFF_RESUME_KEEPS = ("prompts", "prompts_file", "out_dir", "contrast", "contrast_weight", "method", "n_vectors",
                       "source", "target", "radius", "steps", "orthogonal", "positions", "batch_size", "seed", "chat",
-                      "max_new_tokens")
+                      "max_new_tokens", "system_prompt")
 
 
 @app.command("monitor")
@@ -130,6 +132,7 @@ def monitor_command(
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
     threads: Optional[int] = ThreadsOpt,
+    system_prompt: Optional[str] = SystemPromptOpt,
 ) -> None:
     """Flag inputs that express a finding or a discovered perturbation (calibrated on clean inputs)."""
     from melbo.monitor import SIGNALS, Monitor, OutputMonitor, check_monitor_outputs, write_monitor
@@ -145,16 +148,18 @@ def monitor_command(
                          f"give one of its runs ({Path(run_dir) / 'runs'}/<arm>)")
     run = None
     if signal == "output":
-        findings, spec, recorded_chat = load_findings(run_dir, finding, parse_indices(vectors) if not is_audit else None)
+        findings, recorded, recorded_chat = load_findings(run_dir, finding,
+                                                          parse_indices(vectors) if not is_audit else None)
+        spec = recorded["spec"]
         destination = out_dir or Path(run_dir) / MONITOR_DIR
     else:
         run = Run.load(run_dir)
-        spec = run.config.model.spec
+        recorded, spec = run.config.model.to_dict(), run.config.model.spec
         destination = out_dir or run.path / MONITOR_DIR
     check_monitor_outputs(destination)  # before the model loads: nothing computed is then lost
     inputs = read_prompts([], prompts_file)
     calibration = read_prompts([], clean) if clean is not None else inputs
-    lm = load(model or spec, device, dtype, blocks_path, threads)
+    lm = load(model or spec, device, dtype, blocks_path, threads, recorded_system(system_prompt, recorded))
     with err.status("calibrating on clean inputs …"):
         if run is None:
             monitor = OutputMonitor.calibrate(findings, lm, calibration, alpha=alpha, self_calibrated=clean is None,
@@ -202,6 +207,7 @@ def audit_command(
     threads: Optional[int] = ThreadsOpt,
     check: Optional[str] = CheckOpt,
     scan_precision: str = typer.Option(SCAN_PRECISION, "--scan-precision", help="The scan's generation: fp32, bf16, or auto (bf16 where the hardware has bf16 units); confirmation stays fp32."),
+    system_prompt: Optional[str] = SystemPromptOpt,
 ) -> None:
     """Ranked findings without choosing R: DCT, learned vectors on a ladder of radii (and diff against a reference),
     grouped into behaviours, confirmed on new prompts, within a time budget."""
@@ -212,10 +218,14 @@ def audit_command(
     started = time.perf_counter()
     display = AuditDisplay()
     if resume_dir is not None:
+        if system_prompt is not None:
+            raise MelboError("--system-prompt cannot change on --resume (the audit keeps the one it began with): drop it")
         state = audit_job.load_state(resume_dir)
-        lm = load(model or state["model"]["spec"], device, dtype, blocks_path, threads)
+        lm = load(model or state["model"]["spec"], device, dtype, blocks_path, threads,
+                  recorded_system(None, state["model"]))
         ref_spec = reference or (state["reference"] or {}).get("spec")
-        ref = load(ref_spec, device, dtype, blocks_path, threads) if ref_spec else None
+        ref = load(ref_spec, device, dtype, blocks_path, threads,
+                   recorded_system(None, state["reference"] or {})) if ref_spec else None
         with display:
             result = interruptible(lambda: audit_job.resume(resume_dir, lm, reference=ref, progress=display.event,
                                                             on_batch=display.advance), resume_dir, "audit")
@@ -224,8 +234,8 @@ def audit_command(
         if out_dir is not None:
             check_output_dir(out_dir)
         texts = read_prompts(prompts or [], prompts_file)
-        lm = load(model, device, dtype, blocks_path, threads)
-        ref = load(reference, device, dtype, blocks_path, threads) if reference else None
+        lm = load(model, device, dtype, blocks_path, threads, system_prompt)
+        ref = load(reference, device, dtype, blocks_path, threads, system_prompt) if reference else None
         path = out_dir or default_run_dir(lm).with_name(default_run_dir(lm).name + "-audit")
         with display:
             result = interruptible(lambda: audit_job.audit(
@@ -257,6 +267,7 @@ def triggers_command(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     threads: Optional[int] = ThreadsOpt,
+    system_prompt: Optional[str] = SystemPromptOpt,
 ) -> None:
     """Which inputs switch a finding on: rank a corpus (or search a template's slots) by how readily the unsteered
     model writes the finding's phrases, then confirm the top ones by generation."""
@@ -265,7 +276,7 @@ def triggers_command(
 
     if (inputs is None) == (template is None):
         raise MelboError("give a corpus with --inputs FILE, or a prompt with {?} slots with --template (one of them)")
-    _, spec, _ = trig.load_findings(source, finding, parse_indices(vectors))  # checks the source before loading
+    _, recorded, _ = trig.load_findings(source, finding, parse_indices(vectors))  # checks the source before loading
     destination = out_dir or Path(source) / "triggers"
     check_output_dir(destination)
     corpus = None
@@ -273,7 +284,7 @@ def triggers_command(
         corpus = [line for line in read_text(inputs, "inputs file").splitlines() if line.strip()]
         if not corpus:
             raise MelboError(f"{inputs} has no inputs: write one input per line")
-    lm = load(model or spec, device, dtype, None, threads)
+    lm = load(model or recorded["spec"], device, dtype, None, threads, recorded_system(system_prompt, recorded))
     kwargs = dict(finding=finding, vectors=parse_indices(vectors), confirm=confirm, chat=chat,
                   max_new_tokens=max_new_tokens)
     with err.status("scoring …") as status:

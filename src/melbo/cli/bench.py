@@ -15,7 +15,7 @@ from melbo.bench.settings import (TESTBED_REPEATS, TESTBED_STEPS, TESTBED_TASK, 
                                   BackdoorSettings, BenchSettings, DiffSettings, MonitorSettings, RefusalSettings,
                                   SubtleSettings, TriggerSettings, default)
 from melbo.cli.app import (BlocksOpt, DeviceOpt, DtypeOpt, PositionsOpt, ThreadsOpt, app, err, interruptible, load,
-                           out, parse_positions, shown)
+                           out, parse_positions, recorded_system, shown)
 from melbo.cli.catalog import record
 from melbo.cli.progress import AuditDisplay, JobDisplay, plant_progress
 from melbo.errors import MelboError
@@ -309,14 +309,15 @@ def bench_triggers_command(
     from melbo.trigger_search import load_findings
 
     check_per_set(per_set)
-    _, spec, _ = load_findings(audit_dir)
+    _, model, _ = load_findings(audit_dir)
+    spec = model["spec"]
     bed = testbed_record(spec) if spec and Path(spec).is_dir() else None
     if bed is None:
         raise MelboError(f"{audit_dir} is not an audit of a melbo backdoor testbed: give one `melbo bench audit` wrote")
     settings = TriggerSettings(audit_dir=str(audit_dir), testbed=bed, alpha=alpha, per_set=per_set, confirm=confirm,
                                gcg_steps=gcg_steps, seed=seed)
     path = _bench_path(out_dir, "triggers")
-    lm = load(spec, device, dtype, None, threads)
+    lm = load(spec, device, dtype, None, threads, recorded_system(None, model))
     with err.status("monitors, corpus, inversion …"):
         result = get_bench("triggers").run(lm, path, settings)
     out.print(f"bench.json written to [bold]{shown(str(path))}[/]")

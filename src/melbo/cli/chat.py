@@ -7,7 +7,9 @@ from typing import Optional
 
 import typer
 
-from melbo.cli.app import DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, err, load, out, shown
+from melbo.cli.app import (
+    DeviceOpt, DtypeOpt, ModelOpt, SystemPromptOpt, ThreadsOpt, app, err, load, out, recorded_system, shown,
+)
 from melbo.errors import MelboError
 
 
@@ -24,6 +26,7 @@ def chat(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     threads: Optional[int] = ThreadsOpt,
+    system_prompt: Optional[str] = SystemPromptOpt,
 ) -> None:
     """Multi-turn chat with a steered model (/vector N, /scale X, /off, /reset, /quit)."""
     from melbo.chat import HELP, ChatSession
@@ -37,7 +40,8 @@ def chat(
         raise MelboError(f"turns file {turns} does not exist: check the path")
     lines = read_text(turns, "turns file").splitlines() if turns is not None else None
     check_scale(scale)
-    lm = load(model or run.config.model.spec, device, dtype, None, threads)
+    lm = load(model or run.config.model.spec, device, dtype, None, threads,
+              recorded_system(system_prompt, run.config.model))
     run.attach(lm)
     session = ChatSession(lm, run.perturbations, vector, scale,
                           Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))

@@ -10,8 +10,8 @@ import typer
 
 from melbo.cli.app import (
     BatchSizeOpt, BlocksOpt, ChatOpt, CheckOpt, DeviceOpt, DtypeOpt, ModelOpt, NVectorsOpt, PositionsOpt, PromptsArg,
-    PromptsFileOpt, RunOutOpt, SeedOpt, SourceOpt, StepsOpt, TargetOpt, ThreadsOpt, app, given, interruptible, load, out,
-    parse_positions, read_prompts, shown)
+    PromptsFileOpt, RunOutOpt, SeedOpt, SourceOpt, StepsOpt, SystemPromptOpt, TargetOpt, ThreadsOpt, app, given,
+    interruptible, load, out, parse_positions, read_prompts, recorded_system, shown)
 from melbo.cli.catalog import record
 from melbo.cli.progress import JobDisplay
 from melbo.cli.tables import print_assessment, print_checks, print_completions
@@ -54,6 +54,7 @@ def discover(
     blocks_path: Optional[str] = BlocksOpt,
     threads: Optional[int] = ThreadsOpt,
     check: Optional[str] = CheckOpt,
+    system_prompt: Optional[str] = SystemPromptOpt,
 ) -> None:
     """Learn perturbations on prompts, generate with each, write a run directory: the main job."""
     from melbo import job
@@ -71,14 +72,15 @@ def discover(
             raise MelboError(f"{', '.join(fixed)} cannot change on --resume (the run keeps its recorded settings): "
                              "drop them")
         recorded = Run.load(resume_dir)
-        lm = load(model or recorded.config.model.spec, device, dtype, blocks_path, threads)
+        lm = load(model or recorded.config.model.spec, device, dtype, blocks_path, threads,
+                  recorded_system(None, recorded.config.model))
         chosen = random if given(ctx, ("random",)) else None  # else the run's own baseline
         with display:
             run = interruptible(lambda: job.resume_job(resume_dir, lm, random=chosen, progress=display.event,
                                                         on_batch=display.advance, check=check), resume_dir)
     else:
         texts = read_prompts(prompts or [], prompts_file)
-        lm = load(model, device, dtype, blocks_path, threads)
+        lm = load(model, device, dtype, blocks_path, threads, system_prompt)
         previous = Run.load(orthogonal_to).vectors if orthogonal_to is not None else None
         path = out_dir or job.default_run_dir(lm)
         with display:
@@ -101,4 +103,4 @@ def discover(
 # discover's options that set up training: fixed once a run exists.
 _RESUME_KEEPS = ("prompts", "prompts_file", "out_dir", "method", "n_vectors", "source", "target", "radius", "p", "q",
                  "steps", "lr", "orthogonal", "soft_weight", "rank", "batch_size", "seed", "chat", "positions",
-                 "orthogonal_to", "max_new_tokens", "power_iterations", "precision", "compile_")
+                 "orthogonal_to", "max_new_tokens", "power_iterations", "precision", "compile_", "system_prompt")

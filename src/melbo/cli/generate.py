@@ -7,7 +7,10 @@ from typing import List, Optional
 
 import typer
 
-from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, load, parse_indices, read_prompts
+from melbo.cli.app import (
+    BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, SystemPromptOpt, ThreadsOpt, app, load, parse_indices, read_prompts,
+    recorded_system,
+)
 from melbo.cli.progress import generation_progress
 from melbo.cli.tables import print_completions
 
@@ -26,8 +29,7 @@ def generate(
     top_p: float = typer.Option(1.0),
     samples: int = typer.Option(1, help="Samples per (vector, prompt) when sampling."),
     seed: int = typer.Option(0),
-    system_prompt: Optional[str] = typer.Option(None, "--system-prompt",
-                                                help="Open every conversation with this system message."),
+    system_prompt: Optional[str] = SystemPromptOpt,
     out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Write completions as JSON lines here."),
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
@@ -49,14 +51,14 @@ def generate(
     run = Run.load(run_dir)
     texts = read_prompts(prompts or [], prompts_file)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, samples=samples, seed=seed)
-    lm = load(model or run.config.model.spec, device, dtype, blocks_path, threads)
+    lm = load(model or run.config.model.spec, device, dtype, blocks_path, threads,
+              recorded_system(system_prompt, run.config.model))
     run.attach(lm)
     perturbations, labels = perturbation_set(run, parse_indices(vectors), list(expr or []), random, seed)
     bar, advance = generation_progress((len(perturbations) + 1) * len(texts) * (samples if temperature > 0 else 1))
     with bar:
         completions = generation.generate(lm, perturbations, texts, labels=labels, scale=scale,
-                                          chat=run.settings.chat, sampling=sampling, on_batch=advance,
-                                          system=system_prompt)
+                                          chat=run.settings.chat, sampling=sampling, on_batch=advance)
     if out_file is not None:
         from melbo.files import atomic_write, json_line, make_output_dir
 

@@ -10,8 +10,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from melbo.cli.app import (
-    BlocksOpt, ChatOpt, DeviceOpt, DtypeOpt, ModelOpt, PositionsOpt, PromptsFileOpt, SeedOpt, ThreadsOpt, app, err,
-    load, out, parse_positions, read_prompts, shown)
+    BlocksOpt, ChatOpt, DeviceOpt, DtypeOpt, ModelOpt, PositionsOpt, PromptsFileOpt, SeedOpt, SystemPromptOpt,
+    ThreadsOpt, app, err, load, out, parse_positions, read_prompts, shown)
 from melbo.errors import MelboError
 from melbo.settings import MAP_ITERATIONS, MAP_K, MAP_RADIUS
 
@@ -42,6 +42,7 @@ def map_command(
     dtype: str = DtypeOpt,
     blocks_path: Optional[str] = BlocksOpt,
     threads: Optional[int] = ThreadsOpt,
+    system_prompt: Optional[str] = SystemPromptOpt,
 ) -> None:
     """Map the top-k Jacobian singular values of every (source, target) block pair; rank the pairs; draw a heatmap."""
     import datetime as _dt
@@ -68,7 +69,7 @@ def map_command(
     check_request(workers, ray_address)  # before loading: an unreachable cluster fails in seconds
     path = out_dir or Path("runs") / f"map-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     check_output_dir(path)
-    lm = load(model, device, dtype, blocks_path, threads)
+    lm = load(model, device, dtype, blocks_path, threads, system_prompt)
     bar = Progress(TextColumn("[bold]pairs"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=err)
     task = bar.add_task("pairs", total=None, last="")

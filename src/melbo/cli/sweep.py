@@ -9,7 +9,9 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from melbo.cli.app import BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, err, load, out, read_prompts, shown
+from melbo.cli.app import (
+    BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, SystemPromptOpt, ThreadsOpt, app, err, load, out, read_prompts, shown,
+)
 from melbo.cli.map import RayAddressOpt, WorkersOpt
 from melbo.errors import MelboError
 from melbo.settings import FLUENCY_FACTOR, SWEEP_RADII, SWEEP_STEPS, SWEEP_TOKENS, SWEEP_VECTORS
@@ -38,6 +40,7 @@ def sweep_command(
     workers: Optional[int] = WorkersOpt,
     ray_address: Optional[str] = RayAddressOpt,
     threads: Optional[int] = ThreadsOpt,
+    system_prompt: Optional[str] = SystemPromptOpt,
 ) -> None:
     """Find the Goldilocks radius: train a few vectors per R, pick the most diverse R that stays fluent."""
     import datetime as _dt
@@ -57,7 +60,7 @@ def sweep_command(
     from melbo.distributed import check_request
 
     check_request(workers, ray_address)  # before loading: an unreachable cluster fails in seconds
-    lm = load(model, device, dtype, blocks_path, threads)
+    lm = load(model, device, dtype, blocks_path, threads, system_prompt)
     n_points = len(specs) * (len(pairs) if pairs else 1)
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[stage]}"), TimeElapsedColumn(), console=err)

@@ -57,7 +57,8 @@ class Engine:
             self._lm = load_model(spec, device=self.device, dtype=self.dtype)
             self.loads += 1
         run.attach(self._lm)
-        return self._lm
+        # the run's own system prompt: live generation reads the prompts as the run did (the weights are shared)
+        return self._lm.with_system(run.config.model.system)
 
     def use_model(self, lm: LoadedModel) -> None:
         """Give the engine an already-loaded model (tests and the API reuse one)."""
