@@ -137,3 +137,18 @@ def test_report_in_headless_chromium(tmp_path):
     assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;" in dom
     assert "<script" not in dom.lower() and "<img src=\"x\"" not in dom and "onerror=\"" not in dom
     assert len(re.findall(r"<img ", dom)) == 3  # only the three plots
+
+
+def test_the_report_names_the_system_prompt_and_where_the_weights_came_from(tmp_path):
+    run = make_run(tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["system"] = "You are <b>a pirate</b>."
+    config["provenance"] = {"model": {"source": "hub", "id": "org/model", "revision": "v1.0",
+                                      "commit": "0123456789abcdef0123", "sha256": "f" * 64},
+                            "reference": {"source": "gguf", "sha256": "a" * 64}}
+    (run / "config.json").write_text(json.dumps(config))
+    html = write_report(run).read_text()
+    assert "system prompt" in html and "You are &lt;b&gt;a pirate&lt;/b&gt;." in html  # escaped like model text
+    assert "hub org/model @ v1.0 → commit 0123456789ab, sha256 ffffffffffffffff…" in html
+    assert "gguf, sha256 aaaaaaaaaaaaaaaa…" in html
+    assert "system prompt" not in write_report(make_run(tmp_path / "plain")).read_text()

@@ -59,8 +59,12 @@ def _calibrated(found: dict | None) -> str:
 
 def _settings(config: RunConfig) -> list[tuple[str, str]]:
     settings = config.settings
-    rows = [
-        ("model", config.model.id or config.model.spec or "—"),
+    rows = [("model", config.model.id or config.model.spec or "—")]
+    if config.model.system is not None:
+        rows.append(("system prompt", config.model.system))
+    rows += [(f"{who} weights", _weights(record)) for who, record in (config.provenance or {}).items()
+             if isinstance(record, dict) and record]
+    rows += [
         ("method", config.method),
         ("source → target block", f"{config.source} → {config.target}"),
         ("R", f"{fmt(config.radius, 4)}  (= {fmt(config.radius_relative)} × median residual norm "
@@ -80,6 +84,16 @@ def _settings(config: RunConfig) -> list[tuple[str, str]]:
     if config.created:
         rows.append(("created", config.created))
     return rows
+
+
+def _weights(record: dict) -> str:
+    """Where a model's weights came from, as config.json's provenance records it (what reproduces the run)."""
+    digest = f"sha256 {str(record['sha256'])[:16]}…" if record.get("sha256") else "no content hash"
+    if record.get("source") == "hub":
+        commit = str(record.get("commit") or "unresolved")[:12]
+        return f"hub {record.get('id')} @ {record.get('revision')} → commit {commit}, {digest}"
+    where = f" {record['path']}" if record.get("path") else ""
+    return f"{record.get('source', 'unknown')}{where}, {digest}"
 
 
 def _group_by_prompt(rows: list[Completion], prompts: list[str]) -> list[dict]:
