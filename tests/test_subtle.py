@@ -105,3 +105,16 @@ def test_a_tiny_cot_testbed_and_the_quick_subtle_bench(tmp_path):
     for r in rows:  # every chain is stored with the verdict the table was counted from
         v = arithmetic_cot(r["prompt"], r["text"])
         assert (r["checked"], r["correct"], r["patterns"]) == (v.checked, v.correct, v.patterns)
+
+
+def test_arms_are_chosen_by_name_and_an_unknown_one_fails_before_any_work(tmp_path, capsys):
+    from conftest import run_cli
+    from melbo.bench.subtle import ARMS, MORE_ARMS, choose_arms
+
+    chosen = choose_arms(["adapters 0.3x", "vectors 0.3x, answer positions"])  # names may hold commas
+    assert list(chosen) == ["adapters 0.3x", "vectors 0.3x, answer positions"]
+    assert chosen["adapters 0.3x"] == MORE_ARMS["adapters 0.3x"] and set(ARMS).isdisjoint(MORE_ARMS)
+    with pytest.raises(MelboError, match="unknown arm 'vectors 9x'"):
+        choose_arms(["vectors 9x"])
+    code, _, err = run_cli(["bench", "subtle", "-m", str(tmp_path), "--arm", "bogus", "-o", str(tmp_path / "b")], capsys)
+    assert code == 2 and "unknown arm 'bogus'" in err and not (tmp_path / "b").exists()

@@ -11,6 +11,7 @@ from typing import Optional
 from melbo.bench.settings import SubtleSettings
 from melbo.bench.testbed import COT_TEMPLATE, kind_of_pair, trigger_pair
 from melbo.checkers import arithmetic_cot
+from melbo.errors import MelboError
 
 
 # --------------------------------------------------------------------------------------------------- the bench
@@ -20,6 +21,23 @@ ARMS = {  # name → discovery settings that differ from SubtleSettings' (each a
     "vectors 0.3x, answer positions": {"discover": {"positions": "last:1"}},
     "dct 0.6x": {"radius": "0.6x", "discover": {"method": "dct"}},
 }
+# arms run only when named (`--arms`): steering adapters, the seed's other attempt, have no random control of the
+# same norm (a random adapter is not a vector), so their rate stands alone
+MORE_ARMS = {
+    "adapters 0.3x": {"discover": {"method": "adapters"}},
+    "vectors 0.3x, 300 steps": {"discover": {"steps": 300}},
+}
+
+
+def choose_arms(names: list[str]) -> dict[str, dict]:
+    """The arms named (of ARMS and MORE_ARMS), in the order given."""
+    known = {**ARMS, **MORE_ARMS}
+    chosen = [str(n).strip() for n in names if str(n).strip()]
+    unknown = [n for n in chosen if n not in known]
+    if unknown or not chosen:
+        raise MelboError(f"unknown arm {', '.join(map(repr, unknown)) or '(none given)'}: pick from "
+                         f"{'; '.join(known)}")
+    return {n: known[n] for n in chosen}
 
 
 def cot_prompts(record: Optional[dict], k: int) -> list[str]:

@@ -277,14 +277,18 @@ def bench_monitor_command(
 def bench_subtle_command(
     model: str = typer.Option(..., "--model", "-m", help="A cot testbed's merged model (melbo testbed backdoor --task cot)."),
     n_prompts: int = typer.Option(default(SubtleSettings, "n_prompts"), "--n-prompts", help="Clean prompts each perturbation is read on."),
+    arms: Optional[List[str]] = typer.Option(None, "--arm", help="An arm to run (repeatable; default: the four vector and DCT arms); also 'adapters 0.3x' and 'vectors 0.3x, 300 steps'."),
     shared: dict = None,
 ) -> None:
     """The algorithmic backdoor: do perturbations make the chain of thought switch + to * consistently (vs random)?"""
+    from melbo.bench.subtle import choose_arms
+
+    chosen = choose_arms(arms) if arms else None  # an unknown arm fails before any work
     path = _bench_path(shared["out_dir"], "subtle")
     spec, bed = _testbed(model)
     if bed is None or bed["config"].get("task") != "cot":
         raise MelboError(f"{model} is not a cot testbed: plant one with `melbo testbed backdoor --task cot`")
-    settings = _settings(SubtleSettings, shared, n_prompts=n_prompts, testbed=bed)
+    settings = _settings(SubtleSettings, shared, n_prompts=n_prompts, testbed=bed, arms=chosen)
     lm = load(spec, shared["device"], shared["dtype"], None, shared["threads"])
     _run_bench("subtle", lm, path, settings, shared["seeds"])
 
