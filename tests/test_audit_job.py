@@ -35,7 +35,8 @@ def test_an_audit_writes_ranked_findings_a_report_and_its_runs(lm, tmp_path, any
     result = audit_job.audit(lm, PROMPTS, tmp_path / "a", budget=30, max_new_tokens=6, progress=events.append,
                              check="test_audit_job:always_wrong")
     stages = [e["stage"] for e in events if "stage" in e]
-    assert stages[:3] == ["calibrate", "probe", "arm"] and "confirm" in stages and stages[-2:] == ["findings", "check"]
+    assert stages[:3] == ["calibrate", "probe", "arm"] and stages[-1] == "findings"
+    assert stages.index("generate") < stages.index("check") < stages.index("confirm")  # confirm gets what is left
     arms = [e["arm"] for e in events if e.get("stage") == "arm"]
     assert arms == ["dct-2.5", "vectors-2.5", "vectors-3.5", "vectors-1.5"]  # breadth first, then the ladder
     data = json.loads((tmp_path / "a" / "findings.json").read_text())
@@ -53,6 +54,7 @@ def test_an_audit_writes_ranked_findings_a_report_and_its_runs(lm, tmp_path, any
     assert radii["vectors-3.5"] / radii["vectors-1.5"] == pytest.approx(3.5 / 1.5, rel=1e-4)
     html = (tmp_path / "a" / "report.html").read_text()
     assert html.index("Findings") < html.index("What the audit scanned") and "data:image/png;base64," in html
+    assert html.index("Findings") < html.index("Error patterns (checker") < html.index("What the audit scanned")
     again = audit_job.load(tmp_path / "a")
     assert again.findings == result.findings
     checks = json.loads((tmp_path / "a" / "checks.json").read_text())  # the checker read every scan completion
@@ -60,6 +62,17 @@ def test_an_audit_writes_ranked_findings_a_report_and_its_runs(lm, tmp_path, any
                                                         .read_text().splitlines()) if not o["variant"]}
     assert {p["label"] for p in checks["perturbations"] if p["kind"] == "learned"} == scanned
     assert all(p["consistent"] == ["wrong"] for p in checks["perturbations"])
+    # beside them, CHECK_RANDOM random vectors of each arm's radius: the control an error pattern is weighed against
+    randoms = [p["label"] for p in checks["perturbations"] if p["kind"] == "random"]
+    assert len(randoms) == audit_job.CHECK_RANDOM * len(arms) and {r.split(":")[0] for r in randoms} == set(arms)
+    wrong = next(r for r in checks["summary"] if r["pattern"] == "wrong")
+    assert wrong["random"]["of"] == len(randoms) and wrong["learned"]["of"] == len(scanned)
+    selected = checks["selected"]  # every random vector is "wrong" too: rate 1, so no pattern stands out …
+    assert selected and all(s["random_rate"] == 1.0 and s["random_of"] == audit_job.CHECK_RANDOM for s in selected)
+    assert all(s["perturbation"] in scanned and s["reproduce"].startswith("melbo generate ") for s in selected)
+    from melbo.checkers import load_checks
+
+    assert [s.perturbation for s in load_checks(tmp_path / "a").selected] == [s["perturbation"] for s in selected]
 
 
 def always_wrong(prompt: str, completion: str):

@@ -75,6 +75,9 @@ CONFIRM_PERTURBATIONS = 2  # per candidate
 CONFIRM_TOKENS_FACTOR = 1.5  # confirmation generates this many times the scan's tokens
 MIN_REPRODUCTION = 0.2  # a behaviour reproduced less often than this is one-off noise
 TOP_FINDINGS = 10  # findings written (the rest stay in the candidates list)
+# With --check: random vectors of each vector arm's radius the checker also reads, so that an error pattern a
+# learned perturbation shows is weighed against the slips random pushes of the same norm cause
+CHECK_RANDOM = 8
 RESERVE = 0.05  # of the budget, kept for grouping, labels and the report
 
 Progress = Callable[[dict], None]
@@ -272,11 +275,11 @@ class _Job:
         for arm in self.arms:
             self._arm(arm)
         observations, embeddings = self._scan()
+        if self.state["settings"].get("check"):  # before confirmation, which then has the time that is left
+            self._check(observations)
         candidates = fnd.group(observations, embeddings, sum(a.n for a in self.arms))
         confirmed = self._confirm(observations, embeddings, candidates)
         result = self._write(observations, embeddings, candidates, confirmed)
-        if self.state["settings"].get("check"):
-            self._check(observations)
         self.state["status"] = "complete"
         self._save()
         return result
@@ -638,9 +641,14 @@ class _Job:
         return AuditResult(self.path, result, unconfirmed, self.state)
 
     def _check(self, observations) -> None:
-        """checks.json: the scan's completions read by the checker, per perturbation (arm:index)."""
+        """checks.json: the scan's completions read by the checker, per perturbation (arm:index), beside
+        CHECK_RANDOM random vectors of each vector arm's radius; `selected` ranks the learned perturbations whose
+        consistent error pattern the random ones of their arm rarely show (the checker as a selection signal:
+        it ranks, it never trains)."""
         from melbo.checkers import check_rows, get_checker
 
+        if (self.path / CHECKS).exists() and "check" in self.state["stages"]:
+            return
         began = time.perf_counter()
         spec = self.state["settings"]["check"]
         self._say("check", checker=spec)
@@ -649,10 +657,63 @@ class _Job:
                 for o in observations if not o.variant and o.scale == 1.0]
         rows += [{"kind": "unsteered", "label": "unsteered", "prompt": p, "text": t}
                  for p, t in sorted({(o.prompt, o.unsteered) for o in observations if not o.variant})]
+        if not self.random:  # a random-baseline audit's perturbations are the control already
+            rows += self._random_rows()
         perturbations, summary = check_rows(rows, get_checker(spec))
         perturbations.sort(key=lambda p: (-len(p["consistent"]), -sum(p["patterns"].values())))
-        write_json(self.path / CHECKS, {"checker": spec, "summary": summary, "perturbations": perturbations})
-        self._stage("check", began, consistent=sum(bool(p["consistent"]) for p in perturbations))
+        selected = self._selected(perturbations)
+        write_json(self.path / CHECKS, {"checker": spec, "summary": summary, "perturbations": perturbations,
+                                        "selected": selected})
+        self._stage("check", began, consistent=sum(bool(p["consistent"]) for p in perturbations),
+                    selected=len(selected))
+
+    def _random_rows(self) -> list[dict]:
+        """CHECK_RANDOM random vectors of each vector arm's radius and source block, on the scan's prompts."""
+        from melbo.arithmetic import random_vectors
+
+        rows = []
+        sampling = Sampling(max_new_tokens=self.tokens, batch_size=SCAN_BATCH,  # as the learned ones were read
+                            precision=self.state["settings"].get("scan_precision", "fp32"))
+        for k, arm in enumerate(self.arms):
+            run = Run.load(self.run_dir(arm), model=self.lm)
+            if not run.perturbations.supports_random_baseline:
+                continue
+            randoms = random_vectors(CHECK_RANDOM, self.lm.width, run.config.radius, run.config.source,
+                                     seed=self.seed + 1000 * (k + 1))
+            for c in generate(self.lm, randoms, self.prompts, chat=self.templated, sampling=sampling,
+                              on_batch=self.on_batch, include_unsteered=False):
+                rows.append({"kind": "random", "label": f"{arm.name}:random{c.vector}", "prompt": c.prompt,
+                             "text": c.text})
+        return rows
+
+    def _selected(self, perturbations: list[dict]) -> list[dict]:
+        """Learned perturbations with a consistent error pattern, ranked by how rarely random vectors of their
+        arm show the same pattern consistently, then by how often they show it; each with its reproduction."""
+        def arm_of(label: str) -> str:
+            return label.rsplit(":", 1)[0]
+
+        randoms: dict[str, list[dict]] = {}
+        for p in perturbations:
+            if p["kind"] == "random":
+                randoms.setdefault(arm_of(p["label"]), []).append(p)
+        model = self.state["model"].get("spec", "")
+        chosen = []
+        for p in perturbations:
+            if p["kind"] != "learned":
+                continue
+            arm, index = arm_of(p["label"]), int(p["label"].rsplit(":", 1)[1])
+            control = randoms.get(arm, [])
+            for pattern in p["consistent"]:
+                random_rate = (sum(pattern in r["consistent"] for r in control) / len(control)) if control else None
+                run = self.path / "runs" / arm
+                chosen.append({
+                    "perturbation": p["label"], "pattern": pattern, "shown": p["patterns"].get(pattern, 0),
+                    "of": p["completions"], "random_rate": random_rate, "random_of": len(control),
+                    "example": p["examples"].get(pattern, ""),
+                    "reproduce": f"melbo generate {_quote(str(run))} -m {_quote(str(model))} -p "
+                                 f"{_quote(self.prompts[0])} --vectors {index}"})
+        chosen.sort(key=lambda c: (1.0 if c["random_rate"] is None else c["random_rate"], -c["shown"] / c["of"]))
+        return chosen[:TOP_FINDINGS]
 
     def _labels(self, behaviours, confirmations, observations) -> list[tuple[str, float, str]]:
         """(label, confidence, distinctive words) per behaviour, from its examples against the unsteered text."""

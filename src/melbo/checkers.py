@@ -241,6 +241,26 @@ class CheckedPerturbation:
 
 
 @dataclass
+class SelectedPattern:
+    """One error pattern a learned perturbation of an audit shows consistently, against its arm's random ones."""
+
+    perturbation: str
+    pattern: str
+    shown: int
+    of: int
+    random_rate: Optional[float]
+    random_of: int
+    example: str
+    reproduce: str
+
+    @classmethod
+    def from_fields(cls, f: "Fields") -> "SelectedPattern":
+        return cls(f.text("perturbation"), f.text("pattern"), f.whole("shown", 0), f.whole("of", 0),
+                   f.real("random_rate", 0, 1, default=None), f.whole("random_of", 0), f.text("example", ""),
+                   f.text("reproduce", ""))
+
+
+@dataclass
 class Checks:
     """checks.json (a run's, `check_run`, or an audit's), read once with every field checked."""
 
@@ -248,6 +268,8 @@ class Checks:
     summary: list[PatternRow]
     perturbations: list[CheckedPerturbation]
     consistent_share: Optional[float] = None
+    # an audit's: learned perturbations with a consistent error pattern, the rarest among random ones first
+    selected: Optional[list[SelectedPattern]] = None
 
     @classmethod
     def from_dict(cls, raw: object, file: Path | str = "checks.json") -> "Checks":
@@ -268,7 +290,9 @@ class Checks:
             perturbations.append(CheckedPerturbation(
                 p.text("kind"), p.text("label"), p.whole("completions", 0, default=0), p.whole("checked", 0, default=0),
                 p.whole("correct", 0, default=0), counts, p.texts("consistent", []), examples))
-        return cls(f.text("checker"), summary, perturbations, f.real("consistent_share", 0, 1, default=None))
+        selected = [SelectedPattern.from_fields(s) for s in f.objects("selected", [])] if "selected" in f.raw else None
+        return cls(f.text("checker"), summary, perturbations, f.real("consistent_share", 0, 1, default=None),
+                   selected)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}

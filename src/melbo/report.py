@@ -18,6 +18,7 @@ completion that contains markup shows as text.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
@@ -261,7 +262,9 @@ def _checks_context(run_dir: Path) -> Optional[dict]:
             "summary": [{"pattern": r.pattern, "learned": cell(r.learned), "random": cell(r.random)}
                         for r in doc.summary],
             "shown": [{"label": p.label, "kind": p.kind, "patterns": ", ".join(p.consistent),
-                       "example": next(iter(p.examples.values()), "")} for p in doc.perturbations if p.consistent][:64]}
+                       "example": next(iter(p.examples.values()), "")} for p in doc.perturbations if p.consistent][:64],
+            "selected": [{**asdict(s), "random": "—" if s.random_rate is None else
+                          f"{s.random_rate:.0%} of {s.random_of}"} for s in doc.selected or []]}
 
 
 def _monitor_context(run_dir: Path) -> Optional[dict]:
@@ -375,6 +378,7 @@ def write_audit_report(audit_dir: Path) -> Path:
         "calibrated": f"{calibration['relative']:.3g}x", "source": calibration["source"],
         "target": calibration["target"], "rate": fmt(plan["rate"]), "arms": arms,
         "stages": [(name, fmt(s["seconds"])) for name, s in stages.items()],
+        "checks": _checks_context(audit_dir),
     }
     path = audit_dir / REPORT
     atomic_write(path, render(context, "audit.html.j2").encode("utf-8"))

@@ -78,6 +78,16 @@ def print_checks(directory, rows: int = 12) -> None:
         cells = [f"{side.consistent}/{side.of}" if side.of else "—" for side in (row.learned, row.random)]
         table.add_row(shown(row.pattern), *cells)
     out.print(table)
+    if doc.selected:  # an audit's: the patterns random vectors of the same radius rarely show come first
+        table = Table(header_style="bold", title="error patterns learned perturbations show on most prompts, "
+                      "rarest among random ones first", title_justify="left")
+        for col in ("perturbation", "pattern", "shown", "random of its arm", "reproduce"):
+            table.add_column(col)
+        for s in doc.selected[:rows]:
+            rate = "—" if s.random_rate is None else f"{s.random_rate:.0%} of {s.random_of}"
+            table.add_row(shown(s.perturbation), shown(s.pattern), f"{s.shown}/{s.of}", rate, shown(s.reproduce))
+        out.print(table)
+        return
     listed = [p for p in doc.perturbations if p.consistent][:rows]  # the unsteered one too: its slips are no finding
     for p in listed:
         example = next(iter(p.examples.values()), "")
