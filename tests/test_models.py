@@ -202,3 +202,29 @@ def test_a_hub_spec_takes_a_revision():
 
     assert _hub_revision("org/name@v1.0") == "v1.0" and _hub_revision("org/name") is None
     assert _resolve("org/name@0123abc") == ("org/name", "org/name@0123abc", None)
+
+
+def test_two_fine_tunes_of_one_base_share_an_id_but_not_their_weights(tmp_path, capsys):
+    """Testbed twins (both called merged/, same config, same file sizes) get one cheap id; the weight bytes tell
+    them apart, so a diff of one against the other runs, and a run of one refuses the other."""
+    from conftest import run_cli
+    from tiny_models import save_tiny_model
+
+    import melbo
+    from melbo.errors import MelboError
+
+    a = melbo.load_model(str(save_tiny_model(tmp_path / "a" / "merged", seed=0)))
+    b = melbo.load_model(str(save_tiny_model(tmp_path / "b" / "merged", seed=1)))
+    assert a.model_id == b.model_id and a.weights_sha256 != b.weights_sha256
+    assert not a.same_weights(b) and a.same_weights(melbo.load_model(a.spec))
+    run = melbo.discover(a, ["hi"], tmp_path / "run", n_vectors=1, steps=1, radius="1.0", max_new_tokens=2)
+    from melbo.store import Run
+
+    with pytest.raises(MelboError, match="other weights"):
+        Run.load(run.path).attach(b)
+    code, _, err = run_cli(["diff", "hi", "-m", a.spec, "-r", a.spec, "-n", "1", "--steps", "1", "--random", "0",
+                            "-o", str(tmp_path / "self")], capsys)
+    assert code == 2 and "same model" in err
+    code, _, err = run_cli(["diff", "hi", "-m", a.spec, "-r", b.spec, "-n", "1", "--steps", "1", "--random", "0",
+                            "--radius", "1.0", "--max-new-tokens", "2", "-o", str(tmp_path / "twins")], capsys)
+    assert code == 0, err

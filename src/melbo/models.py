@@ -126,6 +126,17 @@ class LoadedModel:
             **({"system": self.system} if self.system is not None else {}),
         }
 
+    @property
+    def weights_sha256(self) -> str | None:
+        """The sha256 of the weights' bytes (provenance), where known: a directory's id only hashes its config and
+        file sizes, which two fine-tunes of one base share."""
+        return self.provenance.get("sha256") if isinstance(self.provenance, dict) else None
+
+    def same_weights(self, other: "LoadedModel") -> bool:
+        """The same model: the same id and, where both are known, the same weight bytes."""
+        mine, theirs = self.weights_sha256, other.weights_sha256
+        return self.model_id == other.model_id and (mine is None or theirs is None or mine == theirs)
+
     def with_system(self, system: str | None) -> "LoadedModel":
         """The same model (weights shared), every conversation opened by `system` (None: the template's own)."""
         if system is not None and (not isinstance(system, str) or not system.strip()):

@@ -89,6 +89,11 @@ class Run:
                 f"run {self.path} was made with model {expected}, not {model.model_id}: load that model "
                 f"(--model {self.config.model.spec})"
             )
+        recorded = (self.config.provenance or {}).get("model") or {}
+        made, given = recorded.get("sha256") if isinstance(recorded, dict) else None, model.weights_sha256
+        if made and given and made != given:  # two fine-tunes of one base share an id: their bytes differ
+            raise MelboError(f"run {self.path} was made with other weights than {model.spec} (sha256 {made[:12]}…, "
+                             f"not {given[:12]}…), though the model id is the same: load the model it was made with")
         self.model = model
 
     @property

@@ -106,7 +106,7 @@ def diff_command(
 
 def _check_not_itself(lm, ref) -> None:
     """A model diffed against itself: every perturbation changes both alike, every KL is 0 — minutes for nothing."""
-    if lm.model_id == ref.model_id and lm.source_hash == ref.source_hash:
+    if lm.same_weights(ref):
         raise MelboError(f"the audited model and the reference are the same model ({lm.model_id}): every KL would "
                          "be 0; give its base model or an earlier checkpoint as --reference")
 
