@@ -466,6 +466,14 @@ def test_help_and_no_arguments_still_show_the_help(capsys):
     assert code == 2 and "Usage:" in stdout and "discover" in stdout
 
 
+def test_help_names_flags_without_a_value(capsys):
+    """`--open` takes no value: the help must not print `--open <bool>` (issue 24), while valued options keep types."""
+    code, stdout, _ = run_cli(["report", "--help"], capsys)
+    assert code == 0 and "--open" in stdout and "<bool>" not in stdout
+    code, stdout, _ = run_cli(["discover", "--help"], capsys)
+    assert "<bool>" not in stdout and "--chat" in stdout and "<int>" in stdout
+
+
 # ------------------------------------------------------------------------------------------------ issue 23: export
 def _edit_config(run: Path, edit) -> None:
     config = json.loads((run / "config.json").read_text())

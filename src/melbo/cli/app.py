@@ -30,6 +30,25 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
+
+def _flags_name_no_value() -> None:
+    """Help shows `--open` rather than `--open <bool>`: typer 0.29 labels on/off flags with a type, which reads as
+    if they took a value. The one place the CLI reaches into typer's help rendering."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_melbo_flags", False):
+        return  # older typers print no type for flags
+
+    def display_type_rich(self: TyperOption, ctx):  # type: ignore[no-untyped-def]
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._melbo_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_name_no_value()
+
 ModelOpt = typer.Option(None, "--model", "-m", help="Embedded name, local HF directory, .gguf file or hub id.")
 DeviceOpt = typer.Option("best", help="best (a CUDA GPU when one is visible, else cpu), cpu, cuda, cuda:N, or auto (spread over all GPUs).")
 DtypeOpt = typer.Option("auto", help="auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16.")
