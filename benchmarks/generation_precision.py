@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (timers then wait for the GPU)")
     args = parser.parse_args()
     if min(args.vectors, args.tokens, args.batch_size, args.repeats) < 1 or min(args.radii) <= 0:
         fail("--vectors, --tokens, --batch-size and --repeats must be ≥ 1, --radii > 0")
@@ -71,7 +72,12 @@ def main() -> None:
     from melbo.threads import configure_threads
 
     threads = configure_threads(args.threads)
-    lm = load_model(args.model)
+    lm = load_model(args.model, device=args.device)
+
+    def clock() -> float:  # CUDA kernels run asynchronously: time what has finished
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
     source = 8 if lm.depth > 16 else lm.depth // 3
     norm = residual_norm(lm, encode(lm, PROMPTS, None), source)
     vectors = SteeringVectors(torch.cat([random_vectors(args.vectors, lm.width, r * norm, source, seed=i).vectors
@@ -81,13 +87,13 @@ def main() -> None:
     for _ in range(args.repeats):
         for precision in runs:
             sampling = Sampling(max_new_tokens=args.tokens, batch_size=args.batch_size, precision=precision)
-            started = time.perf_counter()
+            started = clock()
             rows = generate(lm, vectors, PROMPTS, sampling=sampling)
-            runs[precision].append(time.perf_counter() - started)
+            runs[precision].append(clock() - started)
             texts[precision] = rows
     row_tokens = sum(r.tokens for r in texts["fp32"])
     console = Console()
-    table = Table(title=f"{args.model}: {len(texts['fp32'])} rows × ≤{args.tokens} tokens, {threads} thread(s), "
+    table = Table(title=f"{args.model} on {args.device}: {len(texts['fp32'])} rows × ≤{args.tokens} tokens, {threads} thread(s), "
                         f"best of {args.repeats}")
     for column in ("precision", "seconds", "row-tokens/s", "× fp32"):
         table.add_column(column, justify="right")

@@ -23,6 +23,10 @@ melbo's environment, and imported from there. What this benchmark patches, and w
   tokenizer is called with add_special_tokens=False and the ids are checked equal to melbo's.
 
     .venv/bin/python benchmarks/peers.py [--model smollm2-135m] [--steps 30] [--threads N] [--json peers.json]
+    .venv/bin/python benchmarks/peers.py --device cuda --dtype bfloat16 --precisions auto   # on a GPU (gpu_bench.py)
+
+On a GPU every system's weights are in --dtype on --device, timers wait for the GPU (torch.cuda.synchronize), and
+the table adds each system's peak GPU memory (torch.cuda.max_memory_allocated, reset before each system).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import melbo  # noqa: E402
 from melbo.files import check_output_file, write_json  # noqa: E402
 from melbo.layers import find_blocks  # noqa: E402
 from melbo.models import cache_dir  # noqa: E402
-from melbo.models import resolve_precision  # noqa: E402
+from melbo.models import DTYPES, resolve_precision  # noqa: E402
 from melbo.prompts import format_prompt, prompt_tokens  # noqa: E402
 from melbo.settings import DEFAULTS  # noqa: E402
 from melbo.threads import allowed_cores, configure_threads, free_cores  # noqa: E402
@@ -114,10 +118,10 @@ def _peer_tokenizer(tokenizer, chat: bool):
     return _NoSpecialTokens(tokenizer) if chat else tokenizer
 
 
-def fresh_model(directory: str):
+def fresh_model(directory: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -160,7 +164,7 @@ class Reference:
 
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
         values = []
-        for v in vectors.float():
+        for v in vectors.to(self.ids.device, torch.float32):
             change = (self._z(v) - self.z0).norm(dim=-1)  # [T]
             values.append(change.pow(self.p).sum().pow(1.0 / self.q))
         return torch.stack(values)
@@ -183,8 +187,15 @@ def max_abs_cos(vectors: torch.Tensor) -> float | None:
 # are not what is compared.
 
 
+def _clock() -> float:
+    """perf_counter once the GPU has finished what was queued (CUDA kernels run asynchronously)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def run_seed(original_melbo, directory, text, ids, a) -> tuple[torch.Tensor, float]:
-    model, tokenizer = fresh_model(directory)
+    model, tokenizer = fresh_model(directory, a.device, DTYPES[a.dtype])
     path, _ = find_blocks(model)
     steered = original_melbo.SteeredModel(
         model, _peer_tokenizer(tokenizer, a.chat), source_layer_idx=a.source, target_layer_idx=a.target + 1,
@@ -195,14 +206,14 @@ def run_seed(original_melbo, directory, text, ids, a) -> tuple[torch.Tensor, flo
         with _steps(steered, 1):
             steered.train([text], 1)  # untimed warm-up
         torch.manual_seed(a.seed)
-        started = time.perf_counter()
+        started = _clock()
         steered.train([text], a.seed_vectors)
-        seconds = time.perf_counter() - started
+        seconds = _clock() - started
     return steered.learned_vectors.detach().cpu(), seconds
 
 
 def run_batched(batched_melbo, directory, text, ids, a) -> tuple[torch.Tensor, float]:
-    model, tokenizer = fresh_model(directory)
+    model, tokenizer = fresh_model(directory, a.device, DTYPES[a.dtype])
     path, _ = find_blocks(model)
     trainer = batched_melbo.BatchedMELBO(
         model, _peer_tokenizer(tokenizer, a.chat), source_layer_idx=a.source, target_layer_idx=a.target,
@@ -211,9 +222,9 @@ def run_batched(batched_melbo, directory, text, ids, a) -> tuple[torch.Tensor, f
     with _steps(trainer, 1):
         trainer.train([text], a.vectors, vector_batch_size=a.vectors)  # untimed warm-up
     torch.manual_seed(a.seed)
-    started = time.perf_counter()
+    started = _clock()
     trainer.train([text], a.vectors, vector_batch_size=a.vectors)
-    seconds = time.perf_counter() - started
+    seconds = _clock() - started
     return trainer.learned_vectors.detach().cpu(), seconds
 
 
@@ -226,11 +237,11 @@ def run_melbo(lm, precision: str, a, compile: bool = False) -> tuple[torch.Tenso
                        compile=compile)
         if compile:
             print(f"melbo {precision}+compile: compiling took {time.perf_counter() - started:.0f} s (untimed)")
-        started = time.perf_counter()
+        started = _clock()
         run = melbo.discover(lm, [a.prompt], Path(tmp) / "run", n_vectors=a.vectors, source=a.source,
                              target=a.target, radius=str(a.radius), steps=a.steps, batch_size=a.vectors,
                              precision=precision, seed=a.seed, compile=compile)
-        seconds = time.perf_counter() - started
+        seconds = _clock() - started
         return run.perturbations.vectors.detach().cpu().clone(), seconds
 
 
@@ -267,6 +278,10 @@ def parse_args():
                         help="melbo's training precisions, one row each (+compile: with --compile).")
     parser.add_argument("--systems", default="seed,batched,melbo,random")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: melbo's auto).")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]: every system and the reference run there.")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="The weights of the peers and of melbo's loaded model (melbo's --precisions still "
+                             "choose its training copies).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="Also write the table and settings here.")
     return parser.parse_args()
@@ -281,25 +296,29 @@ def main() -> None:
     systems = a.systems.split(",")
     original_melbo, batched_melbo = import_peer() if {"seed", "batched"} & set(systems) else (None, None)
 
-    lm = melbo.load_model(a.model)
+    lm = melbo.load_model(a.model, device=a.device, dtype=a.dtype)
     directory = lm.model.config._name_or_path
     a.chat = chat = lm.chat_template is not None
     text = format_prompt(lm, a.prompt, chat)  # what melbo trains on; the peers get the same text
     ids = torch.tensor([prompt_tokens(lm, a.prompt, chat)])
-    reference_model, _ = fresh_model(directory)
-    reference = Reference(reference_model, ids, a.source, a.target, DEFAULTS.p, DEFAULTS.q)
+    reference_model, _ = fresh_model(directory, a.device)  # fp32: one judge for every system
+    reference = Reference(reference_model, ids.to(a.device), a.source, a.target, DEFAULTS.p, DEFAULTS.q)
 
     rows = []  # (system, vectors tensor, seconds or None)
+    memory = {}  # system -> peak GPU bytes while it ran
     if "seed" in systems:
-        rows.append(("SteeredModel (seed)", *run_seed(original_melbo, directory, text, ids, a)))
+        with peak_memory(memory, "SteeredModel (seed)"):
+            rows.append(("SteeredModel (seed)", *run_seed(original_melbo, directory, text, ids, a)))
     if "batched" in systems:
-        rows.append(("BatchedMELBO", *run_batched(batched_melbo, directory, text, ids, a)))
+        with peak_memory(memory, "BatchedMELBO"):
+            rows.append(("BatchedMELBO", *run_batched(batched_melbo, directory, text, ids, a)))
     if "melbo" in systems:
         for spec in a.precisions.split(","):
             precision, _, extra = spec.partition("+")
             resolved = resolve_precision(precision, lm.device)
             name = f"melbo {spec}" + (f" ({resolved})" if resolved != precision else "")
-            rows.append((name, *run_melbo(lm, precision, a, compile=extra == "compile")))
+            with peak_memory(memory, name):
+                rows.append((name, *run_melbo(lm, precision, a, compile=extra == "compile")))
     if "random" in systems:
         g = torch.Generator().manual_seed(a.seed)
         random = torch.randn(a.vectors, lm.width, generator=g)
@@ -312,28 +331,41 @@ def main() -> None:
         table.append({"system": name, "vectors": len(vectors), "seconds": seconds, "vector_steps_per_s": rate,
                       "objective_mean": float(scores.mean()), "objective_max": float(scores.max()),
                       "max_abs_cos": max_abs_cos(vectors),
-                      "norm_error": float((vectors.float().norm(dim=-1) - a.radius).abs().max())})
+                      "norm_error": float((vectors.float().norm(dim=-1) - a.radius).abs().max()),
+                      "peak_gpu_gib": memory.get(name)})
     rates = {r["system"]: r["vector_steps_per_s"] for r in table}
     for r in table:
         for key, peer in (("ratio_seed", "SteeredModel (seed)"), ("ratio_batched", "BatchedMELBO")):
             r[key] = r["vector_steps_per_s"] / rates[peer] if rates.get(peer) and r["vector_steps_per_s"] else None
 
-    header = (f"model {lm.model_id}, prompt {ids.shape[1]} tokens, blocks {a.source} -> {a.target}, R = {a.radius:g}, "
+    header = (f"model {lm.model_id} ({a.device}, {a.dtype}), prompt {ids.shape[1]} tokens, blocks {a.source} -> {a.target}, R = {a.radius:g}, "
               f"{a.steps} steps, p = {DEFAULTS.p:g}, q = {DEFAULTS.q:g}, {threads} threads, torch {torch.__version__}; "
               f"{free} of {cores} cores free at the start" + ("" if free == cores else " (NOT IDLE)"))
     print(header)
     print(f"{'system':22s} {'vectors':>7s} {'seconds':>8s} {'vec-steps/s':>11s} {'vs seed':>8s} {'vs batched':>10s} "
-          f"{'F mean':>9s} {'F max':>9s} {'max|cos|':>8s}")
+          f"{'F mean':>9s} {'F max':>9s} {'max|cos|':>8s}" + (f" {'GPU GiB':>8s}" if memory else ""))
     for r in table:
         print(f"{r['system']:22s} {r['vectors']:7d} {_cell(r['seconds'], '8.1f')} "
               f"{_cell(r['vector_steps_per_s'], '11.2f')} {_cell(r['ratio_seed'], '7.2f', 'x')} "
               f"{_cell(r['ratio_batched'], '9.2f', 'x')} {r['objective_mean']:9.4g} {r['objective_max']:9.4g} "
-              f"{_cell(r['max_abs_cos'], '8.3f')}")
+              f"{_cell(r['max_abs_cos'], '8.3f')}" + (f" {_cell(r['peak_gpu_gib'], '8.2f')}" if memory else ""))
     if a.json is not None:
         settings = {**vars(a), "json": str(a.json), "threads": threads, "tokens": ids.shape[1],
                     "model_id": lm.model_id, "torch": torch.__version__, "machine": platform.machine(),
                     "cores": cores, "free_cores_at_start": free}
         write_json(a.json, {"settings": settings, "rows": table})
+
+
+@contextmanager
+def peak_memory(memory: dict, name: str):
+    """Record the peak GPU memory (GiB) allocated while the block runs; nothing on a machine without CUDA."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    yield
+    memory[name] = torch.cuda.max_memory_allocated() / 2**30
 
 
 def _cell(value, spec: str, suffix: str = "") -> str:
