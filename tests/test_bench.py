@@ -327,3 +327,25 @@ def test_refusal_bench_chooses_the_fluent_vector_that_answers_the_request():
     assert refusal._pick(["v0", "v3"], per, 50.0) == "v0"  # fluent first
     assert refusal._pick(["v3"], per, 50.0) == "v3"  # the least bad when nothing is fluent
     assert refusal._pick(["v2"], per, 50.0) is None
+
+
+def test_every_bench_option_defaults_to_its_own_settings():
+    """An option's default comes from that bench's settings class: a shared default would override the bench's
+    own (bench subtle trained 150 steps where SubtleSettings says 100)."""
+    import typer.main
+
+    from melbo.bench.settings import default
+    from melbo.cli import app
+    from melbo.cli.bench import SETTINGS_OF
+
+    group = typer.main.get_command(app).commands["bench"]
+    checked = set()
+    for name, cls in SETTINGS_OF.items():
+        for param in group.commands[name].params:
+            try:
+                expected = default(cls, param.name)
+            except (KeyError, AttributeError):
+                continue  # not a setting (model, device, threads, out, …)
+            assert param.default == expected, (name, param.name, param.default, expected)
+            checked.add((name, param.name))
+    assert ("subtle", "steps") in checked and len(checked) > 20

@@ -34,7 +34,6 @@ app.add_typer(testbed_app, name="testbed")
 # Options every bench command that trains takes, added to each by `bench_command` (one object each: the same flag
 # and help everywhere; each bench's defaults from its settings class in melbo.bench.settings).
 SHARED = (
-    ("steps", int, typer.Option(default(BenchSettings, "steps"), help="Optimiser steps per batch.")),
     ("source", Optional[int], typer.Option(None, help="Source block (default 8, or depth//3 for shallow models).")),
     ("target", Optional[int], typer.Option(None, help="Target block (default depth-8).")),
     ("batch_size", int, typer.Option(default(BenchSettings, "batch_size"), help="Vectors trained (and generated) together.")),
@@ -51,7 +50,8 @@ NOT_SETTINGS = ("seeds", "quick", "device", "dtype", "threads")
 
 
 def per_bench(cls: type, name: str) -> tuple:
-    """The options whose default differs between benches, read from the bench's settings class."""
+    """The options whose default differs between benches, read from the bench's settings class (a default read
+    from another class would silently override the bench's own: subtle's 100 steps ran as 150)."""
     return (
         ("n_vectors", int, typer.Option(default(cls, "n_vectors"), "--n-vectors", "-n", help="Perturbations to learn.")),
         ("n_random", Optional[int], typer.Option(default(cls, "n_random"), "--random", help="Random vectors of the "
@@ -59,6 +59,7 @@ def per_bench(cls: type, name: str) -> tuple:
         ("radius", str, typer.Option(default(cls, "radius"), help="R: absolute (4.0) or relative to the source "
                                                                   "residual norm (0.3x).")),
         ("max_new_tokens", int, typer.Option(default(cls, "max_new_tokens"), help="Tokens to generate per completion.")),
+        ("steps", int, typer.Option(default(cls, "steps"), help="Optimiser steps per batch.")),
         ("out_dir", Optional[Path], typer.Option(None, "--out", "-o", help=f"Run directory (default "
                                                                             f"runs/bench-{name}-<time>).")),
     )
@@ -70,9 +71,14 @@ CleanPromptOpt = typer.Option(None, help="The clean prompt (default: What is 4 +
 BenchModelOpt = typer.Option(None, "--model", "-m", help="Model (default qwen2.5-coder-0.5b).")
 
 
+SETTINGS_OF: dict[str, type] = {}  # bench name → its settings class (where its options' defaults come from)
+
+
 def bench_command(name: str, cls: type):
     """Register `fn(..., shared)` as `melbo bench NAME`, its own options followed by the per-bench and SHARED ones;
     fn receives those as the dict `shared`."""
+    SETTINGS_OF[name] = cls
+
     def register(fn):
         added = per_bench(cls, name) + SHARED
         signature = inspect.signature(fn)
