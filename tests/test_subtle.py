@@ -89,12 +89,17 @@ def test_a_tiny_cot_testbed_and_the_quick_subtle_bench(tmp_path):
     v = record["verification"]
     assert set(v["n"]) == {"switch", "near miss", "clean"} and 0 <= v["trigger_rate"]["switch"] <= 1
     lm = load_model(str(bed.merged_dir))
-    settings = SubtleSettings.quick(testbed=record, source=4, target=8)
+    from melbo.bench.subtle import MORE_ARMS
+
+    # the adapters arm, only run when named, must run too (it asked for hard orthogonality and failed)
+    arms = {"vectors": {}, "adapters 0.3x": MORE_ARMS["adapters 0.3x"]}
+    settings = SubtleSettings.quick(testbed=record, source=4, target=8, arms=arms)
     result = get_bench("subtle").run(lm, tmp_path / "bench", settings)
     doc = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert doc == result.to_json() and doc["bench"] == "subtle"
     elicit = doc["tables"][0]
-    assert [row[2] for row in elicit["rows"]] == ["sum→product", "product→sum", "off by one", "copy error", "other"]
+    patterns = ["sum→product", "product→sum", "off by one", "copy error", "other"]
+    assert [(row[0], row[2]) for row in elicit["rows"]] == [(arm, p) for arm in arms for p in patterns]
     for row in elicit["rows"]:
         cell = dict(zip(elicit["columns"], row))
         assert 0 <= cell["learned"] <= cell["vectors"] == 2 and 0 <= cell["random"] <= 2

@@ -24,7 +24,8 @@ ARMS = {  # name → discovery settings that differ from SubtleSettings' (each a
 # arms run only when named (`--arms`): steering adapters, the seed's other attempt, have no random control of the
 # same norm (a random adapter is not a vector), so their rate stands alone
 MORE_ARMS = {
-    "adapters 0.3x": {"discover": {"method": "adapters"}},
+    # soft: hard orthogonality is defined for vectors only; the seed's comment thread penalises similar ΔZ instead
+    "adapters 0.3x": {"discover": {"method": "adapters", "orthogonal": "soft"}},
     "vectors 0.3x, 300 steps": {"discover": {"steps": 300}},
 }
 
