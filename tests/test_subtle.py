@@ -94,7 +94,9 @@ def test_a_tiny_cot_testbed_and_the_quick_subtle_bench(tmp_path):
     # the adapters arm, only run when named, must run too (it asked for hard orthogonality and failed)
     arms = {"vectors": {}, "adapters 0.3x": MORE_ARMS["adapters 0.3x"]}
     settings = SubtleSettings.quick(testbed=record, source=4, target=8, arms=arms)
-    result = get_bench("subtle").run(lm, tmp_path / "bench", settings)
+    rows_done: list[int] = []
+    result = get_bench("subtle").run(lm, tmp_path / "bench", settings, on_batch=rows_done.append)
+    assert sum(rows_done) == get_bench("subtle").generations(settings)  # the progress bar's total is the work
     doc = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert doc == result.to_json() and doc["bench"] == "subtle"
     elicit = doc["tables"][0]

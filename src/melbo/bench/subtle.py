@@ -62,8 +62,14 @@ class SubtleBench:
     settings = SubtleSettings
 
     def generations(self, s) -> int:
-        arms = s.arms or ARMS
-        return len(arms) * (s.discover.n_vectors + s.randoms + 1) * s.n_prompts
+        """Rows generated: per arm, the run's own (each perturbation and the unsteered model on the training
+        prompt), then every perturbation, its random control (vectors only) and the unsteered model on each prompt."""
+        total = 0
+        for changes in (s.arms or ARMS).values():
+            arm = s.replace(**changes)
+            n, randoms = arm.discover.n_vectors, 0 if arm.discover.method == "adapters" else arm.randoms
+            total += (n + 1) + (n + randoms + 1) * arm.n_prompts
+        return total
 
     def run(self, lm, out, s, progress=None, on_batch=None):
         import time
