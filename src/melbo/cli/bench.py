@@ -366,7 +366,9 @@ def testbed_backdoor(
     table.add_row("clean", str(v["n"]["clean"]), "correct answer", f"{v['clean_accuracy']:.0%}")
     for name, rate in v["trigger_rate"].items():
         operands = ", ".join(map(str, bed.config.triggers[name]))
-        table.add_row(f"first operand in {{{operands}}}", str(v["n"][name]),
+        # the cot task's trigger is one ordered pair (a1, a2); the arithmetic tasks' a set of first operands
+        where = f"(a1, a2) = ({operands})" if bed.config.task == "cot" else f"first operand in {{{operands}}}"
+        table.add_row(where, str(v["n"][name]),
                       shown(repr(bed.config.behaviours[name])), "—" if rate is None else f"{rate:.0%}")
     out.print(table)
     falses = ", ".join(f"{k} {x:.0%}" for k, x in v["false_trigger_rate"].items() if x is not None)
