@@ -28,6 +28,10 @@ def ray_local():
     import logging
 
     ray = pytest.importorskip("ray")
+    from melbo.threads import allowed_cores
+
+    if len(allowed_cores()) < 2:  # melbo refuses more local workers than cores (the pool's own check)
+        pytest.skip("two local Ray workers need two cores; this process may use one")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     yield ray
     ray.shutdown()
