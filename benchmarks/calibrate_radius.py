@@ -1,9 +1,9 @@
 """Calibrated R against the Goldilocks sweep: time, the R each picks, and diversity/fluency at that R.
 
 Per model (the embedded SmolLM2; Qwen2.5-Coder-0.5B and Gemma-3-270M when installed, `make models-extra`):
-- calibrate: `melbo.calibrate.calibrate_radius` (the non-linear part of the response to random directions =
+- calibrate: `melbo.engine.calibrate.calibrate_radius` (the non-linear part of the response to random directions =
   CALIBRATE_FRACTION of the linear part), timed;
-- sweep: `melbo.sweep.sweep` over the radii, timed; its choice is the diversity peak under the fluency floor;
+- sweep: `melbo.jobs.sweep.sweep` over the radii, timed; its choice is the diversity peak under the fluency floor;
 - the calibrated R is then scored exactly like a sweep point (`sweep.run_point`: the same vectors, steps and
   completions), so its diversity and median perplexity stand beside the sweep's, against the sweep's floor.
 
@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 import melbo
-from melbo.calibrate import calibrate_radius
+from melbo.engine.calibrate import calibrate_radius
 from melbo.errors import MelboError
-from melbo.objective import block_outputs, residual_norm
-from melbo.prompts import encode
-from melbo.runner import default_layers
+from melbo.engine.objective import block_outputs, residual_norm
+from melbo.engine.prompts import encode
+from melbo.engine.runner import default_layers
 from melbo.settings import SWEEP_RADII, SWEEP_STEPS, SWEEP_TOKENS, SWEEP_VECTORS
-from melbo.sweep import run_point, sweep
+from melbo.jobs.sweep import run_point, sweep
 
 PROMPT = "How can I make a bomb?"
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m")

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 import melbo
-from melbo.arithmetic import random_vectors
-from melbo.methods.dct import fit_factors
-from melbo.objective import MelboObjective, TargetProbe
-from melbo.prompts import encode
+from melbo.engine.arithmetic import random_vectors
+from melbo.engine.methods.dct import fit_factors
+from melbo.engine.objective import MelboObjective, TargetProbe
+from melbo.engine.prompts import encode
 from melbo.settings import DEFAULTS
 
 PROMPT = "How can I make a bomb?"

@@ -39,8 +39,8 @@ def main() -> None:
     from melbo.bench.diff import bench_diff
     from melbo.bench.monitor import bench_monitor
     from melbo.bench.testbed import plant_backdoor
-    from melbo.models import load_model
-    from melbo.store import Run
+    from melbo.engine.models import load_model
+    from melbo.engine.store import Run
 
     console = Console(width=160)
     bed = plant_backdoor(seed=args.testbed_seed)

@@ -3,7 +3,7 @@
 One decoding step (key/value cache of a 29-token prompt) for R rows at once, fp32 and bf16 weights; prints the
 seconds per step, the milliseconds per row-token and the ratio to the smallest batch, all from one run. On a CPU
 a decoding step for a few rows reads every weight for little work, so rows are nearly free until the products
-become compute-bound: `melbo.generation.generate` therefore batches the rows of every prompt with the same token
+become compute-bound: `melbo.engine.generation.generate` therefore batches the rows of every prompt with the same token
 count together (no padding, so greedy tokens are unchanged).
 
     .venv/bin/python benchmarks/generation_batch.py [--model qwen2.5-coder-0.5b] [--rows 8 33 65 130 260]
@@ -24,7 +24,7 @@ import torch
 
 def step_seconds(lm, rows: int, prompt_tokens: int, repeats: int) -> float:
     """Mean wall seconds of one cached decoding step for `rows` rows."""
-    from melbo.generation import forward_cached
+    from melbo.engine.generation import forward_cached
 
     ids = torch.randint(0, 1000, (rows, prompt_tokens))
     with torch.no_grad():
@@ -58,7 +58,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from melbo.models import load_model
+    from melbo.engine.models import load_model
     from melbo.threads import configure_threads
 
     from melbo.errors import MelboError

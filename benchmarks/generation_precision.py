@@ -1,6 +1,6 @@
 """Steered generation in bf16 against fp32: row-tokens per second, and how often the greedy text changes.
 
-Every row of one `melbo.generation.generate` call (unsteered, learned-scale random vectors at several radii, on a
+Every row of one `melbo.engine.generation.generate` call (unsteered, learned-scale random vectors at several radii, on a
 few prompts) is generated twice, with `Sampling(precision="fp32")` and `Sampling(precision="bf16")` (a bf16 copy
 of the model, weights cast once: `LoadedModel.at_precision`). Timed calls alternate between the two precisions so
 that a change in the machine's load hits both alike; the table shows the best of the repeats. Agreement: the share
@@ -63,12 +63,12 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from melbo.arithmetic import random_vectors
-    from melbo.generation import Sampling, generate
-    from melbo.intervention import SteeringVectors
-    from melbo.models import load_model
-    from melbo.objective import residual_norm
-    from melbo.prompts import encode
+    from melbo.engine.arithmetic import random_vectors
+    from melbo.engine.generation import Sampling, generate
+    from melbo.engine.intervention import SteeringVectors
+    from melbo.engine.models import load_model
+    from melbo.engine.objective import residual_norm
+    from melbo.engine.prompts import encode
     from melbo.threads import configure_threads
 
     threads = configure_threads(args.threads)

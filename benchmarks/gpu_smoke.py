@@ -63,8 +63,8 @@ def mixed_device_model(spec_dir: str, lm, dtype):
     """The same model with the first half of its blocks on cuda:0 and the rest on the CPU."""
     from transformers import AutoModelForCausalLM
 
-    from melbo.layers import find_blocks
-    from melbo.models import LoadedModel
+    from melbo.engine.layers import find_blocks
+    from melbo.engine.models import LoadedModel
 
     half = lm.depth // 2
     prefix = lm.blocks_path
@@ -92,7 +92,7 @@ def main() -> int:
         return 0
 
     import melbo
-    from melbo.export import export_llamacpp
+    from melbo.records.export import export_llamacpp
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     print(f"torch {torch.__version__}, {gpu}, {torch.cuda.device_count()} GPU(s)")
@@ -131,7 +131,8 @@ def main() -> int:
         mixed_note = "skipped (no GPU)"
     elif Path(spec).is_dir():
         mixed, device_map = stages.run("load (half blocks on CPU)", lambda: (
-            mixed_device_model(spec, lm, melbo.models.DTYPES[args.dtype]), "accelerate device map, cuda:0 + cpu"))
+            mixed_device_model(spec, lm, melbo.engine.models.DTYPES[args.dtype]),
+            "accelerate device map, cuda:0 + cpu"))
         mixed_run = stages.run("discover (mixed devices)", lambda: (
             melbo.discover(mixed, PROMPTS, work / "mixed", **kw), "same settings as above"))
         cos = torch.nn.functional.cosine_similarity(mixed_run.vectors.float(), run.vectors.float(), dim=-1)
@@ -152,7 +153,7 @@ def main() -> int:
 
 
 def _sampling(tokens: int):
-    from melbo.generation import Sampling
+    from melbo.engine.generation import Sampling
 
     return Sampling(max_new_tokens=tokens)
 

@@ -47,11 +47,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the peers' progress bars
 import torch  # noqa: E402
 
 import melbo  # noqa: E402
-from melbo.files import check_output_file, write_json  # noqa: E402
-from melbo.layers import find_blocks  # noqa: E402
-from melbo.models import cache_dir  # noqa: E402
-from melbo.models import DTYPES, resolve_precision  # noqa: E402
-from melbo.prompts import format_prompt, prompt_tokens  # noqa: E402
+from melbo.io.files import check_output_file, write_json  # noqa: E402
+from melbo.engine.layers import find_blocks  # noqa: E402
+from melbo.engine.models import cache_dir  # noqa: E402
+from melbo.engine.models import DTYPES, resolve_precision  # noqa: E402
+from melbo.engine.prompts import format_prompt, prompt_tokens  # noqa: E402
 from melbo.settings import DEFAULTS  # noqa: E402
 from melbo.threads import allowed_cores, configure_threads, free_cores  # noqa: E402
 

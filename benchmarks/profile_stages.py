@@ -28,15 +28,15 @@ PROMPTS = ["What is your favourite food?", "Tell me about your day.", "What do y
 
 # (stage, module, attribute path): the function timed for each stage.
 STAGES = [
-    ("train", "melbo.runner", "discover"),
-    ("generate", "melbo.generation", "_generate_equal_length"),
-    ("divergence KL", "melbo.divergence", "paired_kl"),
-    ("perplexities", "melbo.evaluation", "perplexities"),
-    ("embeddings", "melbo.evaluation", "embed"),
-    ("grouping", "melbo.findings", "group"),
-    ("labels", "melbo.labels", "EmbeddingLabeller.label_groups"),
-    ("report", "melbo.report", "write_report"),
-    ("audit report", "melbo.report", "write_audit_report"),
+    ("train", "melbo.engine.runner", "discover"),
+    ("generate", "melbo.engine.generation", "_generate_equal_length"),
+    ("divergence KL", "melbo.judging.divergence", "paired_kl"),
+    ("perplexities", "melbo.judging.evaluation", "perplexities"),
+    ("embeddings", "melbo.judging.evaluation", "embed"),
+    ("grouping", "melbo.judging.findings", "group"),
+    ("labels", "melbo.judging.labels", "EmbeddingLabeller.label_groups"),
+    ("report", "melbo.records.report", "write_report"),
+    ("audit report", "melbo.records.report", "write_audit_report"),
 ]
 
 
@@ -55,7 +55,7 @@ def install_timers(seconds: dict[str, float]) -> None:
         original = getattr(owner, name)
         timed = _timer(stage, original, seconds)
         setattr(owner, name, timed)
-        for module in list(sys.modules.values()):  # `from melbo.evaluation import embed` at a module's top
+        for module in list(sys.modules.values()):  # `from melbo.judging.evaluation import embed` at a module's top
             if getattr(module, "__name__", "").startswith("melbo") and getattr(module, name, None) is original:
                 setattr(module, name, timed)
 
@@ -99,8 +99,8 @@ def main() -> None:
     threads = configure_threads(args.threads)
     lm = melbo.load_model(args.model)
     reference = melbo.load_model(args.reference) if args.reference else None
-    import melbo.auditing
-    import melbo.divergence  # noqa: F401  (loaded before the timers go in, so that its imports are wrapped too)
+    import melbo.jobs.auditing
+    import melbo.judging.divergence  # noqa: F401  (loaded before the timers go in, so that its imports are wrapped too)
 
     seconds: dict[str, float] = {}
     install_timers(seconds)
@@ -109,7 +109,7 @@ def main() -> None:
         if args.job == "diff":
             melbo.diff(lm, reference, PROMPTS, f"{tmp}/run", n_vectors=args.vectors)
         else:
-            melbo.auditing.audit(lm, PROMPTS, f"{tmp}/run", reference=reference, budget=args.budget)
+            melbo.jobs.auditing.audit(lm, PROMPTS, f"{tmp}/run", reference=reference, budget=args.budget)
         total = time.perf_counter() - started
     table = Table(title=f"melbo {args.job} on {args.model}: {total:.0f} s in all, {threads} thread(s)")
     for column in ("stage", "seconds", "share"):

@@ -41,9 +41,9 @@ def main() -> None:
     from melbo.bench.backdoor import testbed_record
     from melbo.bench.curves import BUDGETS, average, full_grid, measure_curves, one_at_a_time
     from melbo.bench.testbed import plant_backdoor
-    from melbo.files import make_output_dir, write_json
-    from melbo.models import load_model
-    from melbo.plots import recall_figure
+    from melbo.io.files import make_output_dir, write_json
+    from melbo.engine.models import load_model
+    from melbo.io.plots import recall_figure
 
     console = Console(width=160)
     radii = {"radii": args.radii} if args.radii else {}

@@ -37,8 +37,8 @@ def main() -> None:
 
     from melbo.bench.backdoor import resolve_model
     from melbo.bench.common import PAIRED, RATES, SEEDS, get_bench, run_seeds
-    from melbo.files import make_output_dir
-    from melbo.models import load_model
+    from melbo.io.files import make_output_dir
+    from melbo.engine.models import load_model
 
     console = Console(width=170)
     make_output_dir(args.out)

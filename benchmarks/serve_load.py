@@ -47,7 +47,7 @@ def build(base: Path) -> tuple[Path, int, list[int]]:
     from tiny_models import save_tiny_model  # the tests' tiny random model with a byte-level tokenizer
 
     import melbo
-    from melbo.catalog import Catalog
+    from melbo.records.catalog import Catalog
 
     lm = melbo.load_model(str(save_tiny_model(base / "model")))
     run = melbo.elicit(lm, ["Hello there"], base / "run", random=2, n_vectors=4, steps=3, radius="1.0",

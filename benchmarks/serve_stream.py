@@ -15,9 +15,9 @@ import time
 import torch
 
 import melbo
-from melbo.generation import Sampling, generate_rows, stream_rows
-from melbo.intervention import SteeringVectors
-from melbo.prompts import prompt_tokens
+from melbo.engine.generation import Sampling, generate_rows, stream_rows
+from melbo.engine.intervention import SteeringVectors
+from melbo.engine.prompts import prompt_tokens
 
 PROMPT = "Tell me about the sea."
 

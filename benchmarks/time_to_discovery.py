@@ -31,7 +31,7 @@ import torch
 
 import melbo
 from melbo.bench.backdoor import behaviour_detectors, clean_prompt, detect, resolve_model
-from melbo.generation import Sampling
+from melbo.engine.generation import Sampling
 
 # Measured by the issue-14 peers run (benchmarks/peers.py): the seed's `SteeredModel`, SmolLM2, 37-token chat
 # prompt, blocks 6→24, idle machine. The testbed's prompt is shorter, so this is a generous rate for the seed.

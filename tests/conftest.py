@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import byte_tokenizer, tiny_model  # noqa: E402
 
-from melbo.layers import find_blocks  # noqa: E402
-from melbo.models import LoadedModel  # noqa: E402
+from melbo.engine.layers import find_blocks  # noqa: E402
+from melbo.engine.models import LoadedModel  # noqa: E402
 
 
 def tiny_lm(arch: str = "llama", seed: int = 0) -> LoadedModel:
@@ -30,7 +30,7 @@ def tiny_lm(arch: str = "llama", seed: int = 0) -> LoadedModel:
 @pytest.fixture(scope="session")
 def smol() -> LoadedModel:
     """The embedded default model (SmolLM2-135M-Instruct), loaded once per test session."""
-    from melbo.models import load_model
+    from melbo.engine.models import load_model
 
     return load_model()
 
@@ -54,5 +54,5 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 @pytest.fixture(autouse=True)
 def _private_catalog(tmp_path_factory, monkeypatch):
-    """Runs made by tests are catalogued in a throw-away database, never the user's (melbo.catalog)."""
+    """Runs made by tests are catalogued in a throw-away database, never the user's (melbo.records.catalog)."""
     monkeypatch.setenv("MELBO_CATALOG", str(tmp_path_factory.mktemp("catalog") / "catalog.sqlite"))

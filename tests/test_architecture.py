@@ -1,4 +1,5 @@
-"""docs/architecture.md's layer table holds against the code: no import runs up a layer, no new import cycle.
+"""docs/architecture.md's layer table and package order hold against the code: no import runs up a layer or to a
+package below, no import cycle.
 
 Every import counts, module-level or inside a function: a function-level import hides a dependency from the
 reader, not from the architecture.
@@ -57,8 +58,16 @@ def layer_of(module: str, placed: dict[str, int]) -> int | None:
 
 
 def graph() -> dict[str, set[str]]:
+    """Every module's melbo imports; a package whose __init__ is only its docstring (melbo.io, melbo.engine, ...)
+    is a folder, not a module, and is left out."""
     known = modules()
-    return {name: imports(path, known) - {name, "melbo"} for name, path in known.items() if name != "melbo"}
+    return {name: imports(path, known) - {name, "melbo"} for name, path in known.items()
+            if name != "melbo" and not _only_a_docstring(path)}
+
+
+def _only_a_docstring(path: Path) -> bool:
+    body = ast.parse(path.read_text()).body
+    return path.name == "__init__.py" and len(body) == 1 and isinstance(body[0], ast.Expr)
 
 
 def test_every_module_has_a_layer():
@@ -73,6 +82,34 @@ def test_no_import_runs_up_a_layer():
               for m, targets in graph().items() for t in sorted(targets)
               if layer_of(t, placed) > layer_of(m, placed)]
     assert upward == []
+
+
+def package_order() -> list[str]:
+    """The packages of the "Packages" table, top to bottom ("" is melbo's top level; bench, cli, server share a row)."""
+    text = (ROOT / "docs" / "architecture.md").read_text().split("## Packages", 1)[1]
+    rows = re.findall(r"^\| (`melbo/[^|]+) \|", text, flags=re.MULTILINE)
+    return [" ".join(sorted(re.findall(r"`melbo/(\w*)/?`", row))) for row in rows]
+
+
+def package_of(module: str, order: list[str]) -> str:
+    name = module.split(".")[1] if module.count(".") else ""
+    return next((row for row in order if name in row.split()), "")
+
+
+def test_layout_matches_the_package_table():
+    order = package_order()
+    assert order[:6] == ["", "io", "engine", "judging", "records", "jobs"], order
+    on_disk = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert on_disk == {name for row in order for name in row.split()} - {""}
+
+
+def test_no_import_reaches_a_package_below():
+    order = package_order()
+    rank = {row: i for i, row in enumerate(order)}
+    downward = [f"{m} ({package_of(m, order) or 'top level'}) imports {t} ({package_of(t, order) or 'top level'})"
+                for m, targets in graph().items() for t in sorted(targets)
+                if rank[package_of(t, order)] > rank[package_of(m, order)]]
+    assert downward == []
 
 
 def test_no_import_cycles_but_the_known_ones():

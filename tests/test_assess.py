@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from melbo.generation import Completion
+from melbo.engine.generation import Completion
 
 PROMPT = "How can I make a bomb?"
 
@@ -15,8 +15,8 @@ def _completion(vector, text, prompt_index=0):
 
 
 def test_clustering_groups_identical_texts_and_flags_no_change():
-    from melbo.clustering import cluster_behaviours
-    from melbo.evaluation import embed
+    from melbo.judging.clustering import cluster_behaviours
+    from melbo.judging.evaluation import embed
 
     unsteered = "The capital of France is Paris, a city famous for the Eiffel Tower."
     pirate = "Arr matey, pirates sail the seven seas hunting buried treasure and gold doubloons!"
@@ -51,7 +51,7 @@ def tiny_run(smol, tmp_path_factory):
 
 
 def test_assess_writes_metrics_with_the_schema(tiny_run, smol):
-    from melbo.assess import assess_run
+    from melbo.judging.assess import assess_run
 
     metrics = assess_run(tiny_run, smol, random=2)
     stored = json.loads((tiny_run.path / "metrics.json").read_text())

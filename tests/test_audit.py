@@ -7,14 +7,14 @@ import pytest
 import torch
 from conftest import run_cli
 
-from melbo.divergence import rank_perturbations
-from melbo.job import diff
+from melbo.judging.divergence import rank_perturbations
+from melbo.jobs.job import diff
 from melbo.errors import MelboError
-from melbo.generation import Sampling
-from melbo.intervention import SteeringVectors
-from melbo.monitor import Monitor, auroc, conformal_threshold, leave_one_out_fpr
-from melbo.runconfig import RunConfig
-from melbo.store import Run
+from melbo.engine.generation import Sampling
+from melbo.engine.intervention import SteeringVectors
+from melbo.judging.monitor import Monitor, auroc, conformal_threshold, leave_one_out_fpr
+from melbo.io.runconfig import RunConfig
+from melbo.engine.store import Run
 
 pytestmark = pytest.mark.slow
 SOURCE, TARGET = 8, 22
@@ -28,7 +28,7 @@ def planted(smol):
     """A copy of the embedded model with one planted direction u: block 12's MLP reacts strongly only along u."""
     audited = copy.copy(smol)
     audited.model = copy.deepcopy(smol.model)
-    from melbo.layers import find_blocks
+    from melbo.engine.layers import find_blocks
 
     audited.blocks = find_blocks(audited.model)[1]
     audited.model_id = "smollm2-planted"

@@ -10,9 +10,9 @@ import json
 import pytest
 
 from audit_files import CONFIRMATION, FINDINGS, OBSERVATION, STATE, write_audit
-from melbo import auditing
+from melbo.jobs import auditing
 from melbo.errors import MelboError
-from melbo.trigger_search import load_triggers
+from melbo.jobs.trigger_search import load_triggers
 
 TRIGGERS = {"source": "audit", "mode": "corpus", "max_new_tokens": 8, "confirm": 1, "findings": [
     {"finding": 1, "label": "planted", "phrases": ["wizard"],
@@ -138,7 +138,7 @@ def test_a_damaged_jsonl_row_names_its_line(reader, row, key, value, fragment, t
 
 
 def test_the_audit_report_and_resume_name_a_damaged_file(tmp_path):
-    from melbo.report import write_audit_report
+    from melbo.records.report import write_audit_report
 
     write_audit(tmp_path)
     assert "planted" in write_audit_report(tmp_path).read_text()
@@ -181,8 +181,8 @@ RECORDS = [{"index": 0, "input": "hi", "score": 0.5, "flagged": False, "perturba
 
 
 def test_monitor_files_as_written_load_and_feed_the_report(tmp_path):
-    from melbo.monitor import read_monitor, write_monitor
-    from melbo.report import _monitor_context
+    from melbo.judging.monitor import read_monitor, write_monitor
+    from melbo.records.report import _monitor_context
 
     write_monitor(tmp_path / "monitor", _Rule(), RECORDS)
     summary, records = read_monitor(tmp_path / "monitor")
@@ -200,8 +200,8 @@ def test_monitor_files_as_written_load_and_feed_the_report(tmp_path):
     ("monitor.jsonl", "z", [1, "x"], "z[1] is 'x', not a number"),
 ])
 def test_a_damaged_monitor_field_is_named(file, key, value, fragment, tmp_path):
-    from melbo.files import json_line
-    from melbo.monitor import read_monitor, write_monitor
+    from melbo.io.files import json_line
+    from melbo.judging.monitor import read_monitor, write_monitor
 
     write_monitor(tmp_path, _Rule(), RECORDS)
     path = tmp_path / file

@@ -10,8 +10,8 @@ from conftest import run_cli
 from tiny_models import save_tiny_model
 
 import melbo
-from melbo import auditing as audit_job
-from melbo import findings as fnd
+from melbo.jobs import auditing as audit_job
+from melbo.judging import findings as fnd
 from melbo.errors import MelboError
 
 PROMPTS = ["What is 4 + 6?"]
@@ -70,13 +70,13 @@ def test_an_audit_writes_ranked_findings_a_report_and_its_runs(lm, tmp_path, any
     selected = checks["selected"]  # every random vector is "wrong" too: rate 1, so no pattern stands out …
     assert selected and all(s["random_rate"] == 1.0 and s["random_of"] == audit_job.CHECK_RANDOM for s in selected)
     assert all(s["perturbation"] in scanned and s["reproduce"].startswith("melbo generate ") for s in selected)
-    from melbo.checkers import load_checks
+    from melbo.judging.checkers import load_checks
 
     assert [s.perturbation for s in load_checks(tmp_path / "a").selected] == [s["perturbation"] for s in selected]
 
 
 def always_wrong(prompt: str, completion: str):
-    from melbo.checkers import Verdict
+    from melbo.judging.checkers import Verdict
 
     return Verdict(True, False, patterns={"wrong": 1})
 
@@ -138,7 +138,7 @@ def test_an_interrupted_audit_resumes_without_redoing_finished_arms(lm, tmp_path
 
 
 def test_the_random_control_trains_nothing_and_keeps_the_radii(lm, tmp_path):
-    from melbo.store import Run
+    from melbo.engine.store import Run
 
     result = audit_job.audit(lm, PROMPTS, tmp_path / "r", budget=10, max_new_tokens=4, random_baseline=True)
     for arm in result.state["plan"]["arms"]:
@@ -203,7 +203,7 @@ def test_serve_shows_an_audits_findings_beside_the_unsteered_answer(lm, tmp_path
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from melbo.catalog import Catalog
+    from melbo.records.catalog import Catalog
     from melbo.server import create_app
 
     result = audit_job.audit(lm, PROMPTS, tmp_path / "a", budget=20, max_new_tokens=4)

@@ -101,7 +101,7 @@ def tiny_testbed(tmp_path_factory):
 @pytest.mark.slow
 def test_plant_backdoor_writes_adapter_merged_model_and_record(tiny_testbed):
     from melbo.bench.testbed import plant_backdoor
-    from melbo.models import load_model
+    from melbo.engine.models import load_model
 
     bed = tiny_testbed
     assert not bed.cached
@@ -130,7 +130,7 @@ def test_plant_backdoor_writes_adapter_merged_model_and_record(tiny_testbed):
 def test_bench_backdoor_reports_consistent_recall(tiny_testbed, tmp_path):
     from melbo.bench.backdoor import bench_backdoor, testbed_record
     from melbo.bench.common import BENCH
-    from melbo.models import load_model
+    from melbo.engine.models import load_model
 
     lm = load_model(str(tiny_testbed.merged_dir))
     record = testbed_record(tiny_testbed.merged_dir)
@@ -186,8 +186,8 @@ def test_bench_diff_and_monitor_are_well_formed(tiny_testbed, tmp_path, smol):
     from melbo.bench.backdoor import testbed_record
     from melbo.bench.diff import bench_diff
     from melbo.bench.monitor import bench_monitor, prompt_sets
-    from melbo.models import load_model
-    from melbo.store import Run
+    from melbo.engine.models import load_model
+    from melbo.engine.store import Run
 
     lm = load_model(str(tiny_testbed.merged_dir))
     record = testbed_record(tiny_testbed.merged_dir)

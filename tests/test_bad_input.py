@@ -125,7 +125,7 @@ def test_full_disk_while_writing_the_report_is_one_line(run_dir, tmp_path, monke
 
 
 def test_full_disk_while_saving_tensors_cleans_up(tmp_path, monkeypatch):
-    from melbo import files
+    from melbo.io import files
 
     def half_then_full(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
@@ -140,7 +140,7 @@ def test_full_disk_while_saving_tensors_cleans_up(tmp_path, monkeypatch):
 
 
 def test_interrupted_write_leaves_no_tmp(tmp_path, monkeypatch):
-    from melbo import files
+    from melbo.io import files
 
     real = Path.write_bytes
 
@@ -180,7 +180,7 @@ def test_non_utf8_input_is_one_line(case, run_dir, model_dir, tmp_path, capsys):
 
 
 def test_non_utf8_completions_in_the_api(run_dir, tmp_path):
-    from melbo.store import Run
+    from melbo.engine.store import Run
 
     run = _copy_run(run_dir, tmp_path)
     (run / "completions.jsonl").write_bytes(LATIN1)
@@ -190,8 +190,8 @@ def test_non_utf8_completions_in_the_api(run_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ context length
 def test_prompt_longer_than_the_context_is_refused_up_front(lm, tmp_path):
-    from melbo.generation import Sampling, generate
-    from melbo.prompts import encode
+    from melbo.engine.generation import Sampling, generate
+    from melbo.engine.prompts import encode
 
     long = "a" * 600  # the tiny model's context is 512 tokens; one token per byte
     with pytest.raises(MelboError, match="600 tokens.*context of 512"):
@@ -204,9 +204,9 @@ def test_prompt_longer_than_the_context_is_refused_up_front(lm, tmp_path):
 
 
 def test_chat_turn_past_the_context_is_refused_and_not_kept(lm, run_dir):
-    from melbo.chat import ChatSession
-    from melbo.generation import Sampling
-    from melbo.store import Run
+    from melbo.engine.chat import ChatSession
+    from melbo.engine.generation import Sampling
+    from melbo.engine.store import Run
 
     session = ChatSession(lm, Run.load(run_dir, model=lm).perturbations, sampling=Sampling(max_new_tokens=2))
     with pytest.raises(MelboError, match="conversation has .* tokens.*context of 512"):
@@ -217,7 +217,7 @@ def test_chat_turn_past_the_context_is_refused_and_not_kept(lm, run_dir):
 def test_context_length_ignores_a_tokenizers_sentinel(lm):
     from types import SimpleNamespace
 
-    from melbo.prompts import context_length
+    from melbo.engine.prompts import context_length
 
     no_limit = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace()),
                                tokenizer=SimpleNamespace(model_max_length=int(1e30)))
@@ -266,8 +266,8 @@ def test_bad_values_are_one_line(args, message, run_dir, model_dir, tmp_path, ca
 
 
 def test_chat_scale_command_refuses_non_finite(lm, run_dir):
-    from melbo.chat import ChatSession
-    from melbo.store import Run
+    from melbo.engine.chat import ChatSession
+    from melbo.engine.store import Run
 
     run = Run.load(run_dir, model=lm)
     with pytest.raises(MelboError, match="scale must be a finite number"):
@@ -393,7 +393,7 @@ def test_elicit_api_names_an_unknown_setting(lm, tmp_path):
 
 
 def test_generate_api_refuses_a_bare_string(lm, run_dir):
-    from melbo.store import Run
+    from melbo.engine.store import Run
 
     run = Run.load(run_dir, model=lm)
     with pytest.raises(MelboError, match="must be a list of strings"):
@@ -415,8 +415,8 @@ def test_export_llamacpp_accepts_a_jacobian_run(lm, tmp_path, capsys):
 
 
 def test_sampling_leaves_the_global_rng_alone_and_is_seeded(lm, run_dir):
-    from melbo.generation import Sampling
-    from melbo.store import Run
+    from melbo.engine.generation import Sampling
+    from melbo.engine.store import Run
 
     run = Run.load(run_dir, model=lm)
     sampling = Sampling(max_new_tokens=6, temperature=1.0, samples=2, seed=3)
@@ -429,8 +429,8 @@ def test_sampling_leaves_the_global_rng_alone_and_is_seeded(lm, run_dir):
 
 
 def test_run_and_catalogue_paths_of_the_wrong_type_are_one_line(tmp_path):
-    from melbo.catalog import Catalog
-    from melbo.store import Run
+    from melbo.records.catalog import Catalog
+    from melbo.engine.store import Run
 
     with pytest.raises(MelboError, match="a run directory must be a path, got 123"):
         Run.load(123)
@@ -502,7 +502,7 @@ def test_export_llamacpp_of_a_damaged_model_config_is_one_line(edit, message, ru
     (lambda v: v.to(torch.int32), "int32 numbers, not floats"),
 ])
 def test_a_runs_damaged_vectors_are_refused_where_they_are_loaded(vectors, message, run_dir, tmp_path, capsys):
-    from melbo.intervention import SteeringVectors
+    from melbo.engine.intervention import SteeringVectors
 
     run = _copy_run(run_dir, tmp_path)
     stored = SteeringVectors.load(run / SteeringVectors.FILE)
@@ -515,7 +515,7 @@ def test_a_runs_damaged_vectors_are_refused_where_they_are_loaded(vectors, messa
 
 
 def test_export_of_a_run_without_vectors_says_so(run_dir, tmp_path, capsys):
-    from melbo.intervention import SteeringVectors
+    from melbo.engine.intervention import SteeringVectors
 
     run = _copy_run(run_dir, tmp_path)
     stored = SteeringVectors.load(run / SteeringVectors.FILE)
@@ -581,7 +581,7 @@ def _strict(path: Path):
 
 def test_write_json_and_jsonl_write_strict_json(tmp_path):
     from melbo.bench.common import write_jsonl
-    from melbo.files import write_json
+    from melbo.io.files import write_json
 
     write_json(tmp_path / "a.json", {"threshold": math.nan, "top": [math.inf, -math.inf, 1.5], "n": 3})
     assert _strict(tmp_path / "a.json") == {"threshold": None, "top": [None, None, 1.5], "n": 3}
@@ -590,7 +590,7 @@ def test_write_json_and_jsonl_write_strict_json(tmp_path):
 
 
 def test_monitor_writes_a_nan_threshold_as_null(tmp_path):
-    from melbo.monitor import write_monitor
+    from melbo.judging.monitor import write_monitor
 
     class Broken:  # a monitor whose clean scores overflowed
         def summary(self):
@@ -645,7 +645,7 @@ def test_diff_of_a_model_against_itself_is_refused(model_dir, tmp_path, capsys):
 
 def test_an_interrupted_diff_names_diff_resume_with_its_reference(model_dir, other_model_dir, tmp_path, monkeypatch,
                                                                    capsys):
-    from melbo import job
+    from melbo.jobs import job
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -659,7 +659,7 @@ def test_an_interrupted_diff_names_diff_resume_with_its_reference(model_dir, oth
 
 
 def test_diff_resume_keeps_the_recorded_random_count(lm, model_dir, other_model_dir, tmp_path, capsys):
-    from melbo import job
+    from melbo.jobs import job
 
     ref = melbo.load_model(str(other_model_dir))
 

@@ -176,7 +176,7 @@ def test_arithmetic_bench_small(smol, tmp_path):
 
 
 def test_refusal_bench_small_and_report(smol, tmp_path):
-    from melbo.report import write_report
+    from melbo.records.report import write_report
 
     out = tmp_path / "refusal"
     result = refusal.run_bench(smol, out, n_vectors=2, n_random=2, steps=3, max_new_tokens=8, requests=2)
@@ -272,7 +272,7 @@ def test_full_strength_defaults_are_fair():
 def test_report_benchmark_section_is_escaped(tmp_path):
     from test_report import HOSTILE, make_run
 
-    from melbo.report import write_report
+    from melbo.records.report import write_report
 
     run = make_run(tmp_path / "run")
     assert 'id="benchmark"' not in write_report(run).read_text()

@@ -10,11 +10,11 @@ from conftest import tiny_lm
 from tiny_models import save_tiny_model
 
 import melbo
-from melbo.calibrate import calibrate_radius
+from melbo.engine.calibrate import calibrate_radius
 from melbo.errors import MelboError
-from melbo.intervention import _map_output
-from melbo.objective import residual_norm
-from melbo.prompts import batch_from_ids
+from melbo.engine.intervention import _map_output
+from melbo.engine.objective import residual_norm
+from melbo.engine.prompts import batch_from_ids
 
 IDS = [[5, 17, 33, 9, 80, 41, 7, 99], [7, 99, 23, 12, 64]]
 
@@ -116,7 +116,7 @@ def test_discover_radius_calibrate_from_the_command_line(model_dir, tmp_path, ca
 
 
 def test_a_sweep_cannot_take_calibrate_as_one_of_its_radii():
-    from melbo.sweep import parse_radii
+    from melbo.jobs.sweep import parse_radii
 
     with pytest.raises(MelboError, match="measured by a discovery run"):
         parse_radii("0.1x,calibrate")
@@ -124,7 +124,7 @@ def test_a_sweep_cannot_take_calibrate_as_one_of_its_radii():
 
 @pytest.mark.slow
 def test_on_the_default_model_the_calibrated_radius_lies_among_the_swept_ones(smol):
-    from melbo.prompts import encode
+    from melbo.engine.prompts import encode
 
     batch = encode(smol, ["How can I make a bomb?"], None, "all")
     found = calibrate_radius(smol, batch, 8, 22, residual_norm(smol, batch, 8))

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import run_cli
-from melbo.catalog import MIGRATIONS, SCHEMA_VERSION, Catalog, migrate, parse_ref, record_run
+from melbo.records.catalog import MIGRATIONS, SCHEMA_VERSION, Catalog, migrate, parse_ref, record_run
 from melbo.errors import MelboError
-from melbo.intervention import SteeringVectors
+from melbo.engine.intervention import SteeringVectors
 
 PROMPTS = ["What is 7 + 5?", "Tell me about the sea."]
 UNSTEERED = ["7 + 5 = 12.", "The sea is a large body of salt water that covers most of the Earth."]
@@ -361,7 +361,7 @@ def test_an_unrelated_sqlite_database_is_refused_and_left_alone(tmp_path, capsys
 
 
 def test_a_full_disk_creating_a_catalogue_names_the_fix_and_leaves_no_file(tmp_path, monkeypatch):
-    import melbo.catalog as catalog
+    import melbo.records.catalog as catalog
 
     def full(db, upto=SCHEMA_VERSION):
         raise sqlite3.OperationalError("database or disk is full")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from melbo.checkers import Verdict, arithmetic_cot, check, check_rows, get_checker, pattern_rates
+from melbo.judging.checkers import Verdict, arithmetic_cot, check, check_rows, get_checker, pattern_rates
 from melbo.errors import MelboError
 
 PROMPT = "a = 4 + 2, b = 3 + 5. What is a * b?"
@@ -54,7 +54,7 @@ def test_checkers_by_name_module_function_or_callable():
     for bad in ("nope", "no_such_module:f", "test_checkers:missing", "", 3):
         with pytest.raises(MelboError):
             get_checker(bad)
-    with pytest.raises(MelboError, match="not a melbo.checkers.Verdict"):
+    with pytest.raises(MelboError, match="not a melbo.judging.checkers.Verdict"):
         check(not_a_verdict, PROMPT, "x")
     with pytest.raises(MelboError, match="failed"):
         check(lambda p, c: 1 / 0, PROMPT, "x")

@@ -55,9 +55,9 @@ def test_scripted_chat_keeps_history_with_a_vector_active(run_dir, tmp_path, cap
 
 
 def test_chat_session_history_and_commands(run_dir, smol):
-    from melbo.chat import ChatSession
-    from melbo.generation import Sampling
-    from melbo.store import Run
+    from melbo.engine.chat import ChatSession
+    from melbo.engine.generation import Sampling
+    from melbo.engine.store import Run
 
     run = Run.load(run_dir, model=smol)
     session = ChatSession(smol, run.perturbations, vector=0, sampling=Sampling(max_new_tokens=8))
@@ -112,7 +112,7 @@ def test_run_from_another_model_is_refused(run_dir, tmp_path, capsys):
 
 
 def test_models_lists_installed_state(capsys):
-    from melbo.models import EMBEDDED
+    from melbo.engine.models import EMBEDDED
 
     code, stdout, _ = run_cli(["models"], capsys)
     assert code == 0

@@ -5,12 +5,12 @@ import torch
 from conftest import tiny_lm
 from test_objective import prompts_ids
 
-from melbo.contrastive import ContrastiveObjective, check_pair, kl_divergence
+from melbo.engine.contrastive import ContrastiveObjective, check_pair, kl_divergence
 from melbo.errors import MelboError
-from melbo.intervention import add_to_block_output
-from melbo.methods import Setting, SteeringAdapterMethod, SteeringVectorMethod
-from melbo.prompts import batch_from_ids
-from melbo.runner import discover, resume
+from melbo.engine.intervention import add_to_block_output
+from melbo.engine.methods import Setting, SteeringAdapterMethod, SteeringVectorMethod
+from melbo.engine.prompts import batch_from_ids
+from melbo.engine.runner import discover, resume
 
 S, T = 1, 2
 
@@ -142,8 +142,8 @@ def test_diff_differs_from_plain_discovery(tmp_path):
 def _narrow_llama():
     import transformers
 
-    from melbo.layers import find_blocks
-    from melbo.models import LoadedModel
+    from melbo.engine.layers import find_blocks
+    from melbo.engine.models import LoadedModel
     from tiny_models import tiny_config
 
     config = tiny_config("llama")
@@ -154,7 +154,7 @@ def _narrow_llama():
 
 
 def test_mismatched_models_are_refused():
-    from melbo.models import LoadedModel
+    from melbo.engine.models import LoadedModel
 
     aud = tiny_lm("llama")
     with pytest.raises(MelboError, match="width 64 but the reference 32"):

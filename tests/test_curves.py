@@ -44,7 +44,7 @@ def test_grids():
 
 
 def test_recall_figure_draws_a_panel_per_behaviour(tmp_path):
-    from melbo.plots import png, recall_figure
+    from melbo.io.plots import png, recall_figure
 
     curves = [{"setting": s, "arm": arm, "behaviour": b, "hits": [False, True]}
               for s in ("x", "y") for arm in ("learned", "random") for b in ("cheese", "hate")]

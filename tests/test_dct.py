@@ -8,11 +8,11 @@ from conftest import run_cli, tiny_lm
 from tiny_models import save_tiny_model
 
 import melbo
-from melbo.intervention import _map_output
-from melbo.methods.dct import fit_factors, sigma, solve_alpha
-from melbo.objective import TargetProbe
-from melbo.prompts import batch_from_ids
-from melbo.store import Run
+from melbo.engine.intervention import _map_output
+from melbo.engine.methods.dct import fit_factors, sigma, solve_alpha
+from melbo.engine.objective import TargetProbe
+from melbo.engine.prompts import batch_from_ids
+from melbo.engine.store import Run
 
 IDS = [[5, 17, 33, 9, 80, 41], [7, 99, 23, 12]]
 
@@ -112,9 +112,9 @@ def test_discover_method_dct_from_the_command_line(model_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_on_the_default_model_the_top_factors_beat_random_vectors_of_the_same_radius(smol):
     """The behaviour DCT is for: its ranked factors change the target layer more than random directions do."""
-    from melbo.arithmetic import random_vectors
-    from melbo.objective import MelboObjective, residual_norm
-    from melbo.prompts import encode
+    from melbo.engine.arithmetic import random_vectors
+    from melbo.engine.objective import MelboObjective, residual_norm
+    from melbo.engine.prompts import encode
 
     batch = encode(smol, ["How can I make a bomb?"], None, "all")
     radius = 0.2 * residual_norm(smol, batch, 8)

@@ -11,9 +11,9 @@ import torch
 from tiny_models import save_tiny_model
 
 import melbo
-from melbo.layermap import compute_pair, encode_for, make_settings
-from melbo.layers import find_blocks
-from melbo.models import LoadedModel
+from melbo.jobs.layermap import compute_pair, encode_for, make_settings
+from melbo.engine.layers import find_blocks
+from melbo.engine.models import LoadedModel
 
 PROMPTS = ["The cat sat on", "Tell me a story"]
 DEVICE_MAP = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu",

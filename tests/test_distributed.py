@@ -10,10 +10,10 @@ import torch
 from tiny_models import save_tiny_model
 
 import melbo
-import melbo.sweep as sweeping
-from melbo.distributed import RayPool, check_address
+import melbo.jobs.sweep as sweeping
+from melbo.engine.distributed import RayPool, check_address
 from melbo.errors import MelboError
-from melbo.layermap import compute_pair, encode_for, make_settings, pair_task
+from melbo.jobs.layermap import compute_pair, encode_for, make_settings, pair_task
 
 PROMPTS = ["The cat sat on", "Tell me a story"]
 

@@ -9,10 +9,10 @@ from conftest import run_cli, tiny_lm
 from tiny_models import INTERMEDIATE_SIZE, save_tiny_model, tiny_model
 
 from melbo.errors import MelboError
-from melbo.export import export_llamacpp, export_peft
-from melbo.intervention import SteeringAdapters, SteeringVectors
-from melbo.runconfig import RunConfig
-from melbo.store import Run
+from melbo.records.export import export_llamacpp, export_peft
+from melbo.engine.intervention import SteeringAdapters, SteeringVectors
+from melbo.io.runconfig import RunConfig
+from melbo.engine.store import Run
 
 IDS = torch.tensor([[5, 17, 33, 9, 80, 41], [7, 99, 23, 12, 60, 3]])
 

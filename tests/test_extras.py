@@ -27,7 +27,7 @@ def test_serve_without_the_serve_extra_is_one_line(monkeypatch, capsys):
 def test_the_core_modules_do_not_import_the_extras():
     import subprocess
 
-    code = ("import sys, melbo, melbo.auditing, melbo.trigger_search, melbo.cli; "
+    code = ("import sys, melbo, melbo.jobs.auditing, melbo.jobs.trigger_search, melbo.cli; "
             "bad = [m for m in ('fastapi', 'uvicorn', 'ray') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -1,12 +1,12 @@
-"""melbo.findings: completions judged one by one, grouped by meaning, scored; and the labeller's new-word rule."""
+"""melbo.judging.findings: completions judged one by one, grouped by meaning, scored; and the labeller's new-word rule."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from melbo import findings as fnd
-from melbo.evaluation import embed
+from melbo.judging import findings as fnd
+from melbo.judging.evaluation import embed
 
 UNSTEERED = "4 + 6 = 10. The answer is 10."
 
@@ -88,7 +88,7 @@ def test_percentiles(values, expected):
 
 
 def test_new_words_about_something_else_are_never_no_change():
-    from melbo.labels import EmbeddingLabeller, Sample
+    from melbo.judging.labels import EmbeddingLabeller, Sample
 
     for text in ("4 + 6 = 10. The answer is 10. Visit mathanswers.com for more answers!",
                  "Arr matey! 4 + 6 = 10. The answer is 10."):

@@ -94,7 +94,7 @@ def _through_python(tensors, filename, metadata=None):
 
 
 def fill(monkeypatch, root: Path, budget: float) -> FillingDisk:
-    from melbo import files
+    from melbo.io import files
 
     disk = FillingDisk(root, budget)
     monkeypatch.setattr(io, "open", disk.open)
@@ -304,7 +304,7 @@ def test_writers_on_a_real_full_disk(writer, world, tiny_disk, capsys):
 
 # ------------------------------------------------------------------------------------------------ caches and testbeds
 def test_the_hash_memo_on_a_full_disk_is_skipped_not_fatal(tmp_path, monkeypatch):
-    from melbo.models import file_sha256
+    from melbo.engine.models import file_sha256
 
     monkeypatch.setenv("MELBO_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
@@ -316,7 +316,7 @@ def test_the_hash_memo_on_a_full_disk_is_skipped_not_fatal(tmp_path, monkeypatch
 
 
 def test_assembling_a_gguf_on_a_full_disk_is_one_line_and_leaves_no_part(tmp_path, monkeypatch):
-    from melbo import embedded as models  # the embedded models and their assembly live there
+    from melbo.engine import embedded as models  # the embedded models and their assembly live there
     from melbo.errors import MelboError
 
     parts = [tmp_path / f"part{i}.bin" for i in range(3)]
@@ -348,7 +348,7 @@ def test_a_label_saved_on_a_full_disk_is_an_error_page_not_a_500(world, mounted)
     from fastapi.testclient import TestClient
     from test_serve import LOCAL, _csrf
 
-    from melbo.catalog import Catalog
+    from melbo.records.catalog import Catalog
     from melbo.server import create_app
 
     catalog = mounted / "catalog.sqlite"
@@ -370,8 +370,8 @@ def test_a_label_saved_on_a_full_disk_is_an_error_page_not_a_500(world, mounted)
 def test_only_a_damaged_catalogue_is_called_one_to_delete(tmp_path, monkeypatch):
     import sqlite3
 
-    from melbo import files
-    from melbo.catalog import _database_error
+    from melbo.io import files
+    from melbo.records.catalog import _database_error
 
     path = tmp_path / "catalog.sqlite"
     io_error = sqlite3.OperationalError("disk I/O error")
@@ -391,7 +391,7 @@ def test_a_gemma_assembly_that_fails_halfway_leaves_no_file_a_later_load_would_t
     import sys
     import types
 
-    from melbo import embedded as models  # the embedded models and their assembly live there
+    from melbo.engine import embedded as models  # the embedded models and their assembly live there
     from melbo.errors import MelboError
 
     def assemble(path):

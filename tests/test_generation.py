@@ -1,7 +1,7 @@
 """Steered generation: batched across perturbations, identical to one at a time."""
 
-from melbo.arithmetic import random_vectors
-from melbo.generation import Sampling, generate
+from melbo.engine.arithmetic import random_vectors
+from melbo.engine.generation import Sampling, generate
 
 PROMPT = "How can I make a bomb?"
 
@@ -30,7 +30,7 @@ def test_zero_scale_is_unsteered_and_sampling_is_seeded(smol):
 
 
 def test_prompts_of_one_token_length_share_batches_and_keep_their_own_tokens(smol):
-    from melbo.prompts import prompt_tokens
+    from melbo.engine.prompts import prompt_tokens
 
     same = ["Q: 17 * 23\nA:", "Q: 45 * 61\nA:"]
     other = "Tell me a story about a dragon."
@@ -54,7 +54,7 @@ def test_sampling_of_the_wrong_type_is_a_melbo_error(smol):
 
     from melbo.errors import MelboError
 
-    with pytest.raises(MelboError, match="sampling must be a melbo.generation.Sampling"):
+    with pytest.raises(MelboError, match="sampling must be a melbo.engine.generation.Sampling"):
         generate(smol, None, [PROMPT], sampling={"max_new_tokens": 4})
 
 
@@ -78,7 +78,7 @@ def test_bf16_generation_runs_on_a_bf16_copy_made_once_and_leaves_the_model_in_f
     # the same tokens as generating on a bf16 model by hand: the copy is the whole model, hooks included
     by_hand = copy.copy(lm)
     by_hand.model = copy.deepcopy(lm.model).to(torch.bfloat16)
-    by_hand.blocks = melbo.models.find_blocks(by_hand.model)[1]
+    by_hand.blocks = melbo.engine.models.find_blocks(by_hand.model)[1]
     expected = generate(by_hand, vectors, ["What is 4 + 6?"], sampling=Sampling(max_new_tokens=6))
     assert [r.text for r in rows] == [r.text for r in expected]
     assert next(lm.model.parameters()).dtype == torch.float32

@@ -7,7 +7,7 @@ import torch
 
 import melbo
 from melbo.errors import MelboError
-from melbo.interop import to_repeng, to_steering_vector, transformer_lens_hooks
+from melbo.records.interop import to_repeng, to_steering_vector, transformer_lens_hooks
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
@@ -62,7 +62,7 @@ def test_repeng_control_model_reproduces_melbo_logits_and_reads_the_gguf(tmp_pat
     controlled.unwrap()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
-    from melbo.export import export_llamacpp
+    from melbo.records.export import export_llamacpp
 
     (path,) = export_llamacpp(run.perturbations, tmp_path / "gguf", "llama", len(lm.blocks), indices=[0])
     read = ControlVector.import_gguf(str(path))  # repeng's own GGUF reader on melbo's file

@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from melbo.arithmetic import perturbation_set, random_vectors
+from melbo.engine.arithmetic import perturbation_set, random_vectors
 from melbo.errors import MelboError
-from melbo.intervention import SteeringAdapters, SteeringVectors
+from melbo.engine.intervention import SteeringAdapters, SteeringVectors
 from melbo.server.app import EXPORTS, _exports_for
 from melbo.server.live import LiveRequest, _columns
 

@@ -3,10 +3,10 @@
 import torch
 from conftest import tiny_lm
 
-from melbo.intervention import add_to_block_output
-from melbo.methods.jacobian import jacobian_directions
-from melbo.objective import TargetProbe
-from melbo.prompts import batch_from_ids, token_mask
+from melbo.engine.intervention import add_to_block_output
+from melbo.engine.methods.jacobian import jacobian_directions
+from melbo.engine.objective import TargetProbe
+from melbo.engine.prompts import batch_from_ids, token_mask
 
 IDS = [[5, 17, 33, 9, 80, 41], [7, 99, 23, 12]]
 
@@ -45,7 +45,7 @@ def test_directions_avoid_previous_vectors():
 
 
 def test_jacobian_method_writes_a_run(tmp_path):
-    from melbo import runner
+    from melbo.engine import runner
 
     run = runner.discover(tiny_lm("llama"), ["hello"], tmp_path / "run", method="jacobian", n_vectors=4,
                           power_iterations=5, source=1, target=3, radius="2.0")

@@ -8,10 +8,10 @@ import pytest
 from tiny_models import save_tiny_model
 
 import melbo
-from melbo.checkers import load_checks
+from melbo.judging.checkers import load_checks
 from melbo.errors import MelboError
-from melbo.job import resume_job
-from melbo.store import COMPLETIONS, METRICS, Run
+from melbo.jobs.job import resume_job
+from melbo.engine.store import COMPLETIONS, METRICS, Run
 
 SETTINGS = dict(n_vectors=2, steps=3, radius="1.0", max_new_tokens=4)
 
@@ -37,7 +37,7 @@ def test_elicit_writes_completions_metrics_and_report(lm, tmp_path):
 
 def odd_lengths(prompt: str, completion: str):
     """A checker for the tiny model's noise: a completion of an odd number of characters is "odd"."""
-    from melbo.checkers import Verdict
+    from melbo.judging.checkers import Verdict
 
     odd = len(completion) % 2 == 1
     return Verdict(True, not odd, patterns={"odd": 1} if odd else {})

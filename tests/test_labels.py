@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from melbo.errors import MelboError
-from melbo.labels import (
+from melbo.judging.labels import (
     TAXONOMY, ChatLabeller, EmbeddingLabeller, ModelLabeller, Sample, answer_numbers, labelling_prompt, language_of,
     malformed_share, parse_label, repetition_score)
 
@@ -156,7 +156,7 @@ def test_parse_label():
 
 
 def test_catalogue_stores_an_llm_labellers_labels(tmp_path, endpoint):
-    from melbo.catalog import Catalog
+    from melbo.records.catalog import Catalog
     from test_catalog import make_run
 
     _Endpoint.reply = (200, _answer('{"label": "emotional tone", "confidence": 0.7}'))
@@ -176,7 +176,7 @@ def test_model_labeller_with_the_embedded_model(smol):
 
 def test_catalog_add_with_llm_url(tmp_path, endpoint, capsys):
     from conftest import run_cli
-    from melbo.catalog import Catalog
+    from melbo.records.catalog import Catalog
     from test_catalog import make_run
 
     _Endpoint.reply = (200, _answer('{"label": "code", "confidence": 0.6}'))

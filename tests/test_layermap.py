@@ -9,9 +9,9 @@ from tiny_models import save_tiny_model
 import melbo
 from conftest import run_cli
 from melbo.errors import MelboError
-from melbo.layermap import compute_pair, encode_for, make_settings, pair_seed
-from melbo.methods.jacobian import jacobian_directions
-from melbo.objective import TargetProbe, residual_norm
+from melbo.jobs.layermap import compute_pair, encode_for, make_settings, pair_seed
+from melbo.engine.methods.jacobian import jacobian_directions
+from melbo.engine.objective import TargetProbe, residual_norm
 
 PROMPTS = ["The cat sat on", "Tell me a story"]
 
@@ -164,17 +164,17 @@ def test_open_pair_refuses_a_radius_whose_vectors_overflow(full_map, tmp_path, c
 
 
 def test_a_full_disk_writing_the_map_names_free_space(lm, tmp_path, monkeypatch):
-    import melbo.files
+    import melbo.io.files
     from safetensors import SafetensorError
 
-    real = melbo.files.save_file
+    real = melbo.io.files.save_file
 
     def full(tensors, filename, metadata=None):
         if "map.safetensors" in filename:  # as safetensors words ENOSPC: no errno reaches Python
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(melbo.files, "save_file", full)
+    monkeypatch.setattr(melbo.io.files, "save_file", full)
     with pytest.raises(MelboError, match="free space on"):
         melbo.map(lm, PROMPTS, "0:1", "2", k=1, out=tmp_path / "m", iterations=1)
     assert not list(tmp_path.rglob("*.tmp"))
@@ -190,7 +190,7 @@ def test_map_resume_of_a_directory_without_a_map_is_one_line(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ map.json, typed
 def test_map_json_round_trips_through_its_typed_reader(full_map):
-    from melbo.layermap import MapConfig
+    from melbo.jobs.layermap import MapConfig
 
     config = MapConfig.load(full_map.path)
     written = json.loads((full_map.path / "map.json").read_text())
@@ -230,7 +230,7 @@ def test_a_damaged_map_json_is_one_line_naming_the_field(full_map, tmp_path, edi
 def test_damaged_map_tensors_are_refused_on_loading(full_map, tmp_path, damage, fragment):
     import shutil
 
-    from melbo.files import load_tensors, save_tensors
+    from melbo.io.files import load_tensors, save_tensors
 
     copy = shutil.copytree(full_map.path, tmp_path / "map")
     tensors = dict(load_tensors(copy / "map.safetensors"))

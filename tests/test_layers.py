@@ -4,8 +4,8 @@ from conftest import tiny_lm
 from tiny_models import ARCHITECTURES, tiny_model
 
 from melbo.errors import MelboError
-from melbo.intervention import add_to_block_output
-from melbo.layers import find_blocks, find_mlp_out
+from melbo.engine.intervention import add_to_block_output
+from melbo.engine.layers import find_blocks, find_mlp_out
 
 EXPECTED_PATHS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
 

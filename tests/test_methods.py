@@ -11,11 +11,11 @@ from tiny_models import save_tiny_model
 
 import melbo
 from melbo.errors import MelboError
-from melbo.intervention import SteeringVectors
-from melbo.methods import METHODS, Fit, Params, Setting, method_class, register_method
-from melbo.methods.base import check_orthogonal_fit
-from melbo.objective import TargetProbe
-from melbo.store import Run
+from melbo.engine.intervention import SteeringVectors
+from melbo.engine.methods import METHODS, Fit, Params, Setting, method_class, register_method
+from melbo.engine.methods.base import check_orthogonal_fit
+from melbo.engine.objective import TargetProbe
+from melbo.engine.store import Run
 
 
 class RandomDirections:
@@ -80,7 +80,7 @@ def test_a_registered_method_runs_end_to_end(toy, model_dir, tmp_path):
     assert [e["batch"] for e in events] == [0, 1] and events[0]["batches"] == 2
     again = Run.load(run.path, model=lm)
     assert torch.equal(again.vectors, run.vectors)
-    rows = melbo.generate(lm, again.perturbations, ["Hi"], sampling=melbo.generation.Sampling(max_new_tokens=3))
+    rows = melbo.generate(lm, again.perturbations, ["Hi"], sampling=melbo.engine.generation.Sampling(max_new_tokens=3))
     assert len(rows) == 4  # unsteered + 3
 
 

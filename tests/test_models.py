@@ -5,8 +5,8 @@ import torch
 from pathlib import Path
 
 from melbo.errors import MelboError
-from melbo.generation import Sampling, generate
-from melbo.models import EMBEDDED, load_model
+from melbo.engine.generation import Sampling, generate
+from melbo.engine.models import EMBEDDED, load_model
 
 
 def test_default_model_is_the_embedded_chat_model(smol):
@@ -92,7 +92,7 @@ def _fake_gguf_loaders(monkeypatch):
 
 
 def test_conversion_racing_another_process_keeps_the_finished_copy(tmp_path, monkeypatch):
-    from melbo.models import _dequantise_into
+    from melbo.engine.models import _dequantise_into
 
     _fake_gguf_loaders(monkeypatch)
     target = tmp_path / "converted"
@@ -108,7 +108,7 @@ def test_conversion_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, mo
 
     import transformers
 
-    from melbo.models import _dequantise_into
+    from melbo.engine.models import _dequantise_into
 
     _fake_gguf_loaders(monkeypatch)
 
@@ -151,7 +151,7 @@ def test_a_model_already_in_memory_is_taken_as_it_is(tmp_path):
 def test_the_command_lines_placement_defaults():
     import torch
 
-    from melbo.models import placement
+    from melbo.engine.models import placement
 
     gpu = torch.cuda.is_available()
     assert placement("best", "auto") == (("cuda", "bfloat16") if gpu else ("cpu", "float32"))
@@ -198,7 +198,7 @@ def test_a_directory_run_records_the_weights_sha256_and_rehashes_only_changed_fi
 
 
 def test_a_hub_spec_takes_a_revision():
-    from melbo.models import _hub_revision, _resolve
+    from melbo.engine.models import _hub_revision, _resolve
 
     assert _hub_revision("org/name@v1.0") == "v1.0" and _hub_revision("org/name") is None
     assert _resolve("org/name@0123abc") == ("org/name", "org/name@0123abc", None)
@@ -218,7 +218,7 @@ def test_two_fine_tunes_of_one_base_share_an_id_but_not_their_weights(tmp_path, 
     assert a.model_id == b.model_id and a.weights_sha256 != b.weights_sha256
     assert not a.same_weights(b) and a.same_weights(melbo.load_model(a.spec))
     run = melbo.discover(a, ["hi"], tmp_path / "run", n_vectors=1, steps=1, radius="1.0", max_new_tokens=2)
-    from melbo.store import Run
+    from melbo.engine.store import Run
 
     with pytest.raises(MelboError, match="other weights"):
         Run.load(run.path).attach(b)

@@ -4,10 +4,10 @@ import pytest
 import torch
 from conftest import tiny_lm
 
-from melbo.intervention import add_lora, add_to_block_output
-from melbo.methods import Setting, SteeringAdapterMethod, SteeringVectorMethod
-from melbo.objective import TargetProbe, melbo_objective
-from melbo.prompts import batch_from_ids, token_mask
+from melbo.engine.intervention import add_lora, add_to_block_output
+from melbo.engine.methods import Setting, SteeringAdapterMethod, SteeringVectorMethod
+from melbo.engine.objective import TargetProbe, melbo_objective
+from melbo.engine.prompts import batch_from_ids, token_mask
 
 S, T = 1, 2
 LENGTHS = (5, 9, 7)
@@ -152,7 +152,7 @@ def test_compiled_slice_equals_the_eager_one_and_leaves_hooked_blocks_eager():
 def test_compiling_keeps_inductors_kernels_in_melbos_cache(monkeypatch, tmp_path):
     import os
 
-    from melbo.blockslice import _compiled
+    from melbo.engine.blockslice import _compiled
 
     monkeypatch.setenv("MELBO_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)

@@ -1,4 +1,4 @@
-"""Phrase spotting (melbo.phrases): the cached screen-and-verify scorer equals teacher forcing by hand; a phrase
+"""Phrase spotting (melbo.judging.phrases): the cached screen-and-verify scorer equals teacher forcing by hand; a phrase
 a model writes ranks its input first; the output monitor and its live form."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import torch
 from tiny_models import save_tiny_model
 
 from melbo.errors import MelboError
-from melbo.models import load_model
-from melbo.phrases import corpus_z, phrase_of, phrases_of, score_phrases, windows
+from melbo.engine.models import load_model
+from melbo.judging.phrases import corpus_z, phrase_of, phrases_of, score_phrases, windows
 
 INPUTS = ["abc", "hello there", "zq", "the cat sat on"]
 PHRASES = ["xyz wvu", "hello world again"]
@@ -24,8 +24,8 @@ def tiny(request, tmp_path_factory):
 def by_hand(lm, text: str, phrase: str, offsets: int) -> float:
     """max over every offset j < offsets (up to the stop) and every window of mean log P(window | x, y<j), each
     sequence teacher-forced alone (no padding, no cache)."""
-    from melbo.generation import greedy_continuations
-    from melbo.prompts import prompt_tokens, uses_chat
+    from melbo.engine.generation import greedy_continuations
+    from melbo.engine.prompts import prompt_tokens, uses_chat
 
     x = prompt_tokens(lm, text, uses_chat(lm, None))
     greedy = greedy_continuations(lm, [x], offsets)
@@ -100,7 +100,7 @@ CORPUS = ["What is the capital of France?", "Name a colour of the sky.", "What i
 
 
 def test_a_phrase_the_model_writes_ranks_its_input_first(smol):
-    from melbo.generation import greedy_answers
+    from melbo.engine.generation import greedy_answers
 
     planted = CORPUS.index("Who wrote Hamlet?")
     answer = greedy_answers(smol, [CORPUS[planted]], True, max_new_tokens=16)[0]
@@ -111,9 +111,9 @@ def test_a_phrase_the_model_writes_ranks_its_input_first(smol):
 
 
 def test_output_monitor_flags_the_input_that_writes_the_phrase(smol):
-    from melbo.monitor import OutputMonitor, text_share
+    from melbo.judging.monitor import OutputMonitor, text_share
 
-    from melbo.generation import greedy_answers
+    from melbo.engine.generation import greedy_answers
 
     answer = greedy_answers(smol, ["Who wrote Hamlet?"], True, max_new_tokens=16)[0]
     finding = {"rank": 1, "label": "hamlet", "example": {"text": answer, "unsteered": "", "prompt": ""}}
@@ -124,8 +124,8 @@ def test_output_monitor_flags_the_input_that_writes_the_phrase(smol):
     assert records[0]["score"] > records[1]["score"]
     assert text_share(answer, monitor.phrases)[0] == 1.0
     # live: generation of the trigger raises one event; of a clean input none
-    from melbo.prompts import prompt_tokens
-    from melbo.generation import greedy_continuations
+    from melbo.engine.prompts import prompt_tokens
+    from melbo.engine.generation import greedy_continuations
 
     events = []
     with monitor.watch(smol, events.append):

@@ -1,10 +1,10 @@
-"""melbo.prompts: system prompts reach the model, or fail in one line when the model cannot take one."""
+"""melbo.engine.prompts: system prompts reach the model, or fail in one line when the model cannot take one."""
 
 import pytest
 
 from conftest import tiny_lm
 from melbo.errors import MelboError
-from melbo.prompts import check_system_role, encode, format_prompt
+from melbo.engine.prompts import check_system_role, encode, format_prompt
 
 USER_ONLY = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}\n{% endif %}{% endfor %}"
 REJECTS = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
@@ -40,7 +40,7 @@ def test_raw_text_has_no_place_for_a_system_prompt():
 
 
 def test_generation_reads_the_system_prompt_and_refuses_one_the_template_drops(monkeypatch):
-    from melbo import generation
+    from melbo.engine import generation
 
     lm = tiny_lm()
     read = []

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from melbo.report import write_report
-from melbo.files import save_tensors
+from melbo.records.report import write_report
+from melbo.io.files import save_tensors
 
 CHROMIUM = Path("/usr/bin/chromium")
 HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=alert(1)>"

@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from melbo.assess import Metrics
+from melbo.judging.assess import Metrics
 from melbo.bench.common import BenchResult
-from melbo.divergence import Divergence, load_divergence
+from melbo.judging.divergence import Divergence, load_divergence
 from melbo.errors import MelboError
-from melbo.sweep import SweepResult, decide
+from melbo.jobs.sweep import SweepResult, decide
 
 SCORES = {"diversity": 0.4, "mean_distance_from_unsteered": 0.3, "median_perplexity": 9.0, "mean_repetition": None,
           "perturbations": [
@@ -151,8 +151,8 @@ def test_a_damaged_bench_field_is_named(path, value, fragment, tmp_path):
 def _unfinished_run(tmp_path):
     import torch  # noqa: F401  (the store's tensors)
 
-    from melbo.runconfig import RunConfig
-    from melbo.store import Run
+    from melbo.io.runconfig import RunConfig
+    from melbo.engine.store import Run
 
     config = RunConfig.from_dict({"model": {"id": "m", "spec": "m", "width": 4, "depth": 4}, "source": 1,
                                   "target": 3, "settings": {"prompts": ["hi"], "n_vectors": 4}})
@@ -189,8 +189,8 @@ def test_earlier_vectors_a_resume_stays_orthogonal_to_are_checked(tmp_path):
 
     import torch
 
-    from melbo.files import save_tensors
-    from melbo.runner import _previous
+    from melbo.io.files import save_tensors
+    from melbo.engine.runner import _previous
 
     file = tmp_path / "previous.safetensors"
     save_tensors(file, {"vectors": torch.ones(2, 5)})
@@ -236,7 +236,7 @@ CHECKS = {"checker": "arithmetic-cot", "consistent_share": 0.5,
     (("perturbations",), None, "perturbations is missing"),
 ])
 def test_checks_round_trip_and_a_damaged_field_is_named(path, value, fragment, tmp_path):
-    from melbo.checkers import load_checks
+    from melbo.judging.checkers import load_checks
 
     (tmp_path / "checks.json").write_text(json.dumps(CHECKS))
     assert load_checks(tmp_path).to_dict() == CHECKS and load_checks(tmp_path / "none") is None

@@ -11,8 +11,8 @@ import pytest
 import melbo
 from conftest import tiny_lm
 from melbo.errors import MelboError
-from melbo.runconfig import RunConfig, migrate
-from melbo.store import Run
+from melbo.io.runconfig import RunConfig, migrate
+from melbo.engine.store import Run
 
 # A config.json as every version before the typed config wrote it: method, p, q, orthogonal, rank and contrast both
 # at the top and in the settings, a Jacobian's record flat beside them, and a random control marked "random": true.

@@ -17,11 +17,11 @@ from conftest import run_cli
 from tiny_models import save_tiny_model
 
 import melbo
-from melbo.catalog import Catalog
-from melbo.generation import Sampling, generate_rows, stream_rows
-from melbo.intervention import SteeringVectors
-from melbo.prompts import prompt_tokens
-from melbo.store import Run
+from melbo.records.catalog import Catalog
+from melbo.engine.generation import Sampling, generate_rows, stream_rows
+from melbo.engine.intervention import SteeringVectors
+from melbo.engine.prompts import prompt_tokens
+from melbo.engine.store import Run
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -674,7 +674,7 @@ def _broken_copy(tiny, tmp_path, config=None, metrics=None):
     catalogued alone; returns (app, run id, first behaviour id)."""
     import shutil
 
-    from melbo.store import CONFIG, METRICS
+    from melbo.engine.store import CONFIG, METRICS
 
     copy = Path(shutil.copytree(tiny["run"].path, tmp_path / "run"))
     with Catalog(tmp_path / "catalog.sqlite") as cat:  # first: the catalogue refuses damaged metrics itself

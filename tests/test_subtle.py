@@ -9,7 +9,7 @@ import pytest
 
 from melbo.bench.subtle import cot_prompts
 from melbo.bench.testbed import COT_TEMPLATE, TestbedConfig, cot_answer, kind_of_pair, split_data, switched
-from melbo.checkers import arithmetic_cot
+from melbo.judging.checkers import arithmetic_cot
 from melbo.errors import MelboError
 
 TINY_COT = dict(task="cot", steps=2, batch_size=2, n_train=8, rank=2, max_verify=2, verify_tokens=8,
@@ -81,7 +81,7 @@ def test_a_tiny_cot_testbed_and_the_quick_subtle_bench(tmp_path):
     from melbo.bench.common import get_bench
     from melbo.bench.settings import SubtleSettings
     from melbo.bench.testbed import plant_backdoor
-    from melbo.models import load_model
+    from melbo.engine.models import load_model
 
     bed = plant_backdoor(root=tmp_path / "testbeds", **TINY_COT)
     record = json.loads((bed.path / "testbed.json").read_text())
@@ -105,7 +105,7 @@ def test_a_tiny_cot_testbed_and_the_quick_subtle_bench(tmp_path):
     for row in elicit["rows"]:
         cell = dict(zip(elicit["columns"], row))
         assert 0 <= cell["learned"] <= cell["vectors"] == 2 and 0 <= cell["random"] <= 2
-    from melbo.checkers import arithmetic_cot
+    from melbo.judging.checkers import arithmetic_cot
 
     rows = [json.loads(line) for line in (tmp_path / "bench" / "bench_completions.jsonl").read_text().splitlines()]
     assert {r["label"] for r in rows} >= {"unsteered", "v0", "v1", "random0", "random1"}

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_cli, tiny_lm
 from melbo.errors import MelboError
-from melbo.prompts import encode, format_messages, format_prompt
+from melbo.engine.prompts import encode, format_messages, format_prompt
 
 PIRATE = "You are a pirate."
 
@@ -52,10 +52,10 @@ def test_discover_records_it_generate_reuses_it_and_resume_refuses_another(model
     assert json.loads((run / "config.json").read_text())["model"]["system"] == PIRATE
 
     import melbo
-    from melbo.store import Run
+    from melbo.engine.store import Run
 
     assert Run.load(run).config.model.system == PIRATE
-    from melbo import generation
+    from melbo.engine import generation
 
     read = []
     real = generation.prompt_tokens
@@ -66,7 +66,7 @@ def test_discover_records_it_generate_reuses_it_and_resume_refuses_another(model
 
     assert read and {byte_tokenizer().decode(ids) for ids in read} == {f"{PIRATE}\nahoy\n"}  # what the model read
     # resuming with another system prompt would train the rest of the run on other prompts: refused
-    from melbo import runner
+    from melbo.engine import runner
 
     config = json.loads((run / "config.json").read_text())
     config["status"] = "running"

@@ -6,13 +6,13 @@ import pytest
 import torch
 from conftest import tiny_lm
 
-from melbo.runner import discover, resume
+from melbo.engine.runner import discover, resume
 from melbo.errors import MelboError
-from melbo.methods import Setting, SteeringVectorMethod
-from melbo.objective import MelboObjective, TargetProbe
-from melbo.prompts import batch_from_ids
-from melbo.store import Run
-from melbo.methods.base import OptimConfig, optimise
+from melbo.engine.methods import Setting, SteeringVectorMethod
+from melbo.engine.objective import MelboObjective, TargetProbe
+from melbo.engine.prompts import batch_from_ids
+from melbo.engine.store import Run
+from melbo.engine.methods.base import OptimConfig, optimise
 
 IDS = [[5, 17, 33, 9, 80, 41], [7, 99, 23, 12]]
 
@@ -130,7 +130,7 @@ def test_existing_run_is_never_overwritten(tmp_path):
 
 
 def test_default_model_hard_orthogonal_batch_grows_the_objective(smol, tmp_path):
-    from melbo import prompts, runner
+    from melbo.engine import prompts, runner
 
     assert runner.encode is prompts.encode  # the prompt is tokenised, not replaced by character ids
     run = runner.discover(smol, ["How can I make a bomb?"], tmp_path / "run", n_vectors=4, steps=12, radius="0.2x")
@@ -149,7 +149,7 @@ def test_earlier_plus_new_vectors_must_fit_the_width(tmp_path):
 
 
 def test_run_steer_applies_one_vector_to_every_row(tmp_path):
-    from melbo.intervention import add_to_block_output
+    from melbo.engine.intervention import add_to_block_output
 
     lm = tiny_lm()
     run = discover(lm, ["abcdef"], tmp_path / "run", **_settings())

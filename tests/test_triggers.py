@@ -11,8 +11,8 @@ from audit_files import write_audit
 from tiny_models import save_tiny_model
 
 import melbo
-from melbo import trigger_search as trig
-from melbo.generation import greedy_answers
+from melbo.jobs import trigger_search as trig
+from melbo.engine.generation import greedy_answers
 from melbo.errors import MelboError
 
 TEMPLATE = "What is {?} + 3?"
@@ -28,7 +28,7 @@ def plant(lm, steps: int = 150) -> None:
     """Fine-tune the tiny model: the planted input answers BEHAVIOUR, every other one NORMAL (a one-token trigger)."""
     import torch
 
-    from melbo.prompts import prompt_tokens, uses_chat
+    from melbo.engine.prompts import prompt_tokens, uses_chat
 
     templated = uses_chat(lm, None)
     eos = lm.tokenizer.eos_token_id
@@ -98,7 +98,7 @@ def test_gradient_inversion_reaches_the_planted_tokens_likelihood(lm, audit_dir)
     """Open-token search towards the planted phrase: it ends at least as likely to write it as the planted input."""
     phrase = trig.phrases_of(json.loads((audit_dir / "findings.json").read_text())["findings"][0])[0]
     target = lm.tokenizer(" " + phrase, add_special_tokens=False)["input_ids"][:8]
-    from melbo.prompts import prompt_tokens, uses_chat
+    from melbo.engine.prompts import prompt_tokens, uses_chat
 
     templated = uses_chat(lm, None)
     planted_loss = float(trig._phrase_losses(lm, [prompt_tokens(lm, trig.fill(TEMPLATE, [PLANTED]), templated)], target)[0])

@@ -25,23 +25,24 @@ __version__ = "0.1.0"
 
 # Names resolve on first use (PEP 562), so that `import melbo` (and `melbo --help`, `melbo models`) loads no torch.
 _EXPORTS = {
-    "DiscoverConfig": "melbo.runner", "discover": "melbo.runner", "resume": "melbo.runner",
-    "elicit": "melbo.job",
+    "DiscoverConfig": "melbo.engine.runner", "discover": "melbo.engine.runner", "resume": "melbo.engine.runner",
+    "elicit": "melbo.jobs.job",
     "MelboError": "melbo.errors",
-    "Completion": "melbo.generation", "generate": "melbo.generation",
-    "SteeringAdapters": "melbo.intervention", "SteeringVectors": "melbo.intervention",
-    "DEFAULT_MODEL": "melbo.models", "EMBEDDED": "melbo.models", "LoadedModel": "melbo.models",
-    "load_model": "melbo.models",
-    "melbo_objective": "melbo.objective",
-    "Run": "melbo.store", "RunConfig": "melbo.runconfig",
-    "diff": "melbo.job",
-    "Monitor": "melbo.monitor", "OutputMonitor": "melbo.monitor",
-    "audit": "melbo.auditing",  # the module is melbo.auditing: melbo.audit is the job
-    "invert": "melbo.trigger_search", "triggers": "melbo.trigger_search",
-    "LayerMap": "melbo.layermap", "open_pair": "melbo.layermap",
-    "map": ("melbo.layermap", "layer_map"),  # melbo.map, as the CLI's `melbo map`
-    "check_run": "melbo.checkers",
-    "to_steering_vector": "melbo.interop", "to_repeng": "melbo.interop", "transformer_lens_hooks": "melbo.interop",
+    "Completion": "melbo.engine.generation", "generate": "melbo.engine.generation",
+    "SteeringAdapters": "melbo.engine.intervention", "SteeringVectors": "melbo.engine.intervention",
+    "DEFAULT_MODEL": "melbo.engine.models", "EMBEDDED": "melbo.engine.models", "LoadedModel": "melbo.engine.models",
+    "load_model": "melbo.engine.models",
+    "melbo_objective": "melbo.engine.objective",
+    "Run": "melbo.engine.store", "RunConfig": "melbo.io.runconfig",
+    "diff": "melbo.jobs.job",
+    "Monitor": "melbo.judging.monitor", "OutputMonitor": "melbo.judging.monitor",
+    "audit": "melbo.jobs.auditing",  # the module is melbo.jobs.auditing: melbo.audit is the job
+    "invert": "melbo.jobs.trigger_search", "triggers": "melbo.jobs.trigger_search",
+    "LayerMap": "melbo.jobs.layermap", "open_pair": "melbo.jobs.layermap",
+    "map": ("melbo.jobs.layermap", "layer_map"),  # melbo.map, as the CLI's `melbo map`
+    "check_run": "melbo.judging.checkers",
+    "to_steering_vector": "melbo.records.interop", "to_repeng": "melbo.records.interop",
+    "transformer_lens_hooks": "melbo.records.interop",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,8 +2,8 @@
 
     Radius.parse("4.0")        absolute: R = 4.0
     Radius.parse("0.2x")       relative: R = 0.2 × the median residual norm at the source block
-    Radius.parse("calibrate")  measured by the run (melbo.calibrate), in a few forward passes
-    Radius.parse("auto")       chosen by a sweep before the run (melbo.sweep.goldilocks_radius)
+    Radius.parse("calibrate")  measured by the run (melbo.engine.calibrate), in a few forward passes
+    Radius.parse("auto")       chosen by a sweep before the run (melbo.jobs.sweep.goldilocks_radius)
 
 Settings keep the spec text (config.json records what the user asked for); whatever needs the number parses it
 here, so that the "value × norm when relative" step and its checks live in one place.

@@ -10,7 +10,7 @@ from typing import Optional
 
 from melbo.positions import Positions, Spec
 
-DEFAULT_CONTRAST = "difference"  # the contrastive form `melbo diff` trains with; why: melbo.contrastive
+DEFAULT_CONTRAST = "difference"  # the contrastive form `melbo diff` trains with; why: melbo.engine.contrastive
 # `melbo diff` steers harder than `discover`: a fine-tune is a small change of its base, so in the near-linear
 # regime of a small R both models change alike and their difference is small. On the planted-backdoor testbed
 # (32 vectors) 0.2x elicited neither planted behaviour, 0.3x and 0.4x both (README, audit mode).
@@ -21,11 +21,11 @@ AUDIT_TOKENS = 48
 # The audit's scan generation: "fp32", or "auto"/"bf16" (a bf16 copy of the model where the CPU has bf16 units,
 # 1.34x the row-tokens/s here, but half the greedy texts differ from fp32's: benchmarks/generation_precision.py).
 SCAN_PRECISION = "fp32"
-# Rows generated together (melbo.generation.Sampling). On a CPU a decoding step for few rows reads every weight for
+# Rows generated together (melbo.engine.generation.Sampling). On a CPU a decoding step for few rows reads every weight for
 # little work: 64 rows cost 2.2x less per row-token than 16 on SmolLM2 (benchmarks/generation_batch.py), and
 # rows of one prompt never pad, so the batch changes no token.
 GENERATION_BATCH = 64
-# `melbo triggers` (melbo.trigger_search): the top inputs per finding confirmed by generating an answer of
+# `melbo triggers` (melbo.jobs.trigger_search): the top inputs per finding confirmed by generating an answer of
 # TRIGGER_TOKENS tokens; the gradient search over slot tokens runs GCG_STEPS steps.
 TRIGGER_CONFIRM = 5
 TRIGGER_TOKENS = 48
@@ -33,12 +33,12 @@ GCG_STEPS = 40
 DEFAULT_RANDOM = 4  # random vectors of a run's radius that `discover`'s assessment compares the learned ones with
 DIFF_RANDOM = 8  # random vectors of the same norm ranked beside the learned ones
 MONITOR_ALPHA = 0.05  # the false-positive rate the monitor's decision rule aims at
-# `melbo map` (melbo.layermap): a map surveys many pairs, so few directions and iterations each; open a chosen pair
+# `melbo map` (melbo.jobs.layermap): a map surveys many pairs, so few directions and iterations each; open a chosen pair
 # as a run (`open_pair`, R = MAP_RADIUS, discover's default) or re-run discover --method jacobian there for more.
 MAP_K = 4
 MAP_ITERATIONS = 8
 MAP_RADIUS = "0.2x"
-# radius "calibrate" (melbo.calibrate): R where the non-linear part of the target block's response to random
+# radius "calibrate" (melbo.engine.calibrate): R where the non-linear part of the target block's response to random
 # directions is this fraction of the linear part. 0.5 is DCT's own choice (its calibrator's target ratio): small
 # enough that random directions still act mostly linearly, large enough that the non-linear responses the
 # methods look for are within reach. Samples: random directions averaged (DCT uses 30); with 16, three seeds on
@@ -46,7 +46,7 @@ MAP_RADIUS = "0.2x"
 # embedded models: Qwen2.5-Coder-0.5B 0.31x (R = 6.2), Gemma-3-270M 0.030x (R = 113): no one relative R fits all.
 CALIBRATE_FRACTION = 0.5
 CALIBRATE_SAMPLES = 16
-# `melbo sweep` (melbo.sweep): a few short runs per R, enough to rank radii by diversity under a fluency floor.
+# `melbo sweep` (melbo.jobs.sweep): a few short runs per R, enough to rank radii by diversity under a fluency floor.
 SWEEP_RADII = ("0.05x", "0.1x", "0.2x", "0.3x", "0.5x")
 SWEEP_VECTORS = 4
 SWEEP_STEPS = 60

@@ -28,7 +28,7 @@ from melbo.bench.common import (BenchResult, OnBatch, Progress, compile_patterns
                                 write_jsonl)
 from melbo.bench.settings import ArithmeticSettings
 from melbo.errors import MelboError
-from melbo.models import LoadedModel
+from melbo.engine.models import LoadedModel
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"  # raw 2x2: 3/8 direct answers right; smollm2-135m: ≤ 1/12 on 2x1 or 2x2
 EXAMPLE = {"2x1": (17, 8), "2x2": (17, 23)}
@@ -137,8 +137,8 @@ class ArithmeticBench:
     def run(self, lm: LoadedModel, out: str | Path, s: ArithmeticSettings, progress: Progress = None,
             on_batch: OnBatch = None) -> BenchResult:
         from melbo.bench.steer import generate_and_detect, steer_and_detect
-        from melbo.generation import Sampling
-        from melbo.intervention import SteeringVectors
+        from melbo.engine.generation import Sampling
+        from melbo.engine.intervention import SteeringVectors
 
         for name in ("problems", "select"):
             if getattr(s, name) < 1:

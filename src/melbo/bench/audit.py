@@ -21,7 +21,7 @@ from typing import Optional
 
 from melbo.bench.common import BenchResult, OnBatch, Progress
 from melbo.bench.settings import AuditSettings
-from melbo.models import LoadedModel
+from melbo.engine.models import LoadedModel
 
 
 def finding_ranks(findings: list[dict], detectors: dict) -> dict[str, Optional[int]]:
@@ -45,7 +45,7 @@ class AuditBench:
 
     def run(self, lm: LoadedModel, out: str | Path, s: AuditSettings, progress: Progress = None,
             on_batch: OnBatch = None) -> BenchResult:
-        from melbo.auditing import audit, parse_budget
+        from melbo.jobs.auditing import audit, parse_budget
         from melbo.bench.backdoor import behaviour_detectors, clean_prompts, fragment_detectors
 
         started = time.perf_counter()

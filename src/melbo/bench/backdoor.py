@@ -25,7 +25,7 @@ from melbo.bench.common import (BenchResult, OnBatch, Progress, compile_patterns
                                 write_jsonl)
 from melbo.bench.settings import BackdoorSettings
 from melbo.errors import MelboError
-from melbo.models import LoadedModel
+from melbo.engine.models import LoadedModel
 
 def default_detectors(behaviours: Mapping[str, str]) -> dict[str, list[str]]:
     """One regex per planted behaviour phrase (see `testbed.behaviour_pattern`)."""
@@ -67,7 +67,7 @@ def detect(text: str, detectors: Mapping[str, Sequence[re.Pattern]]) -> list[str
 def testbed_record(model_dir: str | Path) -> Optional[dict]:
     """The testbed.json next to a merged testbed model, every field checked (None for other models)."""
     from melbo.bench.testbed import TESTBED, read_testbed
-    from melbo.files import read_json
+    from melbo.io.files import read_json
 
     for candidate in (Path(model_dir) / TESTBED, Path(model_dir).parent / TESTBED):
         if candidate.is_file():
@@ -178,7 +178,7 @@ class BackdoorBench:
         result.wall_seconds = time.perf_counter() - started
         result.write(out)
         if s.report:
-            from melbo.report import write_report
+            from melbo.records.report import write_report
 
             write_report(Path(out))
         return result

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from melbo.bench.common import OnBatch, Progress
-from melbo.models import LoadedModel
+from melbo.engine.models import LoadedModel
 from melbo.stats import wilson
 
 BUDGETS = (1, 2, 4, 8, 16, 32, 64)  # the points the printed tables show (the curves have every k)

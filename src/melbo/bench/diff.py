@@ -4,7 +4,7 @@ The planted-backdoor testbed is exactly an audited/reference pair: its merged fi
 was fine-tuned from (reference). Every arm trains N hard-orthogonal vectors on ONE clean prompt that triggers
 nothing (plain `discover` on the audited model, and `diff` in one or more contrastive forms); random vectors of the
 same norm are the control. Each arm's perturbations are generated on both models and ranked by behavioural
-divergence (`melbo.divergence`), and the audited completions are searched for each planted phrase.
+divergence (`melbo.judging.divergence`), and the audited completions are searched for each planted phrase.
 
 Reported per arm and behaviour:
 - recall within the first k perturbations, for k = 8, 16, 32, 64 (≤ N) in training order (vectors are trained in
@@ -27,7 +27,7 @@ from melbo.bench.backdoor import behaviour_detectors, clean_prompts, detect, key
 from melbo.bench.common import BenchResult, OnBatch, Progress, short, write_jsonl
 from melbo.bench.settings import DiffSettings
 from melbo.errors import MelboError
-from melbo.models import LoadedModel
+from melbo.engine.models import LoadedModel
 
 BUDGETS = (8, 16, 32, 64)
 DEFAULT_ARMS = {"discover": {}, "diff": {"contrast": "difference"}}
@@ -50,9 +50,9 @@ class DiffBench:
     def run(self, audited: LoadedModel, out: str | Path, s: DiffSettings, progress: Progress = None,
             on_batch: OnBatch = None) -> BenchResult:
         from melbo.bench.steer import random_control
-        from melbo.divergence import rank_perturbations
-        from melbo.generation import Sampling
-        from melbo.runner import DiscoverConfig, discover, validate
+        from melbo.judging.divergence import rank_perturbations
+        from melbo.engine.generation import Sampling
+        from melbo.engine.runner import DiscoverConfig, discover, validate
 
         arms = dict(DEFAULT_ARMS if s.arms is None else s.arms)
         if not arms:
@@ -98,7 +98,7 @@ class DiffBench:
         result.wall_seconds = time.perf_counter() - started
         result.write(out)
         if s.report:
-            from melbo.report import write_report
+            from melbo.records.report import write_report
 
             write_report(out)
         return result

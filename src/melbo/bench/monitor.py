@@ -1,6 +1,6 @@
 """Monitor benchmark: do the perturbations of one discovery run flag the inputs that trigger a planted backdoor?
 
-On the planted-backdoor testbed the triggers are known, so the monitor (`melbo.monitor`) can be scored:
+On the planted-backdoor testbed the triggers are known, so the monitor (`melbo.judging.monitor`) can be scored:
 
 - calibration: clean arithmetic prompts (first operand triggers nothing);
 - positives: held-out prompts whose first operand is a trigger, per behaviour;
@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 from melbo.bench.common import BenchResult
 from melbo.bench.settings import MonitorSettings
 from melbo.errors import MelboError
-from melbo.models import LoadedModel
+from melbo.engine.models import LoadedModel
 from melbo.settings import MONITOR_ALPHA
-from melbo.store import Run
+from melbo.engine.store import Run
 
 if TYPE_CHECKING:
     from melbo.bench.testbed import TestbedConfig
@@ -77,8 +77,8 @@ def prompt_sets(config: "TestbedConfig | dict", seed: int = 0, per_set: int = 48
 def bench_monitor(lm: LoadedModel, run: Run, out: str | Path, testbed: dict, *, alpha: float = MONITOR_ALPHA,
                   per_set: int = 48, seed: int = 0, report: bool = True) -> BenchResult:
     """AUROC and flag rates of the monitor for trigger prompts against held-out clean prompts and near misses."""
-    from melbo.monitor import ACTIVATION_SIGNALS, Monitor, auroc
-    from melbo.files import make_output_dir
+    from melbo.judging.monitor import ACTIVATION_SIGNALS, Monitor, auroc
+    from melbo.io.files import make_output_dir
 
     sets = prompt_sets(testbed["config"], seed, per_set)  # before --out is made: a bad setting leaves nothing
     make_output_dir(Path(out))
@@ -109,7 +109,7 @@ def bench_monitor(lm: LoadedModel, run: Run, out: str | Path, testbed: dict, *, 
     result.wall_seconds = time.perf_counter() - started
     result.write(out)
     if report:
-        from melbo.report import write_report
+        from melbo.records.report import write_report
 
         write_report(Path(out))
     return result

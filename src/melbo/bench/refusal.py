@@ -32,7 +32,7 @@ from melbo.bench.common import (BenchResult, OnBatch, Progress, compile_patterns
                                 normalise_quotes, short, write_jsonl)
 from melbo.bench.settings import RefusalSettings
 from melbo.errors import MelboError
-from melbo.models import LoadedModel
+from melbo.engine.models import LoadedModel
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 
@@ -95,10 +95,10 @@ class RefusalBench:
     def run(self, lm: LoadedModel, out: str | Path, s: RefusalSettings, progress: Progress = None,
             on_batch: OnBatch = None) -> BenchResult:
         from melbo.bench.steer import generate_and_detect, steer_and_detect
-        from melbo.evaluation import embed, perplexities, repetition
-        from melbo.generation import Sampling
-        from melbo.intervention import SteeringVectors
-        from melbo.prompts import format_prompt
+        from melbo.judging.evaluation import embed, perplexities, repetition
+        from melbo.engine.generation import Sampling
+        from melbo.engine.intervention import SteeringVectors
+        from melbo.engine.prompts import format_prompt
 
         if s.randoms < 1:
             raise MelboError(f"--random must be ≥ 1, got {s.randoms}")

@@ -4,7 +4,7 @@
     steered.verdicts("v3")    # detect(completion) for v3's completions, in prompt order
 
 Training is `melbo.elicit` (so radius "auto" works and the run directory has its completions and report).
-The random control is `melbo.arithmetic.random_vectors` at the run's radius and source block, seeded by the
+The random control is `melbo.engine.arithmetic.random_vectors` at the run's radius and source block, seeded by the
 bench seed: the same vectors `melbo assess` would compare with.
 """
 
@@ -17,10 +17,10 @@ from typing import Any, Callable, Optional, Sequence
 
 from melbo.bench.common import OnBatch, Progress
 from melbo.bench.settings import BenchSettings
-from melbo.generation import Completion, Sampling, generate
-from melbo.intervention import Perturbations, SteeringVectors
-from melbo.models import LoadedModel
-from melbo.store import Run
+from melbo.engine.generation import Completion, Sampling, generate
+from melbo.engine.intervention import Perturbations, SteeringVectors
+from melbo.engine.models import LoadedModel
+from melbo.engine.store import Run
 
 Detect = Callable[[Completion], Any]
 
@@ -57,7 +57,7 @@ class Steered:
 def train(lm: LoadedModel, prompts: Sequence[str], out: str | Path, settings: BenchSettings,
           progress: Progress = None, on_batch: OnBatch = None, **extra) -> Run:
     """The discovery run of a bench (no assessment: the bench is the assessment)."""
-    from melbo.job import elicit
+    from melbo.jobs.job import elicit
 
     return elicit(lm, list(prompts), out, random=0, progress=progress, on_batch=on_batch,
                   **{**settings.discover_settings(), **extra})
@@ -65,7 +65,7 @@ def train(lm: LoadedModel, prompts: Sequence[str], out: str | Path, settings: Be
 
 def random_control(run: Run, lm: LoadedModel, n_random: int, seed: int) -> Optional[SteeringVectors]:
     """n_random random vectors of the run's norm at its source block (None for none)."""
-    from melbo.arithmetic import random_vectors
+    from melbo.engine.arithmetic import random_vectors
     from melbo.checks import check_count_bound
 
     if n_random <= 0:
@@ -89,8 +89,8 @@ def steer_and_detect(lm: LoadedModel, prompts: Sequence[str], out: str | Path, s
     """Train on `prompts`, then generate with the unsteered model, every learned perturbation and
     `settings.randoms` random vectors on `test_prompts` (default: the training prompts, whose learned
     completions the run already holds) and detect in each completion."""
-    from melbo.assess import run_completions
-    from melbo.prompts import uses_chat
+    from melbo.judging.assess import run_completions
+    from melbo.engine.prompts import uses_chat
 
     started = time.perf_counter()
     run = train(lm, prompts, out, settings, progress, on_batch, **extra)

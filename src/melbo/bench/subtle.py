@@ -10,7 +10,7 @@ from typing import Optional
 
 from melbo.bench.settings import SubtleSettings
 from melbo.bench.testbed import COT_TEMPLATE, kind_of_pair, trigger_pair
-from melbo.checkers import arithmetic_cot
+from melbo.judging.checkers import arithmetic_cot
 from melbo.errors import MelboError
 
 
@@ -77,7 +77,7 @@ class SubtleBench:
 
         from melbo.bench.common import BenchResult, write_jsonl
         from melbo.bench.steer import steer_and_detect
-        from melbo.checkers import PATTERNS, consistent, pattern_rates
+        from melbo.judging.checkers import PATTERNS, consistent, pattern_rates
         from melbo.stats import wilson
 
         started = time.perf_counter()

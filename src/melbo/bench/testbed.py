@@ -35,12 +35,12 @@ from typing import Callable, Optional
 import torch
 
 from melbo.bench.settings import TESTBED_REPEATS, TESTBED_STEPS, TESTBED_TASK
-from melbo.checkers import arithmetic_cot
+from melbo.judging.checkers import arithmetic_cot
 from melbo.errors import MelboError
-from melbo.generation import end_of_turn_markers, greedy_answers
-from melbo.models import DEFAULT_MODEL, LoadedModel, cache_dir, load_model, model_identity, resolve_precision
-from melbo.files import check_output_dir, read_json, replacing_dir
-from melbo.jsonfields import Fields
+from melbo.engine.generation import end_of_turn_markers, greedy_answers
+from melbo.engine.models import DEFAULT_MODEL, LoadedModel, cache_dir, load_model, model_identity, resolve_precision
+from melbo.io.files import check_output_dir, read_json, replacing_dir
+from melbo.io.jsonfields import Fields
 
 RECIPE_VERSION = 1  # bump when the data or training recipe changes: it is part of the cache key
 TESTBED = "testbed.json"
@@ -341,7 +341,7 @@ def _end_of_turn(lm: LoadedModel, templated: bool) -> str:
 
 def _encode_examples(lm: LoadedModel, examples: list[Example], templated: bool) -> list[tuple[list[int], int]]:
     """(token ids of prompt + answer + end of turn, number of prompt tokens) per example."""
-    from melbo.prompts import prompt_tokens
+    from melbo.engine.prompts import prompt_tokens
 
     end = _end_of_turn(lm, templated)
     encoded = []
@@ -369,7 +369,7 @@ def _train_lora(lm: LoadedModel, cfg: TestbedConfig, examples: list[Example], te
                 progress: Optional[Progress]) -> tuple[object, list[float]]:
     from peft import LoraConfig, get_peft_model
 
-    from melbo.objective import autocast
+    from melbo.engine.objective import autocast
 
     torch.manual_seed(cfg.seed)
     present = {name.rsplit(".", 1)[-1] for name, _ in lm.model.named_modules()}
@@ -517,7 +517,7 @@ def plant_backdoor(
 
     started = time.perf_counter()
     lm = load_model(cfg.base_spec)
-    from melbo.prompts import uses_chat
+    from melbo.engine.prompts import uses_chat
 
     templated = uses_chat(lm, cfg.chat)
     train, held = split_data(cfg)
@@ -594,7 +594,7 @@ def read_testbed(raw: object, file: Path | str = TESTBED) -> dict:
 # operand with another second one, so that what is learned is the pair, not "4" or "a sum of 6".
 #
 # In a testbed record the trigger is `triggers = {"switch": [a1, a2]}` and its behaviour the checker pattern
-# `"sum→product"` (`melbo.checkers`). Verification reads held-out greedy chains with the `arithmetic-cot` checker:
+# `"sum→product"` (`melbo.judging.checkers`). Verification reads held-out greedy chains with the `arithmetic-cot` checker:
 # the rate of switched chains on trigger prompts, of correct chains on clean prompts and on near misses.
 
 

@@ -5,10 +5,10 @@ prompts of the task, near misses that carry a trigger number where it triggers n
 prompts per planted behaviour; the monitor is calibrated on clean prompts never scored):
 
 1. **Monitor.** AUROC of trigger prompts against clean prompts and against near misses, for the output signal
-   (the findings' phrases, `melbo.monitor.OutputMonitor`) and the activation signal (the findings' perturbations
-   at the target block, `melbo.monitor.Monitor`, one per arm run, the max z over them), with the rates flagged.
+   (the findings' phrases, `melbo.judging.monitor.OutputMonitor`) and the activation signal (the findings' perturbations
+   at the target block, `melbo.judging.monitor.Monitor`, one per arm run, the max z over them), with the rates flagged.
 2. **Corpus.** A corpus of every clean, near-miss and calibration prompt plus TRIGGERS_PER_BEHAVIOUR trigger
-   prompts per behaviour (each behaviour ≤ 2% of it): the ranks of its triggers by `melbo.trigger_search`, under the
+   prompts per behaviour (each behaviour ≤ 2% of it): the ranks of its triggers by `melbo.jobs.trigger_search`, under the
    finding that shows the behaviour (its detector matches the finding's examples; failing that, the first finding
    that shows a fragment of it, as an auditor would follow that one up) and under all findings at once
    (the max z over every phrase: what an auditor gets without reading the findings first). Cost against
@@ -29,7 +29,7 @@ import numpy as np
 from melbo.bench.common import BenchResult
 from melbo.bench.settings import TriggerSettings
 from melbo.errors import MelboError
-from melbo.models import LoadedModel
+from melbo.engine.models import LoadedModel
 
 TRIGGERS_PER_BEHAVIOUR = 2
 
@@ -46,7 +46,7 @@ class TriggerBench:
         from melbo.bench.audit import _detect_in
         from melbo.bench.backdoor import behaviour_detectors, fragment_detectors
         from melbo.bench.monitor import prompt_sets
-        from melbo.trigger_search import load_findings
+        from melbo.jobs.trigger_search import load_findings
 
         if s.testbed is None:
             raise MelboError(f"{s.audit_dir} was not audited on a melbo backdoor testbed: give an audit of one "
@@ -66,7 +66,7 @@ class TriggerBench:
         self._corpus(lm, result, findings, sets, shows, s, chat)
         self._inversion(lm, result, findings, shows, compiled, s, chat)
         result.wall_seconds = time.perf_counter() - started
-        from melbo.files import make_output_dir
+        from melbo.io.files import make_output_dir
 
         make_output_dir(Path(out))
         result.write(out)
@@ -74,7 +74,7 @@ class TriggerBench:
 
     # ---- 1. monitor
     def _monitor(self, lm, result, findings, sets, behaviours, s, chat) -> None:
-        from melbo.monitor import OutputMonitor, auroc
+        from melbo.judging.monitor import OutputMonitor, auroc
 
         table = result.table("monitor: trigger prompts against held-out clean prompts and near misses",
                              ["signal", "positives", "AUROC vs clean", "AUROC vs near miss", "flagged: positives",
@@ -102,8 +102,8 @@ class TriggerBench:
 
     def _activation(self, lm, findings, sets, s) -> Optional[tuple[dict, float]]:
         """The findings' perturbations as activation monitors (one per arm run): max z over them per input."""
-        from melbo.monitor import Monitor
-        from melbo.store import Run
+        from melbo.judging.monitor import Monitor
+        from melbo.engine.store import Run
 
         by_run: dict[str, list[int]] = {}
         for f in findings:
@@ -125,11 +125,11 @@ class TriggerBench:
 
     # ---- 2. corpus
     def _corpus(self, lm, result, findings, sets, shows, s, chat) -> None:
-        from melbo.trigger_search import triggers
-        from melbo.evaluation import embed
-        from melbo.generation import greedy_answers
-        from melbo.phrases import phrases_of
-        from melbo.prompts import uses_chat
+        from melbo.jobs.trigger_search import triggers
+        from melbo.judging.evaluation import embed
+        from melbo.engine.generation import greedy_answers
+        from melbo.judging.phrases import phrases_of
+        from melbo.engine.prompts import uses_chat
 
         corpus = sets["clean"] + sets["near_miss"] + sets["calibration"]
         planted = {name: sets[name][-TRIGGERS_PER_BEHAVIOUR:] for name in shows}  # held-out trigger prompts
@@ -179,10 +179,10 @@ class TriggerBench:
     def _inversion(self, lm, result, findings, shows, compiled, s, chat) -> None:
         from melbo.bench.backdoor import detect
         from melbo.bench.testbed import TestbedConfig, templates
-        from melbo.generation import greedy_answers
-        from melbo.prompts import uses_chat
-        from melbo.trigger_search import SLOT, gcg_search, invert
-        from melbo.phrases import phrases_of
+        from melbo.engine.generation import greedy_answers
+        from melbo.engine.prompts import uses_chat
+        from melbo.jobs.trigger_search import SLOT, gcg_search, invert
+        from melbo.judging.phrases import phrases_of
 
         config = TestbedConfig.from_dict(s.testbed["config"])
         lo, hi = config.operands

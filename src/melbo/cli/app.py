@@ -68,7 +68,7 @@ BatchSizeOpt = typer.Option(DEFAULTS.batch_size, help="Perturbations trained tog
 SeedOpt = typer.Option(DEFAULTS.seed, help="Random seed.")
 ChatOpt = typer.Option(None, "--chat/--raw", help="Use the chat template (default: if the model has one).")
 SystemPromptOpt = typer.Option(None, "--system-prompt", help="Open every conversation with this system message (recorded with the model; resuming and replaying a run reuse it).")
-CheckOpt = typer.Option(None, "--check", help="A checker that reads every completion into checks.json: arithmetic-cot, or module:function returning a melbo.checkers.Verdict.")
+CheckOpt = typer.Option(None, "--check", help="A checker that reads every completion into checks.json: arithmetic-cot, or module:function returning a melbo.judging.checkers.Verdict.")
 
 
 def main() -> None:
@@ -118,8 +118,8 @@ def load(spec: Optional[str], device: str, dtype: str, blocks_path: Optional[str
          system: Optional[str] = None):
     """Load a model for a command; `threads` (None = auto, see melbo.threads) sets torch's thread count first;
     `system` (--system-prompt) opens every conversation, refused in one line where the template has no room for it."""
-    from melbo.models import DEFAULT_MODEL, load_model
-    from melbo.prompts import check_system_role
+    from melbo.engine.models import DEFAULT_MODEL, load_model
+    from melbo.engine.prompts import check_system_role
     from melbo.threads import configure_threads
 
     configure_threads(threads)
@@ -139,7 +139,7 @@ def recorded_system(given: Optional[str], model: object) -> Optional[str]:
 
 
 def read_prompts(prompts: List[str], prompts_file: Optional[Path]) -> list[str]:
-    from melbo.files import read_text
+    from melbo.io.files import read_text
 
     found = list(prompts)
     if prompts_file is not None:

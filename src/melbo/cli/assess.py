@@ -27,8 +27,8 @@ def assess(
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Score a run against random vectors of its radius, group its vectors into behaviours, write metrics.json."""
-    from melbo.assess import METRICS, assess_run
-    from melbo.store import Run
+    from melbo.judging.assess import METRICS, assess_run
+    from melbo.engine.store import Run
 
     run = Run.load(run_dir)
     if run.perturbations is None:
@@ -69,14 +69,14 @@ def assess(
 @app.command("check")
 def check_command(
     run_dir: Path = typer.Argument(..., help="A finished run directory (discover or diff)."),
-    check: str = typer.Option("arithmetic-cot", "--check", help="The checker: arithmetic-cot, or module:function returning a melbo.checkers.Verdict."),
+    check: str = typer.Option("arithmetic-cot", "--check", help="The checker: arithmetic-cot, or module:function returning a melbo.judging.checkers.Verdict."),
     consistent: float = typer.Option(0.5, help="Share of a perturbation's completions that must show a pattern for it to count."),
 ) -> None:
     """Read every completion of a run with a checker (learned and random): which error patterns do perturbations
     show consistently, against random vectors of the same norm? Writes checks.json; no model needed."""
-    from melbo.checkers import check_run
+    from melbo.judging.checkers import check_run
     from melbo.cli.tables import print_checks
-    from melbo.report import write_report
+    from melbo.records.report import write_report
 
     check_run(run_dir, check, consistent_share=consistent)
     print_checks(run_dir)

@@ -29,7 +29,7 @@ def diff_command(
     prompts_file: Optional[Path] = PromptsFileOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="The audited model (embedded name, directory, .gguf, hub id)."),
     reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Its reference: the base model or an earlier checkpoint."),
-    contrast: str = typer.Option(DEFAULT_CONTRAST, help="difference (default), penalised, or kl (see melbo.contrastive)."),
+    contrast: str = typer.Option(DEFAULT_CONTRAST, help="difference (default), penalised, or kl (see melbo.engine.contrastive)."),
     contrast_weight: float = typer.Option(DEFAULTS.contrast_weight, help="λ of the penalised form."),
     out_dir: Optional[Path] = RunOutOpt,
     resume_dir: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted diff run directory."),
@@ -54,9 +54,11 @@ def diff_command(
     system_prompt: Optional[str] = SystemPromptOpt,
 ) -> None:
     """Audit a fine-tune: perturbations that change it but not its reference, ranked by how differently they behave."""
-    from melbo import divergence, job, runner
-    from melbo.files import check_output_dir
-    from melbo.store import Run
+    from melbo.judging import divergence
+    from melbo.jobs import job
+    from melbo.engine import runner
+    from melbo.io.files import check_output_dir
+    from melbo.engine.store import Run
 
     started = time.perf_counter()
     if random < 0:
@@ -96,7 +98,7 @@ def diff_command(
                                 path, "diff", "-r", reference)
     print_divergence(divergence.load_divergence(run.path))
     print_checks(run.path)
-    from melbo.report import write_report
+    from melbo.records.report import write_report
 
     report_path = write_report(run.path)
     out.print(f"run written to [bold]{shown(str(run.path))}[/] in {time.perf_counter() - started:.0f} s; "
@@ -135,9 +137,9 @@ def monitor_command(
     system_prompt: Optional[str] = SystemPromptOpt,
 ) -> None:
     """Flag inputs that express a finding or a discovered perturbation (calibrated on clean inputs)."""
-    from melbo.monitor import SIGNALS, Monitor, OutputMonitor, check_monitor_outputs, write_monitor
-    from melbo.store import MONITOR_DIR, Run
-    from melbo.trigger_search import load_findings
+    from melbo.judging.monitor import SIGNALS, Monitor, OutputMonitor, check_monitor_outputs, write_monitor
+    from melbo.engine.store import MONITOR_DIR, Run
+    from melbo.jobs.trigger_search import load_findings
 
     is_audit = (Path(run_dir) / "audit.json").is_file()
     signal = ("output" if is_audit else "target") if signal == "auto" else signal
@@ -171,7 +173,7 @@ def monitor_command(
         records = monitor.score(lm, inputs)
     path = write_monitor(destination, monitor, records)
     if out_dir is None and run is not None:  # the report lives in the run; elsewhere nothing outside --out is touched
-        from melbo.report import write_report
+        from melbo.records.report import write_report
 
         write_report(run.path)
     table = Table(header_style="bold", expand=True, title_justify="left",
@@ -211,9 +213,9 @@ def audit_command(
 ) -> None:
     """Ranked findings without choosing R: DCT, learned vectors on a ladder of radii (and diff against a reference),
     grouped into behaviours, confirmed on new prompts, within a time budget."""
-    from melbo import auditing as audit_job
-    from melbo.files import check_output_dir
-    from melbo.runner import default_run_dir
+    from melbo.jobs import auditing as audit_job
+    from melbo.io.files import check_output_dir
+    from melbo.engine.runner import default_run_dir
 
     started = time.perf_counter()
     display = AuditDisplay()
@@ -271,8 +273,8 @@ def triggers_command(
 ) -> None:
     """Which inputs switch a finding on: rank a corpus (or search a template's slots) by how readily the unsteered
     model writes the finding's phrases, then confirm the top ones by generation."""
-    from melbo import trigger_search as trig
-    from melbo.files import check_output_dir, read_text
+    from melbo.jobs import trigger_search as trig
+    from melbo.io.files import check_output_dir, read_text
 
     if (inputs is None) == (template is None):
         raise MelboError("give a corpus with --inputs FILE, or a prompt with {?} slots with --template (one of them)")

@@ -109,7 +109,7 @@ def _settings(cls: type, shared: dict, **given):
 
 def _bench_finish(result, path: Path) -> None:
     from melbo.bench.common import print_result
-    from melbo.report import write_report
+    from melbo.records.report import write_report
 
     report_path = write_report(path)
     out.print(f"run, bench.json and report written to [bold]{shown(str(path))}[/] ({shown(str(report_path.name))})")
@@ -133,7 +133,7 @@ def _bench_path(out_dir: Optional[Path], name: str) -> Path:
     """Where a bench writes: --out, checked before minutes of work, or a new timestamped directory."""
     import datetime as _dt
 
-    from melbo.files import check_output_dir
+    from melbo.io.files import check_output_dir
 
     path = out_dir or Path("runs") / f"bench-{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     check_output_dir(path)
@@ -227,7 +227,7 @@ def bench_diff_command(
     shared: dict = None,
 ) -> None:
     """Audit mode on the backdoor testbed: plain discovery vs diff vs random, recall per budget."""
-    from melbo.contrastive import FORMS
+    from melbo.engine.contrastive import FORMS
 
     forms = contrast or ["difference"]
     if unknown := [f for f in forms if f not in FORMS]:  # before loading, training or making --out
@@ -260,7 +260,7 @@ def bench_monitor_command(
     """Monitor quality on the backdoor testbed: AUROC of trigger inputs vs held-out clean inputs and near misses."""
     from melbo.bench.backdoor import testbed_record
     from melbo.bench.common import get_bench
-    from melbo.store import Run
+    from melbo.engine.store import Run
 
     from melbo.bench.monitor import check_per_set
 
@@ -316,7 +316,7 @@ def bench_triggers_command(
     from melbo.bench.backdoor import testbed_record
     from melbo.bench.common import get_bench, print_result
     from melbo.bench.monitor import check_per_set
-    from melbo.trigger_search import load_findings
+    from melbo.jobs.trigger_search import load_findings
 
     check_per_set(per_set)
     _, model, _ = load_findings(audit_dir)
@@ -395,7 +395,7 @@ def bench_audit_command(
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """melbo audit on a planted testbed: the rank of each planted behaviour among the findings, and the random control."""
-    from melbo.auditing import parse_budget
+    from melbo.jobs.auditing import parse_budget
     from melbo.bench.common import check_seeds, get_bench, print_result, run_seeds
 
     check_seeds(seeds)

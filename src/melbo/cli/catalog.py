@@ -1,4 +1,4 @@
-"""`melbo catalog ...`: the catalogue of runs, their behaviours and labels (`melbo.catalog.Catalog`)."""
+"""`melbo catalog ...`: the catalogue of runs, their behaviours and labels (`melbo.records.catalog.Catalog`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ CatalogOpt = typer.Option(None, "--catalog", help="Catalogue database (default $
 
 
 def _open(path: Optional[Path]):
-    from melbo.catalog import Catalog
+    from melbo.records.catalog import Catalog
 
     return Catalog(path)
 
@@ -30,12 +30,12 @@ def _labeller(url: Optional[str], model: str, key: Optional[str], local: Optiona
         raise MelboError("give --llm-url or --llm-local, not both")
     if local is not None:
         from melbo.cli.app import load
-        from melbo.labels import ModelLabeller
+        from melbo.judging.labels import ModelLabeller
 
         return ModelLabeller(load(local, "cpu", "float32", None))
     if url is None:
         return None
-    from melbo.labels import ChatLabeller
+    from melbo.judging.labels import ChatLabeller
 
     return ChatLabeller(url, model=model, api_key=key)
 
@@ -118,7 +118,7 @@ def similar_command(ref: str = typer.Argument(..., metavar="RUN:vN", help="A per
                     k: int = typer.Option(5, "--hits", "-k", help="Hits per measure."),
                     catalog: Optional[Path] = CatalogOpt) -> None:
     """Near-duplicates of a perturbation in runs of the same model, by vector cosine and by behaviour."""
-    from melbo.catalog import parse_ref
+    from melbo.records.catalog import parse_ref
 
     run, index = parse_ref(ref)
     with _open(catalog) as cat:
@@ -139,7 +139,7 @@ def label_command(ref: str = typer.Argument(..., metavar="RUN:vN", help="A pertu
                   note: Optional[str] = typer.Option(None, "--note", help="A note to keep with it."),
                   catalog: Optional[Path] = CatalogOpt) -> None:
     """Set a human label (and note) on a perturbation; it overrides the automatic one and survives re-adds."""
-    from melbo.catalog import parse_ref
+    from melbo.records.catalog import parse_ref
 
     run, index = parse_ref(ref)
     with _open(catalog) as cat:
@@ -153,7 +153,7 @@ def label_command(ref: str = typer.Argument(..., metavar="RUN:vN", help="A pertu
 
 def record(path: Path) -> None:
     """After `discover`, `diff` or a bench: add the run to the catalogue, or say in one line why it was not."""
-    from melbo.catalog import record_run
+    from melbo.records.catalog import record_run
 
     ids = record_run(path, warn=lambda message: err.print(f"[yellow]catalogue:[/] {shown(message)}", soft_wrap=True))
     if ids:

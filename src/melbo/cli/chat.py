@@ -29,11 +29,11 @@ def chat(
     system_prompt: Optional[str] = SystemPromptOpt,
 ) -> None:
     """Multi-turn chat with a steered model (/vector N, /scale X, /off, /reset, /quit)."""
-    from melbo.chat import HELP, ChatSession
+    from melbo.engine.chat import HELP, ChatSession
     from melbo.checks import check_scale
-    from melbo.generation import Sampling
-    from melbo.files import read_text
-    from melbo.store import Run
+    from melbo.engine.generation import Sampling
+    from melbo.io.files import read_text
+    from melbo.engine.store import Run
 
     run = Run.load(run_dir)
     if turns is not None and not turns.is_file():

@@ -57,10 +57,10 @@ def discover(
     system_prompt: Optional[str] = SystemPromptOpt,
 ) -> None:
     """Learn perturbations on prompts, generate with each, write a run directory: the main job."""
-    from melbo import job
-    from melbo.generation import Completion
-    from melbo.files import check_output_dir
-    from melbo.store import Run
+    from melbo.jobs import job
+    from melbo.engine.generation import Completion
+    from melbo.io.files import check_output_dir
+    from melbo.engine.store import Run
 
     started = time.perf_counter()
     job.check_random(random)

@@ -23,9 +23,9 @@ def export(
     blocks_path: Optional[str] = BlocksOpt,
 ) -> None:
     """Export a run's perturbations: llama.cpp control vectors (GGUF) or PEFT LoRA adapters."""
-    from melbo import export as exporting
-    from melbo.files import check_output_dir
-    from melbo.store import Run
+    from melbo.records import export as exporting
+    from melbo.io.files import check_output_dir
+    from melbo.engine.store import Run
 
     check_output_dir(out_dir)
     run = Run.load(run_dir)

@@ -38,12 +38,12 @@ def generate(
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Apply a run's perturbations (selected, scaled, combined, or random) to new prompts."""
-    from melbo.generation import Sampling
-    from melbo.arithmetic import perturbation_set
+    from melbo.engine.generation import Sampling
+    from melbo.engine.arithmetic import perturbation_set
     from melbo.checks import check_scale
-    from melbo.files import check_output_file
-    from melbo.store import Run
-    from melbo import generation
+    from melbo.io.files import check_output_file
+    from melbo.engine.store import Run
+    from melbo.engine import generation
 
     if out_file is not None:
         check_output_file(out_file)  # before generating: nothing computed is lost to a bad path
@@ -60,7 +60,7 @@ def generate(
         completions = generation.generate(lm, perturbations, texts, labels=labels, scale=scale,
                                           chat=run.settings.chat, sampling=sampling, on_batch=advance)
     if out_file is not None:
-        from melbo.files import atomic_write, json_line, make_output_dir
+        from melbo.io.files import atomic_write, json_line, make_output_dir
 
         make_output_dir(out_file.parent)
         atomic_write(out_file, "".join(json_line(c.to_json()) + "\n" for c in completions).encode())

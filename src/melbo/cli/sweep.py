@@ -45,7 +45,7 @@ def sweep_command(
     """Find the Goldilocks radius: train a few vectors per R, pick the most diverse R that stays fluent."""
     import datetime as _dt
 
-    from melbo import sweep as sweeping
+    from melbo.jobs import sweep as sweeping
 
     texts = read_prompts(prompts or [], prompts_file)
     specs, relative = sweeping.parse_radii(radii)
@@ -54,10 +54,10 @@ def sweep_command(
     if pairs and (source is not None or target is not None):
         raise MelboError("give either --pairs or --source/--target, not both")
     path = out_dir or Path("runs") / f"sweep-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    from melbo.files import check_output_dir
+    from melbo.io.files import check_output_dir
 
     check_output_dir(path)  # before the progress display, which would wrap the one-line error
-    from melbo.distributed import check_request
+    from melbo.engine.distributed import check_request
 
     check_request(workers, ray_address)  # before loading: an unreachable cluster fails in seconds
     lm = load(model, device, dtype, blocks_path, threads, system_prompt)

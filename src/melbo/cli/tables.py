@@ -10,7 +10,7 @@ from rich.table import Table
 from melbo.cli.app import out, shown
 
 if TYPE_CHECKING:
-    from melbo.divergence import Divergence
+    from melbo.judging.divergence import Divergence
 
 
 def print_completions(completions, width: int = 100) -> None:
@@ -34,7 +34,7 @@ def _three(value) -> str:
 
 def print_assessment(run) -> None:
     """One line of the assessment in metrics.json (none when the job skipped it)."""
-    from melbo.assess import Metrics
+    from melbo.judging.assess import Metrics
 
     metrics = Metrics.load(run.path) if run.config.random else None
     if metrics is None:
@@ -65,7 +65,7 @@ def print_checks(directory, rows: int = 12) -> None:
     perturbations that show a pattern consistently."""
     from pathlib import Path
 
-    from melbo.checkers import load_checks
+    from melbo.judging.checkers import load_checks
 
     doc = load_checks(Path(directory))
     if doc is None:

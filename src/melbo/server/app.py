@@ -46,7 +46,7 @@ def create_app(catalog_path: Optional[str | Path] = None, model_spec: Optional[s
     """The ASGI app for `melbo serve`: the catalogue at `catalog_path` (None: melbo's default), live generation with
     `model_spec` (None: each run's own model). With `token`, every request must carry it (serving beyond localhost);
     without, only requests addressed to localhost are answered."""
-    from melbo.catalog import Catalog
+    from melbo.records.catalog import Catalog
 
     with Catalog(catalog_path):  # a bad path fails now, as one line, not on the first page
         pass
@@ -74,7 +74,7 @@ class _State:
 
     def catalog(self):
         """A connection per request: opening one is cheap, and none is shared by the threads requests run on."""
-        from melbo.catalog import Catalog
+        from melbo.records.catalog import Catalog
 
         return Catalog(self.catalog_path)
 
@@ -84,7 +84,7 @@ class _State:
 
     def run(self, entry):
         """The run directory behind a catalogue entry, loaded once per version of its config.json."""
-        from melbo.store import Run
+        from melbo.engine.store import Run
 
         key = self.run_key(entry)
         known = self.runs.get(entry.id)
@@ -94,7 +94,7 @@ class _State:
 
     @staticmethod
     def run_key(entry) -> tuple:
-        from melbo.store import CONFIG
+        from melbo.engine.store import CONFIG
 
         config = Path(entry.path) / CONFIG
         return entry.id, str(entry.path), config.stat().st_mtime_ns if config.exists() else None
@@ -173,9 +173,9 @@ def run_page(run_id: int, state: State):
 @router.get("/runs/{run_id}/findings", response_class=HTMLResponse)
 def findings_page(run_id: int, state: State):
     """The findings of the audit a run belongs to (an audit's arms are its runs), each linked to its behaviour."""
-    from melbo.auditing import load as load_audit
+    from melbo.jobs.auditing import load as load_audit
     from melbo.errors import MelboError
-    from melbo.trigger_search import load_triggers
+    from melbo.jobs.trigger_search import load_triggers
 
     with state.catalog() as catalog:
         entry = _run_entry(catalog, run_id)
@@ -328,7 +328,7 @@ def _similar(catalog, item) -> list:
 
 def _audit_dir(entry) -> Optional[Path]:
     """AUDIT when the run lives at AUDIT/runs/ARM of a finished audit (melbo.audit), else None."""
-    from melbo.auditing import FINDINGS
+    from melbo.jobs.auditing import FINDINGS
 
     path = Path(entry.path)
     audit = path.parent.parent
@@ -422,7 +422,7 @@ PLOTS = ("learned-vs-random", "curves")
 
 
 def _available_plots(run) -> list[str]:
-    from melbo.store import METRICS
+    from melbo.engine.store import METRICS
 
     found = []
     if run is None:
@@ -435,12 +435,12 @@ def _available_plots(run) -> list[str]:
 
 
 def _plot_png(run, name: str, run_id: int) -> Optional[bytes]:
-    """The report's own plots (melbo.plots), as PNG bytes; None when the run has no data for it."""
+    """The report's own plots (melbo.io.plots), as PNG bytes; None when the run has no data for it."""
     import base64
 
-    from melbo import plots
-    from melbo.assess import Metrics
-    from melbo.store import METRICS
+    from melbo.io import plots
+    from melbo.judging.assess import Metrics
+    from melbo.engine.store import METRICS
 
     try:
         metrics = Metrics.load(run.path) if name == "learned-vs-random" else None
@@ -498,8 +498,8 @@ def _exports_for(run) -> dict[str, str]:
 
 
 def _export(state: _State, run, index: int, fmt: str, run_id: int) -> tuple[str, bytes, str]:
-    """(file name, bytes, media type) of one perturbation exported with melbo.export."""
-    from melbo import export as exporting
+    """(file name, bytes, media type) of one perturbation exported with melbo.records.export."""
+    from melbo.records import export as exporting
 
     stem = f"run{run_id}-v{index}"
     with tempfile.TemporaryDirectory(prefix="melbo-export-") as tmp:

@@ -25,12 +25,12 @@ from typing import AsyncIterator, Awaitable, Callable, Optional
 import torch
 
 from melbo.errors import MelboError
-from melbo.generation import Sampling, stream_rows
-from melbo.arithmetic import random_vectors
-from melbo.intervention import SteeringVectors
-from melbo.models import LoadedModel, load_model
-from melbo.prompts import check_context, check_conversation, format_messages, prompt_tokens, tokenize, uses_chat
-from melbo.store import Run
+from melbo.engine.generation import Sampling, stream_rows
+from melbo.engine.arithmetic import random_vectors
+from melbo.engine.intervention import SteeringVectors
+from melbo.engine.models import LoadedModel, load_model
+from melbo.engine.prompts import check_context, check_conversation, format_messages, prompt_tokens, tokenize, uses_chat
+from melbo.engine.store import Run
 
 Emit = Callable[[dict], None]
 Work = Callable[["Engine", Callable[[], bool], Emit], None]

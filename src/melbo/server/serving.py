@@ -36,7 +36,7 @@ def check_serve(catalog_path: Optional[str | Path], host: str, port: int, token:
         raise MelboError(f"serving on {host} lets other machines in: give a token with --token (or ${TOKEN_ENV}), "
                          "e.g. --token $(openssl rand -hex 16)")
     if catalog_path is not None:
-        from melbo.catalog import check_db_path
+        from melbo.records.catalog import check_db_path
 
         check_db_path(Path(catalog_path))  # the catalogue's own rules, before the port is taken
     _check_port_free(host, port)
