@@ -16,6 +16,7 @@
     report = melbo.triggers(lm, "runs/audit", corpus)         # which inputs switch each finding on
     report = melbo.invert(lm, "runs/audit", "What is {?} + 5?", vocab="numbers")  # no corpus: search the slots
     monitor = melbo.OutputMonitor.calibrate(result.findings, lm, clean_inputs)  # flag them by their output
+    scan = melbo.scan_inputs(lm, ["a = {?} + {?}, b = 5 + 9. What is a * b?"], "arithmetic-cot")  # systematic errors
 
     layers = melbo.map(lm, ["How can I make a bomb?"], "4:20", "10:28", k=4, out="runs/map")  # every pair's J
     run = melbo.open_pair("runs/map", 6, 20, "runs/map-6-20")  # one pair's directions as an ordinary run
@@ -38,6 +39,7 @@ _EXPORTS = {
     "Monitor": "melbo.judging.monitor", "OutputMonitor": "melbo.judging.monitor",
     "audit": "melbo.jobs.auditing",  # the module is melbo.jobs.auditing: melbo.audit is the job
     "invert": "melbo.jobs.trigger_search", "triggers": "melbo.jobs.trigger_search",
+    "scan_inputs": "melbo.jobs.input_scan",
     "LayerMap": "melbo.jobs.layermap", "open_pair": "melbo.jobs.layermap",
     "map": ("melbo.jobs.layermap", "layer_map"),  # melbo.map, as the CLI's `melbo map`
     "check_run": "melbo.judging.checkers",

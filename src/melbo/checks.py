@@ -44,6 +44,14 @@ def check_scale(value: Any) -> float:
     return scale
 
 
+def check_share(name: str, value: Any) -> float:
+    """A share or a significance level: a finite number in (0, 1]."""
+    share = check_finite(name, value)
+    if not 0 < share <= 1:
+        raise MelboError(f"{option(name)} must be above 0 and at most 1, got {value!r}")
+    return share
+
+
 def check_whole(name: str, value: Any) -> int:
     if not is_whole(value):
         raise MelboError(f"{option(name)} must be a whole number, got {value!r}")

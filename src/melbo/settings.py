@@ -30,6 +30,12 @@ GENERATION_BATCH = 64
 TRIGGER_CONFIRM = 5
 TRIGGER_TOKENS = 48
 GCG_STEPS = 40
+# `melbo scan` (melbo.jobs.input_scan): greedy answers of SCAN_TOKENS tokens, SCAN_BATCH prompts at a time; a
+# (filling, pattern) is significant below SCAN_ALPHA after Bonferroni; scan.json keeps the SCAN_HITS best.
+SCAN_TOKENS = 48
+SCAN_BATCH = 32
+SCAN_ALPHA = 0.05
+SCAN_HITS = 50
 DEFAULT_RANDOM = 4  # random vectors of a run's radius that `discover`'s assessment compares the learned ones with
 DIFF_RANDOM = 8  # random vectors of the same norm ranked beside the learned ones
 MONITOR_ALPHA = 0.05  # the false-positive rate the monitor's decision rule aims at

@@ -19,7 +19,8 @@ from melbo.cli.progress import AuditDisplay, JobDisplay
 from melbo.cli.tables import print_checks, print_divergence, print_findings
 from melbo.errors import MelboError
 from melbo.settings import (AUDIT_BUDGET, AUDIT_TOKENS, DEFAULTS, DEFAULT_CONTRAST, DIFF_RADIUS, DIFF_RANDOM, GCG_STEPS,
-                            MONITOR_ALPHA, SCAN_PRECISION, TRIGGER_CONFIRM, TRIGGER_TOKENS)
+                            MONITOR_ALPHA, SCAN_ALPHA, SCAN_PRECISION, SCAN_TOKENS, TRIGGER_CONFIRM,
+                            TRIGGER_TOKENS)
 
 
 @app.command("diff")
@@ -305,6 +306,64 @@ def triggers_command(
     out.print(f"{cost['inputs']} inputs scored in {cost['scoring']['seconds']:.1f} s "
               f"({cost['scoring']['forward_passes']} forward passes; an answer for every input: "
               f"{cost['baseline_forward_passes']}); written to [bold]{shown(str(destination))}[/]")
+
+
+@app.command("scan")
+def scan_command(
+    templates: List[str] = typer.Argument(..., help='Prompts with {?} slots, each filled the same way, e.g. "a = {?} + {?}, b = 5 + 9. What is a * b?" (give several that differ outside the slots).'),
+    check: str = typer.Option(..., "--check", help="The checker: arithmetic-cot, or module:function returning a melbo.judging.checkers.Verdict."),
+    vocab: str = typer.Option("digits", help="What fills a slot: digits (0-9), numbers (0-99), or a file with one entry per line."),
+    share: float = typer.Option(0.5, help="A filling shows a pattern when at least this share of its templates' answers do."),
+    alpha: float = typer.Option(SCAN_ALPHA, help="Significance level of each filling's test, after Bonferroni."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write scan.json and scan.jsonl (default: beside the model's runs, NAME-scan)."),
+    model: Optional[str] = ModelOpt,
+    chat: Optional[bool] = ChatOpt,
+    max_new_tokens: int = typer.Option(SCAN_TOKENS, help="Tokens of each greedy answer."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    threads: Optional[int] = ThreadsOpt,
+    system_prompt: Optional[str] = SystemPromptOpt,
+) -> None:
+    """Which inputs make the model err the same way every time: answer every filling of the templates' {?} slots,
+    read the answers with a checker, and test each filling's error pattern against all the others."""
+    from melbo.engine.runner import default_run_dir
+    from melbo.io.files import check_output_dir
+    from melbo.jobs import input_scan
+    from melbo.judging.checkers import get_checker
+
+    get_checker(check)  # an unknown checker fails before the model loads
+    if out_dir is not None:
+        check_output_dir(out_dir)
+    lm = load(model, device, dtype, None, threads, system_prompt)
+    path = out_dir or default_run_dir(lm).with_name(default_run_dir(lm).name + "-scan")
+    with err.status("answering …") as status:
+        def show(event: dict) -> None:
+            status.update(f"answered {event['done']}/{event['total']} prompts …")
+
+        result = input_scan.scan_inputs(lm, templates, check, path, vocab=vocab, share=share, alpha=alpha, chat=chat,
+                                        max_new_tokens=max_new_tokens, progress=show)
+    print_scan(result)
+    out.print(f"{result.rows} answers ({result.fillings} fillings × {len(result.templates)} templates) read in "
+              f"{result.seconds:.0f} s; written to [bold]{shown(str(path))}[/]")
+
+
+def print_scan(result) -> None:
+    rates = ", ".join(f"{shown(p)} {r:.1%}" for p, r in result.pattern_rates.items()) or "none"
+    out.print(f"error patterns over all answers: {rates}")
+    table = Table(header_style="bold", expand=True, title_justify="left",
+                  title=f"fillings whose error pattern is systematic (p × {result.tests} tests < {result.alpha:g})")
+    for col in ("filling", "pattern", "shown", "p", "example answer"):
+        table.add_column(col, no_wrap=True, overflow="ellipsis", ratio=1 if col == "example answer" else None)
+    for hit in result.significant[:20]:
+        table.add_row(shown(", ".join(hit.filling)), shown(hit.pattern), f"{hit.shown}/{hit.of}", f"{hit.p:.2g}",
+                      shown(" ".join(hit.example["answer"].split())))
+    if result.significant:
+        out.print(table)
+    else:
+        best = result.hits[0] if result.hits else None
+        closest = (f"; the closest: {shown(', '.join(best.filling))} {shown(best.pattern)} {best.shown}/{best.of}, "
+                   f"p = {best.p:.2g}") if best else ""
+        out.print(f"no filling errs systematically{closest}")
 
 
 def print_triggers(report) -> None:
