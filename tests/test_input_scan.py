@@ -85,10 +85,15 @@ def test_bad_input_is_one_line(tiny, templates, kw, message):
         scan_inputs(tiny, templates, "arithmetic-cot", **kw)
 
 
-def test_an_unknown_checker_fails_before_the_model_loads(capsys, tmp_path):
-    code, out, err = run_cli(["scan", "a = {?}", "--check", "no-such-checker", "-m", str(tmp_path / "nowhere")],
-                             capsys)
-    assert code == 2 and "unknown checker" in err and "Traceback" not in err + out
+@pytest.mark.parametrize("args, message", [
+    (["--check", "no-such-checker"], "unknown checker"),
+    (["--check", "arithmetic-cot", "--share", "nan"], "share must be a finite number"),
+    (["--check", "arithmetic-cot", "--vocab", "numbers", "b {?} {?}"], "different numbers of {?} slots"),
+])
+def test_bad_settings_fail_before_the_model_loads(capsys, tmp_path, args, message):
+    """The model path does not exist: a message about anything else shows the settings were checked first."""
+    code, out, err = run_cli(["scan", "a = {?}", *args, "-m", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err + out
 
 
 def test_cli_on_the_embedded_model(smol, capsys, tmp_path):

@@ -310,7 +310,7 @@ def triggers_command(
 
 @app.command("scan")
 def scan_command(
-    templates: List[str] = typer.Argument(..., help='Prompts with {?} slots, each filled the same way, e.g. "a = {?} + {?}, b = 5 + 9. What is a * b?" (give several that differ outside the slots).'),
+    templates: List[str] = typer.Argument(..., metavar="TEMPLATE", help='Prompts with {?} slots, each filled the same way, e.g. "a = {?} + {?}, b = 5 + 9. What is a * b?" (give several that differ outside the slots).'),
     check: str = typer.Option(..., "--check", help="The checker: arithmetic-cot, or module:function returning a melbo.judging.checkers.Verdict."),
     vocab: str = typer.Option("digits", help="What fills a slot: digits (0-9), numbers (0-99), or a file with one entry per line."),
     share: float = typer.Option(0.5, help="A filling shows a pattern when at least this share of its templates' answers do."),
@@ -329,9 +329,8 @@ def scan_command(
     from melbo.engine.runner import default_run_dir
     from melbo.io.files import check_output_dir
     from melbo.jobs import input_scan
-    from melbo.judging.checkers import get_checker
 
-    get_checker(check)  # an unknown checker fails before the model loads
+    input_scan.plan_scan(templates, check, vocab, share, alpha, max_new_tokens)  # bad settings fail before loading
     if out_dir is not None:
         check_output_dir(out_dir)
     lm = load(model, device, dtype, None, threads, system_prompt)

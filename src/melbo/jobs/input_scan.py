@@ -49,6 +49,18 @@ Progress = Optional[Callable[[dict], None]]
 
 
 @dataclass
+class ScanPlan:
+    """A scan's settings, checked, and its fillings."""
+
+    templates: list[str]
+    checker: Checker
+    vocabulary: int
+    fillings: list[list[str]]
+    share: float
+    alpha: float
+
+
+@dataclass
 class ScanHit:
     filling: list[str]
     pattern: str
@@ -90,6 +102,34 @@ def scan_inputs(lm: LoadedModel, templates: Sequence[str], check_spec: str | Che
     """Answer every filling of the templates' `{?}` slots, read each answer with the checker, and test each
     filling's error patterns against the rest (module docstring). Writes scan.json and scan.jsonl into `out`."""
     started = time.perf_counter()
+    plan = plan_scan(templates, check_spec, vocab, share, alpha, max_new_tokens)
+    templates, fillings = plan.templates, plan.fillings
+    templated = uses_chat(lm, chat)
+    prompts = [fill(t, f) for f in fillings for t in templates]
+    _check_lengths(lm, prompts, templated, max_new_tokens)
+    if out is not None:
+        make_output_dir(Path(out))
+    answers = _answers(lm, prompts, templated, max_new_tokens, progress)
+    verdicts = [check(plan.checker, p, a) for p, a in zip(prompts, answers)]
+    rows = [{"filling": fillings[i // len(templates)], "template": i % len(templates), "prompt": p, "answer": a,
+             "checked": v.checked, "correct": v.correct, "patterns": v.patterns}
+            for i, (p, a, v) in enumerate(zip(prompts, answers, verdicts))]
+    hits, tests = _test_fillings(rows, len(templates), plan.share, plan.alpha)
+    checked = [r for r in rows if r["checked"]]
+    seen = sorted({p for r in rows for p in r["patterns"]})
+    rates = {p: (sum(p in r["patterns"] for r in checked) / len(checked) if checked else 0.0) for p in seen}
+    name = check_spec if isinstance(check_spec, str) else getattr(check_spec, "__name__", "checker")
+    result = InputScan(templates, name, plan.vocabulary, len(fillings), len(rows), plan.share, plan.alpha, tests,
+                       templated, max_new_tokens, rates, round(time.perf_counter() - started, 2), hits)
+    if out is not None:
+        atomic_write(Path(out) / SCAN_ROWS, "".join(json_line(r) + "\n" for r in rows).encode())
+        write_json(Path(out) / SCAN_JSON, result.to_json())
+    return result
+
+
+def plan_scan(templates: Sequence[str], check_spec: str | Checker, vocab: str | Sequence[str] = "digits",
+              share: float = CONSISTENT, alpha: float = SCAN_ALPHA, max_new_tokens: int = SCAN_TOKENS) -> ScanPlan:
+    """Every setting of a scan checked, and its fillings listed, before a model is loaded: bad input fails fast."""
     templates = _check_templates(templates)
     checker = get_checker(check_spec)
     share, alpha = check_share("share", share), check_share("alpha", alpha)
@@ -97,33 +137,12 @@ def scan_inputs(lm: LoadedModel, templates: Sequence[str], check_spec: str | Che
         raise MelboError(f"max_new_tokens must be a whole number ≥ 1, got {max_new_tokens!r}")
     entries = vocabulary(vocab)
     slots = templates[0].count(SLOT)
-    combos = [list(c) for c in itertools.product(entries, repeat=slots)] if len(entries) ** slots <= MAX_FILLINGS \
-        else None
-    if combos is None or len(combos) * len(templates) > MAX_FILLINGS:
-        raise MelboError(f"{len(entries)} entries in {slots} slots of {len(templates)} templates make "
-                         f"{len(entries) ** slots * len(templates)} prompts, more than {MAX_FILLINGS}: use a smaller "
-                         "vocabulary, fewer slots or fewer templates")
-    templated = uses_chat(lm, chat)
-    prompts = [fill(t, c) for c in combos for t in templates]
-    _check_lengths(lm, prompts, templated, max_new_tokens)
-    if out is not None:
-        make_output_dir(Path(out))
-    answers = _answers(lm, prompts, templated, max_new_tokens, progress)
-    verdicts = [check(checker, p, a) for p, a in zip(prompts, answers)]
-    rows = [{"filling": combos[i // len(templates)], "template": i % len(templates), "prompt": p, "answer": a,
-             "checked": v.checked, "correct": v.correct, "patterns": v.patterns}
-            for i, (p, a, v) in enumerate(zip(prompts, answers, verdicts))]
-    hits, tests = _test_fillings(rows, len(templates), share, alpha)
-    checked = [r for r in rows if r["checked"]]
-    seen = sorted({p for r in rows for p in r["patterns"]})
-    rates = {p: (sum(p in r["patterns"] for r in checked) / len(checked) if checked else 0.0) for p in seen}
-    name = check_spec if isinstance(check_spec, str) else getattr(check_spec, "__name__", "checker")
-    result = InputScan(list(templates), name, len(entries), len(combos), len(rows), share, alpha, tests, templated,
-                       max_new_tokens, rates, round(time.perf_counter() - started, 2), hits)
-    if out is not None:
-        atomic_write(Path(out) / SCAN_ROWS, "".join(json_line(r) + "\n" for r in rows).encode())
-        write_json(Path(out) / SCAN_JSON, result.to_json())
-    return result
+    prompts = len(entries) ** slots * len(templates)
+    if prompts > MAX_FILLINGS:
+        raise MelboError(f"{len(entries)} entries in {slots} slots of {len(templates)} templates make {prompts} "
+                         f"prompts, more than {MAX_FILLINGS}: use a smaller vocabulary, fewer slots or fewer templates")
+    fillings = [list(c) for c in itertools.product(entries, repeat=slots)]
+    return ScanPlan(templates, checker, len(entries), fillings, share, alpha)
 
 
 def _check_templates(templates: Sequence[str]) -> list[str]:
