@@ -179,6 +179,24 @@ def test_non_utf8_input_is_one_line(case, run_dir, model_dir, tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("args", [
+    ["discover", "a \udcff prompt", "-n", "2"],  # bytes that were not UTF-8 reach sys.argv as lone surrogates
+    ["scan", "a = {?} \udcff", "--check", "arithmetic-cot"],
+    ["catalog", "label", "1:v0", "caf\udce9"],
+])
+def test_non_utf8_arguments_are_one_line(args, tmp_path, capsys):
+    code, _, stderr = run_cli([*args, "--out", str(tmp_path / "new")] if args[0] != "catalog" else args, capsys)
+    one_line(code, stderr, "not UTF-8 text")
+    assert not (tmp_path / "new").exists()
+
+
+def test_non_utf8_prompts_in_the_api():
+    from melbo.engine.prompts import check_prompt_list
+
+    with pytest.raises(MelboError, match="prompt 1 is not UTF-8 text"):
+        check_prompt_list(["fine", "caf\udce9"])
+
+
 def test_non_utf8_completions_in_the_api(run_dir, tmp_path):
     from melbo.engine.store import Run
 

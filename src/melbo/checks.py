@@ -52,6 +52,16 @@ def check_share(name: str, value: Any) -> float:
     return share
 
 
+def is_utf8(text: str) -> bool:
+    """Whether `text` is real text: bytes that were not UTF-8 reach Python (argv, os.fsdecode) as lone surrogates,
+    which every tokenizer, JSON writer and SQLite refuses with a traceback of its own."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_whole(name: str, value: Any) -> int:
     if not is_whole(value):
         raise MelboError(f"{option(name)} must be a whole number, got {value!r}")

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from melbo.checks import is_utf8
 from melbo.errors import MelboError
 from melbo.positions import Positions, Spec
 from melbo.settings import DEFAULTS, THREADS
@@ -80,6 +81,9 @@ def main() -> None:
     # A `timeout`, a scheduler or a plain `kill` ends a command as Ctrl-C does: finished work saved, one line
     # naming how to continue (Ray's workers otherwise printed pages of "SIGTERM received" traces).
     signal.signal(signal.SIGTERM, _interrupt)
+    not_text = next((i for i, a in enumerate(sys.argv[1:], 1) if not is_utf8(a)), None)
+    if not_text is not None:  # a prompt, label or path in another encoding: refused before any command reads it
+        _fail(f"argument {not_text} is not UTF-8 text ({ascii(sys.argv[not_text])[:60]}): pass it as UTF-8")
     try:
         code = app(prog_name="melbo", standalone_mode=False)
     except MelboError as exc:

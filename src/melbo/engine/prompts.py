@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from melbo.checks import is_utf8
 from melbo.errors import MelboError
 from melbo.engine.models import LoadedModel
 from melbo.positions import Positions, Spec
@@ -116,6 +117,8 @@ def check_prompt_list(prompts: Sequence[str]) -> list[str]:
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise MelboError(f"prompt {i} is {type(prompt).__name__}, not text: pass strings only")
+        if not is_utf8(prompt):
+            raise MelboError(f"prompt {i} is not UTF-8 text ({ascii(prompt)[:60]}): pass it as UTF-8")
     return list(prompts)
 
 
