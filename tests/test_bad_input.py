@@ -197,6 +197,23 @@ def test_non_utf8_prompts_in_the_api():
         check_prompt_list(["fine", "caf\udce9"])
 
 
+def test_a_device_or_an_endless_file_as_input_is_one_line(tmp_path, capsys, monkeypatch):
+    """/dev/zero as --prompts-file read until the machine ran out of memory; a huge file is refused by size."""
+    from melbo.io import files
+
+    code, _, stderr = run_cli(["discover", "--prompts-file", "/dev/zero", "--out", str(tmp_path / "new")], capsys)
+    one_line(code, stderr, "is a device, not a text file")
+    monkeypatch.setattr(files, "MAX_TEXT_BYTES", 10)
+    big = tmp_path / "big.txt"
+    big.write_text("a prompt\n" * 3)
+    with pytest.raises(MelboError, match="larger than"):
+        files.read_text(big, "prompts file")
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"a\r\nb")
+    monkeypatch.setattr(files, "MAX_TEXT_BYTES", 100)
+    assert files.read_text(crlf) == "a\nb"  # as Path.read_text gave it
+
+
 def test_non_utf8_completions_in_the_api(run_dir, tmp_path):
     from melbo.engine.store import Run
 

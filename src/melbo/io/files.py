@@ -196,10 +196,22 @@ def write_tensors(path: Path, tensors: dict[str, Tensor], metadata: Optional[dic
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
+MAX_TEXT_BYTES = 64 * 2**20  # prompts, vocabularies, corpora: far past any real one, far below the machine's memory
+
+
 def read_text(path: Path, what: str = "file", fix: str = "save it as UTF-8") -> str:
-    """A UTF-8 text file's contents; a missing, unreadable or non-UTF-8 file is a one-line error."""
+    """A UTF-8 text file's contents; a missing, unreadable, endless or non-UTF-8 file is a one-line error.
+
+    A pipe (`--prompts-file <(...)`) is read like a file; a device is refused (/dev/zero never ends)."""
+    path = Path(path)
     try:
-        return Path(path).read_text(encoding="utf-8")
+        if path.is_char_device() or path.is_block_device():
+            raise MelboError(f"{what} {path} is a device, not a text file: give a text file")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_TEXT_BYTES + 1)
+        if len(data) > MAX_TEXT_BYTES:
+            raise MelboError(f"{what} {path} is larger than {MAX_TEXT_BYTES // 2**20} MB: give a smaller text file")
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
     except UnicodeDecodeError as exc:
         raise MelboError(f"{what} {path} is not UTF-8 text (byte {exc.start}): {fix}") from exc
     except FileNotFoundError as exc:
