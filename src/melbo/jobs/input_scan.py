@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 
 from scipy.stats import fisher_exact
 
-from melbo.checks import check_share
+from melbo.checks import check_share, is_utf8
 from melbo.engine.generation import greedy_answers
 from melbo.engine.models import LoadedModel
 from melbo.engine.prompts import check_context, format_prompt, tokenize, uses_chat
@@ -150,6 +150,8 @@ def _check_templates(templates: Sequence[str]) -> list[str]:
         raise MelboError("give one or more templates with {?} slots, e.g. \"a = {?} + {?}, b = 5 + 9. What is a * b?\"")
     if not all(isinstance(t, str) for t in templates):
         raise MelboError("every template must be text with {?} slots")
+    if not all(is_utf8(t) for t in templates):
+        raise MelboError("a template is not UTF-8 text: pass it as UTF-8")
     counts = {t.count(SLOT) for t in templates}
     if 0 in counts:
         raise MelboError(f"a template has no {SLOT} slot: write one where a trigger may go, "
