@@ -25,6 +25,7 @@ from melbo.checks import check_count_bound
 from melbo.errors import MelboError
 from melbo.numbers import format_cell
 from melbo.stats import bootstrap_mean
+from melbo.io.files import write_jsonl  # noqa: F401  (the benches write bench_completions.jsonl with it)
 from melbo.io.benchfile import (BENCH, PAIRED, PAIRED_COLUMNS, RATE_COLUMNS, RATES, SEED_COLUMNS,  # noqa: F401
                              SEEDS, BenchResult, BenchTable)  # (re-exported: every bench reads them here)
 
@@ -175,8 +176,3 @@ def short(text: str, width: int = 80) -> str:
     line = " ".join(text.split())
     return line if len(line) <= width else line[: width - 1] + "…"
 
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    from melbo.io.files import atomic_write, json_line
-
-    atomic_write(path, "".join(json_line(r) + "\n" for r in rows).encode())

@@ -60,8 +60,8 @@ def generate(
         completions = generation.generate(lm, perturbations, texts, labels=labels, scale=scale,
                                           chat=run.settings.chat, sampling=sampling, on_batch=advance)
     if out_file is not None:
-        from melbo.io.files import atomic_write, json_line, make_output_dir
+        from melbo.io.files import make_output_dir, write_jsonl
 
         make_output_dir(out_file.parent)
-        atomic_write(out_file, "".join(json_line(c.to_json()) + "\n" for c in completions).encode())
+        write_jsonl(out_file, [c.to_json() for c in completions])
     print_completions(completions)

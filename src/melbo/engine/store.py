@@ -21,8 +21,8 @@ from torch import Tensor
 
 from melbo.errors import MelboError
 from melbo.io.files import (
-    as_path, atomic_write, check_output_dir, json_line, load_metadata, load_tensors, make_output_dir, read_text,
-    save_tensors)
+    as_path, check_output_dir, load_metadata, load_tensors, make_output_dir, read_text,
+    save_tensors, write_jsonl)
 from melbo.engine.intervention import Perturbations, SteeringAdapters, SteeringVectors
 from melbo.engine.models import LoadedModel
 from melbo.engine.generation import Completion
@@ -189,7 +189,7 @@ class Run:
         return checked_tensors(file, load_tensors(file), self.config.model.width, fix), done
 
     def write_completions(self, rows: list[dict]) -> None:
-        atomic_write(self.path / COMPLETIONS, "".join(json_line(r) + "\n" for r in rows).encode())
+        write_jsonl(self.path / COMPLETIONS, rows)
 
 
 def completion_from(f: Fields) -> Completion:

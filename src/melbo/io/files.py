@@ -13,7 +13,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from typing import TYPE_CHECKING
 
@@ -244,6 +244,16 @@ def json_bytes(obj: Any) -> bytes:
 def json_line(obj: Any) -> str:
     """One line of a .jsonl file, strict JSON as `write_json` writes it."""
     return json.dumps(jsonable(obj), allow_nan=False)
+
+
+def jsonl_bytes(rows: Iterable[Any]) -> bytes:
+    """A .jsonl file's contents: one strict JSON line per row."""
+    return "".join(json_line(r) + "\n" for r in rows).encode()
+
+
+def write_jsonl(path: Path, rows: Iterable[Any]) -> None:
+    """One strict JSON line per row, written atomically."""
+    atomic_write(path, jsonl_bytes(rows))
 
 
 def read_json(path: Path) -> Any:

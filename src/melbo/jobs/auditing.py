@@ -35,7 +35,6 @@ is chosen from the scan's measured generation speed.
 
 from __future__ import annotations
 
-import json
 import math
 import random as _random
 import re
@@ -51,7 +50,7 @@ from melbo.judging import findings as fnd
 from melbo.records.auditfiles import (AUDIT, CONFIRMATIONS, FINDINGS, OBSERVATIONS, read_confirmations, read_findings,
                               read_observations, read_state)
 from melbo.errors import MelboError
-from melbo.io.files import atomic_write, check_output_dir, make_output_dir, read_json, write_json
+from melbo.io.files import check_output_dir, make_output_dir, read_json, write_json, write_jsonl
 from melbo.engine.generation import Sampling, generate
 from melbo.engine.models import LoadedModel
 from melbo.settings import AUDIT_BUDGET, AUDIT_TOKENS, SCAN_PRECISION, DiscoverConfig
@@ -427,7 +426,7 @@ class _Job:
                 generated += len(rows)
                 observations += self._observe(rows, lambda r, name=arm.name: (name, r["vector"], 1.0))
         embeddings = self._fill_distances(observations)
-        _write_jsonl(file, [o.to_json() for o in observations])
+        write_jsonl(file, [o.to_json() for o in observations])
         seconds = time.perf_counter() - began
         self._stage("scan", began, completions=generated, per_completion=round(seconds / max(1, generated), 4))
         return observations, embeddings
@@ -534,7 +533,7 @@ class _Job:
             results += confirmed
             rounds += 1
             per_completion = (time.perf_counter() - round_began) / max(1, generated)
-        _write_jsonl(file, results)
+        write_jsonl(file, results)
         self._stage("confirm", began, candidates=len(results), prompts=len(prompts), rounds=rounds)
         return results
 
@@ -773,8 +772,3 @@ def _quote(text: str) -> str:
 
     return shlex.quote(text)
 
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    from melbo.numbers import jsonable
-
-    atomic_write(path, "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in rows).encode())

@@ -38,7 +38,7 @@ from melbo.engine.generation import greedy_answers
 from melbo.engine.models import LoadedModel
 from melbo.engine.prompts import check_context, format_prompt, tokenize, uses_chat
 from melbo.errors import MelboError
-from melbo.io.files import atomic_write, json_line, make_output_dir, write_json
+from melbo.io.files import make_output_dir, write_json, write_jsonl
 from melbo.jobs.trigger_search import MAX_FILLINGS, SLOT, fill, vocabulary
 from melbo.judging.checkers import CONSISTENT, Checker, check, get_checker
 from melbo.settings import SCAN_ALPHA, SCAN_BATCH, SCAN_HITS, SCAN_TOKENS
@@ -122,7 +122,7 @@ def scan_inputs(lm: LoadedModel, templates: Sequence[str], check_spec: str | Che
     result = InputScan(templates, name, plan.vocabulary, len(fillings), len(rows), plan.share, plan.alpha, tests,
                        templated, max_new_tokens, rates, round(time.perf_counter() - started, 2), hits)
     if out is not None:
-        atomic_write(Path(out) / SCAN_ROWS, "".join(json_line(r) + "\n" for r in rows).encode())
+        write_jsonl(Path(out) / SCAN_ROWS, rows)
         write_json(Path(out) / SCAN_JSON, result.to_json())
     return result
 

@@ -334,7 +334,7 @@ def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
 
 def write_monitor(out: Path, monitor: "Monitor | OutputMonitor", records: Sequence[dict]) -> Path:
     """monitor.json (the decision rule, calibration and counts) and monitor.jsonl (one record per input)."""
-    from melbo.io.files import json_bytes, json_line, make_output_dir, replacing_all
+    from melbo.io.files import json_bytes, jsonl_bytes, make_output_dir, replacing_all
 
     check_monitor_outputs(out)
     make_output_dir(out)
@@ -343,7 +343,7 @@ def write_monitor(out: Path, monitor: "Monitor | OutputMonitor", records: Sequen
     # neither: a full disk at the records leaves no summary that counts records which are not there
     with replacing_all([out / MONITOR_JSON, out / MONITOR_JSONL]) as (summary, lines):
         summary.write_bytes(json_bytes({**monitor.summary(), "inputs": len(records), "flagged": flagged}))
-        lines.write_bytes("".join(json_line(r) + "\n" for r in records).encode())
+        lines.write_bytes(jsonl_bytes(records))
     return out
 
 
