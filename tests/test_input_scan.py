@@ -80,6 +80,7 @@ def test_answers_are_the_models_greedy_answers(tiny, tmp_path):
     (["a {?}"], {"alpha": float("nan")}, "alpha must be a finite number"),
     (["a {?}"], {"max_new_tokens": 0}, "max_new_tokens must be"),
     (["a {?} caf\udce9"], {}, "not UTF-8 text"),
+    (["a {?}"], {"vocab": ["1", "caf\udce9"]}, "not UTF-8 text"),
 ])
 def test_bad_input_is_one_line(tiny, templates, kw, message):
     with pytest.raises(MelboError, match=message.replace("{", r"\{").replace("?", r"\?").replace("}", r"\}")):

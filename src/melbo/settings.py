@@ -30,6 +30,10 @@ GENERATION_BATCH = 64
 TRIGGER_CONFIRM = 5
 TRIGGER_TOKENS = 48
 GCG_STEPS = 40
+# A checker's pattern is *consistent* (a systematic error, not a slip) when at least this share of a perturbation's
+# completions, one per prompt, show it (melbo.judging.checkers; bench subtle, melbo check) or of a filling's
+# templates' answers (melbo scan).
+CONSISTENT_SHARE = 0.5
 # `melbo scan` (melbo.jobs.input_scan): greedy answers of SCAN_TOKENS tokens, SCAN_BATCH prompts at a time; a
 # (filling, pattern) is significant below SCAN_ALPHA after Bonferroni; scan.json keeps the SCAN_HITS best.
 SCAN_TOKENS = 48

@@ -12,7 +12,7 @@ from copy import deepcopy
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Optional
 
-from melbo.settings import MONITOR_ALPHA, DiscoverConfig
+from melbo.settings import CONSISTENT_SHARE, MONITOR_ALPHA, DiscoverConfig
 
 # `melbo testbed backdoor` (melbo.bench.testbed.TestbedConfig, which has every other setting): LoRA steps, how
 # often the behaviour's phrase is repeated, and the task.
@@ -178,7 +178,7 @@ class SubtleSettings(BenchSettings):
     discover: DiscoverConfig = field(default_factory=discovery(n_vectors=32, steps=100, radius="0.3x",
                                                                max_new_tokens=48))
     n_prompts: int = 4  # clean prompts of the task the perturbations are tried on (training uses the first)
-    consistent: float = 0.5  # a perturbation elicits the pattern when at least this share of prompts shows it
+    consistent: float = CONSISTENT_SHARE  # a perturbation elicits the pattern when at least this share of prompts shows it
     arms: Optional[dict[str, dict]] = None  # name → settings that differ from the first arm's (default: ARMS)
     testbed: Optional[dict] = None
 

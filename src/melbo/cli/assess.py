@@ -12,7 +12,7 @@ from melbo.cli.app import (
     BlocksOpt, DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, app, err, load, out, recorded_system, shown,
 )
 from melbo.errors import MelboError
-from melbo.settings import DEFAULT_RANDOM
+from melbo.settings import CONSISTENT_SHARE, DEFAULT_RANDOM
 
 
 @app.command("assess")
@@ -70,7 +70,7 @@ def assess(
 def check_command(
     run_dir: Path = typer.Argument(..., help="A finished run directory (discover or diff)."),
     check: str = typer.Option("arithmetic-cot", "--check", help="The checker: arithmetic-cot, or module:function returning a melbo.judging.checkers.Verdict."),
-    consistent: float = typer.Option(0.5, help="Share of a perturbation's completions that must show a pattern for it to count."),
+    consistent: float = typer.Option(CONSISTENT_SHARE, help="Share of a perturbation's completions that must show a pattern for it to count."),
 ) -> None:
     """Read every completion of a run with a checker (learned and random): which error patterns do perturbations
     show consistently, against random vectors of the same norm? Writes checks.json; no model needed."""

@@ -18,9 +18,9 @@ from melbo.cli.catalog import record
 from melbo.cli.progress import AuditDisplay, JobDisplay
 from melbo.cli.tables import print_checks, print_divergence, print_findings
 from melbo.errors import MelboError
-from melbo.settings import (AUDIT_BUDGET, AUDIT_TOKENS, DEFAULTS, DEFAULT_CONTRAST, DIFF_RADIUS, DIFF_RANDOM, GCG_STEPS,
-                            MONITOR_ALPHA, SCAN_ALPHA, SCAN_PRECISION, SCAN_TOKENS, TRIGGER_CONFIRM,
-                            TRIGGER_TOKENS)
+from melbo.settings import (AUDIT_BUDGET, AUDIT_TOKENS, CONSISTENT_SHARE, DEFAULTS, DEFAULT_CONTRAST, DIFF_RADIUS,
+                            DIFF_RANDOM, GCG_STEPS, MONITOR_ALPHA, SCAN_ALPHA, SCAN_PRECISION, SCAN_TOKENS,
+                            TRIGGER_CONFIRM, TRIGGER_TOKENS)
 
 
 @app.command("diff")
@@ -313,7 +313,7 @@ def scan_command(
     templates: List[str] = typer.Argument(..., metavar="TEMPLATE", help='Prompts with {?} slots, each filled the same way, e.g. "a = {?} + {?}, b = 5 + 9. What is a * b?" (give several that differ outside the slots).'),
     check: str = typer.Option(..., "--check", help="The checker: arithmetic-cot, or module:function returning a melbo.judging.checkers.Verdict."),
     vocab: str = typer.Option("digits", help="What fills a slot: digits (0-9), numbers (0-99), or a file with one entry per line."),
-    share: float = typer.Option(0.5, help="A filling shows a pattern when at least this share of its templates' answers do."),
+    share: float = typer.Option(CONSISTENT_SHARE, help="A filling shows a pattern when at least this share of its templates' answers do."),
     alpha: float = typer.Option(SCAN_ALPHA, help="Significance level of each filling's test, after Bonferroni."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write scan.json and scan.jsonl (default: beside the model's runs, NAME-scan)."),
     model: Optional[str] = ModelOpt,

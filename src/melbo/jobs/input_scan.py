@@ -33,14 +33,14 @@ from typing import Callable, Optional, Sequence
 
 from scipy.stats import fisher_exact
 
-from melbo.checks import check_share, is_utf8
+from melbo.checks import check_share
 from melbo.engine.generation import greedy_answers
 from melbo.engine.models import LoadedModel
-from melbo.engine.prompts import check_context, format_prompt, tokenize, uses_chat
+from melbo.engine.prompts import check_context, check_prompt_list, prompt_tokens, uses_chat
 from melbo.errors import MelboError
 from melbo.io.files import make_output_dir, write_json, write_jsonl
 from melbo.jobs.trigger_search import MAX_FILLINGS, SLOT, fill, vocabulary
-from melbo.judging.checkers import CONSISTENT, Checker, check, get_checker
+from melbo.judging.checkers import CONSISTENT, Checker, check, get_checker, pattern_rates
 from melbo.settings import SCAN_ALPHA, SCAN_BATCH, SCAN_HITS, SCAN_TOKENS
 
 SCAN_JSON = "scan.json"
@@ -115,9 +115,7 @@ def scan_inputs(lm: LoadedModel, templates: Sequence[str], check_spec: str | Che
              "checked": v.checked, "correct": v.correct, "patterns": v.patterns}
             for i, (p, a, v) in enumerate(zip(prompts, answers, verdicts))]
     hits, tests = _test_fillings(rows, len(templates), plan.share, plan.alpha)
-    checked = [r for r in rows if r["checked"]]
-    seen = sorted({p for r in rows for p in r["patterns"]})
-    rates = {p: (sum(p in r["patterns"] for r in checked) / len(checked) if checked else 0.0) for p in seen}
+    rates = pattern_rates(verdicts, sorted({p for v in verdicts for p in v.patterns}))
     name = check_spec if isinstance(check_spec, str) else getattr(check_spec, "__name__", "checker")
     result = InputScan(templates, name, plan.vocabulary, len(fillings), len(rows), plan.share, plan.alpha, tests,
                        templated, max_new_tokens, rates, round(time.perf_counter() - started, 2), hits)
@@ -148,10 +146,7 @@ def plan_scan(templates: Sequence[str], check_spec: str | Checker, vocab: str | 
 def _check_templates(templates: Sequence[str]) -> list[str]:
     if isinstance(templates, str) or not isinstance(templates, (list, tuple)) or not templates:
         raise MelboError("give one or more templates with {?} slots, e.g. \"a = {?} + {?}, b = 5 + 9. What is a * b?\"")
-    if not all(isinstance(t, str) for t in templates):
-        raise MelboError("every template must be text with {?} slots")
-    if not all(is_utf8(t) for t in templates):
-        raise MelboError("a template is not UTF-8 text: pass it as UTF-8")
+    check_prompt_list(templates)  # each one text, and UTF-8
     counts = {t.count(SLOT) for t in templates}
     if 0 in counts:
         raise MelboError(f"a template has no {SLOT} slot: write one where a trigger may go, "
@@ -166,8 +161,7 @@ def _check_templates(templates: Sequence[str]) -> list[str]:
 
 def _check_lengths(lm: LoadedModel, prompts: list[str], templated: bool, max_new_tokens: int) -> None:
     longest = max(prompts, key=len)
-    check_context(lm, prompts.index(longest), len(tokenize(lm, format_prompt(lm, longest, templated), templated)),
-                  max_new_tokens)
+    check_context(lm, prompts.index(longest), len(prompt_tokens(lm, longest, templated)), max_new_tokens)
 
 
 def _answers(lm: LoadedModel, prompts: list[str], templated: bool, max_new_tokens: int,

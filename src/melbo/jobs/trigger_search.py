@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from melbo.records.auditfiles import TRIGGERS_JSON, read_triggers
+from melbo.checks import is_utf8
 from melbo.errors import MelboError
 from melbo.engine.models import LoadedModel
 from melbo.judging.phrases import CHUNK, phrases_of, score_phrases
@@ -253,6 +254,8 @@ def vocabulary(vocab: str | Sequence[str]) -> list[str]:
         entries = list(vocab)
     if any(not isinstance(e, str) for e in entries):
         raise MelboError("vocabulary entries must be text")
+    if not all(is_utf8(e) for e in entries):
+        raise MelboError("a vocabulary entry is not UTF-8 text: pass every entry as UTF-8")
     entries = list(dict.fromkeys(e.strip() for e in entries if e.strip()))
     if not entries:
         raise MelboError("the vocabulary is empty: give at least one entry")

@@ -26,9 +26,10 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from melbo.errors import MelboError
+from melbo.settings import CONSISTENT_SHARE
 
 if TYPE_CHECKING:
     from melbo.io.jsonfields import Fields
@@ -157,12 +158,13 @@ def check(checker: Checker, prompt: str, completion: str) -> Verdict:
     return verdict
 
 
-def pattern_rates(verdicts: list[Verdict]) -> dict[str, float]:
-    """Per pattern: the share of checked completions that show it at least once."""
+def pattern_rates(verdicts: list[Verdict], patterns: Sequence[str] = PATTERNS) -> dict[str, float]:
+    """Per pattern (arithmetic-cot's, or those a user's checker reports): the share of checked completions that
+    show it at least once."""
     checked = [v for v in verdicts if v.checked]
     if not checked:
-        return {p: 0.0 for p in PATTERNS}
-    return {p: sum(p in v.patterns for v in checked) / len(checked) for p in PATTERNS}
+        return {p: 0.0 for p in patterns}
+    return {p: sum(p in v.patterns for v in checked) / len(checked) for p in patterns}
 
 
 def consistent(verdicts: list[Verdict], pattern: str, share: float) -> bool:
@@ -171,7 +173,7 @@ def consistent(verdicts: list[Verdict], pattern: str, share: float) -> bool:
     return bool(checked) and sum(pattern in v.patterns for v in checked) / len(verdicts) >= share
 
 
-CONSISTENT = 0.5  # of a perturbation's completions (one per prompt) that must show a pattern
+CONSISTENT = CONSISTENT_SHARE  # of a perturbation's completions (one per prompt) that must show a pattern
 
 
 def check_run(run_dir: str | Path, spec: str | Checker, *, consistent_share: float = CONSISTENT) -> dict:
