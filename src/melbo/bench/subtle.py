@@ -65,8 +65,7 @@ class SubtleBench:
         """Rows generated: per arm, the run's own (each perturbation and the unsteered model on the training
         prompt), then every perturbation, its random control (vectors only) and the unsteered model on each prompt."""
         total = 0
-        for changes in (s.arms or ARMS).values():
-            arm = s.replace(**changes)
+        for arm in arm_settings(s).values():
             n, randoms = arm.discover.n_vectors, 0 if arm.discover.method == "adapters" else arm.randoms
             total += (n + 1) + (n + randoms + 1) * arm.n_prompts
         return total
@@ -88,8 +87,7 @@ class SubtleBench:
                                                                      "low", "high", "random", "random rate", "which"])
         rates = result.table("share of all chains showing each pattern", ["arm", "vectors", *PATTERNS, "correct"])
         rows: list[dict] = []  # every chain with its verdict: bench_completions.jsonl, for reading and for labels
-        for arm, changes in (s.arms or ARMS).items():
-            settings = s.replace(**changes)
+        for arm, settings in arm_settings(s).items():
             steered = steer_and_detect(lm, prompts[:1], Path(out) / _slug(arm), settings,
                                        lambda c: arithmetic_cot(c.prompt, c.text), test_prompts=prompts,
                                        progress=progress, on_batch=on_batch)
@@ -113,6 +111,11 @@ class SubtleBench:
         write_jsonl(Path(out) / "bench_completions.jsonl", rows)
         result.write(out)
         return result
+
+
+def arm_settings(s) -> dict:
+    """Each arm's name → the bench settings with that arm's changes (the chosen arms, or all of ARMS)."""
+    return {arm: s.replace(**changes) for arm, changes in (s.arms or ARMS).items()}
 
 
 def _slug(name: str) -> str:
