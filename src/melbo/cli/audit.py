@@ -330,7 +330,7 @@ def scan_command(
     from melbo.io.files import check_output_dir
     from melbo.jobs import input_scan
 
-    input_scan.plan_scan(templates, check, vocab, share, alpha, max_new_tokens)  # bad settings fail before loading
+    plan = input_scan.plan_scan(templates, check, vocab, share, alpha, max_new_tokens)  # bad settings: before loading
     if out_dir is not None:
         check_output_dir(out_dir)
     lm = load(model, device, dtype, None, threads, system_prompt)
@@ -339,8 +339,7 @@ def scan_command(
         def show(event: dict) -> None:
             status.update(f"answered {event['done']}/{event['total']} prompts …")
 
-        result = input_scan.scan_inputs(lm, templates, check, path, vocab=vocab, share=share, alpha=alpha, chat=chat,
-                                        max_new_tokens=max_new_tokens, progress=show)
+        result = input_scan.run_scan(lm, plan, path, chat=chat, progress=show)
     print_scan(result)
     out.print(f"{result.rows} answers ({result.fillings} fillings × {len(result.templates)} templates) read in "
               f"{result.seconds:.0f} s; written to [bold]{shown(str(path))}[/]")

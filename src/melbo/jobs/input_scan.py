@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 
 from scipy.stats import fisher_exact
 
-from melbo.checks import check_share
+from melbo.checks import check_share, is_whole
 from melbo.engine.generation import greedy_answers
 from melbo.engine.models import LoadedModel
 from melbo.engine.prompts import check_context, check_prompt_list, prompt_tokens, uses_chat
@@ -54,10 +54,12 @@ class ScanPlan:
 
     templates: list[str]
     checker: Checker
+    checker_name: str
     vocabulary: int
     fillings: list[list[str]]
     share: float
     alpha: float
+    max_new_tokens: int
 
 
 @dataclass
@@ -101,24 +103,30 @@ def scan_inputs(lm: LoadedModel, templates: Sequence[str], check_spec: str | Che
                 ) -> InputScan:
     """Answer every filling of the templates' `{?}` slots, read each answer with the checker, and test each
     filling's error patterns against the rest (module docstring). Writes scan.json and scan.jsonl into `out`."""
-    started = time.perf_counter()
     plan = plan_scan(templates, check_spec, vocab, share, alpha, max_new_tokens)
+    return run_scan(lm, plan, out, chat=chat, progress=progress)
+
+
+def run_scan(lm: LoadedModel, plan: ScanPlan, out: Optional[str | Path] = None, *, chat: Optional[bool] = None,
+             progress: Progress = None) -> InputScan:
+    """`scan_inputs` for settings already checked by `plan_scan` (the CLI checks them before loading the model)."""
+    started = time.perf_counter()
     templates, fillings = plan.templates, plan.fillings
     templated = uses_chat(lm, chat)
     prompts = [fill(t, f) for f in fillings for t in templates]
-    _check_lengths(lm, prompts, templated, max_new_tokens)
+    _check_lengths(lm, prompts, templated, plan.max_new_tokens)
     if out is not None:
         make_output_dir(Path(out))
-    answers = _answers(lm, prompts, templated, max_new_tokens, progress)
+    answers = _answers(lm, prompts, templated, plan.max_new_tokens, progress)
     verdicts = [check(plan.checker, p, a) for p, a in zip(prompts, answers)]
     rows = [{"filling": fillings[i // len(templates)], "template": i % len(templates), "prompt": p, "answer": a,
              "checked": v.checked, "correct": v.correct, "patterns": v.patterns}
             for i, (p, a, v) in enumerate(zip(prompts, answers, verdicts))]
     hits, tests = _test_fillings(rows, len(templates), plan.share, plan.alpha)
     rates = pattern_rates(verdicts, sorted({p for v in verdicts for p in v.patterns}))
-    name = check_spec if isinstance(check_spec, str) else getattr(check_spec, "__name__", "checker")
-    result = InputScan(templates, name, plan.vocabulary, len(fillings), len(rows), plan.share, plan.alpha, tests,
-                       templated, max_new_tokens, rates, round(time.perf_counter() - started, 2), hits)
+    result = InputScan(templates, plan.checker_name, plan.vocabulary, len(fillings), len(rows), plan.share,
+                       plan.alpha, tests, templated, plan.max_new_tokens, rates,
+                       round(time.perf_counter() - started, 2), hits)
     if out is not None:
         write_jsonl(Path(out) / SCAN_ROWS, rows)
         write_json(Path(out) / SCAN_JSON, result.to_json())
@@ -131,7 +139,7 @@ def plan_scan(templates: Sequence[str], check_spec: str | Checker, vocab: str | 
     templates = _check_templates(templates)
     checker = get_checker(check_spec)
     share, alpha = check_share("share", share), check_share("alpha", alpha)
-    if not (isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens >= 1):
+    if not (is_whole(max_new_tokens) and max_new_tokens >= 1):
         raise MelboError(f"max_new_tokens must be a whole number ≥ 1, got {max_new_tokens!r}")
     entries = vocabulary(vocab)
     slots = templates[0].count(SLOT)
@@ -140,7 +148,8 @@ def plan_scan(templates: Sequence[str], check_spec: str | Checker, vocab: str | 
         raise MelboError(f"{len(entries)} entries in {slots} slots of {len(templates)} templates make {prompts} "
                          f"prompts, more than {MAX_FILLINGS}: use a smaller vocabulary, fewer slots or fewer templates")
     fillings = [list(c) for c in itertools.product(entries, repeat=slots)]
-    return ScanPlan(templates, checker, len(entries), fillings, share, alpha)
+    name = check_spec if isinstance(check_spec, str) else getattr(check_spec, "__name__", "checker")
+    return ScanPlan(templates, checker, name, len(entries), fillings, share, alpha, max_new_tokens)
 
 
 def _check_templates(templates: Sequence[str]) -> list[str]:
