@@ -98,6 +98,19 @@ def test_bad_settings_fail_before_the_model_loads(capsys, tmp_path, args, messag
     assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err + out
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_the_model_loads(capsys, tmp_path):
+    """scan.jsonl a symlink to another file: refused up front, the file it points to untouched, nothing written."""
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("kept")
+    out = tmp_path / "scan"
+    out.mkdir()
+    (out / SCAN_ROWS).symlink_to(target)
+    code, stdout, err = run_cli(["scan", "a = {?}", "--check", "arithmetic-cot", "--out", str(out), "-m",
+                                 str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "not a regular file" in err and "Traceback" not in err + stdout
+    assert target.read_text() == "kept" and sorted(p.name for p in out.iterdir()) == [SCAN_ROWS]
+
+
 def test_cli_on_the_embedded_model(smol, capsys, tmp_path):
     """The whole command: exit 0, scan.json of every filling, the summary printed."""
     vocab = tmp_path / "vocab.txt"

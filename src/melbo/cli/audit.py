@@ -327,12 +327,12 @@ def scan_command(
     """Which inputs make the model err the same way every time: answer every filling of the templates' {?} slots,
     read the answers with a checker, and test each filling's error pattern against all the others."""
     from melbo.engine.runner import default_run_dir
-    from melbo.io.files import check_output_dir
+    from melbo.io.files import check_outputs
     from melbo.jobs import input_scan
 
     plan = input_scan.plan_scan(templates, check, vocab, share, alpha, max_new_tokens)  # bad settings: before loading
     if out_dir is not None:
-        check_output_dir(out_dir)
+        check_outputs(out_dir, (input_scan.SCAN_JSON, input_scan.SCAN_ROWS))
     lm = load(model, device, dtype, None, threads, system_prompt)
     path = out_dir or default_run_dir(lm).with_name(default_run_dir(lm).name + "-scan")
     with err.status("answering …") as status:

@@ -44,6 +44,14 @@ def check_output_dir(path: Path) -> None:
     _check_ancestors(path)
 
 
+def check_outputs(out: Path, names: Iterable[str]) -> None:
+    """Refuse an output directory where any of a command's files cannot be written, before the first is: a command
+    that writes several files (with `replacing_all`) writes all of them or none, and refuses before its work."""
+    check_output_dir(out)
+    for name in names:
+        check_output_file(Path(out) / name)
+
+
 def _check_ancestors(path: Path) -> None:
     # The nearest existing ancestor must be a directory, or mkdir fails halfway.
     for folder in (path, *path.parents):

@@ -38,7 +38,7 @@ from melbo.engine.generation import greedy_answers
 from melbo.engine.models import LoadedModel
 from melbo.engine.prompts import check_context, check_prompt_list, prompt_tokens, uses_chat
 from melbo.errors import MelboError
-from melbo.io.files import make_output_dir, write_json, write_jsonl
+from melbo.io.files import check_outputs, json_bytes, jsonl_bytes, replacing_all
 from melbo.jobs.trigger_search import MAX_FILLINGS, SLOT, fill, vocabulary
 from melbo.judging.checkers import CONSISTENT, Checker, check, get_checker, pattern_rates
 from melbo.settings import SCAN_ALPHA, SCAN_BATCH, SCAN_HITS, SCAN_TOKENS
@@ -116,7 +116,7 @@ def run_scan(lm: LoadedModel, plan: ScanPlan, out: Optional[str | Path] = None, 
     prompts = [fill(t, f) for f in fillings for t in templates]
     _check_lengths(lm, prompts, templated, plan.max_new_tokens)
     if out is not None:
-        make_output_dir(Path(out))
+        check_outputs(Path(out), (SCAN_JSON, SCAN_ROWS))
     answers = _answers(lm, prompts, templated, plan.max_new_tokens, progress)
     verdicts = [check(plan.checker, p, a) for p, a in zip(prompts, answers)]
     rows = [{"filling": fillings[i // len(templates)], "template": i % len(templates), "prompt": p, "answer": a,
@@ -127,9 +127,10 @@ def run_scan(lm: LoadedModel, plan: ScanPlan, out: Optional[str | Path] = None, 
     result = InputScan(templates, plan.checker_name, plan.vocabulary, len(fillings), len(rows), plan.share,
                        plan.alpha, tests, templated, plan.max_new_tokens, rates,
                        round(time.perf_counter() - started, 2), hits)
-    if out is not None:
-        write_jsonl(Path(out) / SCAN_ROWS, rows)
-        write_json(Path(out) / SCAN_JSON, result.to_json())
+    if out is not None:  # both files or neither
+        with replacing_all([Path(out) / SCAN_JSON, Path(out) / SCAN_ROWS]) as (summary, answers_file):
+            summary.write_bytes(json_bytes(result.to_json()))
+            answers_file.write_bytes(jsonl_bytes(rows))
     return result
 
 

@@ -349,11 +349,9 @@ def write_monitor(out: Path, monitor: "Monitor | OutputMonitor", records: Sequen
 
 def check_monitor_outputs(out: Path) -> None:
     """Refuse an --out where either file cannot be written, before the first is: both files or neither."""
-    from melbo.io.files import check_output_dir, check_output_file
+    from melbo.io.files import check_outputs
 
-    check_output_dir(out)
-    for name in (MONITOR_JSON, MONITOR_JSONL):
-        check_output_file(Path(out) / name)
+    check_outputs(out, (MONITOR_JSON, MONITOR_JSONL))
 
 
 # ---- reading back: monitor.json and monitor.jsonl, each field checked where it is read (the report's monitor
